@@ -1,0 +1,114 @@
+"""Command line: ``fedsim run | validate | partition | strategies``.
+
+Errors that come from bad input (:class:`~fedsim.errors.FedsimError`) are printed as one line, without a traceback,
+and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedsim.errors import FedsimError
+
+
+def _add_scenario_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="scenario YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key, e.g. --set rounds=3 --set clients.lora.rank=4 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsim", description="Simulate federated LoRA fine-tuning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario and write a run directory")
+    _add_scenario_args(run)
+    run.add_argument("--out", help="run directory (default: runs/<name>, suffixed if it exists)")
+    val = sub.add_parser("validate", help="check a scenario (schema, data, partition) without training")
+    _add_scenario_args(val)
+    part = sub.add_parser("partition", help="print the per-client split and write a PNG heatmap")
+    _add_scenario_args(part)
+    part.add_argument("--png", help="where to write the heatmap (default: <name>_partition.png)")
+    sub.add_parser("strategies", help="list the registered aggregation strategies")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.driver import run_scenario
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    summary = run_scenario(scenario, args.out)
+    acc0, acc = summary["initial/eval/accuracy"], summary["final/eval/accuracy"]
+    line = f"done: {summary['run_dir']}  ({summary['time_s']:.1f}s)"
+    if acc is not None:
+        line += f"  eval accuracy {acc0:.3f} → {acc:.3f}" if acc0 is not None else f"  eval accuracy {acc:.3f}"
+    print(line)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.driver import prepare
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    prep = prepare(scenario)
+    sizes = [len(p) for p in prep.parts]
+    print(f"ok: {args.scenario} — {scenario.strategy.name}, {len(prep.parts)} clients "
+          f"({min(sizes)}–{max(sizes)} samples), {len(prep.data.train)} train / {len(prep.data.test)} test samples, "
+          f"{scenario.rounds} rounds on the {scenario.resources.backend} backend")
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedsim.config import load_scenario
+    from fedsim.driver import partition_table, prepare
+    from fedsim.plots import partition_heatmap
+
+    scenario = load_scenario(args.scenario, args.overrides)
+    prep = prepare(scenario)
+    hist, names = partition_table(prep)
+    table = Table(title=f"{scenario.name}: {scenario.partition.method} split, {len(prep.parts)} clients")
+    table.add_column("client", justify="right")
+    table.add_column("samples", justify="right")
+    show = names[:12]
+    for n in show:
+        table.add_column(n, justify="right")
+    for c, row in enumerate(hist):
+        table.add_row(str(c), str(int(row.sum())), *[str(int(v)) for v in row[: len(show)]])
+    Console(width=200).print(table)
+    png = Path(args.png or f"{scenario.name}_partition.png")
+    partition_heatmap(hist, names, png, f"{scenario.name}: {scenario.partition.method} split")
+    print(f"heatmap written to {png}")
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from fedsim.strategies import available_strategies
+
+    for name, cls in available_strategies().items():
+        print(f"{name:<12} {cls.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script."""
+    args = _parser().parse_args(argv)
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition,
+               "strategies": _cmd_strategies}[args.command]
+    try:
+        return handler(args)
+    except FedsimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

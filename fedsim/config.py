@@ -1,0 +1,416 @@
+"""Scenario schema: YAML in, validated frozen objects out.
+
+A scenario file is parsed with ``yaml.safe_load`` (it can never execute code or import modules), command-line
+``--set a.b=c`` overrides are applied to the raw mapping, and the result is validated by pydantic into a frozen
+:class:`Scenario`. Unknown keys are rejected everywhere. Errors come out as one :class:`~fedsim.errors.ScenarioError`
+that names each offending field and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsim.errors import ScenarioError
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TinyModelConfig(_Frozen):
+    """Size of the built-in tiny Llama-architecture model (random init, byte-level vocabulary)."""
+
+    hidden_size: int = Field(64, ge=8, le=4096)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=64)
+    max_position_embeddings: int = Field(512, ge=16, le=32768)
+    init_seed: int = Field(1234, ge=0)
+    # Larger than Llama's 0.02: the frozen, random lm_head must be able to express confident predictions, since with
+    # RMSNorm before it the largest logit is bounded by about init_std · hidden_size.
+    init_std: float = Field(0.1, gt=0.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "pick num_heads that divides hidden_size"
+            )
+        return self
+
+
+class ModelConfig(_Frozen):
+    """The base model. ``name: tiny`` builds a small Llama from config (no download); anything else is a Hugging Face
+    hub name or a local directory loaded with ``from_pretrained``."""
+
+    name: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("needs at least one module name, e.g. [q_proj, v_proj]")
+        return v
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "scenario files may not execute code; load models whose architecture is part of transformers"
+            )
+        return v
+
+
+class SyntheticConfig(_Frozen):
+    """Built-in procedurally generated multi-task instruction data (see :mod:`fedsim.data.synthetic`)."""
+
+    tasks: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count")
+    num_train: int = Field(2000, ge=1, le=10_000_000)
+    num_test: int = Field(400, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from fedsim.data.synthetic import TASKS
+
+        unknown = [t for t in v if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown synthetic task(s) {unknown}; choose from {sorted(TASKS)}")
+        if not v:
+            raise ValueError(f"needs at least one task; choose from {sorted(TASKS)}")
+        return v
+
+
+class TestSplitConfig(_Frozen):
+    """Where the global test set comes from: a separate source (file or hub split) or a held-out fraction."""
+
+    source: str | None = None
+    split: str | None = None
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    max_samples: int | None = Field(None, ge=1)
+
+
+class DataConfig(_Frozen):
+    """Training data: source, format and field names."""
+
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    format: Literal["instruction", "classification"] = "instruction"
+    split: str = "train"
+    subset: str | None = None
+    columns: tuple[str, ...] | None = None
+    prompt_template: str | None = None
+    response_field: str = "output"
+    label_field: str = "label"
+    label_names: dict[int | str, str] | None = None
+    task_field: str | None = "task"
+    test: TestSplitConfig = TestSplitConfig()
+    max_seq_len: int = Field(64, ge=8, le=65536)
+    max_train_samples: int | None = Field(None, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _plain_placeholders(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        for _, name, spec, conv in string.Formatter().parse(v):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conv:
+                raise ValueError(
+                    f"placeholder {{{name}}} is not a plain field name; use {{field}} with the column name only"
+                )
+        return v
+
+    def template(self) -> str:
+        """The prompt template in force (format-dependent default)."""
+        if self.prompt_template is not None:
+            return self.prompt_template
+        return "{instruction}\n" if self.format == "instruction" else "{text}\nLabel: "
+
+
+class PartitionConfig(_Frozen):
+    """How training samples are split over clients (non-IID)."""
+
+    method: Literal["iid", "dirichlet", "shards", "natural", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, le=1e6)
+    by: str | None = None
+    shards_per_client: int = Field(2, ge=1, le=10_000)
+    min_samples: int = Field(1, ge=1)
+
+
+class LoraSpecConfig(_Frozen):
+    """LoRA hyperparameters. The scaling follows PEFT: alpha/r, or alpha/sqrt(r) with ``rslora``."""
+
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0.0, le=1e6)
+    rslora: bool = False
+
+
+class ClientsConfig(_Frozen):
+    num_clients: int = Field(20, ge=1, le=10_000_000)
+    per_round: int | float = 5
+    lora: LoraSpecConfig = LoraSpecConfig()
+    sampling: Literal["uniform"] = "uniform"
+
+    @field_validator("per_round")
+    @classmethod
+    def _per_round(cls, v: int | float) -> int | float:
+        if isinstance(v, bool):
+            raise ValueError("must be a count (int >= 1) or a fraction in (0, 1]")
+        if isinstance(v, float) and not v.is_integer() and not 0.0 < v <= 1.0:
+            raise ValueError("a fractional per_round must lie in (0, 1]; use an integer for a count")
+        if isinstance(v, float) and v.is_integer() and v > 1:
+            v = int(v)
+        if isinstance(v, float) and v <= 0 or isinstance(v, int) and v < 1:
+            raise ValueError("must be a count (int >= 1) or a fraction in (0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> ClientsConfig:
+        if isinstance(self.per_round, int) and self.per_round > self.num_clients:
+            raise ValueError(
+                f"per_round {self.per_round} exceeds num_clients {self.num_clients}; lower per_round "
+                "or use a fraction such as 0.25"
+            )
+        return self
+
+    def num_per_round(self) -> int:
+        """Number of clients sampled each round."""
+        if isinstance(self.per_round, float):
+            return max(1, int(round(self.per_round * self.num_clients)))
+        return self.per_round
+
+
+class TrainingConfig(_Frozen):
+    local_steps: int | None = Field(None, ge=1, le=1_000_000)
+    local_epochs: float | None = Field(None, gt=0.0, le=10_000)
+    batch_size: int = Field(8, ge=1, le=65536)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set either local_steps or local_epochs, not both")
+        return self
+
+    def steps_for(self, num_examples: int) -> int:
+        """Local optimizer steps for a client holding ``num_examples`` samples."""
+        if self.local_epochs is not None:
+            per_epoch = -(-num_examples // self.batch_size)
+            return max(1, int(round(self.local_epochs * per_epoch)))
+        return self.local_steps if self.local_steps is not None else 10
+
+
+class EvalConfig(_Frozen):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    at_start: bool = True
+
+
+class ServerResources(_Frozen):
+    """Resources of the server (driver) actor that holds the global state and aggregates."""
+
+    num_cpus: float = Field(1.0, ge=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+
+
+class ResourcesConfig(_Frozen):
+    backend: Literal["local", "ray"] = "ray"
+    num_workers: int = Field(2, ge=1, le=4096)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+    num_threads: int | None = Field(None, ge=1, le=1024)
+    address: str | None = None
+    server: ServerResources = ServerResources()
+    dashboard: bool = False
+
+    def threads_per_worker(self) -> int:
+        """torch intra-op threads per worker; equal on both backends so that results match bit for bit."""
+        return self.num_threads or max(1, int(self.num_cpus))
+
+
+class WandbConfig(_Frozen):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "fedsim"
+    group: str | None = None
+    entity: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+class LoggingConfig(_Frozen):
+    console: bool = True
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    jsonl: bool = True
+    wandb: WandbConfig = WandbConfig()
+
+
+class StrategyConfig(_Frozen):
+    name: str = "fedit"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Scenario(_Frozen):
+    """A whole federated fine-tuning experiment. Build one with :func:`load_scenario` or :func:`scenario_from_dict`."""
+
+    name: str = Field("run", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    rounds: int = Field(10, ge=1, le=1_000_000)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    clients: ClientsConfig = ClientsConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _strategy_known(self) -> Scenario:
+        from fedsim.strategies import get_strategy_class
+
+        cls = get_strategy_class(self.strategy.name)  # raises ScenarioError naming the registered ones
+        try:
+            cls.Params(**self.strategy.params)
+        except ValidationError as e:
+            raise ScenarioError("strategy.params", _format_validation(e, prefix="strategy.params"), None) from None
+        return self
+
+    def strategy_params(self) -> BaseModel:
+        """The strategy's own validated hyperparameters."""
+        from fedsim.strategies import get_strategy_class
+
+        return get_strategy_class(self.strategy.name).Params(**self.strategy.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved scenario (all defaults filled in) as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_validation(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling and nesting (see `fedsim validate --help`)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``a.b.c=value`` override; the value is parsed as YAML (so ``3``, ``0.5``, ``[a, b]`` work)."""
+    if "=" not in text:
+        raise ScenarioError("--set", f"override {text!r} has no '='", "write it as key.path=value, e.g. rounds=5")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ScenarioError("--set", f"override {text!r} has an empty key", "write it as key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ScenarioError(key, f"override value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b=c`` override applied (creating nested mappings as needed)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ScenarioError(
+                    ".".join(path[: i + 1]), "is a value, not a section, so it cannot take sub-keys",
+                    f"set {'.'.join(path[: i + 1])}=... directly",
+                )
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Validate a raw mapping (plus overrides) into a :class:`Scenario`.
+
+    Raises:
+        ScenarioError: naming every invalid field and the fix.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ScenarioError("", f"a scenario must be a mapping of sections, got {type(raw).__name__}",
+                            "start from scenarios/quickstart.yaml")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as e:
+        raise ScenarioError("", _format_validation(e)) from None
+    except RecursionError:
+        raise ScenarioError("", "the scenario is nested too deeply") from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read a YAML scenario file and validate it.
+
+    Args:
+        path: the YAML file.
+        overrides: ``a.b=c`` strings applied before validation.
+
+    Returns:
+        The frozen, validated scenario.
+
+    Raises:
+        ScenarioError: file missing, not YAML, or invalid.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ScenarioError("", f"scenario file {str(p)!r} does not exist", "check the path, e.g. scenarios/quickstart.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError("", f"cannot read scenario file {str(p)!r}: {e}") from None
+    if len(text) > 5_000_000:
+        raise ScenarioError("", "scenario file is larger than 5 MB", "scenario files hold settings, not data")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ScenarioError("", f"{p.name} is not valid YAML: {e}", "fix the YAML syntax at the line shown") from None
+    return scenario_from_dict(raw, overrides)
+
+
+def dump_scenario(scenario: Scenario) -> str:
+    """YAML text of the resolved scenario."""
+    return yaml.safe_dump(scenario.to_dict(), sort_keys=False)

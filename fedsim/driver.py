@@ -1,0 +1,214 @@
+"""The round loop: sample → configure → run clients → aggregate → evaluate → log. No Ray imports here: the backend
+decides where the server and the workers run."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim.client.evaluate import reduce_eval
+from fedsim.config import Scenario, dump_scenario
+from fedsim.data.datasets import TokenizedData, load_data, partition_field
+from fedsim.data.partition import Partition, label_histogram, partition
+from fedsim.errors import ScenarioError
+from fedsim.models.base import target_shapes
+from fedsim.progress import Progress
+from fedsim.runtime.backend import Backend, make_backend
+from fedsim.runtime.worker import ClientJob
+from fedsim.sampling import sample_clients
+from fedsim.strategies import StrategySpec
+from fedsim.tracking import Tracker
+from fedsim.types import ClientFailure, ClientSpec, LoraSpec, RoundContext
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before the first round: data, partition and client specs."""
+
+    scenario: Scenario
+    data: TokenizedData
+    parts: Partition
+    clients: list[ClientSpec]
+    spec: StrategySpec
+
+
+def prepare(scenario: Scenario) -> Prepared:
+    """Load and tokenize data, partition it, build client specs and the strategy spec (no training).
+
+    Raises:
+        ScenarioError, DataError: anything that would make the run fail later.
+    """
+    data = load_data(scenario)
+    n = len(data.train)
+    groups = data.train.group if partition_field(scenario) and (data.train.group >= 0).all() else None
+    parts = partition(scenario.partition, groups, n, scenario.clients.num_clients, scenario.seed)
+    lcfg = scenario.clients.lora
+    lora = LoraSpec(rank=lcfg.rank, alpha=lcfg.alpha, rslora=lcfg.rslora)
+    shapes = target_shapes(scenario.model)
+    smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
+    if lora.rank > smallest:
+        raise ScenarioError("clients.lora.rank", f"rank {lora.rank} exceeds the smallest adapted dimension {smallest}",
+                            f"use a rank ≤ {smallest}")
+    clients = [ClientSpec(client_id=c, num_examples=len(p), lora=lora) for c, p in enumerate(parts)]
+    return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=lora, seed=scenario.seed))
+
+
+def partition_table(prep: Prepared) -> tuple[np.ndarray, list[str]]:
+    """Per-client histogram over the partition field's groups (or one column of counts)."""
+    groups = prep.data.train.group
+    names = prep.data.group_names
+    if not names or (groups < 0).any():
+        return np.array([[len(p)] for p in prep.parts], dtype=np.int64), ["samples"]
+    return label_histogram(prep.parts, groups, len(names)), names
+
+
+def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
+    """``out`` if given (it must not hold a finished run), else a fresh ``runs/<name>[-k]``."""
+    if out is not None:
+        path = Path(out)
+        if (path / "metrics.jsonl").exists():
+            raise ScenarioError("--out", f"{path} already holds a run", "choose another --out directory")
+    else:
+        base = Path("runs") / scenario.name
+        path, k = base, 1
+        while path.exists():
+            k += 1
+            path = base.with_name(f"{scenario.name}-{k}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_peft_adapter(tensors: dict, lora: LoraSpec, scenario: Scenario, path: Path) -> None:
+    """Write the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
+    ``PeftModel.from_pretrained(base, path)`` on the same base model."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
+                     target_modules=list(scenario.model.target_modules), lora_dropout=scenario.model.lora_dropout,
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=scenario.model.name)
+    cfg.save_pretrained(str(path))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
+              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+class Driver:
+    """Runs a scenario end to end and writes the run directory.
+
+    Args:
+        scenario: the validated scenario.
+        run_dir: where outputs go (created by :func:`new_run_dir` if None).
+        backend: a backend instance (default: the one the scenario names).
+    """
+
+    def __init__(self, scenario: Scenario, run_dir: Path | None = None, backend: Backend | None = None):
+        self.scenario = scenario
+        self.run_dir = run_dir if run_dir is not None else new_run_dir(scenario, None)
+        self.backend = backend or make_backend(scenario)
+        self.rows: list[dict[str, Any]] = []
+
+    def _eval_batches(self, data: TokenizedData) -> list[np.ndarray]:
+        n, bs = len(data.test), self.scenario.eval.batch_size
+        return [np.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+    def run(self) -> dict[str, Any]:
+        """Run every round; return the summary (also written to ``summary.json``)."""
+        sc = self.scenario
+        t_start = time.perf_counter()
+        (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
+        prep = prepare(sc)
+        hist, names = partition_table(prep)
+        from fedsim.plots import partition_heatmap
+
+        partition_heatmap(hist, names, self.run_dir / "partition.png",
+                          f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
+        progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
+        tracker = Tracker(sc, self.run_dir)
+        try:
+            server = self.backend.start(sc, prep.data, prep.spec)
+            batches = self._eval_batches(prep.data)
+            totals = {"comm/up_params": 0.0, "comm/down_params": 0.0, "comm/up_bytes": 0.0, "comm/down_bytes": 0.0}
+            if sc.eval.at_start:
+                row = {"round": 0, "time_s": 0.0, **reduce_eval(self.backend.evaluate(server.eval_handle(), batches))}
+                self._log(row, tracker, progress)
+            k = sc.clients.num_per_round()
+            for r in range(1, sc.rounds + 1):
+                t0 = time.perf_counter()
+                ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
+                sampled = sample_clients(sc.clients.num_clients, k, sc.seed, r)
+                handles, down = server.configure(ctx, [prep.clients[c] for c in sampled])
+                jobs = [(ClientJob(prep.clients[c], prep.parts[c], r), handles[c]) for c in sampled]
+                progress.start_round(r, len(jobs))
+                outcomes = self.backend.train(
+                    jobs, on_done=lambda res: progress.client_done(isinstance(res, ClientFailure)))
+                ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
+                failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+                up = server.aggregate(ctx, [h for _, h in ok])
+                row = self._round_row(r, ok, failed, up, down, sampled)
+                for key in totals:
+                    totals[key] += row[key]
+                    row[key.replace("comm/", "comm/total_")] = totals[key]
+                if r % sc.eval.every == 0 or r == sc.rounds:
+                    row.update(reduce_eval(self.backend.evaluate(server.eval_handle(), batches)))
+                row["time_s"] = time.perf_counter() - t0
+                self._log(row, tracker, progress)
+            tensors, lora = server.global_adapter()
+            save_peft_adapter(tensors, lora, sc, self.run_dir / "adapter")
+            summary = self._summary(time.perf_counter() - t_start, totals)
+            tracker.summary(summary)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            return summary
+        finally:
+            progress.close()
+            tracker.close()
+            self.backend.shutdown()
+
+    def _round_row(self, r: int, ok: list, failed: list, up: dict, down: dict, sampled: list[int]) -> dict[str, Any]:
+        n_ok = sum(res.num_examples for res, _ in ok)
+        loss = (sum(res.metrics["train/loss"] * res.num_examples for res, _ in ok) / n_ok) if n_ok else math.nan
+        row: dict[str, Any] = {
+            "round": r, "train/loss": loss,
+            "clients/sampled": len(sampled), "clients/succeeded": len(ok), "clients/failed": len(failed),
+            "comm/up_params": up["comm/up_params"], "comm/up_bytes": up["comm/up_bytes"],
+            # a client that failed still downloaded its payload
+            "comm/down_params": float(sum(down[c][0] for c in sampled)),
+            "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
+            "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
+        }
+        if failed:
+            row["clients/failures"] = [f"{f.client_id}: {f.reason}" for f in failed]
+        if not ok:
+            row["note"] = "every sampled client failed; the global state is unchanged"
+        return row
+
+    def _log(self, row: dict[str, Any], tracker: Tracker, progress: Progress) -> None:
+        self.rows.append(row)
+        tracker.log(row)
+        progress.end_round(row)
+
+    def _summary(self, total_s: float, totals: dict[str, float]) -> dict[str, Any]:
+        evals = [r for r in self.rows if "eval/accuracy" in r]
+        final = evals[-1] if evals else {}
+        return {
+            "name": self.scenario.name, "rounds": self.scenario.rounds, "run_dir": str(self.run_dir),
+            "time_s": total_s,
+            "initial/eval/accuracy": evals[0]["eval/accuracy"] if evals else None,
+            "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
+            "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
+            **{f"final/{k}": v for k, v in final.items() if k.startswith("eval/task/")},
+            **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
+            "workers": self.backend.worker_stats(),
+        }
+
+
+def run_scenario(scenario: Scenario, out: str | Path | None = None, backend: Backend | None = None) -> dict[str, Any]:
+    """Run ``scenario`` and write its run directory (``runs/<name>`` or ``out``). Returns the summary."""
+    run_dir = new_run_dir(scenario, out)
+    return Driver(scenario, run_dir, backend).run()

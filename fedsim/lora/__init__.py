@@ -1,0 +1,1 @@
+"""Pure tensor helpers shared by strategies."""

@@ -1,0 +1,124 @@
+"""Pure tensor helpers for LoRA adapter dicts (no I/O, no devices beyond what the inputs carry).
+
+Keys follow :mod:`fedsim.types`: ``<module>.lora_A.weight`` with A of shape (r, d_in) and ``<module>.lora_B.weight``
+with B of shape (d_out, r). The low-rank update of a module is ``ΔW = s · B @ A`` of shape (d_out, d_in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from fedsim.errors import AggregationError
+from fedsim.types import ModuleShape, Tensors
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+
+def a_key(module: str) -> str:
+    return module + A_SUFFIX
+
+
+def b_key(module: str) -> str:
+    return module + B_SUFFIX
+
+
+def factor_of(key: str) -> str:
+    """``"A"`` or ``"B"`` for an adapter key."""
+    if key.endswith(A_SUFFIX):
+        return "A"
+    if key.endswith(B_SUFFIX):
+        return "B"
+    raise AggregationError(f"key {key!r} is not a LoRA factor (expected it to end in {A_SUFFIX} or {B_SUFFIX})")
+
+
+def module_of(key: str) -> str:
+    factor_of(key)
+    return key[: -len(A_SUFFIX)]
+
+
+def modules(tensors: Tensors) -> list[str]:
+    """Sorted module paths present in an adapter dict."""
+    return sorted({module_of(k) for k in tensors})
+
+
+def init_adapter(shapes: dict[str, ModuleShape], rank: int, generator: torch.Generator) -> Tensors:
+    """A fresh adapter initialised as PEFT does by default: A ~ kaiming-uniform(a=√5), B = 0.
+
+    Args:
+        shapes: module path → shape of the adapted linear layer.
+        rank: LoRA rank r.
+        generator: the source of randomness (seeded by the caller).
+
+    Returns:
+        ``{module.lora_A.weight: (r, d_in), module.lora_B.weight: (d_out, r)}`` in float32.
+    """
+    out: Tensors = {}
+    for m in sorted(shapes):
+        s = shapes[m]
+        # kaiming_uniform_(a=sqrt(5)) on a (r, d_in) weight: bound = sqrt(6 / ((1 + a^2) * fan_in)) = 1/sqrt(d_in)
+        bound = 1.0 / math.sqrt(s.d_in)
+        a = torch.rand((rank, s.d_in), generator=generator, dtype=torch.float32) * (2 * bound) - bound
+        out[a_key(m)] = a  # (r, d_in)
+        out[b_key(m)] = torch.zeros((s.d_out, rank), dtype=torch.float32)  # (d_out, r)
+    return out
+
+
+def check_same_keys(dicts: Sequence[Tensors], what: str = "update") -> list[str]:
+    """Raise :class:`AggregationError` unless every dict has the same keys and shapes; return the sorted keys."""
+    if not dicts:
+        raise AggregationError(f"no {what}s to aggregate")
+    keys = sorted(dicts[0])
+    for i, d in enumerate(dicts[1:], start=1):
+        if sorted(d) != keys:
+            missing = sorted(set(keys) - set(d))[:3]
+            extra = sorted(set(d) - set(keys))[:3]
+            raise AggregationError(f"{what} {i} has different keys (missing {missing}, unexpected {extra})")
+        for k in keys:
+            if d[k].shape != dicts[0][k].shape:
+                raise AggregationError(
+                    f"{what} {i}: {k} has shape {tuple(d[k].shape)}, expected {tuple(dicts[0][k].shape)}"
+                )
+    return keys
+
+
+def normalized_weights(num_examples: Iterable[int | float]) -> torch.Tensor:
+    """p_k = n_k / Σ n as float64 (summing in float64 keeps the weights exact enough for any client count)."""
+    w = torch.tensor([float(n) for n in num_examples], dtype=torch.float64)
+    if (w < 0).any() or not torch.isfinite(w).all():
+        raise AggregationError("client weights must be finite and non-negative")
+    total = w.sum()
+    if total <= 0:
+        raise AggregationError("client weights sum to zero: every update has num_examples == 0")
+    return w / total
+
+
+def weighted_average(dicts: Sequence[Tensors], weights: torch.Tensor, keys: Iterable[str] | None = None) -> Tensors:
+    """Σ_k w_k · dicts[k][key] for each key, accumulated in float32 and cast back to the inputs' dtype."""
+    keys = list(keys) if keys is not None else check_same_keys(dicts)
+    out: Tensors = {}
+    for key in keys:
+        ref = dicts[0][key]
+        acc = torch.zeros(ref.shape, dtype=torch.float32, device=ref.device)
+        for w, d in zip(weights.tolist(), dicts):
+            acc.add_(d[key].to(torch.float32), alpha=w)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def delta_w(tensors: Tensors, module: str, scaling: float) -> torch.Tensor:
+    """ΔW = s · B @ A for one module, in float32, shape (d_out, d_in)."""
+    a = tensors[a_key(module)].to(torch.float32)  # (r, d_in)
+    b = tensors[b_key(module)].to(torch.float32)  # (d_out, r)
+    return scaling * (b @ a)
+
+
+def num_params(tensors: Tensors) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def num_bytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

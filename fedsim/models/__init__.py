@@ -1,0 +1,1 @@
+"""Base models (base.py) and PEFT adapters (adapters.py)."""

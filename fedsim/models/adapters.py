@@ -1,0 +1,97 @@
+"""Attach LoRA with PEFT once, then swap adapter weights per client.
+
+One PEFT model per worker hosts one named adapter per distinct (rank, alpha, rslora); a client job only copies its
+tensors into the adapter's parameters (``Tensor.copy_``), never re-wraps or reloads the base.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.types import LoraSpec, Tensors
+
+
+def adapter_name(lora: LoraSpec) -> str:
+    a = f"{lora.alpha:g}".replace(".", "p").replace("-", "m")
+    return f"r{lora.rank}_a{a}" + ("_rs" if lora.rslora else "")
+
+
+class AdapterHost:
+    """A PEFT model over a frozen base, with one adapter per LoRA spec, created lazily.
+
+    Args:
+        base: the frozen base model.
+        target_modules: module names LoRA adapts.
+        lora_dropout: dropout on the LoRA input.
+    """
+
+    def __init__(self, base: torch.nn.Module, target_modules: tuple[str, ...], lora_dropout: float = 0.0):
+        self.base = base
+        self.target_modules = list(target_modules)
+        self.lora_dropout = lora_dropout
+        self.model: torch.nn.Module | None = None
+        self._params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self.num_wraps = 0  # how many times get_peft_model ran (once per worker)
+
+    def _config(self, lora: LoraSpec):
+        from peft import LoraConfig
+
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
+                          target_modules=self.target_modules, lora_dropout=self.lora_dropout, bias="none")
+
+    def activate(self, lora: LoraSpec) -> str:
+        """Make the adapter for ``lora`` the active one (creating it on first use) and return its name."""
+        name = adapter_name(lora)
+        if self.model is None:
+            from peft import get_peft_model
+
+            self.model = get_peft_model(self.base, self._config(lora), adapter_name=name)
+            self.num_wraps += 1
+        elif name not in self._params:
+            self.model.add_adapter(name, self._config(lora))
+        if name not in self._params:
+            self._params[name] = self._index(name)
+        self.model.set_adapter(name)
+        return name
+
+    def _index(self, name: str) -> dict[str, torch.nn.Parameter]:
+        params = {}
+        prefix = "base_model.model."
+        for mod_name, mod in self.model.named_modules():
+            if hasattr(mod, "lora_A") and name in getattr(mod, "lora_A", {}):
+                path = mod_name[len(prefix):] if mod_name.startswith(prefix) else mod_name
+                params[ops.a_key(path)] = mod.lora_A[name].weight
+                params[ops.b_key(path)] = mod.lora_B[name].weight
+        return params
+
+    def params(self, lora: LoraSpec) -> dict[str, torch.nn.Parameter]:
+        return self._params[adapter_name(lora)]
+
+    def load(self, lora: LoraSpec, tensors: Tensors) -> None:
+        """Copy ``tensors`` into the (active) adapter for ``lora``; every adapter key must be given."""
+        params = self.params(lora)
+        if sorted(params) != sorted(tensors):
+            missing = sorted(set(params) - set(tensors))[:3]
+            raise AggregationError(f"payload does not match the model's adapter (missing e.g. {missing})")
+        with torch.no_grad():
+            for k, p in params.items():
+                t = tensors[k]
+                if t.shape != p.shape:
+                    raise AggregationError(f"{k}: payload shape {tuple(t.shape)} != adapter shape {tuple(p.shape)}")
+                p.copy_(t)
+
+    def set_trainable(self, lora: LoraSpec, factors: tuple[str, ...]) -> list[torch.nn.Parameter]:
+        """Enable gradients on the chosen factors ("A", "B") of the active adapter; return them."""
+        out = []
+        for k, p in self.params(lora).items():
+            on = ops.factor_of(k) in factors
+            p.requires_grad_(on)
+            if on:
+                out.append(p)
+        return out
+
+    def read(self, lora: LoraSpec) -> Tensors:
+        """A CPU float32 copy of the adapter's tensors."""
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params(lora).items()}

@@ -1,0 +1,127 @@
+"""Build or load the base model and its tokenizer.
+
+``model.name: tiny`` builds a small Llama-architecture model from config with a byte-level tokenizer that needs no
+files (transformers' ByT5Tokenizer), so tests and the quickstart download nothing. Any other name is a Hugging Face hub
+id or a local directory, loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from fedsim.config import ModelConfig
+from fedsim.errors import ScenarioError
+from fedsim.types import ModuleShape
+
+TINY = "tiny"
+
+
+def is_tiny(cfg: ModelConfig) -> bool:
+    return cfg.name == TINY
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of the model (pad token falls back to EOS)."""
+    if is_tiny(cfg):
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+    except Exception as e:
+        raise ScenarioError("model.name", f"cannot load the tokenizer of {cfg.name!r}: {e.__class__.__name__}: {e}",
+                            "give a hub id you can reach or a local directory saved with save_pretrained") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(cfg: ModelConfig) -> Any:
+    """The LlamaConfig of the built-in tiny model (byte-level vocabulary of ByT5: 384 ids, pad 0, eos 1)."""
+    from transformers import LlamaConfig
+
+    t = cfg.tiny
+    return LlamaConfig(
+        vocab_size=384, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        tie_word_embeddings=False, initializer_range=t.init_std,
+    )
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 there is ~100× slower), bfloat16 on GPUs that support it, else float16."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build (tiny, seeded) or load (hub/local) the base model, frozen, in eval mode, on ``device``."""
+    device = torch.device(device)
+    dtype = resolve_dtype(cfg, device)
+    if is_tiny(cfg):
+        from transformers import LlamaForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.tiny.init_seed)
+            model = LlamaForCausalLM(tiny_config(cfg))
+        model = model.to(device=device, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
+        except Exception as e:
+            raise ScenarioError("model.name", f"cannot load {cfg.name!r}: {e.__class__.__name__}: {e}",
+                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
+        model = model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
+    """Module path → (d_in, d_out) of every linear layer LoRA adapts, computed on the meta device (no weights).
+
+    Raises:
+        ScenarioError: no module matches ``model.target_modules``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_tiny(cfg):
+        hf_cfg = tiny_config(cfg)
+    else:
+        try:
+            hf_cfg = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
+        except Exception as e:
+            raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
+                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    return module_shapes(model, cfg.target_modules)
+
+
+def module_shapes(model: torch.nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, ModuleShape]:
+    """Linear layers whose last name component is in ``target_modules`` (PEFT's matching rule for a list)."""
+    shapes = {}
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in target_modules and isinstance(mod, torch.nn.Linear):
+            shapes[name] = ModuleShape(d_in=mod.in_features, d_out=mod.out_features)
+    if not shapes:
+        raise ScenarioError("model.target_modules", f"no linear layer matches {list(target_modules)}",
+                            "use the model's projection names, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    return dict(sorted(shapes.items()))
+
+
+def configure_threads(num_threads: int) -> None:
+    """Pin torch's intra-op threads (so that every backend computes identically)."""
+    torch.set_num_threads(num_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))

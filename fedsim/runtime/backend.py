@@ -1,0 +1,79 @@
+"""The backend interface: where client jobs, evaluation and the server run.
+
+A backend hands out opaque *handles* for payloads and updates: the objects themselves in-process, Ray object
+references with Ray, so that the driver can route tensors between server and workers without touching them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedsim.config import Scenario
+from fedsim.data.datasets import TokenizedData
+from fedsim.runtime.worker import ClientJob
+from fedsim.strategies import StrategySpec
+from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
+
+Handle = Any
+JobOutcome = tuple[ClientResult | ClientFailure, Handle | None]
+
+
+class ServerHandle(ABC):
+    """The server as seen from the driver."""
+
+    @abstractmethod
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]
+                  ) -> tuple[dict[int, Handle], dict[int, tuple[int, int]]]:
+        """Payload handles per client, and (params, bytes) each client downloads."""
+
+    @abstractmethod
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
+        """Aggregate the update handles; return upload accounting."""
+
+    @abstractmethod
+    def eval_handle(self) -> Handle:
+        """A handle to the payload the global model is evaluated with."""
+
+    @abstractmethod
+    def global_adapter(self) -> tuple[Tensors, Any]:
+        """The global adapter tensors and their LoRA spec (for saving)."""
+
+
+class Backend(ABC):
+    """Runs a server and a pool of workers."""
+
+    @abstractmethod
+    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
+        """Start the workers and the server; return the server handle."""
+
+    @abstractmethod
+    def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+        """Run every job; return one outcome per job (a result with its update handle, or a failure)."""
+
+    @abstractmethod
+    def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        """Evaluate the payload on test batches; one dict of sums per batch, in order."""
+
+    @abstractmethod
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per-worker counters (model builds, PEFT wraps, clients trained)."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release workers (and Ray, if this backend started it)."""
+
+
+def make_backend(scenario: Scenario) -> Backend:
+    """The backend the scenario asks for."""
+    if scenario.resources.backend == "local":
+        from fedsim.runtime.local import LocalBackend
+
+        return LocalBackend()
+    from fedsim.runtime.ray_backend import RayBackend
+
+    return RayBackend()

@@ -1,0 +1,67 @@
+"""In-process, sequential backend for tests and debugging (no Ray)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedsim.config import Scenario
+from fedsim.data.datasets import TokenizedData
+from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.worker import ClientJob, Worker
+from fedsim.server import Server
+from fedsim.strategies import StrategySpec
+from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
+
+
+class LocalServerHandle(ServerHandle):
+    def __init__(self, server: Server):
+        self.server = server
+
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
+        return self.server.configure(ctx, clients)
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
+        return self.server.aggregate(ctx, list(updates))
+
+    def eval_handle(self) -> Handle:
+        return self.server.eval_payload()
+
+    def global_adapter(self) -> tuple[Tensors, Any]:
+        return self.server.global_adapter()
+
+
+class LocalBackend(Backend):
+    """One in-process worker that runs every client in turn."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
+        self.worker = Worker(scenario, data, name="local")
+        return LocalServerHandle(Server(scenario.strategy.name, scenario.strategy.params, spec))
+
+    def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+        outcomes: list[JobOutcome] = []
+        for job, payload in jobs:
+            try:
+                result, update = self.worker.run_client(job, payload)
+                outcome: JobOutcome = (result, update)
+            except Exception as e:  # one failing client must not end the run
+                outcome = (ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}"), None)
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome[0])
+        return outcomes
+
+    def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        return self.worker.evaluate(payload, list(batches))
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return [self.worker.stats()] if self.worker else []
+
+    def shutdown(self) -> None:
+        self.worker = None

@@ -1,0 +1,114 @@
+"""A worker trains many virtual clients in turn with one cached base model.
+
+The base model is built once per worker (and per base version, later per bit width); LoRA is attached once with PEFT;
+per client only the adapter weights are copied in. ``stats()`` exposes counters that tests use to prove it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.client.evaluate import evaluate_batch
+from fedsim.client.trainer import train_local
+from fedsim.config import Scenario
+from fedsim.data.datasets import TokenizedData
+from fedsim.models.adapters import AdapterHost
+from fedsim.models.base import build_base_model, configure_threads
+from fedsim.strategies import make_strategy
+from fedsim.types import ClientPayload, ClientResult, ClientSpec, ClientUpdate
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in one round."""
+
+    spec: ClientSpec
+    indices: np.ndarray
+    server_round: int
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    """CUDA when the worker was given GPU resources and CUDA is present, else CPU."""
+    if num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Worker:
+    """Runs client jobs and evaluation batches on a cached model.
+
+    Args:
+        scenario: the resolved scenario.
+        data: tokenized data (shared read-only).
+        name: a label for metrics (e.g. ``worker-0``).
+    """
+
+    def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData, name: str = "worker-0"):
+        if isinstance(scenario, dict):
+            from fedsim.config import scenario_from_dict
+
+            scenario = scenario_from_dict(scenario)
+        # transformers/PEFT deprecation chatter would repeat in every actor's log
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        self.scenario = scenario
+        self.data = data
+        self.name = name
+        configure_threads(scenario.resources.threads_per_worker())
+        self.device = pick_device(scenario.resources.num_gpus)
+        self.strategy = make_strategy(scenario.strategy.name, scenario.strategy.params)
+        self._host: AdapterHost | None = None
+        self._base_version = 0
+        self.num_builds = 0
+        self.num_clients = 0
+
+    def host(self, base_version: int = 0) -> AdapterHost:
+        """The cached PEFT model for ``base_version`` (built on first use)."""
+        if self._host is None:
+            base = build_base_model(self.scenario.model, self.device)
+            self.num_builds += 1
+            self._host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
+            self._base_version = base_version
+        if base_version != self._base_version:
+            raise RuntimeError(
+                f"payload asks for base version {base_version}, worker holds {self._base_version}; "
+                "this strategy merges into the base, which this worker does not support"
+            )
+        return self._host
+
+    def run_client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
+        """Load the payload into the client's adapter, train locally, return its shared tensors."""
+        t0 = time.perf_counter()
+        host = self.host(payload.base_version)
+        host.activate(payload.lora)
+        host.load(payload.lora, payload.tensors)
+        params = host.set_trainable(payload.lora, payload.trainable)
+        metrics = train_local(host.model, params, self.data.train, job.indices, self.scenario.training,
+                              self.data.pad_id, (self.scenario.seed, job.server_round, job.spec.client_id),
+                              self.device)
+        tensors = {k: v for k, v in host.read(payload.lora).items() if self.strategy.is_shared(k)}
+        self.num_clients += 1
+        metrics["client/time_s"] = time.perf_counter() - t0
+        update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
+                              tensors=tensors, metrics=metrics)
+        result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
+                              worker=self.name)
+        return result, update
+
+    def evaluate(self, payload: ClientPayload, batches: list[np.ndarray]) -> list[dict[str, float]]:
+        """Evaluate the payload's adapter on batches of test indices; one dict of sums per batch."""
+        host = self.host(payload.base_version)
+        host.activate(payload.lora)
+        host.load(payload.lora, payload.tensors)
+        return [evaluate_batch(host.model, self.data, b, self.device) for b in batches]
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": os.getpid(), "num_builds": self.num_builds,
+                "num_wraps": self._host.num_wraps if self._host else 0, "num_clients": self.num_clients,
+                "device": str(self.device)}

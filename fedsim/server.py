@@ -1,0 +1,52 @@
+"""The server: global state + strategy. In-process with the local backend; wrapped in a Ray actor with the Ray
+backend (see :mod:`fedsim.runtime.ray_backend`). No Ray imports here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.strategies import StrategySpec, make_strategy
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
+
+
+class Server:
+    """Holds the strategy and the global state and runs the strategy's steps.
+
+    Args:
+        strategy_name: a registered strategy.
+        params: its hyperparameters.
+        spec: shapes, global LoRA spec and seed for :meth:`Strategy.init_state`.
+    """
+
+    def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
+        self.strategy = make_strategy(strategy_name, params)
+        self.state: GlobalState = self.strategy.init_state(spec)
+
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]
+                  ) -> tuple[dict[int, ClientPayload], dict[int, tuple[int, int]]]:
+        """Payloads for the sampled clients and, per client, the (params, bytes) it downloads."""
+        payloads = self.strategy.configure(ctx, self.state, clients)
+        missing = sorted({c.client_id for c in clients} - set(payloads))
+        if missing:
+            raise AggregationError(f"strategy {self.strategy.name} produced no payload for clients {missing[:5]}")
+        down = {cid: (ops.num_params(p.tensors), ops.num_bytes(p.tensors)) for cid, p in payloads.items()}
+        return payloads, down
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Aggregate (updates sorted by client id for a deterministic order); return upload accounting."""
+        updates = sorted(updates, key=lambda u: u.client_id)
+        up_params = sum(ops.num_params(u.tensors) for u in updates)
+        up_bytes = sum(ops.num_bytes(u.tensors) for u in updates)
+        if updates:
+            self.state = self.strategy.aggregate(ctx, self.state, updates)
+        return {"comm/up_params": float(up_params), "comm/up_bytes": float(up_bytes),
+                "aggregated": float(len(updates))}
+
+    def eval_payload(self) -> ClientPayload:
+        return self.strategy.eval_payload(self.state)
+
+    def global_adapter(self) -> tuple[Tensors, object]:
+        p = self.strategy.eval_payload(self.state)
+        return p.tensors, p.lora

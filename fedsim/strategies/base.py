@@ -1,0 +1,141 @@
+"""The strategy extension point.
+
+A strategy is pure tensor code: payloads in, state out — no Ray, no CUDA calls, no files, no logging — so that it can
+be tested with 3×2 tensors and reused outside the engine. The round loop lives in :mod:`fedsim.driver`.
+
+To add an algorithm, write one file in ``fedsim/strategies/`` (or your own package, registered through the
+``fedsim.strategies`` entry-point group) with a subclass decorated by :func:`register`.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.types import (
+    ClientPayload,
+    ClientSpec,
+    ClientUpdate,
+    GlobalState,
+    LoraSpec,
+    ModuleShape,
+    RoundContext,
+)
+
+
+class NoParams(BaseModel):
+    """A strategy without hyperparameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a strategy needs to build its initial state.
+
+    Args:
+        shapes: adapted module path → its linear layer's shape.
+        lora: the global adapter's rank and alpha.
+        seed: the scenario seed (initialisation must be a function of it).
+    """
+
+    shapes: dict[str, ModuleShape]
+    lora: LoraSpec
+    seed: int
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Class decorator that registers a strategy under ``name`` (lower case)."""
+
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        key = name.lower()
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"strategy {key!r} is registered twice ({_REGISTRY[key].__module__}, {cls.__module__})")
+        cls.name = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return deco
+
+
+def registry() -> dict[str, type[Strategy]]:
+    return dict(_REGISTRY)
+
+
+class Strategy(ABC):
+    """Base class of aggregation strategies.
+
+    Subclasses set ``Params`` (a frozen pydantic model of their own hyperparameters) and implement
+    :meth:`init_state`, :meth:`configure` and :meth:`aggregate`. None of the methods may mutate their arguments.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    supports_mixed_ranks: ClassVar[bool] = False
+
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None):
+        if params is None or isinstance(params, dict):
+            params = self.Params(**(params or {}))
+        self.params = params
+
+    # -- the three steps of a round ---------------------------------------------------------------------------
+    @abstractmethod
+    def init_state(self, spec: StrategySpec) -> GlobalState:
+        """The global state before round 1."""
+
+    @abstractmethod
+    def configure(
+        self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]
+    ) -> dict[int, ClientPayload]:
+        """Per-client payloads for the sampled ``clients``. Clients may share one payload object (it is then sent
+        once through the object store)."""
+
+    @abstractmethod
+    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        """A new global state from the round's updates (never mutating ``state`` or ``updates``).
+
+        Raises:
+            AggregationError: keys or shapes do not match, or there is nothing to aggregate.
+        """
+
+    # -- optional hooks -----------------------------------------------------------------------------------------
+    def eval_payload(self, state: GlobalState) -> ClientPayload:
+        """The adapter the global model is evaluated with."""
+        return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
+
+    def is_shared(self, key: str) -> bool:
+        """Whether the adapter tensor ``key`` leaves the client (is uploaded). Default: every LoRA factor."""
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy-internal state beyond :class:`GlobalState` (e.g. a server optimizer), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------------
+    @staticmethod
+    def _weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+        if not updates:
+            raise AggregationError("no client updates to aggregate")
+        return ops.normalized_weights(u.num_examples for u in updates)
+
+    @staticmethod
+    def _copy_state(state: GlobalState, **changes: Any) -> GlobalState:
+        fields = dict(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
+                      extras=copy.deepcopy(state.extras))
+        fields.update(changes)
+        return GlobalState(**fields)

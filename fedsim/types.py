@@ -1,0 +1,113 @@
+"""Plain data records that cross the boundaries between driver, server, backend and workers.
+
+Adapter tensors are dicts keyed ``"<module path>.lora_A.weight"`` / ``"<module path>.lora_B.weight"`` where the module
+path is the base model's (e.g. ``model.layers.0.self_attn.q_proj``); A has shape (r, d_in) and B (d_out, r), as in PEFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank and scaling of one LoRA adapter, computed exactly as PEFT does."""
+
+    rank: int
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5) if self.rslora else self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A virtual client: its id, its data size and its own settings."""
+
+    client_id: int
+    num_examples: int
+    lora: LoraSpec
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """Shape of one adapted linear layer: ``d_in`` input features, ``d_out`` output features."""
+
+    d_in: int
+    d_out: int
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a strategy may know about the round in progress."""
+
+    server_round: int
+    num_rounds: int
+    seed: int
+
+
+@dataclass
+class GlobalState:
+    """The server's state: the global adapter tensors plus strategy-specific extras.
+
+    ``base_version`` counts merges into the base model (strategies that merge bump it).
+    """
+
+    tensors: Tensors
+    lora: LoraSpec
+    base_version: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientPayload:
+    """What the server sends one client: adapter weights to load and what to train.
+
+    Args:
+        tensors: adapter weights to load before training (keys as in :mod:`fedsim.types`).
+        lora: rank/alpha of the adapter the client trains.
+        trainable: which factor kinds are trained: any of ``"A"``, ``"B"``.
+        base_version: version of the base model the client must use.
+    """
+
+    tensors: Tensors
+    lora: LoraSpec
+    trainable: tuple[str, ...] = ("A", "B")
+    base_version: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back after local training (tensors on CPU)."""
+
+    client_id: int
+    num_examples: int
+    lora: LoraSpec
+    tensors: Tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that did not return an update this round, and why."""
+
+    client_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """The small part of a client's result the driver sees (the tensors go straight to the server)."""
+
+    client_id: int
+    num_examples: int
+    metrics: dict[str, float]
+    worker: str

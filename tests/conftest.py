@@ -1,0 +1,55 @@
+"""Shared fixtures: an isolated cache, tiny scenarios, and a Ray instance that is always shut down."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 3,
+    "rounds": 2,
+    "model": {"name": "tiny", "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2}},
+    "data": {"source": "synthetic", "synthetic": {"tasks": ["add", "upper", "count"], "num_train": 240,
+                                                   "num_test": 48}, "max_seq_len": 24},
+    "partition": {"method": "dirichlet", "by": "task", "alpha": 1.0, "min_samples": 5},
+    "clients": {"num_clients": 8, "per_round": 3, "lora": {"rank": 4, "alpha": 8}},
+    "training": {"local_steps": 3, "batch_size": 8, "lr": 0.005},
+    "eval": {"every": 1, "batch_size": 16},
+    "resources": {"backend": "local", "num_workers": 2, "num_cpus": 1},
+    "logging": {"console": False, "wandb": {"mode": "disabled"}},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))
+
+
+@pytest.fixture
+def tiny_raw() -> dict[str, Any]:
+    """A fresh copy of a tiny scenario mapping (1-layer model, 240 samples, 8 clients, local backend)."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def tiny_scenario(tiny_raw):
+    from fedsim.config import scenario_from_dict
+
+    return scenario_from_dict(tiny_raw)
+
+
+@pytest.fixture
+def ray_session():
+    """Shut Ray down after the test, whatever happened."""
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

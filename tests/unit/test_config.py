@@ -1,0 +1,94 @@
+import pytest
+
+from fedsim.config import apply_overrides, dump_scenario, load_scenario, scenario_from_dict
+from fedsim.errors import ScenarioError
+
+
+def test_quickstart_loads_and_is_frozen():
+    sc = load_scenario("scenarios/quickstart.yaml")
+    assert sc.clients.num_clients >= 20 and sc.rounds <= 10
+    assert sc.resources.backend == "ray" and sc.resources.num_workers == 2
+    assert sc.partition.method == "dirichlet" and sc.strategy.name == "fedit"
+    with pytest.raises(Exception):
+        sc.rounds = 3  # frozen
+
+
+def test_overrides_apply_to_nested_keys(tiny_raw):
+    sc = scenario_from_dict(tiny_raw, ["rounds=7", "clients.lora.rank=2", "training.lr=0.5", "model.target_modules=[q_proj]"])
+    assert sc.rounds == 7 and sc.clients.lora.rank == 2 and sc.training.lr == 0.5
+    assert sc.model.target_modules == ("q_proj",)
+
+
+def test_overrides_do_not_mutate_input(tiny_raw):
+    before = repr(tiny_raw)
+    apply_overrides(tiny_raw, ["clients.num_clients=3"])
+    assert repr(tiny_raw) == before
+
+
+def test_resolved_scenario_round_trips(tiny_scenario):
+    import yaml
+
+    again = scenario_from_dict(yaml.safe_load(dump_scenario(tiny_scenario)))
+    assert again == tiny_scenario
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["bogus=1"], "bogus"),
+        (["clients.lora.alpha=0"], "clients.lora.alpha"),
+        (["clients.lora.alpha=-2"], "clients.lora.alpha"),
+        (["clients.lora.rank=0"], "clients.lora.rank"),
+        (["rounds=three"], "rounds"),
+        (["strategy.name=nope"], "strategy.name"),
+        (["clients.per_round=50"], "per_round"),
+        (["clients.per_round=1.5"], "per_round"),
+        (["training.local_epochs=1"], "local_steps or local_epochs"),
+        (["model.tiny.num_heads=3"], "num_heads"),
+        (["data.format=images"], "data.format"),
+        (["partition.method=random"], "partition.method"),
+        (["resources.backend=spark"], "resources.backend"),
+        (["logging.wandb.mode=loud"], "logging.wandb.mode"),
+        (["data.prompt_template={x.__class__}"], "data.prompt_template"),
+        (["model.trust_remote_code=true"], "trust_remote_code"),
+        (["strategy.params={lr: 1}"], "strategy.params"),
+        (["clients.lora={rank: 4, alfa: 8}"], "clients.lora.alfa"),
+    ],
+)
+def test_invalid_values_name_the_field(tiny_raw, overrides, field):
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict(tiny_raw, overrides)
+    assert field in str(e.value)
+
+
+def test_unknown_strategy_lists_registered(tiny_raw):
+    with pytest.raises(ScenarioError, match="fedit"):
+        scenario_from_dict(tiny_raw, ["strategy.name=fedprox9000"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ScenarioError, match="no '='"):
+        apply_overrides({}, ["rounds"])
+    with pytest.raises(ScenarioError, match="not a section"):
+        apply_overrides({"rounds": 3}, ["rounds.x=1"])
+
+
+def test_yaml_cannot_execute_code(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(f)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ScenarioError, match="does not exist"):
+        load_scenario(tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ScenarioError, match="mapping"):
+        load_scenario(f)
+
+
+def test_fraction_per_round(tiny_raw):
+    sc = scenario_from_dict(tiny_raw, ["clients.per_round=0.5"])
+    assert sc.clients.num_per_round() == 4

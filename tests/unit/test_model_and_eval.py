@@ -1,0 +1,86 @@
+import numpy as np
+import torch
+
+from fedsim.client.evaluate import evaluate_batch, reduce_eval
+from fedsim.data.datasets import TokenizedData, TokenizedSplit, load_data
+from fedsim.models.base import build_base_model, target_shapes
+from fedsim.runtime import worker as worker_mod
+from fedsim.runtime.worker import ClientJob, Worker
+from fedsim.strategies import StrategySpec, make_strategy
+from fedsim.types import ClientPayload, ClientSpec, LoraSpec
+
+
+def _split(seqs, prompt_lens, tasks):
+    ids = np.concatenate(seqs).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    n = len(seqs)
+    return TokenizedSplit(ids, offsets, np.asarray(prompt_lens, np.int32), np.full(n, -1, np.int32),
+                          np.asarray(tasks, np.int32), np.full(n, -1, np.int32))
+
+
+@torch.no_grad()
+def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_scenario):
+    model = build_base_model(tiny_scenario.model)
+    rng = np.random.default_rng(0)
+    seqs, plens, tasks = [], [], []
+    for i in range(6):
+        prompt = rng.integers(3, 300, size=5)
+        ids = torch.as_tensor(prompt[None], dtype=torch.long)
+        for _ in range(3):  # greedy decoding, 3 tokens
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        greedy = ids[0].numpy()
+        if i % 2:  # corrupt one answer token: no longer what greedy decoding produces
+            greedy = greedy.copy()
+            greedy[5 + i % 3] = (greedy[5 + i % 3] + 1) % 384
+        seqs.append(greedy)
+        plens.append(5)
+        tasks.append(i % 2)
+    data = TokenizedData(train=_split(seqs, plens, tasks), test=_split(seqs, plens, tasks),
+                         task_names=["kept", "corrupted"], group_names=[])
+    sums = evaluate_batch(model, data, np.arange(6), torch.device("cpu"))
+    assert sums["correct"] == 3.0 and sums["task/kept/correct"] == 3.0 and sums["task/corrupted/correct"] == 0.0
+    out = reduce_eval([sums])
+    assert out["eval/accuracy"] == 0.5 and out["eval/task/kept/accuracy"] == 1.0
+
+
+def test_target_shapes_of_tiny_model(tiny_scenario):
+    shapes = target_shapes(tiny_scenario.model)
+    assert len(shapes) == 7  # one layer, seven projections
+    assert shapes["model.layers.0.mlp.down_proj"].d_in == 64 and shapes["model.layers.0.mlp.down_proj"].d_out == 32
+
+
+def test_worker_builds_and_wraps_once_and_swaps_weights(tiny_scenario, monkeypatch):
+    builds = []
+    real_build = worker_mod.build_base_model
+    monkeypatch.setattr(worker_mod, "build_base_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    import peft
+
+    wraps = []
+    real_wrap = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: wraps.append(1) or real_wrap(*a, **k))
+
+    data = load_data(tiny_scenario)
+    w = Worker(tiny_scenario, data)
+    lora = LoraSpec(4, 8.0)
+    spec = StrategySpec(target_shapes(tiny_scenario.model), lora, seed=0)
+    state = make_strategy("fedit").init_state(spec)
+    payload = ClientPayload(tensors=state.tensors, lora=lora)
+    updates = []
+    for cid in range(5):
+        job = ClientJob(ClientSpec(cid, 30, lora), np.arange(cid * 30, cid * 30 + 30), server_round=1)
+        res, up = w.run_client(job, payload)
+        updates.append(up)
+        assert res.metrics["train/steps"] == 3 and np.isfinite(res.metrics["train/loss"])
+    assert len(builds) == 1 and len(wraps) == 1
+    assert w.stats()["num_builds"] == 1 and w.stats()["num_wraps"] == 1 and w.stats()["num_clients"] == 5
+    # each client started from the payload, not from the previous client's weights
+    w.host().load(lora, payload.tensors)
+    assert all(torch.equal(v, payload.tensors[k]) for k, v in w.host().read(lora).items())
+    # and training moved the adapter away from it, differently per client
+    k = next(iter(payload.tensors))
+    assert not torch.equal(updates[0].tensors[k], payload.tensors[k])
+    assert not torch.equal(updates[0].tensors[k], updates[1].tensors[k])
+    # same job twice → same update (randomness from (seed, round, client) only)
+    _, again = w.run_client(ClientJob(ClientSpec(0, 30, lora), np.arange(30), 1), payload)
+    assert all(torch.equal(again.tensors[k], updates[0].tensors[k]) for k in again.tensors)
