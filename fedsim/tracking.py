@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
+from fedsim.errors import FedsimError
 
 
 def _clean(v: Any) -> Any:
@@ -40,7 +41,14 @@ class Tracker:
         import wandb
 
         w = self.cfg.wandb
-        self._wandb = wandb.init(
+        try:
+            self._wandb = self._init_wandb(wandb, scenario, w)
+        except Exception as e:  # wandb raises many types (bad env, network, auth)
+            raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
+                              "check the WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
+
+    def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any) -> Any:
+        return wandb.init(
             project=w.project, group=w.group, entity=w.entity, name=scenario.name, tags=list(w.tags),
             dir=str(self.run_dir), mode=w.mode, config=scenario.to_dict(), reinit="finish_previous",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
