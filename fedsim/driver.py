@@ -146,17 +146,24 @@ class Driver:
                 handles, down = server.configure(ctx, [prep.clients[c] for c in sampled])
                 jobs = [(ClientJob(prep.clients[c], prep.parts[c], r), handles[c]) for c in sampled]
                 progress.start_round(r, len(jobs))
+                t_train = time.perf_counter()
                 outcomes = self.backend.train(
                     jobs, on_done=lambda res: progress.client_done(isinstance(res, ClientFailure)))
                 ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
                 failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+                t_agg = time.perf_counter()
                 up = server.aggregate(ctx, [h for _, h in ok])
                 row = self._round_row(r, ok, failed, up, down, sampled)
+                row["time/train_s"] = t_agg - t_train
+                row["time/aggregate_s"] = time.perf_counter() - t_agg
                 for key in totals:
                     totals[key] += row[key]
                     row[key.replace("comm/", "comm/total_")] = totals[key]
+                row["time/fit_s"] = time.perf_counter() - t0  # sample + configure + train + aggregate
                 if r % sc.eval.every == 0 or r == sc.rounds:
+                    t_eval = time.perf_counter()
                     row.update(reduce_eval(self.backend.evaluate(server.eval_handle(), batches)))
+                    row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
             tensors, lora = server.global_adapter()

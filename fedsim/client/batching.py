@@ -16,6 +16,10 @@ def collate(split: TokenizedSplit, indices: Sequence[int] | np.ndarray, pad_id: 
             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` and ``labels`` that cover only response tokens.
 
+    With right padding a causal model never lets a real token attend to a pad (pads come after it), and pad positions
+    carry no label, so callers may leave ``attention_mask`` out of the forward pass: same result, and the model can
+    take its faster pure-causal attention path.
+
     Returns:
         ``input_ids`` (B, T) int64, ``attention_mask`` (B, T), ``labels`` (B, T) with -100 on prompt and padding.
     """

@@ -19,7 +19,7 @@ from fedsim.data.datasets import TokenizedData, TokenizedSplit
 
 def _token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-likelihood of the labels and whether the argmax hit them; both (B, T-1), masked where ignored."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = model(input_ids=batch["input_ids"]).logits.float()  # right padding: see collate()
     logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     target = batch["labels"][:, 1:]  # (B, T-1)
     valid = target != IGNORE
@@ -35,7 +35,9 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
     """Sums over one batch of test samples: ``loss_sum``, ``tokens``, ``correct``, ``count`` and per task
     ``task/<name>/correct`` / ``task/<name>/count`` (sums, so that batches combine exactly)."""
     split: TokenizedSplit = data.test
-    model.eval()
+    was_training = model.training
+    if was_training:
+        model.eval()
     batch = collate(split, indices, data.pad_id, device)
     logp, hit = _token_logprobs(model, batch)
     valid = batch["labels"][:, 1:] != IGNORE
@@ -52,6 +54,8 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
             name = data.task_names[int(t)]
             out[f"task/{name}/correct"] = float(correct[sel].sum())
             out[f"task/{name}/count"] = float(sel.sum())
+    if was_training:
+        model.train()
     return out
 
 

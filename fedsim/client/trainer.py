@@ -54,11 +54,12 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any, is a function of (seed, round, client)
     steps = cfg.steps_for(len(indices))
     opt = make_optimizer(params, cfg)
-    model.train()
+    if not model.training:  # Module.train() walks every submodule: only switch when needed
+        model.train()
     total, tokens = 0.0, 0
     for batch_idx in batch_schedule(indices, steps, cfg.batch_size, rng):
         batch = collate(split, batch_idx, pad_id, device)
-        loss = model(**batch).loss
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # right padding: no mask needed
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
         loss.backward()
@@ -68,6 +69,5 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
         opt.zero_grad(set_to_none=True)
         total += loss.item()
         tokens += int((batch["labels"] != -100).sum())
-    model.eval()
     return {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
             "train/time_s": time.perf_counter() - t0}

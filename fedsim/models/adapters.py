@@ -34,6 +34,7 @@ class AdapterHost:
         self.model: torch.nn.Module | None = None
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {}
         self.num_wraps = 0  # how many times get_peft_model ran (once per worker)
+        self.active: str | None = None
 
     def _config(self, lora: LoraSpec):
         from peft import LoraConfig
@@ -53,7 +54,9 @@ class AdapterHost:
             self.model.add_adapter(name, self._config(lora))
         if name not in self._params:
             self._params[name] = self._index(name)
-        self.model.set_adapter(name)
+        if self.active != name:  # set_adapter walks every module: only call it on a change
+            self.model.set_adapter(name)
+            self.active = name
         return name
 
     def _index(self, name: str) -> dict[str, torch.nn.Parameter]:

@@ -30,6 +30,7 @@ from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # a client whose worker died is retried once on a fresh worker
+PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
 
 
 def ray_temp_dir() -> str:
@@ -74,13 +75,18 @@ def init_ray(scenario: Scenario) -> bool:
 def _actor_classes():
     import ray
 
+    from fedsim.runtime.wire import pack_tensors_of, unpack_tensors_of
     from fedsim.runtime.worker import Worker
     from fedsim.server import Server
 
     class WorkerActor(Worker):
         @ray.method(num_returns=2)
         def run_client(self, job, payload):
-            return super().run_client(job, payload)
+            result, update = super().run_client(job, unpack_tensors_of(payload))
+            return result, pack_tensors_of(update)
+
+        def evaluate(self, payload, batches):
+            return super().evaluate(unpack_tensors_of(payload), batches)
 
         def ping(self) -> str:
             return self.name
@@ -95,15 +101,15 @@ def _actor_classes():
             by_object: dict[int, Any] = {}
             for cid, p in payloads.items():
                 if id(p) not in by_object:  # one object-store copy per distinct payload
-                    by_object[id(p)] = ray.put(p)
+                    by_object[id(p)] = ray.put(pack_tensors_of(p))
                 refs[cid] = by_object[id(p)]
             return refs, down
 
         def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, float]:
-            return self.server.aggregate(ctx, ray.get(list(update_refs)))
+            return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
 
         def eval_handle(self):
-            return [ray.put(self.server.eval_payload())]
+            return [ray.put(pack_tensors_of(self.server.eval_payload()))]
 
         def global_adapter(self):
             return self.server.global_adapter()
@@ -175,11 +181,14 @@ class RayBackend(Backend):
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+        """Dispatch jobs to the pool, keeping ``PIPELINE_DEPTH`` jobs queued per actor so that no actor idles while
+        the driver hands it the next client (actor calls run in submission order)."""
         import ray
 
         pending = deque((pos, job, payload, 1) for pos, (job, payload) in enumerate(jobs))
-        idle = deque(range(len(self.actors)))
-        inflight: dict[Any, tuple[int, int, ClientJob, Handle, int, Any]] = {}
+        free = deque(slot for _ in range(PIPELINE_DEPTH) for slot in range(len(self.actors)))
+        generation = [0] * len(self.actors)
+        inflight: dict[Any, tuple[int, int, int, ClientJob, Handle, int, Any]] = {}
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
 
         def finish(pos: int, outcome: JobOutcome) -> None:
@@ -188,30 +197,31 @@ class RayBackend(Backend):
                 on_done(outcome[0])
 
         while pending or inflight:
-            while idle and pending:
-                slot = idle.popleft()
+            while free and pending:
+                slot = free.popleft()
                 pos, job, payload, attempt = pending.popleft()
                 meta_ref, update_ref = self.actors[slot].run_client.remote(job, payload)
-                inflight[meta_ref] = (slot, pos, job, payload, attempt, update_ref)
+                inflight[meta_ref] = (slot, generation[slot], pos, job, payload, attempt, update_ref)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
-                slot, pos, job, payload, attempt, update_ref = inflight.pop(ref)
+                slot, gen, pos, job, payload, attempt, update_ref = inflight.pop(ref)
                 try:
-                    result = ray.get(ref)
-                    finish(pos, (result, update_ref))
+                    finish(pos, (ray.get(ref), update_ref))
                 except ray.exceptions.RayActorError as e:
-                    log.warning("worker-%d died while training client %d (%s); replacing it", slot,
-                                job.spec.client_id, e.__class__.__name__)
-                    self.actors[slot] = self._new_actor(slot)
-                    self.num_replaced += 1
+                    if gen == generation[slot]:  # the first of its jobs to report the death replaces the actor
+                        log.warning("worker-%d died while training client %d (%s); replacing it", slot,
+                                    job.spec.client_id, e.__class__.__name__)
+                        self.actors[slot] = self._new_actor(slot)
+                        generation[slot] += 1
+                        self.num_replaced += 1
                     if attempt < MAX_ATTEMPTS:
-                        pending.append((pos, job, payload, attempt + 1))
+                        pending.appendleft((pos, job, payload, attempt + 1))
                     else:
                         finish(pos, (ClientFailure(job.spec.client_id, f"worker died: {e.__class__.__name__}"), None))
                 except ray.exceptions.RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
-                idle.append(slot)
+                free.append(slot)
         return [o for o in outcomes if o is not None]
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:

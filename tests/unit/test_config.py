@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from fedsim.config import apply_overrides, dump_scenario, load_scenario, scenario_from_dict
 from fedsim.errors import ScenarioError
@@ -9,8 +10,8 @@ def test_quickstart_loads_and_is_frozen():
     assert sc.clients.num_clients >= 20 and sc.rounds <= 10
     assert sc.resources.backend == "ray" and sc.resources.num_workers == 2
     assert sc.partition.method == "dirichlet" and sc.strategy.name == "fedit"
-    with pytest.raises(Exception):
-        sc.rounds = 3  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        sc.rounds = 3
 
 
 def test_overrides_apply_to_nested_keys(tiny_raw):
