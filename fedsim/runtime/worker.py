@@ -19,6 +19,7 @@ from fedsim.client.evaluate import evaluate_batch
 from fedsim.client.trainer import train_local
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
+from fedsim.errors import BackendError
 from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import build_base_model, configure_threads
 from fedsim.strategies import make_strategy
@@ -76,9 +77,9 @@ class Worker:
             self._host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
             self._base_version = base_version
         if base_version != self._base_version:
-            raise RuntimeError(
-                f"payload asks for base version {base_version}, worker holds {self._base_version}; "
-                "this strategy merges into the base, which this worker does not support"
+            raise BackendError(
+                f"payload asks for base version {base_version}, worker holds {self._base_version}: "
+                "merging updates into the base model is not supported by this worker yet"
             )
         return self._host
 
