@@ -13,6 +13,7 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -156,12 +157,78 @@ class PartitionConfig(_Frozen):
     min_samples: int = Field(1, ge=1)
 
 
+class RankTier(_Frozen):
+    """A share of the clients with one LoRA rank (alpha defaults to 2 × rank)."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    rank: int = Field(ge=1, le=4096)
+    alpha: float | None = Field(None, gt=0.0, le=1e6)
+
+
+class RankChoice(_Frozen):
+    """One client's LoRA rank (alpha defaults to 2 × rank)."""
+
+    rank: int = Field(ge=1, le=4096)
+    alpha: float | None = Field(None, gt=0.0, le=1e6)
+
+
 class LoraSpecConfig(_Frozen):
-    """LoRA hyperparameters. The scaling follows PEFT: alpha/r, or alpha/sqrt(r) with ``rslora``."""
+    """LoRA hyperparameters. The scaling follows PEFT: alpha/r, or alpha/sqrt(r) with ``rslora``.
+
+    Every client gets ``rank``/``alpha`` unless ``tiers`` (shares of the clients, assigned by a seeded permutation)
+    or ``per_client`` (one entry per client, in client-id order) say otherwise.
+    """
 
     rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0.0, le=1e6)
     rslora: bool = False
+    tiers: tuple[RankTier, ...] | None = None
+    per_client: tuple[RankChoice, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_mix(self) -> LoraSpecConfig:
+        if self.tiers is not None and self.per_client is not None:
+            raise ValueError("give either tiers or per_client, not both")
+        if self.tiers is not None:
+            if not self.tiers:
+                raise ValueError("tiers needs at least one tier")
+            total = sum(t.fraction for t in self.tiers)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"tier fractions sum to {total:g}; they must sum to 1")
+        return self
+
+    def is_mixed(self) -> bool:
+        return len({(r, a) for r, a in self.choices()}) > 1
+
+    def choices(self) -> list[tuple[int, float]]:
+        """The distinct (rank, alpha) pairs this section can assign."""
+        if self.tiers is not None:
+            return [(t.rank, t.alpha if t.alpha is not None else 2.0 * t.rank) for t in self.tiers]
+        if self.per_client is not None:
+            return [(c.rank, c.alpha if c.alpha is not None else 2.0 * c.rank) for c in self.per_client]
+        return [(self.rank, self.alpha)]
+
+    def max_rank(self) -> int:
+        return max(r for r, _ in self.choices())
+
+    def assign(self, num_clients: int, seed: int) -> list[tuple[int, float]]:
+        """(rank, alpha) for each client id. Tiers: largest-remainder counts, dealt by a seeded permutation."""
+        if self.per_client is not None:
+            return self.choices()
+        if self.tiers is None:
+            return [(self.rank, self.alpha)] * num_clients
+        exact = [t.fraction * num_clients for t in self.tiers]
+        counts = [int(x) for x in exact]
+        order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+        for i in order[: num_clients - sum(counts)]:
+            counts[i] += 1
+        labels = [i for i, c in enumerate(counts) for _ in range(c)]
+        perm = np.random.default_rng([seed, 211]).permutation(num_clients)
+        per_client = [0] * num_clients
+        for client, tier in zip(perm, labels):
+            per_client[int(client)] = tier
+        choices = self.choices()
+        return [choices[t] for t in per_client]
 
 
 class ClientsConfig(_Frozen):
@@ -182,6 +249,13 @@ class ClientsConfig(_Frozen):
         if isinstance(v, float) and v <= 0 or isinstance(v, int) and v < 1:
             raise ValueError("must be a count (int >= 1) or a fraction in (0, 1]")
         return v
+
+    @model_validator(mode="after")
+    def _per_client_length(self) -> ClientsConfig:
+        if self.lora.per_client is not None and len(self.lora.per_client) != self.num_clients:
+            raise ValueError(f"lora.per_client lists {len(self.lora.per_client)} clients but num_clients is "
+                             f"{self.num_clients}; give one entry per client")
+        return self
 
     @model_validator(mode="after")
     def _enough_clients(self) -> ClientsConfig:
@@ -289,9 +363,13 @@ class Scenario(_Frozen):
 
     @model_validator(mode="after")
     def _strategy_known(self) -> Scenario:
-        from fedsim.strategies import get_strategy_class
+        from fedsim.strategies import available_strategies, get_strategy_class
 
         cls = get_strategy_class(self.strategy.name)  # raises ScenarioError naming the registered ones
+        if self.clients.lora.is_mixed() and not cls.supports_mixed_ranks:
+            mixed = sorted(n for n, c in available_strategies().items() if c.supports_mixed_ranks)
+            raise ScenarioError("clients.lora", f"strategy {cls.name!r} needs every client at one rank and alpha, "
+                                "but the scenario mixes them", f"use one of {', '.join(mixed)} or a single rank")
         try:
             cls.Params(**self.strategy.params)
         except ValidationError as e:

@@ -49,14 +49,17 @@ def prepare(scenario: Scenario) -> Prepared:
     groups = data.train.group if partition_field(scenario) and (data.train.group >= 0).all() else None
     parts = partition(scenario.partition, groups, n, scenario.clients.num_clients, scenario.seed)
     lcfg = scenario.clients.lora
-    lora = LoraSpec(rank=lcfg.rank, alpha=lcfg.alpha, rslora=lcfg.rslora)
     shapes = target_shapes(scenario.model)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
-    if lora.rank > smallest:
-        raise ScenarioError("clients.lora.rank", f"rank {lora.rank} exceeds the smallest adapted dimension {smallest}",
-                            f"use a rank ≤ {smallest}")
-    clients = [ClientSpec(client_id=c, num_examples=len(p), lora=lora) for c, p in enumerate(parts)]
-    return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=lora, seed=scenario.seed))
+    if lcfg.max_rank() > smallest:
+        raise ScenarioError("clients.lora", f"rank {lcfg.max_rank()} exceeds the smallest adapted dimension {smallest}",
+                            f"use ranks ≤ {smallest}")
+    assigned = lcfg.assign(len(parts), scenario.seed)
+    clients = [ClientSpec(client_id=c, num_examples=len(p), lora=LoraSpec(rank=r, alpha=a, rslora=lcfg.rslora))
+               for c, (p, (r, a)) in enumerate(zip(parts, assigned))]
+    # the global adapter's spec: the single one, or the largest rank of the mix
+    top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
+    return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed))
 
 
 def partition_table(prep: Prepared) -> tuple[np.ndarray, list[str]]:
@@ -139,6 +142,7 @@ class Driver:
                 row = {"round": 0, "time_s": 0.0, **reduce_eval(self.backend.evaluate(server.eval_handle(), batches))}
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
+            base_version = 0
             for r in range(1, sc.rounds + 1):
                 t0 = time.perf_counter()
                 ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
@@ -153,6 +157,10 @@ class Driver:
                 failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
                 t_agg = time.perf_counter()
                 up = server.aggregate(ctx, [h for _, h in ok])
+                deltas = server.base_deltas(since=base_version)
+                if deltas:  # strategies that merge into the base (FLoRA, FedEx-LoRA): every worker applies it once
+                    self.backend.sync_base(deltas)
+                    base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
                 row["time/train_s"] = t_agg - t_train
                 row["time/aggregate_s"] = time.perf_counter() - t_agg

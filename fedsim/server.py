@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedsim.errors import AggregationError
-from fedsim.lora import ops
 from fedsim.strategies import StrategySpec, make_strategy
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
 
@@ -31,18 +30,23 @@ class Server:
         missing = sorted({c.client_id for c in clients} - set(payloads))
         if missing:
             raise AggregationError(f"strategy {self.strategy.name} produced no payload for clients {missing[:5]}")
-        down = {cid: (ops.num_params(p.tensors), ops.num_bytes(p.tensors)) for cid, p in payloads.items()}
+        down = {cid: self.strategy.download_cost(p) for cid, p in payloads.items()}
         return payloads, down
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         """Aggregate (updates sorted by client id for a deterministic order); return upload accounting."""
         updates = sorted(updates, key=lambda u: u.client_id)
-        up_params = sum(ops.num_params(u.tensors) for u in updates)
-        up_bytes = sum(ops.num_bytes(u.tensors) for u in updates)
+        costs = [self.strategy.upload_cost(u) for u in updates]
+        up_params = sum(c[0] for c in costs)
+        up_bytes = sum(c[1] for c in costs)
         if updates:
             self.state = self.strategy.aggregate(ctx, self.state, updates)
         return {"comm/up_params": float(up_params), "comm/up_bytes": float(up_bytes),
                 "aggregated": float(len(updates))}
+
+    def base_deltas(self, since: int) -> list[tuple[int, Tensors]]:
+        """(version, delta) for every base version after ``since``."""
+        return [(v, d) for v, d in enumerate(self.state.base_deltas, start=1) if v > since]
 
     def eval_payload(self) -> ClientPayload:
         return self.strategy.eval_payload(self.state)

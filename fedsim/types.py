@@ -64,6 +64,9 @@ class GlobalState:
     lora: LoraSpec
     base_version: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    # base_deltas[v - 1] is the update that turns base version v - 1 into v: per module either
+    # "<module>.delta_B" (d_out, R) and "<module>.delta_A" (R, d_in), or a dense "<module>.delta_W" (d_out, d_in).
+    base_deltas: list[Tensors] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +78,8 @@ class ClientPayload:
         lora: rank/alpha of the adapter the client trains.
         trainable: which factor kinds are trained: any of ``"A"``, ``"B"``.
         base_version: version of the base model the client must use.
+        fresh: the client initialises a new adapter itself (nothing to download).
+        base_update_params: size of the base-model updates the client downloads to reach ``base_version``.
     """
 
     tensors: Tensors
@@ -82,6 +87,8 @@ class ClientPayload:
     trainable: tuple[str, ...] = ("A", "B")
     base_version: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = False  # the client starts a new adapter itself (seeded PEFT init), ``tensors`` is empty
+    base_update_params: int = 0  # parameters of base-model updates this client must download (FLoRA, FedEx-LoRA)
 
 
 @dataclass

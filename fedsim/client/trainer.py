@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import torch
 from fedsim.client.batching import collate
 from fedsim.config import TrainingConfig
 from fedsim.data.datasets import TokenizedSplit
+from fedsim.lora import ops
 
 
 def batch_schedule(indices: np.ndarray, num_steps: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -32,8 +34,22 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig) -> tor
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+Regularizer = Callable[[], torch.Tensor]
+
+
+def tail_regularizer(params: dict[str, torch.nn.Parameter], scaling: float, start: int, lam: float) -> Regularizer:
+    """HETLoRA's rank self-pruning term: ``λ Σ_modules ‖s · B[:, start:] @ A[start:, :]‖_F`` (differentiable)."""
+    pairs = [(params[ops.a_key(m)], params[ops.b_key(m)]) for m in ops.modules(params)]
+
+    def term() -> torch.Tensor:
+        return lam * sum(torch.linalg.matrix_norm(scaling * b[:, start:] @ a[start:, :]) for a, b in pairs)
+
+    return term
+
+
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split: TokenizedSplit, indices: np.ndarray,
-                cfg: TrainingConfig, pad_id: int, seed: tuple[int, ...], device: torch.device) -> dict[str, float]:
+                cfg: TrainingConfig, pad_id: int, seed: tuple[int, ...], device: torch.device,
+                regularizer: Regularizer | None = None) -> dict[str, float]:
     """Train ``params`` (already loaded and set trainable) on the client's samples.
 
     Args:
@@ -45,6 +61,8 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
         pad_id: padding token id.
         seed: (scenario seed, round, client id): all randomness of the job derives from it.
         device: where the model lives.
+        regularizer: an extra differentiable loss term (e.g. HETLoRA's tail norm); its value before and after
+            training is reported as ``reg/tail_norm_start`` / ``reg/tail_norm_end``.
 
     Returns:
         ``train/loss`` (mean over steps), ``train/steps``, ``train/tokens``, ``train/time_s``.
@@ -57,17 +75,26 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     if not model.training:  # Module.train() walks every submodule: only switch when needed
         model.train()
     total, tokens = 0.0, 0
+    reg_start = None
+    if regularizer is not None:
+        with torch.no_grad():
+            reg_start = float(regularizer())
     for batch_idx in batch_schedule(indices, steps, cfg.batch_size, rng):
         batch = collate(split, batch_idx, pad_id, device)
         loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # right padding: no mask needed
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
-        loss.backward()
+        objective = loss + regularizer() if regularizer is not None else loss
+        objective.backward()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         total += loss.item()
         tokens += int((batch["labels"] != -100).sum())
-    return {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
-            "train/time_s": time.perf_counter() - t0}
+    out = {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
+           "train/time_s": time.perf_counter() - t0}
+    if regularizer is not None:
+        with torch.no_grad():
+            out["reg/tail_norm_start"], out["reg/tail_norm_end"] = reg_start, float(regularizer())
+    return out

@@ -122,3 +122,50 @@ def num_params(tensors: Tensors) -> int:
 
 def num_bytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def pad_rank(tensors: Tensors, rank: int) -> Tensors:
+    """Zero-pad every factor to ``rank``: A (r, d_in) → (rank, d_in), B (d_out, r) → (d_out, rank)."""
+    out: Tensors = {}
+    for k, t in tensors.items():
+        r = t.shape[0] if factor_of(k) == "A" else t.shape[1]
+        if r > rank:
+            raise AggregationError(f"{k} has rank {r}, larger than the padding target {rank}")
+        if factor_of(k) == "A":
+            out[k] = torch.cat([t, t.new_zeros(rank - r, t.shape[1])], dim=0)
+        else:
+            out[k] = torch.cat([t, t.new_zeros(t.shape[0], rank - r)], dim=1)
+    return out
+
+
+def truncate_rank(tensors: Tensors, rank: int) -> Tensors:
+    """Keep the first ``rank`` components: A[:rank, :], B[:, :rank] (copies)."""
+    return {k: (t[:rank, :] if factor_of(k) == "A" else t[:, :rank]).clone() for k, t in tensors.items()}
+
+
+def scale_b(tensors: Tensors, factor: float) -> Tensors:
+    """Multiply every B by ``factor`` (moves a LoRA scaling in or out of the factors); A is shared, not copied."""
+    return {k: (t * factor if factor_of(k) == "B" else t) for k, t in tensors.items()}
+
+
+def stack(factors: Sequence[tuple[Tensors, float]], module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA stacking for one module: given (adapter, c_k) pairs, return B_s (d_out, Σr) and A_s (Σr, d_in) with
+    B_s @ A_s = Σ_k c_k B_k A_k exactly (c_k is folded into B_k's block). Float32."""
+    bs = [c * t[b_key(module)].to(torch.float32) for t, c in factors]  # (d_out, r_k) each
+    as_ = [t[a_key(module)].to(torch.float32) for t, _ in factors]  # (r_k, d_in) each
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of the product ``b @ a`` (d_out, R)·(R, d_in) without forming it when R is small:
+    QR of both factors, then the SVD of an R×R core. Returns U (d_out, k), S (k,), Vh (k, d_in), k = min(R, d_out, d_in)."""
+    b = b.to(torch.float64)
+    a = a.to(torch.float64)
+    r = b.shape[1]
+    if r >= min(b.shape[0], a.shape[1]):
+        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        return u.float(), s.float(), vh.float()
+    qb, rb = torch.linalg.qr(b)  # (d_out, R), (R, R)
+    qa, ra = torch.linalg.qr(a.T)  # (d_in, R), (R, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # core (R, R)
+    return (qb @ u).float(), s.float(), (vh @ qa.T).float()

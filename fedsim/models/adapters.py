@@ -10,7 +10,9 @@ import torch
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
-from fedsim.types import LoraSpec, Tensors
+from fedsim.types import LoraSpec, ModuleShape, Tensors
+
+MAX_ADAPTERS = 8  # named adapters kept per worker (one per distinct rank/alpha in use)
 
 
 def adapter_name(lora: LoraSpec) -> str:
@@ -51,9 +53,17 @@ class AdapterHost:
             self.model = get_peft_model(self.base, self._config(lora), adapter_name=name)
             self.num_wraps += 1
         elif name not in self._params:
+            if len(self._params) >= MAX_ADAPTERS:  # evict the least recently used adapter
+                victim = next(iter(self._params))
+                self.model.delete_adapter(victim)
+                del self._params[victim]
+                if self.active == victim:
+                    self.active = None
             self.model.add_adapter(name, self._config(lora))
         if name not in self._params:
             self._params[name] = self._index(name)
+        else:
+            self._params[name] = self._params.pop(name)  # most recently used last
         if self.active != name:  # set_adapter walks every module: only call it on a change
             self.model.set_adapter(name)
             self.active = name
@@ -68,6 +78,18 @@ class AdapterHost:
                 params[ops.a_key(path)] = mod.lora_A[name].weight
                 params[ops.b_key(path)] = mod.lora_B[name].weight
         return params
+
+    def base_weight(self, module: str) -> torch.Tensor:
+        """The frozen base weight (d_out, d_in) of an adapted module."""
+        mod = self.model.get_submodule("base_model.model." + module) if self.model is not None else \
+            self.base.get_submodule(module)
+        return getattr(mod, "base_layer", mod).weight
+
+    def shapes(self, lora: LoraSpec) -> dict[str, ModuleShape]:
+        """Module → shape of the adapted layers (from the adapter's own factors)."""
+        p = self.params(lora)
+        return {ops.module_of(k): ModuleShape(d_in=p[k].shape[1], d_out=p[ops.b_key(ops.module_of(k))].shape[0])
+                for k in p if ops.factor_of(k) == "A"}
 
     def params(self, lora: LoraSpec) -> dict[str, torch.nn.Parameter]:
         return self._params[adapter_name(lora)]

@@ -35,6 +35,10 @@ class ServerHandle(ABC):
         """Aggregate the update handles; return upload accounting."""
 
     @abstractmethod
+    def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
+        """(version, handle) of every base-model update after version ``since``."""
+
+    @abstractmethod
     def eval_handle(self) -> Handle:
         """A handle to the payload the global model is evaluated with."""
 
@@ -54,6 +58,10 @@ class Backend(ABC):
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
         """Run every job; return one outcome per job (a result with its update handle, or a failure)."""
+
+    @abstractmethod
+    def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
+        """Make every worker apply these base-model updates (in order) before its next job."""
 
     @abstractmethod
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:

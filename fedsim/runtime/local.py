@@ -26,6 +26,9 @@ class LocalServerHandle(ServerHandle):
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
         return self.server.aggregate(ctx, list(updates))
 
+    def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
+        return self.server.base_deltas(since)
+
     def eval_handle(self) -> Handle:
         return self.server.eval_payload()
 
@@ -56,6 +59,10 @@ class LocalBackend(Backend):
             if on_done is not None:
                 on_done(outcome[0])
         return outcomes
+
+    def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
+        for version, delta in deltas:
+            self.worker.apply_base_delta(version, delta)
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
         return self.worker.evaluate(payload, list(batches))

@@ -75,7 +75,7 @@ def init_ray(scenario: Scenario) -> bool:
 def _actor_classes():
     import ray
 
-    from fedsim.runtime.wire import pack_tensors_of, unpack_tensors_of
+    from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
     from fedsim.runtime.worker import Worker
     from fedsim.server import Server
 
@@ -87,6 +87,9 @@ def _actor_classes():
 
         def evaluate(self, payload, batches):
             return super().evaluate(unpack_tensors_of(payload), batches)
+
+        def apply_base_delta(self, version, delta):
+            return super().apply_base_delta(version, unpack(delta))
 
         def ping(self) -> str:
             return self.name
@@ -107,6 +110,9 @@ def _actor_classes():
 
         def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, float]:
             return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
+
+        def base_deltas(self, since: int):
+            return [(v, ray.put(pack(d))) for v, d in self.server.base_deltas(since)]
 
         def eval_handle(self):
             return [ray.put(pack_tensors_of(self.server.eval_payload()))]
@@ -132,6 +138,11 @@ class RayServerHandle(ServerHandle):
         # Wrapped in a list so that Ray passes the references through instead of resolving them here.
         return ray.get(self.actor.aggregate.remote(ctx, list(updates)))
 
+    def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
+        import ray
+
+        return ray.get(self.actor.base_deltas.remote(since))
+
     def eval_handle(self) -> Handle:
         import ray
 
@@ -154,6 +165,7 @@ class RayBackend(Backend):
         self._args: tuple = ()
         self._opts: dict[str, Any] = {}
         self.num_replaced = 0
+        self._base_history: list[tuple[int, Any]] = []
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         import ray
@@ -177,7 +189,18 @@ class RayBackend(Backend):
         return RayServerHandle(self.server_actor)
 
     def _new_actor(self, i: int) -> Any:
-        return self._worker_cls.options(**self._opts).remote(self._args[0], self._args[1], f"worker-{i}")
+        actor = self._worker_cls.options(**self._opts).remote(self._args[0], self._args[1], f"worker-{i}")
+        for version, delta in self._base_history:  # a replacement catches up with the merged base
+            actor.apply_base_delta.remote(version, delta)
+        return actor
+
+    def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
+        """Queue the updates on every actor: actor calls run in order, so each applies them before its next job."""
+        import ray
+
+        self._base_history.extend(deltas)
+        acks = [a.apply_base_delta.remote(v, d) for v, d in deltas for a in self.actors]
+        ray.get(acks)  # surface a failed merge now rather than as a confusing client failure
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:

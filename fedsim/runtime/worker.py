@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from fedsim.client.evaluate import evaluate_batch
-from fedsim.client.trainer import train_local
+from fedsim.client.trainer import tail_regularizer, train_local
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError
+from fedsim.lora.ops import init_adapter
 from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import build_base_model, configure_threads
 from fedsim.strategies import make_strategy
@@ -75,7 +76,6 @@ class Worker:
             base = build_base_model(self.scenario.model, self.device)
             self.num_builds += 1
             self._host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
-            self._base_version = base_version
         if base_version != self._base_version:
             raise BackendError(
                 f"payload asks for base version {base_version}, worker holds {self._base_version}: "
@@ -83,16 +83,51 @@ class Worker:
             )
         return self._host
 
+    def apply_base_delta(self, version: int, delta: dict[str, torch.Tensor]) -> int:
+        """Merge base-model update ``version`` into the cached base, in place (once per version per worker).
+
+        ``delta`` holds per module ``<module>.delta_B`` (d_out, R) and ``<module>.delta_A`` (R, d_in), or a dense
+        ``<module>.delta_W`` (d_out, d_in). Returns the worker's base version afterwards.
+        """
+        host = self.host(self._base_version)
+        if version <= self._base_version:
+            return self._base_version  # already applied (e.g. replayed to a replacement worker)
+        if version != self._base_version + 1:
+            raise BackendError(f"base update {version} arrived before {self._base_version + 1}")
+        with torch.no_grad():
+            for module in sorted({k.rsplit(".delta_", 1)[0] for k in delta}):
+                weight = host.base_weight(module)
+                if f"{module}.delta_W" in delta:
+                    update = delta[f"{module}.delta_W"]
+                else:
+                    update = delta[f"{module}.delta_B"] @ delta[f"{module}.delta_A"]  # (d_out, d_in)
+                weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        self._base_version = version
+        return version
+
     def run_client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
         """Load the payload into the client's adapter, train locally, return its shared tensors."""
         t0 = time.perf_counter()
         host = self.host(payload.base_version)
         host.activate(payload.lora)
-        host.load(payload.lora, payload.tensors)
+        if payload.fresh:  # a new adapter, initialised here as PEFT does, seeded by (seed, round, client)
+            gen = torch.Generator().manual_seed(
+                int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
+            host.load(payload.lora, init_adapter(host.shapes(payload.lora), payload.lora.rank, gen))
+        else:
+            host.load(payload.lora, payload.tensors)
         params = host.set_trainable(payload.lora, payload.trainable)
+        regularizer = None
+        tail = payload.extras.get("tail_regularizer")
+        if tail is not None:
+            regularizer = tail_regularizer(host.params(payload.lora), payload.lora.scaling, tail["start"],
+                                           tail["lambda"])
         metrics = train_local(host.model, params, self.data.train, job.indices, self.scenario.training,
                               self.data.pad_id, (self.scenario.seed, job.server_round, job.spec.client_id),
-                              self.device)
+                              self.device, regularizer=regularizer)
+        if tail is not None:
+            start_norm, end_norm = metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"]
+            metrics["hetlora/rank"] = float(tail["start"] if end_norm < start_norm else payload.lora.rank)
         tensors = {k: v for k, v in host.read(payload.lora).items() if self.strategy.is_shared(k)}
         self.num_clients += 1
         metrics["client/time_s"] = time.perf_counter() - t0

@@ -115,6 +115,15 @@ class Strategy(ABC):
         """The adapter the global model is evaluated with."""
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
 
+    def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
+        """(params, bytes) one client downloads for ``payload``: its adapter tensors plus any base-model update."""
+        return (ops.num_params(payload.tensors) + payload.base_update_params,
+                ops.num_bytes(payload.tensors) + 4 * payload.base_update_params)
+
+    def upload_cost(self, update: ClientUpdate) -> tuple[int, int]:
+        """(params, bytes) one client uploads: the tensors of its update (already filtered by :meth:`is_shared`)."""
+        return ops.num_params(update.tensors), ops.num_bytes(update.tensors)
+
     def is_shared(self, key: str) -> bool:
         """Whether the adapter tensor ``key`` leaves the client (is uploaded). Default: every LoRA factor."""
         return True
@@ -134,8 +143,31 @@ class Strategy(ABC):
         return ops.normalized_weights(u.num_examples for u in updates)
 
     @staticmethod
+    def _check_updates(updates: Sequence[ClientUpdate], shapes_from: GlobalState | None = None) -> list[str]:
+        """Keys common to all updates (each checked against its own rank); raises on any mismatch."""
+        if not updates:
+            raise AggregationError("no client updates to aggregate")
+        keys = sorted(updates[0].tensors)
+        for u in updates:
+            if sorted(u.tensors) != keys:
+                missing = sorted(set(keys) - set(u.tensors))[:3]
+                raise AggregationError(f"client {u.client_id} sent different keys (missing e.g. {missing})")
+            for k, t in u.tensors.items():
+                r = t.shape[0] if ops.factor_of(k) == "A" else t.shape[1]
+                if r != u.lora.rank:
+                    raise AggregationError(f"client {u.client_id}: {k} has rank {r}, its spec says {u.lora.rank}")
+                if shapes_from is not None and k in shapes_from.tensors:
+                    ref = shapes_from.tensors[k]
+                    other = ref.shape[1] if ops.factor_of(k) == "A" else ref.shape[0]
+                    mine = t.shape[1] if ops.factor_of(k) == "A" else t.shape[0]
+                    if other != mine:
+                        raise AggregationError(f"client {u.client_id}: {k} has shape {tuple(t.shape)}, "
+                                               f"incompatible with the global {tuple(ref.shape)}")
+        return keys
+
+    @staticmethod
     def _copy_state(state: GlobalState, **changes: Any) -> GlobalState:
         fields = dict(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
-                      extras=copy.deepcopy(state.extras))
+                      extras=copy.deepcopy(state.extras), base_deltas=list(state.base_deltas))
         fields.update(changes)
         return GlobalState(**fields)

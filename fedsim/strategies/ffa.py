@@ -1,0 +1,49 @@
+"""FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
+
+A is frozen at a shared seeded initialisation and never trained or sent; only B is trained, uploaded and averaged.
+Since every client's A is the same, Σ p_k s B_k A = s (Σ p_k B_k) A: the aggregation is exact. All clients share one
+rank and alpha. Communication counts B only (every client rebuilds A from the shared seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
+
+
+@register("ffa")
+class FFALoRA(Strategy):
+    summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
+
+    def init_state(self, spec: StrategySpec) -> GlobalState:
+        gen = torch.Generator().manual_seed(spec.seed)
+        return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora)
+
+    def is_shared(self, key: str) -> bool:
+        return ops.factor_of(key) == "B"
+
+    def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
+        b = {k: t for k, t in payload.tensors.items() if self.is_shared(k)}
+        return ops.num_params(b), ops.num_bytes(b)
+
+    def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
+        for c in clients:
+            if c.lora != state.lora:
+                raise AggregationError(f"FFA-LoRA needs every client at {state.lora}; client {c.client_id} has {c.lora}")
+        payload = ClientPayload(tensors=state.tensors, lora=state.lora, trainable=("B",), base_version=state.base_version)
+        return {c.client_id: payload for c in clients}
+
+    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        keys = self._check_updates(updates, state)
+        if any(ops.factor_of(k) != "B" for k in keys):
+            raise AggregationError("FFA-LoRA updates must carry B only")
+        p = self._weights(updates)
+        tensors = dict(state.tensors)
+        tensors.update(ops.weighted_average([u.tensors for u in updates], p, keys))
+        return self._copy_state(state, tensors=tensors)

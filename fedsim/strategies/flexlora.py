@@ -1,0 +1,96 @@
+"""FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+Resources", NeurIPS 2024).
+
+The server aggregates the full-size update ΔW = Σ_k p_k s_k B_k A_k (kept exactly, as stacked factors, at most
+min(d_out, d_in) wide) and gives each client the best rank-r_k approximation of it (Eckart–Young): with the SVD
+ΔW = U S Vᵀ, client k gets B = U_r S_r / s_k and A = V_rᵀ, so that s_k B A is the truncation. In round 1 (ΔW = 0)
+clients start from the usual LoRA initialisation. The SVD of the low-rank product is taken through QR of its factors,
+never forming ΔW unless its rank reaches the layer's width.
+
+The global model for evaluation is base + ΔW, exactly (an adapter holding the stacked factors at scaling 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.lora import ops
+from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext, Tensors
+
+
+@register("flexlora")
+class FlexLoRA(Strategy):
+    summary = "SVD of the weighted full update, truncated to each client's rank (Bai et al. 2024)"
+    supports_mixed_ranks = True
+
+    def init_state(self, spec: StrategySpec) -> GlobalState:
+        gen = torch.Generator().manual_seed(spec.seed)
+        init = ops.init_adapter(spec.shapes, spec.lora.rank, gen)
+        return GlobalState(tensors=init, lora=spec.lora, extras={"round1": True})
+
+    def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
+        if state.extras.get("round1"):
+            # ΔW = 0: the usual LoRA start (A random, B = 0) at each client's rank
+            by_rank: dict[tuple, ClientPayload] = {}
+            out = {}
+            for c in clients:
+                key = (c.lora.rank, c.lora.alpha, c.lora.rslora)
+                if key not in by_rank:
+                    gen = torch.Generator().manual_seed(ctx.seed)
+                    shapes = {m: _shape(state.tensors, m) for m in ops.modules(state.tensors)}
+                    by_rank[key] = ClientPayload(tensors=ops.init_adapter(shapes, c.lora.rank, gen), lora=c.lora)
+                out[c.client_id] = by_rank[key]
+            return out
+        svd = {m: ops.lowrank_svd(state.tensors[ops.b_key(m)], state.tensors[ops.a_key(m)])
+               for m in ops.modules(state.tensors)}
+        cache: dict[tuple, ClientPayload] = {}
+        out = {}
+        for c in clients:
+            key = (c.lora.rank, c.lora.alpha, c.lora.rslora)
+            if key not in cache:
+                cache[key] = ClientPayload(tensors=self._truncate(svd, c.lora), lora=c.lora,
+                                           base_version=state.base_version)
+            out[c.client_id] = cache[key]
+        return out
+
+    @staticmethod
+    def _truncate(svd: dict, lora: LoraSpec) -> Tensors:
+        out: Tensors = {}
+        for m, (u, s, vh) in svd.items():
+            r = lora.rank
+            k = min(r, s.shape[0])
+            b = torch.zeros(u.shape[0], r)
+            a = torch.zeros(r, vh.shape[1])
+            b[:, :k] = u[:, :k] * s[:k] / lora.scaling  # (d_out, r): singular values in B, own scaling divided out
+            a[:k] = vh[:k]  # (r, d_in)
+            out[ops.b_key(m)], out[ops.a_key(m)] = b, a
+        return out
+
+    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        self._check_updates(updates)
+        p = self._weights(updates)
+        tensors: Tensors = {}
+        width = 0
+        for m in ops.modules(updates[0].tensors):
+            b_s, a_s = ops.stack([(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)], m)
+            if b_s.shape[1] > min(b_s.shape[0], a_s.shape[1]):  # wider than the layer: compress, still exact
+                u_, s_, vh = ops.lowrank_svd(b_s, a_s)
+                b_s, a_s = u_ * s_, vh
+            tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b_s, a_s
+            width = max(width, b_s.shape[1])
+        tensors = ops.pad_rank(tensors, width)  # one rank for every module (PEFT adapters have one r)
+        new = self._copy_state(state, tensors=tensors, lora=LoraSpec(rank=width, alpha=float(width)))
+        new.extras.pop("round1", None)
+        return new
+
+    def eval_payload(self, state: GlobalState) -> ClientPayload:
+        return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
+
+
+def _shape(tensors: Tensors, module: str):
+    from fedsim.types import ModuleShape
+
+    return ModuleShape(d_in=tensors[ops.a_key(module)].shape[1], d_out=tensors[ops.b_key(module)].shape[0])

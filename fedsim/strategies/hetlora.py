@@ -1,0 +1,78 @@
+"""HETLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models", EMNLP 2024).
+
+- The server keeps a global adapter at the largest rank r_max. Client k receives its first r_k components
+  (A[:r_k], B[:, :r_k]) and trains them.
+- Aggregation zero-pads every update to r_max and weights client k by ``‖s_k B_k A_k‖_F`` (summed over modules),
+  normalised — "sparsity-weighted": clients whose update carries more energy count more.
+- Rank self-pruning: the local loss adds ``λ Σ_modules ‖s_k B_k[:, t:] A_k[t:, :]‖_F`` on the tail components
+  t = ⌈γ r_k⌉ … r_k (a real gradient term). If the tail norm shrank during local training, the client's rank drops to
+  ⌈γ r_k⌉ from the next round on (``hetlora/rank`` in the metrics).
+
+Scaling: the global factors carry the product at scaling 1 (B already multiplied by s). A client with scaling s_k
+receives B / s_k so that its initial s_k B A equals the global truncation, and uploads s_k B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedsim.lora import ops
+from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext
+
+
+class HetLoRAParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_rank: int | None = Field(None, ge=1, description="global rank; default: the largest client rank")
+    prune_lambda: float = Field(0.0, ge=0.0, description="λ of the tail regulariser (0 turns pruning off)")
+    prune_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="γ: share of the rank kept when pruning")
+
+
+@register("hetlora")
+class HetLoRA(Strategy):
+    summary = "zero-padding, sparsity-weighted aggregation, per-client truncation and rank self-pruning (Cho et al. 2024)"
+    Params = HetLoRAParams
+    supports_mixed_ranks = True
+
+    def init_state(self, spec: StrategySpec) -> GlobalState:
+        r_max = self.params.max_rank or spec.lora.rank
+        gen = torch.Generator().manual_seed(spec.seed)
+        tensors = ops.scale_b(ops.init_adapter(spec.shapes, r_max, gen), 1.0)  # B = 0, so scaling is moot here
+        return GlobalState(tensors=tensors, lora=LoraSpec(rank=r_max, alpha=float(r_max)), extras={"ranks": {}})
+
+    def client_rank(self, state: GlobalState, client: ClientSpec) -> int:
+        return min(state.extras["ranks"].get(client.client_id, client.lora.rank), state.lora.rank)
+
+    def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
+        out = {}
+        for c in clients:
+            r = self.client_rank(state, c)
+            lora = LoraSpec(rank=r, alpha=c.lora.alpha, rslora=c.lora.rslora)
+            tensors = ops.scale_b(ops.truncate_rank(state.tensors, r), 1.0 / lora.scaling)
+            extras = {}
+            if self.params.prune_lambda > 0 and r > 1:
+                extras["tail_regularizer"] = {"lambda": self.params.prune_lambda,
+                                              "start": max(1, math.ceil(self.params.prune_gamma * r))}
+            out[c.client_id] = ClientPayload(tensors=tensors, lora=lora, base_version=state.base_version,
+                                             extras=extras)
+        return out
+
+    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        self._check_updates(updates, state)
+        r_max = state.lora.rank
+        scaled = [ops.scale_b(u.tensors, u.lora.scaling) for u in updates]  # products at scaling 1
+        norms = torch.tensor([
+            math.sqrt(sum(float(ops.delta_w(t, m, 1.0).pow(2).sum()) for m in ops.modules(t))) for t in scaled
+        ], dtype=torch.float64)
+        weights = ops.normalized_weights(norms.tolist()) if float(norms.sum()) > 0 else self._weights(updates)
+        padded = [ops.pad_rank(t, r_max) for t in scaled]
+        new = self._copy_state(state, tensors=ops.weighted_average(padded, weights))
+        for u in updates:
+            pruned = u.metrics.get("hetlora/rank")
+            if pruned is not None and int(pruned) < u.lora.rank:
+                new.extras["ranks"][u.client_id] = int(pruned)
+        return new
