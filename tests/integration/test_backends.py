@@ -41,3 +41,18 @@ def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):
     summary = run_scenario(sc, tmp_path / "gpu")
     assert len(summary["workers"]) == 4 and all(w["device"] == "cpu" for w in summary["workers"])
     assert summary["final/eval/accuracy"] is not None
+
+
+def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
+    """FLoRA merges into the cached base every round: same metrics on both backends, base built once per worker."""
+    tiny_raw["strategy"] = {"name": "flora"}
+    tiny_raw["clients"]["lora"] = {"tiers": [{"fraction": 0.5, "rank": 2}, {"fraction": 0.5, "rank": 6, "alpha": 3}]}
+    local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
+    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray")
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    for ra, rb in zip(a, b):
+        for k in COMPARED:
+            assert ra.get(k) == rb.get(k), (ra["round"], k)
+    assert a[-1]["eval/loss"] < a[0]["eval/loss"]
+    assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
+    assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])

@@ -93,3 +93,45 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_fraction_per_round(tiny_raw):
     sc = scenario_from_dict(tiny_raw, ["clients.per_round=0.5"])
     assert sc.clients.num_per_round() == 4
+
+
+TIERS = {"tiers": [{"fraction": 0.1, "rank": 64, "alpha": 128}, {"fraction": 0.2, "rank": 32},
+                   {"fraction": 0.3, "rank": 16}, {"fraction": 0.4, "rank": 4}]}
+
+
+def test_rank_tiers_assign_exact_shares_seeded(tiny_raw):
+    tiny_raw["clients"] = {"num_clients": 20, "per_round": 5, "lora": TIERS}
+    tiny_raw["strategy"] = {"name": "flora"}
+    sc = scenario_from_dict(tiny_raw)
+    ranks = [r for r, _ in sc.clients.lora.assign(20, seed=1)]
+    assert sorted(ranks) == [4] * 8 + [16] * 6 + [32] * 4 + [64] * 2
+    assert ranks == [r for r, _ in sc.clients.lora.assign(20, seed=1)]
+    assert ranks != [r for r, _ in sc.clients.lora.assign(20, seed=2)]
+    alphas = dict(sc.clients.lora.assign(20, seed=1))
+    assert alphas[64] == 128 and alphas[32] == 64  # alpha defaults to 2 × rank
+
+
+def test_rank_mix_errors(tiny_raw):
+    tiny_raw["clients"]["lora"] = TIERS
+    with pytest.raises(ScenarioError, match="fedit.*mixes them.*flora"):
+        scenario_from_dict(tiny_raw)
+    tiny_raw["strategy"] = {"name": "flora"}
+    with pytest.raises(ScenarioError, match="sum to 0.9"):
+        scenario_from_dict(tiny_raw, ["clients.lora.tiers=[{fraction: 0.5, rank: 2}, {fraction: 0.4, rank: 4}]"])
+    with pytest.raises(ScenarioError, match="one entry per client"):
+        scenario_from_dict(tiny_raw, ["clients.lora.tiers=null", "clients.lora.per_client=[{rank: 2}, {rank: 4}]"])
+    with pytest.raises(ScenarioError, match="rank"):
+        scenario_from_dict(tiny_raw, ["clients.lora.tiers=[{fraction: 1.0, rank: 0}]"])
+    with pytest.raises(ScenarioError, match="alpha"):
+        scenario_from_dict(tiny_raw, ["clients.lora.tiers=[{fraction: 1.0, rank: 2, alpha: -1}]"])
+    for name in ("ffa", "fedex"):
+        with pytest.raises(ScenarioError, match="mixes them"):
+            scenario_from_dict(tiny_raw, [f"strategy.name={name}"])
+
+
+def test_rank_above_layer_width_is_refused(tiny_raw):
+    from fedsim.driver import prepare
+
+    tiny_raw["clients"]["lora"] = {"rank": 40, "alpha": 8}
+    with pytest.raises(ScenarioError, match="smallest adapted dimension 32"):
+        prepare(scenario_from_dict(tiny_raw))

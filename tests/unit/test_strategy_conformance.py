@@ -1,0 +1,246 @@
+"""One conformance suite for every registered strategy, plus property tests of each method's math."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.strategies import StrategySpec, available_strategies, make_strategy
+from fedsim.types import ClientSpec, ClientUpdate, LoraSpec, ModuleShape, RoundContext
+
+SHAPES = {"m.q_proj": ModuleShape(d_in=6, d_out=5), "m.up_proj": ModuleShape(d_in=6, d_out=9)}
+CTX = RoundContext(server_round=1, num_rounds=3, seed=0)
+ALL = sorted(available_strategies())
+MIXED = [n for n in ALL if available_strategies()[n].supports_mixed_ranks]
+
+
+def _random_adapter(lora: LoraSpec, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, s in SHAPES.items():
+        out[ops.a_key(m)] = torch.randn(lora.rank, s.d_in, generator=g)
+        out[ops.b_key(m)] = torch.randn(s.d_out, lora.rank, generator=g)
+    return out
+
+
+def _round(name: str, specs: list[ClientSpec], params: dict | None = None, seed: int = 0):
+    """configure → simulate local training (random adapters of each payload's shape) → updates."""
+    strategy = make_strategy(name, params)
+    top = max(specs, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
+    state = strategy.init_state(StrategySpec(SHAPES, top, seed=0))
+    payloads = strategy.configure(CTX, state, specs)
+    updates = []
+    for c in specs:
+        p = payloads[c.client_id]
+        trained = _random_adapter(p.lora, seed * 1000 + c.client_id)
+        if "A" not in p.trainable:  # frozen A keeps the payload's value
+            trained.update({k: v.clone() for k, v in p.tensors.items() if ops.factor_of(k) == "A"})
+        shared = {k: v for k, v in trained.items() if strategy.is_shared(k)}
+        updates.append(ClientUpdate(c.client_id, c.num_examples, p.lora, shared))
+    return strategy, state, payloads, updates
+
+
+def _uniform(n: int = 3, rank: int = 2, alpha: float = 4.0) -> list[ClientSpec]:
+    return [ClientSpec(i, 10 * (i + 1), LoraSpec(rank, alpha)) for i in range(n)]
+
+
+def _mixed() -> list[ClientSpec]:
+    return [ClientSpec(0, 10, LoraSpec(1, 2.0)), ClientSpec(1, 30, LoraSpec(3, 3.0)),
+            ClientSpec(2, 25, LoraSpec(2, 8.0, rslora=True)), ClientSpec(3, 5, LoraSpec(4, 1.0))]
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ conformance
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_input_mutation_and_determinism(name):
+    strategy, state, _, updates = _round(name, _uniform())
+    before_state = copy.deepcopy(state.tensors), copy.deepcopy(state.extras), list(state.base_deltas)
+    before_updates = copy.deepcopy([u.tensors for u in updates])
+    a = strategy.aggregate(CTX, state, updates)
+    b = make_strategy(name).aggregate(CTX, state, updates)
+    assert _equal(state.tensors, before_state[0]) and state.extras == before_state[1]
+    assert len(state.base_deltas) == len(before_state[2])
+    assert all(_equal(u.tensors, t) for u, t in zip(updates, before_updates))
+    assert _equal(a.tensors, b.tensors) and len(a.base_deltas) == len(b.base_deltas)
+    assert all(_equal(x, y) for x, y in zip(a.base_deltas, b.base_deltas))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_partial_participation_and_single_client(name):
+    clients = _uniform(5)
+    strategy, state, payloads, updates = _round(name, clients[1:3])
+    assert set(payloads) == {1, 2}
+    new = strategy.aggregate(CTX, state, updates)
+    assert all(torch.isfinite(t).all() for t in new.tensors.values())
+    strategy, state, _, updates = _round(name, clients[4:])
+    one = strategy.aggregate(CTX, state, updates)
+    assert all(torch.isfinite(t).all() for t in one.tensors.values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_weighting_changes_the_result(name):
+    """num_examples matters (or, for HETLoRA, the update norms do): reweighting clients changes the aggregate."""
+    strategy, state, _, updates = _round(name, _uniform())
+    a = strategy.aggregate(CTX, state, updates)
+    heavy = [ClientUpdate(u.client_id, 1000 if u.client_id == 0 else u.num_examples, u.lora, u.tensors)
+             for u in updates]
+    b = strategy.aggregate(CTX, state, heavy)
+    moved = not _equal(a.tensors, b.tensors) or not all(
+        _equal(x, y) for x, y in zip(a.base_deltas, b.base_deltas))
+    assert moved == (name != "hetlora")  # HETLoRA weighs by update norms, not sample counts
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_update_raises(name):
+    strategy, state, _, updates = _round(name, _uniform())
+    broken = copy.deepcopy(updates)
+    broken[1].tensors.pop(sorted(broken[1].tensors)[0])
+    with pytest.raises(AggregationError):
+        strategy.aggregate(CTX, state, broken)
+    with pytest.raises(AggregationError):
+        strategy.aggregate(CTX, state, [])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mixed_ranks_supported_or_refused(name):
+    if name in MIXED:
+        strategy, state, payloads, updates = _round(name, _mixed())
+        for c in _mixed():
+            p = payloads[c.client_id]
+            assert all((t.shape[0] if ops.factor_of(k) == "A" else t.shape[1]) == c.lora.rank
+                       for k, t in p.tensors.items())
+        strategy.aggregate(CTX, state, updates)
+    else:
+        with pytest.raises(AggregationError):
+            _round(name, _mixed())
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+
+def _exact(updates, module):
+    p = ops.normalized_weights(u.num_examples for u in updates)
+    return sum(float(p[k]) * ops.delta_w(u.tensors, module, u.lora.scaling) for k, u in enumerate(updates))
+
+
+def _merged(state, module):
+    total = torch.zeros(SHAPES[module].d_out, SHAPES[module].d_in)
+    for d in state.base_deltas:
+        total += d[f"{module}.delta_W"] if f"{module}.delta_W" in d else d[f"{module}.delta_B"] @ d[f"{module}.delta_A"]
+    return total
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flora_stacking_is_exact_for_any_mix(seed):
+    specs = _mixed()[: 2 + seed % 3]
+    strategy, state, _, updates = _round("flora", specs, seed=seed)
+    new = strategy.aggregate(CTX, state, updates)
+    assert new.base_version == 1
+    for m in SHAPES:
+        torch.testing.assert_close(_merged(new, m), _exact(updates, m), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fedex_global_model_is_exact(seed):
+    strategy, state, _, updates = _round("fedex", _uniform(4, rank=3, alpha=5.0), seed=seed)
+    new = strategy.aggregate(CTX, state, updates)
+    for m in SHAPES:
+        model = _merged(new, m) + ops.delta_w(new.tensors, m, new.lora.scaling)  # base update + global adapter
+        torch.testing.assert_close(model, _exact(updates, m), atol=1e-5, rtol=1e-5)
+        # nn.Linear orientation: the residual is (d_out, d_in), not transposed
+        assert new.base_deltas[0][f"{m}.delta_W"].shape == (SHAPES[m].d_out, SHAPES[m].d_in)
+
+
+def test_ffa_is_exact_and_sends_b_only():
+    strategy, state, payloads, updates = _round("ffa", _uniform(3))
+    assert all(ops.factor_of(k) == "B" for u in updates for k in u.tensors)
+    assert payloads[0].trainable == ("B",)
+    new = strategy.aggregate(CTX, state, updates)
+    full = [ClientUpdate(u.client_id, u.num_examples, u.lora, {**u.tensors, **{k: v for k, v in state.tensors.items()
+                                                                              if ops.factor_of(k) == "A"}})
+            for u in updates]
+    for m in SHAPES:
+        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(full, m), atol=1e-5, rtol=1e-5)
+    params, _ = strategy.download_cost(payloads[0])
+    assert params == sum(s.d_out * 2 for s in SHAPES.values())
+
+
+def test_flexlora_truncation_is_the_best_rank_r_approximation():
+    specs = _mixed()
+    strategy, state, _, updates = _round("flexlora", specs, seed=1)
+    new = strategy.aggregate(CTX, state, updates)
+    for m in SHAPES:  # the global state holds ΔW = Σ p_k s_k B_k A_k exactly
+        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(updates, m), atol=1e-5, rtol=1e-5)
+    payloads = strategy.configure(RoundContext(2, 3, 0), new, specs)
+    for c in specs:
+        p = payloads[c.client_id]
+        for m in SHAPES:
+            target = _exact(updates, m)
+            got = ops.delta_w(p.tensors, m, c.lora.scaling)
+            u, s, vh = torch.linalg.svd(target.double())
+            r = c.lora.rank
+            best = (u[:, :r] * s[:r]) @ vh[:r]
+            torch.testing.assert_close(got.double(), best, atol=1e-5, rtol=1e-5)
+            # Eckart–Young: the error equals the norm of the discarded singular values
+            assert abs(float((target.double() - got.double()).norm()) - float(s[r:].norm())) < 1e-5
+
+
+def test_hetlora_truncation_padding_and_norm_weights():
+    specs = _mixed()
+    strategy, state, payloads, updates = _round("hetlora", specs, seed=2)
+    r_max = max(c.lora.rank for c in specs)
+    assert state.lora.rank == r_max and state.lora.scaling == 1.0
+    new = strategy.aggregate(CTX, state, updates)
+    scaled = [ops.scale_b(u.tensors, u.lora.scaling) for u in updates]
+    norms = torch.tensor([sum(float(ops.delta_w(t, m, 1.0).norm() ** 2) for m in SHAPES) ** 0.5 for t in scaled])
+    w = norms / norms.sum()
+    for k in new.tensors:
+        expect = sum(float(w[i]) * ops.pad_rank(scaled[i], r_max)[k] for i in range(len(updates)))
+        torch.testing.assert_close(new.tensors[k], expect, atol=1e-6, rtol=1e-5)
+    # a client receives the first r_k components, rescaled so that s_k B A equals the global truncation
+    nxt = strategy.configure(RoundContext(2, 3, 0), new, specs)
+    for c in specs:
+        for m in SHAPES:
+            got = ops.delta_w(nxt[c.client_id].tensors, m, c.lora.scaling)
+            want = ops.delta_w(ops.truncate_rank(new.tensors, c.lora.rank), m, 1.0)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_hetlora_pruning_lowers_the_rank_next_round():
+    specs = [ClientSpec(0, 10, LoraSpec(4, 8.0)), ClientSpec(1, 10, LoraSpec(2, 4.0))]
+    strategy, state, payloads, updates = _round("hetlora", specs, params={"prune_lambda": 0.1, "prune_gamma": 0.5})
+    assert payloads[0].extras["tail_regularizer"] == {"lambda": 0.1, "start": 2}
+    updates[0].metrics["hetlora/rank"] = 2.0  # the client's tail norm shrank during training
+    new = strategy.aggregate(CTX, state, updates)
+    nxt = strategy.configure(RoundContext(2, 3, 0), new, specs)
+    assert nxt[0].lora.rank == 2 and nxt[1].lora.rank == 2
+
+
+def test_fedit_error_is_what_flora_removes():
+    """On the same updates, FedIT's product of averages misses Σ p_k s B_k A_k; FLoRA hits it."""
+    specs = _uniform(4, rank=2, alpha=4.0)
+    _, st_fedit, _, updates = _round("fedit", specs, seed=3)
+    fedit = make_strategy("fedit").aggregate(CTX, st_fedit, updates)
+    flora_s = make_strategy("flora")
+    flora = flora_s.aggregate(CTX, flora_s.init_state(StrategySpec(SHAPES, specs[0].lora, 0)), updates)
+    for m in SHAPES:
+        exact = _exact(updates, m)
+        assert float((ops.delta_w(fedit.tensors, m, 2.0) - exact).norm()) > 1e-2
+        torch.testing.assert_close(_merged(flora, m), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_svd_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(9, 3, generator=g), torch.randn(3, 7, generator=g)
+    u, s, vh = ops.lowrank_svd(b, a)
+    torch.testing.assert_close((u * s) @ vh, b @ a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:3], atol=1e-5, rtol=1e-5)
