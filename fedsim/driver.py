@@ -197,6 +197,8 @@ class Driver:
             "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
             "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
         }
+        # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
+        row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
         if failed:
             row["clients/failures"] = [f"{f.client_id}: {f.reason}" for f in failed]
         if not ok:

@@ -33,8 +33,9 @@ class Server:
         down = {cid: self.strategy.download_cost(p) for cid, p in payloads.items()}
         return payloads, down
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        """Aggregate (updates sorted by client id for a deterministic order); return upload accounting."""
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict:
+        """Aggregate (updates sorted by client id for a deterministic order); return upload accounting, in total
+        and per client (``per_client_up``: client id → [params, bytes])."""
         updates = sorted(updates, key=lambda u: u.client_id)
         costs = [self.strategy.upload_cost(u) for u in updates]
         up_params = sum(c[0] for c in costs)
@@ -42,7 +43,8 @@ class Server:
         if updates:
             self.state = self.strategy.aggregate(ctx, self.state, updates)
         return {"comm/up_params": float(up_params), "comm/up_bytes": float(up_bytes),
-                "aggregated": float(len(updates))}
+                "aggregated": float(len(updates)),
+                "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}
 
     def base_deltas(self, since: int) -> list[tuple[int, Tensors]]:
         """(version, delta) for every base version after ``since``."""

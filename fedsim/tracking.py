@@ -60,7 +60,8 @@ class Tracker:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if v is not None and k != "round"}, step=int(row["round"]))
+            numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
+            self._wandb.log(numeric, step=int(row["round"]))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

@@ -41,6 +41,9 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     assert rows[-1]["clients/sampled"] == 3 and rows[-1]["clients/failed"] == 0
     # FedIT moves the whole adapter both ways: r·(d_in + d_out) per module (4 attention, 3 MLP), 3 clients
     assert rows[-1]["comm/up_params"] == rows[-1]["comm/down_params"] == 3 * 4 * (4 * (32 + 32) + 3 * (32 + 64))
+    per_client = rows[-1]["comm/per_client"]
+    assert len(per_client) == 3 and sum(v[0] for v in per_client.values()) == rows[-1]["comm/up_params"]
+    assert all(v[1] == 4 * v[0] and v[2] == v[0] for v in per_client.values())  # float32; FedIT: down == up
     resolved = yaml.safe_load((out / "scenario.yaml").read_text())
     assert resolved["logging"]["wandb"]["mode"] == "offline" and resolved["training"]["optimizer"] == "adamw"
     summary = json.loads((out / "summary.json").read_text())
