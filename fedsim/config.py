@@ -237,11 +237,16 @@ class ClientsConfig(_Frozen):
     lora: LoraSpecConfig = LoraSpecConfig()
     sampling: Literal["uniform"] = "uniform"
 
+    @field_validator("per_round", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML "yes"/"true" would otherwise become 1
+            raise ValueError("must be a count (int >= 1) or a fraction in (0, 1], not a boolean")
+        return v
+
     @field_validator("per_round")
     @classmethod
     def _per_round(cls, v: int | float) -> int | float:
-        if isinstance(v, bool):
-            raise ValueError("must be a count (int >= 1) or a fraction in (0, 1]")
         if isinstance(v, float) and not v.is_integer() and not 0.0 < v <= 1.0:
             raise ValueError("a fractional per_round must lie in (0, 1]; use an integer for a count")
         if isinstance(v, float) and v.is_integer() and v > 1:
@@ -440,6 +445,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
+MAX_NODES = 100_000
+
+
+def _check_size(raw: Any) -> None:
+    """Refuse pathological documents (e.g. YAML alias bombs) before validation walks them."""
+    count = 0
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ScenarioError("", f"the scenario has more than {MAX_NODES} values",
+                                "scenario files hold settings, not data; point data.source at a file instead")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Validate a raw mapping (plus overrides) into a :class:`Scenario`.
 
@@ -451,6 +475,7 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(raw, dict):
         raise ScenarioError("", f"a scenario must be a mapping of sections, got {type(raw).__name__}",
                             "start from scenarios/quickstart.yaml")
+    _check_size(raw)
     raw = apply_overrides(raw, overrides)
     try:
         return Scenario.model_validate(raw)

@@ -157,6 +157,9 @@ class Driver:
                 failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
                 t_agg = time.perf_counter()
                 up = server.aggregate(ctx, [h for _, h in ok])
+                if up["rejected"]:  # invalid updates count as failed clients, with their reason
+                    failed += [ClientFailure(cid, why) for cid, why in sorted(up["rejected"].items())]
+                    ok = [(res, h) for res, h in ok if res.client_id not in up["rejected"]]
                 deltas = server.base_deltas(since=base_version)
                 if deltas:  # strategies that merge into the base (FLoRA, FedEx-LoRA): every worker applies it once
                     self.backend.sync_base(deltas)

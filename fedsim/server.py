@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from fedsim.errors import AggregationError
+from fedsim.lora import ops
 from fedsim.strategies import StrategySpec, make_strategy
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
 
@@ -21,7 +24,30 @@ class Server:
 
     def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
         self.strategy = make_strategy(strategy_name, params)
+        self.shapes = spec.shapes
         self.state: GlobalState = self.strategy.init_state(spec)
+
+    def invalid_reason(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` must not be aggregated (missing/unexpected keys, wrong shapes, NaN/Inf), or None."""
+        r = update.lora.rank
+        expected = {}
+        for m, shape in self.shapes.items():
+            for key, dims in ((ops.a_key(m), (r, shape.d_in)), (ops.b_key(m), (shape.d_out, r))):
+                if self.strategy.is_shared(key):
+                    expected[key] = dims
+        missing = sorted(set(expected) - set(update.tensors))
+        if missing:
+            return f"missing {len(missing)} tensor(s), e.g. {missing[0]}"
+        unexpected = sorted(set(update.tensors) - set(expected))
+        if unexpected:
+            return f"unexpected tensor(s), e.g. {unexpected[0]}"
+        for key, dims in expected.items():
+            t = update.tensors[key]
+            if tuple(t.shape) != dims:
+                return f"{key} has shape {tuple(t.shape)}, expected {dims} for rank {r}"
+            if not torch.isfinite(t).all():
+                return f"{key} holds NaN or Inf values"
+        return None
 
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]
                   ) -> tuple[dict[int, ClientPayload], dict[int, tuple[int, int]]]:
@@ -40,10 +66,18 @@ class Server:
         costs = [self.strategy.upload_cost(u) for u in updates]
         up_params = sum(c[0] for c in costs)
         up_bytes = sum(c[1] for c in costs)
-        if updates:
-            self.state = self.strategy.aggregate(ctx, self.state, updates)
+        rejected = {}
+        valid = []
+        for u in updates:
+            reason = self.invalid_reason(u)
+            if reason is None:
+                valid.append(u)
+            else:
+                rejected[u.client_id] = f"update rejected: {reason}"
+        if valid:  # a round in which every update failed or was rejected leaves the global state unchanged
+            self.state = self.strategy.aggregate(ctx, self.state, valid)
         return {"comm/up_params": float(up_params), "comm/up_bytes": float(up_bytes),
-                "aggregated": float(len(updates)),
+                "aggregated": float(len(valid)), "rejected": rejected,
                 "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}
 
     def base_deltas(self, since: int) -> list[tuple[int, Tensors]]:

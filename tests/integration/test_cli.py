@@ -11,6 +11,8 @@ import yaml
 
 from fedsim.config import scenario_from_dict
 
+SECRET = "fedsim-test-secret-0123456789abcdef0123456789abcdef"  # W&B keys are 40+ characters
+
 
 def _fedsim(*args, cwd=None, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
@@ -29,7 +31,8 @@ def tiny_yaml(tmp_path, tiny_raw):
 def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     out = tmp_path / "run"
     r = _fedsim("run", str(tiny_yaml), "--out", str(out), "--set", "logging.wandb.mode=offline",
-                "--set", "logging.console=true", env_extra={"WANDB_MODE": None})
+                "--set", "logging.console=true",
+                env_extra={"WANDB_MODE": None, "WANDB_API_KEY": SECRET})
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "round 2/2" in r.stderr  # plain progress lines when not on a terminal
@@ -51,6 +54,11 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     assert (out / "partition.png").stat().st_size > 1000
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline files belong in the run directory"
     assert (out / "adapter" / "adapter_config.json").exists()
+    # the W&B key comes from the environment only and is never written anywhere in the run directory
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+    assert SECRET not in r.stdout + r.stderr
 
     # the adapter loads with PEFT on the same base and reproduces the evaluated model
     from peft import PeftModel

@@ -1,0 +1,45 @@
+import torch
+
+from fedsim.lora import ops
+from fedsim.server import Server
+from fedsim.strategies import StrategySpec
+from fedsim.types import ClientUpdate, LoraSpec, ModuleShape, RoundContext
+
+SHAPES = {"m.q_proj": ModuleShape(d_in=4, d_out=3)}
+LORA = LoraSpec(2, 4.0)
+CTX = RoundContext(1, 1, 0)
+
+
+def _update(cid, **tensors):
+    base = {ops.a_key("m.q_proj"): torch.ones(2, 4), ops.b_key("m.q_proj"): torch.ones(3, 2)}
+    base.update(tensors)
+    return ClientUpdate(cid, 10, LORA, {k: v for k, v in base.items() if v is not None})
+
+
+def test_bad_updates_are_rejected_with_a_reason_and_never_aggregated():
+    server = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0))
+    a, b = ops.a_key("m.q_proj"), ops.b_key("m.q_proj")
+    bad = [
+        _update(1, **{a: torch.full((2, 4), float("nan"))}),
+        _update(2, **{b: torch.tensor([[float("inf"), 0.0]] * 3)}),
+        _update(3, **{a: torch.ones(2, 5)}),
+        _update(4, **{b: None}),
+        _update(5, **{"m.q_proj.lora_C.weight": torch.ones(1)}),
+    ]
+    summary = server.aggregate(CTX, [_update(0)] + bad)
+    assert summary["aggregated"] == 1.0
+    reasons = summary["rejected"]
+    assert sorted(reasons) == [1, 2, 3, 4, 5]
+    assert "NaN or Inf" in reasons[1] and "NaN or Inf" in reasons[2]
+    assert "shape (2, 5)" in reasons[3] and "missing" in reasons[4] and "unexpected" in reasons[5]
+    assert all(torch.equal(t, torch.ones_like(t)) for t in server.state.tensors.values())  # only client 0 counted
+
+
+def test_a_round_where_everything_failed_leaves_the_state_unchanged():
+    server = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0))
+    before = {k: v.clone() for k, v in server.state.tensors.items()}
+    summary = server.aggregate(CTX, [_update(1, **{ops.a_key("m.q_proj"): torch.full((2, 4), float("nan"))})])
+    assert summary["aggregated"] == 0.0
+    assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
+    server.aggregate(CTX, [])
+    assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
