@@ -23,8 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description="Simulate federated LoRA fine-tuning of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario and write a run directory")
-    _add_scenario_args(run)
+    run.add_argument("scenario", nargs="?", help="scenario YAML file (omit with --resume)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key, e.g. --set rounds=3 --set clients.lora.rank=4 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<name>, suffixed if it exists)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     val = sub.add_parser("validate", help="check a scenario (schema, data, partition) without training")
     _add_scenario_args(val)
     part = sub.add_parser("partition", help="print the per-client split and write a PNG heatmap")
@@ -36,10 +39,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenario
-    from fedsim.driver import run_scenario
+    from fedsim.driver import resume_run, run_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides)
-    summary = run_scenario(scenario, args.out)
+    if args.resume:
+        if args.scenario or args.overrides or args.out:
+            raise FedsimError("--resume continues a run with its own saved scenario; "
+                              "give only the run directory (no scenario file, --set or --out)")
+        summary = resume_run(args.resume)
+    elif not args.scenario:
+        raise FedsimError("fedsim run needs a scenario file (or --resume RUN_DIR)")
+    else:
+        summary = run_scenario(load_scenario(args.scenario, args.overrides), args.out)
     acc0, acc = summary["initial/eval/accuracy"], summary["final/eval/accuracy"]
     line = f"done: {summary['run_dir']}  ({summary['time_s']:.1f}s)"
     if acc is not None:

@@ -345,6 +345,12 @@ class LoggingConfig(_Frozen):
     wandb: WandbConfig = WandbConfig()
 
 
+class CheckpointConfig(_Frozen):
+    """How often the server state is saved for ``fedsim run --resume`` (always after the last round too)."""
+
+    every: int = Field(1, ge=1)
+
+
 class StrategyConfig(_Frozen):
     name: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -365,6 +371,7 @@ class Scenario(_Frozen):
     strategy: StrategyConfig = StrategyConfig()
     resources: ResourcesConfig = ResourcesConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _strategy_known(self) -> Scenario:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim import checkpoint
 from fedsim.client.evaluate import reduce_eval
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
@@ -111,11 +113,30 @@ class Driver:
         backend: a backend instance (default: the one the scenario names).
     """
 
-    def __init__(self, scenario: Scenario, run_dir: Path | None = None, backend: Backend | None = None):
+    def __init__(self, scenario: Scenario, run_dir: Path | None = None, backend: Backend | None = None,
+                 resume: bool = False):
         self.scenario = scenario
         self.run_dir = run_dir if run_dir is not None else new_run_dir(scenario, None)
         self.backend = backend or make_backend(scenario)
+        self.resume = resume
         self.rows: list[dict[str, Any]] = []
+
+    def _rows_until(self, last_round: int) -> list[dict[str, Any]]:
+        """Metrics rows up to ``last_round``; the file is rewritten without the rows of rounds that will re-run."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by the kill
+                if row.get("round", 1 << 30) <= last_round:
+                    rows.append(row)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
+        return rows
 
     def _eval_batches(self, data: TokenizedData) -> list[np.ndarray]:
         n, bs = len(data.test), self.scenario.eval.batch_size
@@ -125,25 +146,41 @@ class Driver:
         """Run every round; return the summary (also written to ``summary.json``)."""
         sc = self.scenario
         t_start = time.perf_counter()
-        (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
         prep = prepare(sc)
-        hist, names = partition_table(prep)
-        from fedsim.plots import partition_heatmap
+        start_round, restored = 0, None
+        if self.resume:
+            start_round, state, strategy_state = checkpoint.load(self.run_dir)
+            restored = (state, strategy_state)
+            self.rows = self._rows_until(start_round)
+        else:
+            (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
+            hist, names = partition_table(prep)
+            from fedsim.plots import partition_heatmap
 
-        partition_heatmap(hist, names, self.run_dir / "partition.png",
-                          f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
+            partition_heatmap(hist, names, self.run_dir / "partition.png",
+                              f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
         tracker = Tracker(sc, self.run_dir)
         try:
             server = self.backend.start(sc, prep.data, prep.spec)
             batches = self._eval_batches(prep.data)
             totals = {"comm/up_params": 0.0, "comm/down_params": 0.0, "comm/up_bytes": 0.0, "comm/down_bytes": 0.0}
-            if sc.eval.at_start:
+            base_version = 0
+            if restored is not None:
+                server.set_state(*restored)
+                deltas = server.base_deltas(since=0)
+                if deltas:  # fresh workers rebuild the merged base
+                    self.backend.sync_base(deltas)
+                    base_version = deltas[-1][0]
+                for row in self.rows:
+                    for key in totals:
+                        totals[key] = row.get(key.replace("comm/", "comm/total_"), totals[key])
+                progress.message(f"resumed {self.run_dir} after round {start_round}")
+            elif sc.eval.at_start:
                 row = {"round": 0, "time_s": 0.0, **reduce_eval(self.backend.evaluate(server.eval_handle(), batches))}
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
-            base_version = 0
-            for r in range(1, sc.rounds + 1):
+            for r in range(start_round + 1, sc.rounds + 1):
                 t0 = time.perf_counter()
                 ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
                 sampled = sample_clients(sc.clients.num_clients, k, sc.seed, r)
@@ -177,6 +214,8 @@ class Driver:
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
+                if r % sc.checkpoint.every == 0 or r == sc.rounds:
+                    checkpoint.save(self.run_dir, r, *server.get_state())
             tensors, lora = server.global_adapter()
             save_peft_adapter(tensors, lora, sc, self.run_dir / "adapter")
             summary = self._summary(time.perf_counter() - t_start, totals)
@@ -232,3 +271,17 @@ def run_scenario(scenario: Scenario, out: str | Path | None = None, backend: Bac
     """Run ``scenario`` and write its run directory (``runs/<name>`` or ``out``). Returns the summary."""
     run_dir = new_run_dir(scenario, out)
     return Driver(scenario, run_dir, backend).run()
+
+
+def resume_run(run_dir: str | Path, backend: Backend | None = None) -> dict[str, Any]:
+    """Continue an interrupted run from its last checkpoint, with the scenario saved in ``run_dir``.
+
+    Raises:
+        ScenarioError: ``run_dir`` holds no scenario or no checkpoint.
+    """
+    from fedsim.config import load_scenario
+
+    path = Path(run_dir)
+    if not (path / "scenario.yaml").is_file():
+        raise ScenarioError("--resume", f"{path} holds no scenario.yaml", "give a run directory written by `fedsim run`")
+    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True).run()

@@ -80,6 +80,15 @@ class Server:
                 "aggregated": float(len(valid)), "rejected": rejected,
                 "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}
 
+    def get_state(self) -> tuple[GlobalState, dict]:
+        """The global state and the strategy's own state, for checkpoints."""
+        return self.state, self.strategy.state_dict()
+
+    def set_state(self, state: GlobalState, strategy_state: dict) -> None:
+        """Restore what :meth:`get_state` returned."""
+        self.state = state
+        self.strategy.load_state_dict(strategy_state)
+
     def base_deltas(self, since: int) -> list[tuple[int, Tensors]]:
         """(version, delta) for every base version after ``since``."""
         return [(v, d) for v, d in enumerate(self.state.base_deltas, start=1) if v > since]

@@ -39,6 +39,14 @@ class ServerHandle(ABC):
         """(version, handle) of every base-model update after version ``since``."""
 
     @abstractmethod
+    def get_state(self) -> tuple[Any, dict]:
+        """(GlobalState, strategy state) for a checkpoint."""
+
+    @abstractmethod
+    def set_state(self, state: Any, strategy_state: dict) -> None:
+        """Restore a checkpointed state."""
+
+    @abstractmethod
     def eval_handle(self) -> Handle:
         """A handle to the payload the global model is evaluated with."""
 

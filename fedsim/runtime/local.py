@@ -29,6 +29,12 @@ class LocalServerHandle(ServerHandle):
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
         return self.server.base_deltas(since)
 
+    def get_state(self) -> tuple[Any, dict]:
+        return self.server.get_state()
+
+    def set_state(self, state: Any, strategy_state: dict) -> None:
+        self.server.set_state(state, strategy_state)
+
     def eval_handle(self) -> Handle:
         return self.server.eval_payload()
 

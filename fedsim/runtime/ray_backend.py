@@ -114,6 +114,12 @@ def _actor_classes():
         def base_deltas(self, since: int):
             return [(v, ray.put(pack(d))) for v, d in self.server.base_deltas(since)]
 
+        def get_state(self):
+            return self.server.get_state()
+
+        def set_state(self, state, strategy_state):
+            self.server.set_state(state, strategy_state)
+
         def eval_handle(self):
             return [ray.put(pack_tensors_of(self.server.eval_payload()))]
 
@@ -142,6 +148,16 @@ class RayServerHandle(ServerHandle):
         import ray
 
         return ray.get(self.actor.base_deltas.remote(since))
+
+    def get_state(self) -> tuple[Any, dict]:
+        import ray
+
+        return ray.get(self.actor.get_state.remote())
+
+    def set_state(self, state: Any, strategy_state: dict) -> None:
+        import ray
+
+        ray.get(self.actor.set_state.remote(state, strategy_state))
 
     def eval_handle(self) -> Handle:
         import ray
