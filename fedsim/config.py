@@ -324,6 +324,8 @@ class ResourcesConfig(_Frozen):
     address: str | None = None
     server: ServerResources = ServerResources()
     dashboard: bool = False
+    max_retries: int = Field(1, ge=0, le=100)
+    client_timeout_s: float | None = Field(None, gt=0.0)
 
     def threads_per_worker(self) -> int:
         """torch intra-op threads per worker; equal on both backends so that results match bit for bit."""
@@ -343,6 +345,23 @@ class LoggingConfig(_Frozen):
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
     jsonl: bool = True
     wandb: WandbConfig = WandbConfig()
+
+
+class FaultsConfig(_Frozen):
+    """Fault injection, a testing aid: each client attempt draws its faults from (seed, round, client, attempt).
+
+    ``kill_worker_prob``: the worker process exits mid-job (Ray backend); ``nan_update_prob``: the update is filled
+    with NaN (rejected by the server); ``hang_prob``: the job sleeps ``hang_s`` (Ray backend; pair it with
+    ``resources.client_timeout_s``).
+    """
+
+    kill_worker_prob: float = Field(0.0, ge=0.0, le=1.0)
+    nan_update_prob: float = Field(0.0, ge=0.0, le=1.0)
+    hang_prob: float = Field(0.0, ge=0.0, le=1.0)
+    hang_s: float = Field(3600.0, gt=0.0)
+
+    def any(self) -> bool:
+        return self.kill_worker_prob > 0 or self.nan_update_prob > 0 or self.hang_prob > 0
 
 
 class CheckpointConfig(_Frozen):
@@ -372,6 +391,15 @@ class Scenario(_Frozen):
     resources: ResourcesConfig = ResourcesConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+    @model_validator(mode="after")
+    def _faults_need_ray(self) -> Scenario:
+        f = self.faults
+        if self.resources.backend == "local" and (f.kill_worker_prob > 0 or f.hang_prob > 0):
+            raise ScenarioError("faults", "worker kills and hangs need the Ray backend (a local client runs inside "
+                                "the driver process)", "set resources.backend: ray, or use only nan_update_prob")
+        return self
 
     @model_validator(mode="after")
     def _strategy_known(self) -> Scenario:

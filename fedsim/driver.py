@@ -188,6 +188,7 @@ class Driver:
                 jobs = [(ClientJob(prep.clients[c], prep.parts[c], r), handles[c]) for c in sampled]
                 progress.start_round(r, len(jobs))
                 t_train = time.perf_counter()
+                replaced_before = self.backend.num_replaced
                 outcomes = self.backend.train(
                     jobs, on_done=lambda res: progress.client_done(isinstance(res, ClientFailure)))
                 ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
@@ -202,6 +203,7 @@ class Driver:
                     self.backend.sync_base(deltas)
                     base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
+                row["workers/replaced"] = self.backend.num_replaced - replaced_before
                 row["time/train_s"] = t_agg - t_train
                 row["time/aggregate_s"] = time.perf_counter() - t_agg
                 for key in totals:

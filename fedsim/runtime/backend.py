@@ -58,6 +58,8 @@ class ServerHandle(ABC):
 class Backend(ABC):
     """Runs a server and a pool of workers."""
 
+    num_replaced: int = 0  # workers replaced after dying or hanging, over the run
+
     @abstractmethod
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         """Start the workers and the server; return the server handle."""

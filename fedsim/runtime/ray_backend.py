@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,6 @@ from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, 
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 2  # a client whose worker died is retried once on a fresh worker
 PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
 
 
@@ -92,6 +93,7 @@ def _actor_classes():
             return super().apply_base_delta(version, unpack(delta))
 
         def ping(self) -> str:
+            self.host(self._base_version)  # build the model now, so that no client's clock pays for it
             return self.name
 
     class ServerActor:
@@ -189,6 +191,7 @@ class RayBackend(Backend):
         self.started_ray = init_ray(scenario)
         worker_cls, server_cls = _actor_classes()
         res = scenario.resources
+        self._resources = res
         self._worker_cls = worker_cls
         self._opts = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0)
         self._args = (scenario.to_dict(), ray.put(data))
@@ -221,13 +224,21 @@ class RayBackend(Backend):
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
         """Dispatch jobs to the pool, keeping ``PIPELINE_DEPTH`` jobs queued per actor so that no actor idles while
-        the driver hands it the next client (actor calls run in submission order)."""
+        the driver hands it the next client (actor calls run in submission order).
+
+        Faults: a worker that dies is replaced; the client it was running is retried up to
+        ``resources.max_retries`` times (the clients queued behind it are resubmitted without being charged); a
+        client running longer than ``resources.client_timeout_s`` is cancelled by replacing its worker. A client
+        that raises (e.g. a non-finite loss) is not retried: it would fail the same way.
+        """
         import ray
 
-        pending = deque((pos, job, payload, 1) for pos, (job, payload) in enumerate(jobs))
-        free = deque(slot for _ in range(PIPELINE_DEPTH) for slot in range(len(self.actors)))
-        generation = [0] * len(self.actors)
-        inflight: dict[Any, tuple[int, int, int, ClientJob, Handle, int, Any]] = {}
+        max_attempts = 1 + self._resources.max_retries
+        timeout_s = self._resources.client_timeout_s
+        pending = deque((pos, job, payload) for pos, (job, payload) in enumerate(jobs))
+        queues: list[deque] = [deque() for _ in self.actors]  # per actor: refs in submission order
+        started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
+        inflight: dict[Any, tuple[int, int, ClientJob, Handle, Any]] = {}
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
 
         def finish(pos: int, outcome: JobOutcome) -> None:
@@ -235,32 +246,84 @@ class RayBackend(Backend):
             if on_done is not None:
                 on_done(outcome[0])
 
+        def retry_or_fail(pos: int, job: ClientJob, payload: Handle, charged: bool, reason: str) -> None:
+            if not charged:
+                pending.appendleft((pos, job, payload))
+            elif job.attempt < max_attempts:
+                pending.appendleft((pos, replace(job, attempt=job.attempt + 1), payload))
+            else:
+                finish(pos, (ClientFailure(job.spec.client_id, f"{reason} (after {job.attempt} attempts)"), None))
+
+        def lose_worker(slot: int, reason: str) -> None:
+            """Replace a dead or hung worker. Jobs it finished keep their results; the first unfinished one (the
+            client it was running) is charged an attempt; the ones queued behind it are resubmitted uncharged."""
+            charged = False
+            for ref in list(queues[slot]):
+                _, pos, job, payload, update_ref = inflight.pop(ref)
+                started.pop(ref, None)
+                if ray.wait([ref], timeout=0)[0]:
+                    try:
+                        finish(pos, (ray.get(ref), update_ref))
+                        continue
+                    except ray.exceptions.RayTaskError as e:
+                        cause = e.cause if getattr(e, "cause", None) is not None else e
+                        finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
+                        continue
+                    except ray.exceptions.RayActorError:
+                        pass
+                retry_or_fail(pos, job, payload, charged=not charged, reason=reason)
+                charged = True
+            queues[slot].clear()
+            try:
+                ray.kill(self.actors[slot])
+            except Exception:
+                pass
+            self.actors[slot] = self._new_actor(slot)
+            self.num_replaced += 1
+            ray.get(self.actors[slot].ping.remote())  # ready (model built, base caught up) before its clock starts
+
         while pending or inflight:
-            while free and pending:
-                slot = free.popleft()
-                pos, job, payload, attempt = pending.popleft()
-                meta_ref, update_ref = self.actors[slot].run_client.remote(job, payload)
-                inflight[meta_ref] = (slot, generation[slot], pos, job, payload, attempt, update_ref)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for slot in range(len(self.actors)):
+                while pending and len(queues[slot]) < PIPELINE_DEPTH:
+                    pos, job, payload = pending.popleft()
+                    meta_ref, update_ref = self.actors[slot].run_client.remote(job, payload)
+                    inflight[meta_ref] = (slot, pos, job, payload, update_ref)
+                    if not queues[slot]:
+                        started[meta_ref] = time.monotonic()
+                    queues[slot].append(meta_ref)
+            wait_s = None
+            if timeout_s is not None and started:
+                wait_s = max(0.01, min(started.values()) + timeout_s - time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
             for ref in ready:
-                slot, gen, pos, job, payload, attempt, update_ref = inflight.pop(ref)
+                if ref not in inflight:
+                    continue  # dropped together with its worker
+                slot, pos, job, payload, update_ref = inflight[ref]
                 try:
-                    finish(pos, (ray.get(ref), update_ref))
+                    result = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    if gen == generation[slot]:  # the first of its jobs to report the death replaces the actor
-                        log.warning("worker-%d died while training client %d (%s); replacing it", slot,
-                                    job.spec.client_id, e.__class__.__name__)
-                        self.actors[slot] = self._new_actor(slot)
-                        generation[slot] += 1
-                        self.num_replaced += 1
-                    if attempt < MAX_ATTEMPTS:
-                        pending.appendleft((pos, job, payload, attempt + 1))
-                    else:
-                        finish(pos, (ClientFailure(job.spec.client_id, f"worker died: {e.__class__.__name__}"), None))
+                    log.warning("worker-%d died while training client %d (%s); replacing it", slot,
+                                job.spec.client_id, e.__class__.__name__)
+                    lose_worker(slot, f"worker died: {e.__class__.__name__}")
+                    continue
                 except ray.exceptions.RayTaskError as e:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
-                free.append(slot)
+                    result = ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}")
+                del inflight[ref]
+                started.pop(ref, None)
+                queues[slot].remove(ref)
+                if queues[slot]:
+                    started.setdefault(queues[slot][0], time.monotonic())
+                finish(pos, (result, None if isinstance(result, ClientFailure) else update_ref))
+            if timeout_s is not None:
+                now = time.monotonic()
+                for slot in range(len(self.actors)):
+                    head = queues[slot][0] if queues[slot] else None
+                    if head is not None and now - started.get(head, now) > timeout_s:
+                        client = inflight[head][2].spec.client_id
+                        log.warning("client %d exceeded client_timeout_s=%g on worker-%d; replacing the worker",
+                                    client, timeout_s, slot)
+                        lose_worker(slot, f"timed out after {timeout_s:g}s")
         return [o for o in outcomes if o is not None]
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:

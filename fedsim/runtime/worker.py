@@ -29,11 +29,12 @@ from fedsim.types import ClientPayload, ClientResult, ClientSpec, ClientUpdate
 
 @dataclass(frozen=True)
 class ClientJob:
-    """One client's work in one round."""
+    """One client's work in one round (``attempt`` counts retries from 1)."""
 
     spec: ClientSpec
     indices: np.ndarray
     server_round: int
+    attempt: int = 1
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -105,9 +106,22 @@ class Worker:
         self._base_version = version
         return version
 
+    def _faults(self, job: ClientJob) -> tuple[bool, bool, bool]:
+        """(kill, nan, hang) for this attempt, drawn from (seed, round, client, attempt)."""
+        f = self.scenario.faults
+        if not f.any():
+            return False, False, False
+        u = np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, 13]).random(3)
+        return bool(u[0] < f.kill_worker_prob), bool(u[1] < f.nan_update_prob), bool(u[2] < f.hang_prob)
+
     def run_client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
         """Load the payload into the client's adapter, train locally, return its shared tensors."""
         t0 = time.perf_counter()
+        kill, nan, hang = self._faults(job)
+        if kill:
+            os._exit(17)  # injected fault: the worker process dies mid-job
+        if hang:
+            time.sleep(self.scenario.faults.hang_s)
         host = self.host(payload.base_version)
         host.activate(payload.lora)
         if payload.fresh:  # a new adapter, initialised here as PEFT does, seeded by (seed, round, client)
@@ -129,6 +143,8 @@ class Worker:
             start_norm, end_norm = metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"]
             metrics["hetlora/rank"] = float(tail["start"] if end_norm < start_norm else payload.lora.rank)
         tensors = {k: v for k, v in host.read(payload.lora).items() if self.strategy.is_shared(k)}
+        if nan:  # injected fault: a corrupt update, which the server must reject
+            tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
         self.num_clients += 1
         metrics["client/time_s"] = time.perf_counter() - t0
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
