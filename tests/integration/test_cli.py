@@ -125,7 +125,8 @@ def test_validate_partition_and_strategies(tiny_yaml, tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("│")]
     assert len(lines) >= 8  # one row per client
     r = _fedsim("strategies")
-    assert r.returncode == 0 and r.stdout.split()[0] == "fedit"
+    names = [line.split()[0] for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and names == ["fedex", "fedit", "ffa", "flexlora", "flora", "hetlora"]
 
 
 def test_missing_scenario_file(tmp_path):
