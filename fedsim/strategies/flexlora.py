@@ -18,7 +18,16 @@ import torch
 
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
-from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext, Tensors
+from fedsim.types import (
+    ClientPayload,
+    ClientSpec,
+    ClientUpdate,
+    GlobalState,
+    LoraSpec,
+    ModuleShape,
+    RoundContext,
+    Tensors,
+)
 
 
 @register("flexlora")
@@ -34,13 +43,14 @@ class FlexLoRA(Strategy):
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         if state.extras.get("round1"):
             # ΔW = 0: the usual LoRA start (A random, B = 0) at each client's rank
+            shapes = {m: ModuleShape(d_in=state.tensors[ops.a_key(m)].shape[1],
+                                     d_out=state.tensors[ops.b_key(m)].shape[0]) for m in ops.modules(state.tensors)}
             by_rank: dict[tuple, ClientPayload] = {}
             out = {}
             for c in clients:
                 key = (c.lora.rank, c.lora.alpha, c.lora.rslora)
                 if key not in by_rank:
                     gen = torch.Generator().manual_seed(ctx.seed)
-                    shapes = {m: _shape(state.tensors, m) for m in ops.modules(state.tensors)}
                     by_rank[key] = ClientPayload(tensors=ops.init_adapter(shapes, c.lora.rank, gen), lora=c.lora)
                 out[c.client_id] = by_rank[key]
             return out
@@ -89,8 +99,3 @@ class FlexLoRA(Strategy):
     def eval_payload(self, state: GlobalState) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
 
-
-def _shape(tensors: Tensors, module: str):
-    from fedsim.types import ModuleShape
-
-    return ModuleShape(d_in=tensors[ops.a_key(module)].shape[1], d_out=tensors[ops.b_key(module)].shape[0])

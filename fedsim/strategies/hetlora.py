@@ -41,7 +41,7 @@ class HetLoRA(Strategy):
     def init_state(self, spec: StrategySpec) -> GlobalState:
         r_max = self.params.max_rank or spec.lora.rank
         gen = torch.Generator().manual_seed(spec.seed)
-        tensors = ops.scale_b(ops.init_adapter(spec.shapes, r_max, gen), 1.0)  # B = 0, so scaling is moot here
+        tensors = ops.init_adapter(spec.shapes, r_max, gen)  # B = 0: the product is 0 at any scaling
         return GlobalState(tensors=tensors, lora=LoraSpec(rank=r_max, alpha=float(r_max)), extras={"ranks": {}})
 
     def client_rank(self, state: GlobalState, client: ClientSpec) -> int:
