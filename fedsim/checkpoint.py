@@ -49,8 +49,12 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
-def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any]) -> Path:
-    """Write ``run_dir/checkpoint`` for the state after ``server_round`` (replacing any older one atomically)."""
+def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any],
+         client_state: Path | None = None) -> Path:
+    """Write ``run_dir/checkpoint`` for the state after ``server_round`` (replacing any older one atomically).
+
+    ``client_state``: a flushed client state store directory, snapshotted by hard links (its files are only ever
+    replaced, never rewritten in place, so a link keeps this round's version)."""
     tensors = {f"global/{k}": v.contiguous() for k, v in state.tensors.items()}
     for v, delta in enumerate(state.base_deltas, start=1):
         tensors.update({f"delta/{v}/{k}": t.contiguous() for k, t in delta.items()})
@@ -63,6 +67,14 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if client_state is not None:
+        snap = tmp / "client_state"
+        snap.mkdir()
+        for f in Path(client_state).glob("*.safetensors"):
+            try:
+                os.link(f, snap / f.name)
+            except OSError:
+                shutil.copy2(f, snap / f.name)
     final = run_dir / DIRNAME
     old = run_dir / f".{DIRNAME}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -71,6 +83,11 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def exists(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (also one left mid-replacement by a kill)."""
+    return any((Path(run_dir) / d / "meta.json").is_file() for d in (DIRNAME, f".{DIRNAME}.old"))
 
 
 def load(run_dir: Path) -> tuple[int, GlobalState, dict[str, Any]]:
@@ -101,3 +118,13 @@ def load(run_dir: Path) -> tuple[int, GlobalState, dict[str, Any]]:
     state = GlobalState(tensors=tensors, lora=LoraSpec(**meta["lora"]), base_version=meta["base_version"],
                         extras=_decode(meta["extras"]), base_deltas=deltas)
     return meta["round"], state, _decode(meta["strategy_state"])
+
+
+def restore_client_state(run_dir: Path, target: Path) -> None:
+    """Replace ``target`` with the client state snapshot of the checkpoint in ``run_dir`` (if it has one)."""
+    snap = Path(run_dir) / DIRNAME / "client_state"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    if snap.is_dir():
+        for f in snap.glob("*.safetensors"):
+            shutil.copy2(f, target / f.name)

@@ -236,6 +236,7 @@ class ClientsConfig(_Frozen):
     per_round: int | float = 5
     lora: LoraSpecConfig = LoraSpecConfig()
     sampling: Literal["uniform"] = "uniform"
+    state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk
 
     @field_validator("per_round", mode="before")
     @classmethod
@@ -306,6 +307,8 @@ class EvalConfig(_Frozen):
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
     at_start: bool = True
+    # share of each client's shard held out as its local test split (personalized evaluation); 0 = none
+    local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ServerResources(_Frozen):
@@ -406,6 +409,10 @@ class Scenario(_Frozen):
         from fedsim.strategies import available_strategies, get_strategy_class
 
         cls = get_strategy_class(self.strategy.name)  # raises ScenarioError naming the registered ones
+        if cls.has_personal_state and self.eval.local_test_fraction <= 0:
+            raise ScenarioError("eval.local_test_fraction", f"strategy {cls.name!r} keeps personal adapters, which "
+                                "are evaluated on each client's local test split, but none is held out",
+                                "set eval.local_test_fraction, e.g. 0.2")
         if self.clients.lora.is_mixed() and not cls.supports_mixed_ranks:
             mixed = sorted(n for n, c in available_strategies().items() if c.supports_mixed_ranks)
             raise ScenarioError("clients.lora", f"strategy {cls.name!r} needs every client at one rank and alpha, "

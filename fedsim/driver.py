@@ -15,6 +15,7 @@ import numpy as np
 
 from fedsim import checkpoint
 from fedsim.client.evaluate import reduce_eval
+from fedsim.client.store import ClientStateStore
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
@@ -24,7 +25,7 @@ from fedsim.progress import Progress
 from fedsim.runtime.backend import Backend, make_backend
 from fedsim.runtime.worker import ClientJob
 from fedsim.sampling import sample_clients
-from fedsim.strategies import StrategySpec
+from fedsim.strategies import StrategySpec, get_strategy_class
 from fedsim.tracking import Tracker
 from fedsim.types import ClientFailure, ClientSpec, LoraSpec, RoundContext
 
@@ -38,6 +39,7 @@ class Prepared:
     parts: Partition
     clients: list[ClientSpec]
     spec: StrategySpec
+    local_test: list[np.ndarray]  # per client, held-out indices of the training split (empty without any)
 
 
 def prepare(scenario: Scenario) -> Prepared:
@@ -50,6 +52,7 @@ def prepare(scenario: Scenario) -> Prepared:
     n = len(data.train)
     groups = data.train.group if partition_field(scenario) and (data.train.group >= 0).all() else None
     parts = partition(scenario.partition, groups, n, scenario.clients.num_clients, scenario.seed)
+    parts, local_test = split_local_test(parts, scenario.eval.local_test_fraction, scenario.seed)
     lcfg = scenario.clients.lora
     shapes = target_shapes(scenario.model)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
@@ -61,7 +64,50 @@ def prepare(scenario: Scenario) -> Prepared:
                for c, (p, (r, a)) in enumerate(zip(parts, assigned))]
     # the global adapter's spec: the single one, or the largest rank of the mix
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
-    return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed))
+    return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),
+                    local_test)
+
+
+def split_local_test(parts: Partition, fraction: float, seed: int) -> tuple[Partition, list[np.ndarray]]:
+    """Hold out ``fraction`` of each client's shard (at least one sample) as its local test split, seeded per client.
+
+    Raises:
+        ScenarioError: a client would keep no training sample.
+    """
+    if fraction <= 0:
+        return parts, [np.empty(0, dtype=np.int64) for _ in parts]
+    train, test = [], []
+    for c, p in enumerate(parts):
+        k = max(1, int(round(fraction * len(p))))
+        if len(p) - k < 1:
+            raise ScenarioError("eval.local_test_fraction", f"client {c} has {len(p)} sample(s): nothing would be "
+                                "left to train on", "lower eval.local_test_fraction or raise partition.min_samples")
+        perm = np.random.default_rng([seed, c, 17]).permutation(p)
+        test.append(np.sort(perm[:k]))
+        train.append(np.sort(perm[k:]))
+    return train, test
+
+
+def personal_metrics(per_client: dict[int, tuple[dict, dict]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mean, standard deviation and worst-10% mean of per-client accuracy on local test splits, with the global
+    adapter alone (``eval/local_global/*``) and with each client's personal tensors (``eval/personal/*``); plus
+    one table row per client."""
+    table = []
+    for cid in sorted(per_client):
+        g, p = per_client[cid]
+        table.append({"client_id": cid, "num_local_test": int(g["count"]),
+                      "global_accuracy": g["correct"] / max(g["count"], 1.0),
+                      "global_loss": g["loss_sum"] / max(g["tokens"], 1.0),
+                      "personal_accuracy": p["correct"] / max(p["count"], 1.0),
+                      "personal_loss": p["loss_sum"] / max(p["tokens"], 1.0)})
+    out: dict[str, float] = {}
+    for kind, prefix in (("global", "eval/local_global"), ("personal", "eval/personal")):
+        acc = np.array([r[f"{kind}_accuracy"] for r in table])
+        worst = np.sort(acc)[: max(1, int(np.ceil(0.1 * len(acc))))]
+        out.update({f"{prefix}/accuracy": float(acc.mean()), f"{prefix}/accuracy_std": float(acc.std()),
+                    f"{prefix}/accuracy_worst10": float(worst.mean()),
+                    f"{prefix}/loss": float(np.mean([r[f"{kind}_loss"] for r in table]))})
+    return out, table
 
 
 def partition_table(prep: Prepared) -> tuple[np.ndarray, list[str]]:
@@ -102,6 +148,15 @@ def save_peft_adapter(tensors: dict, lora: LoraSpec, scenario: Scenario, path: P
     cfg.save_pretrained(str(path))
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
               str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class Driver:
@@ -148,10 +203,12 @@ class Driver:
         t_start = time.perf_counter()
         prep = prepare(sc)
         start_round, restored = 0, None
-        if self.resume:
+        if self.resume and checkpoint.exists(self.run_dir):
             start_round, state, strategy_state = checkpoint.load(self.run_dir)
             restored = (state, strategy_state)
             self.rows = self._rows_until(start_round)
+        elif self.resume:  # killed before its first checkpoint: nothing to keep but the scenario
+            self._rows_until(-1)
         else:
             (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
             hist, names = partition_table(prep)
@@ -159,6 +216,12 @@ class Driver:
 
             partition_heatmap(hist, names, self.run_dir / "partition.png",
                               f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
+        store = None
+        if get_strategy_class(sc.strategy.name).has_personal_state:
+            if self.resume:
+                checkpoint.restore_client_state(self.run_dir, self.run_dir / "client_state")
+            store = ClientStateStore.open(self.run_dir / "client_state", int(sc.clients.state_budget_mb * 2**20))
+        personal_table: list[dict[str, Any]] = []
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
         tracker = Tracker(sc, self.run_dir)
         try:
@@ -185,7 +248,8 @@ class Driver:
                 ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
                 sampled = sample_clients(sc.clients.num_clients, k, sc.seed, r)
                 handles, down = server.configure(ctx, [prep.clients[c] for c in sampled])
-                jobs = [(ClientJob(prep.clients[c], prep.parts[c], r), handles[c]) for c in sampled]
+                jobs = [(ClientJob(prep.clients[c], prep.parts[c], r, personal=store.get(c) if store else None),
+                         handles[c]) for c in sampled]
                 progress.start_round(r, len(jobs))
                 t_train = time.perf_counter()
                 replaced_before = self.backend.num_replaced
@@ -198,6 +262,10 @@ class Driver:
                 if up["rejected"]:  # invalid updates count as failed clients, with their reason
                     failed += [ClientFailure(cid, why) for cid, why in sorted(up["rejected"].items())]
                     ok = [(res, h) for res, h in ok if res.client_id not in up["rejected"]]
+                if store is not None:  # personal tensors stay with their client, in the client state store
+                    for res, _ in ok:
+                        if res.personal is not None:
+                            store.put(res.client_id, res.personal)
                 deltas = server.base_deltas(since=base_version)
                 if deltas:  # strategies that merge into the base (FLoRA, FedEx-LoRA): every worker applies it once
                     self.backend.sync_base(deltas)
@@ -212,12 +280,23 @@ class Driver:
                 row["time/fit_s"] = time.perf_counter() - t0  # sample + configure + train + aggregate
                 if r % sc.eval.every == 0 or r == sc.rounds:
                     t_eval = time.perf_counter()
-                    row.update(reduce_eval(self.backend.evaluate(server.eval_handle(), batches)))
+                    eval_handle = server.eval_handle()
+                    row.update(reduce_eval(self.backend.evaluate(eval_handle, batches)))
+                    if any(len(t) for t in prep.local_test):
+                        items = [(c, store.get(c) if store else None, prep.local_test[c])
+                                 for c in range(len(prep.clients))]
+                        metrics, personal_table = personal_metrics(self.backend.evaluate_clients(eval_handle, items))
+                        row.update(metrics)
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
                 if r % sc.checkpoint.every == 0 or r == sc.rounds:
-                    checkpoint.save(self.run_dir, r, *server.get_state())
+                    if store is not None:
+                        store.flush()
+                    checkpoint.save(self.run_dir, r, *server.get_state(),
+                                    client_state=store.directory if store is not None else None)
+            if personal_table:
+                write_csv(self.run_dir / "personalized.csv", personal_table)
             tensors, lora = server.global_adapter()
             save_peft_adapter(tensors, lora, sc, self.run_dir / "adapter")
             summary = self._summary(time.perf_counter() - t_start, totals)
@@ -263,7 +342,8 @@ class Driver:
             "initial/eval/accuracy": evals[0]["eval/accuracy"] if evals else None,
             "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
             "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
-            **{f"final/{k}": v for k, v in final.items() if k.startswith("eval/task/")},
+            **{f"final/{k}": v for k, v in final.items()
+               if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/"))},
             **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
             "workers": self.backend.worker_stats(),
         }

@@ -118,3 +118,4 @@ class ClientResult:
     num_examples: int
     metrics: dict[str, float]
     worker: str
+    personal: Tensors | None = None  # the client's private tensors (never given to the server)

@@ -31,10 +31,11 @@ def _token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 @torch.no_grad()
 def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[int] | np.ndarray,
-                   device: torch.device) -> dict[str, float]:
-    """Sums over one batch of test samples: ``loss_sum``, ``tokens``, ``correct``, ``count`` and per task
-    ``task/<name>/correct`` / ``task/<name>/count`` (sums, so that batches combine exactly)."""
-    split: TokenizedSplit = data.test
+                   device: torch.device, split: TokenizedSplit | None = None) -> dict[str, float]:
+    """Sums over one batch of samples of ``split`` (default: the global test set): ``loss_sum``, ``tokens``,
+    ``correct``, ``count`` and per task ``task/<name>/correct`` / ``task/<name>/count`` (sums, so that batches
+    combine exactly)."""
+    split = data.test if split is None else split
     was_training = model.training
     if was_training:
         model.eval()
@@ -43,7 +44,7 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
     valid = batch["labels"][:, 1:] != IGNORE
     out = {"loss_sum": float(-logp.sum().double()), "tokens": float(valid.sum()), "count": float(len(indices))}
     if data.options:
-        correct = _score_options(model, data, indices, device) == torch.as_tensor(split.label[np.asarray(indices)])
+        correct = _score_options(model, data, split, indices, device) == torch.as_tensor(split.label[np.asarray(indices)])
     else:
         correct = hit.all(dim=1).cpu()
     out["correct"] = float(correct.sum())
@@ -59,10 +60,9 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
     return out
 
 
-def _score_options(model: torch.nn.Module, data: TokenizedData, indices: Sequence[int] | np.ndarray,
-                   device: torch.device) -> torch.Tensor:
+def _score_options(model: torch.nn.Module, data: TokenizedData, split: TokenizedSplit,
+                   indices: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
     """Index of the label option with the highest total log-likelihood for each sample, (B,)."""
-    split = data.test
     seqs, prompt_lens = [], []
     for i in indices:
         prompt = split.sample(int(i))[: int(split.prompt_len[int(i)])]

@@ -78,6 +78,12 @@ class Backend(ABC):
         """Evaluate the payload on test batches; one dict of sums per batch, in order."""
 
     @abstractmethod
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]
+                         ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
+        """Per client (id, personal tensors or None, local test indices): sums with the global adapter alone and
+        with the personal tensors on top."""
+
+    @abstractmethod
     def worker_stats(self) -> list[dict[str, Any]]:
         """Per-worker counters (model builds, PEFT wraps, clients trained)."""
 

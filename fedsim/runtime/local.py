@@ -73,6 +73,9 @@ class LocalBackend(Backend):
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
         return self.worker.evaluate(payload, list(batches))
 
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
+        return self.worker.evaluate_clients(payload, list(items))
+
     def worker_stats(self) -> list[dict[str, Any]]:
         return [self.worker.stats()] if self.worker else []
 

@@ -89,6 +89,9 @@ def _actor_classes():
         def evaluate(self, payload, batches):
             return super().evaluate(unpack_tensors_of(payload), batches)
 
+        def evaluate_clients(self, payload, items):
+            return super().evaluate_clients(unpack_tensors_of(payload), items)
+
         def apply_base_delta(self, version, delta):
             return super().apply_base_delta(version, unpack(delta))
 
@@ -338,6 +341,16 @@ class RayBackend(Backend):
             for j, r in zip(chunk, part):
                 out[j] = r
         return out  # type: ignore[return-value]
+
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
+        import ray
+
+        n = len(self.actors)
+        parts = [list(items[i::n]) for i in range(n)]
+        out: dict = {}
+        for part in ray.get([self.actors[i].evaluate_clients.remote(payload, p) for i, p in enumerate(parts) if p]):
+            out.update(part)
+        return out
 
     def worker_stats(self) -> list[dict[str, Any]]:
         import ray

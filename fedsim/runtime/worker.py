@@ -35,6 +35,7 @@ class ClientJob:
     indices: np.ndarray
     server_round: int
     attempt: int = 1
+    personal: dict[str, torch.Tensor] | None = None  # the client's private tensors from earlier rounds
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -129,7 +130,7 @@ class Worker:
                 int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
             host.load(payload.lora, init_adapter(host.shapes(payload.lora), payload.lora.rank, gen))
         else:
-            host.load(payload.lora, payload.tensors)
+            self._load(host, payload, job.spec.client_id, job.personal)
         params = host.set_trainable(payload.lora, payload.trainable)
         regularizer = None
         tail = payload.extras.get("tail_regularizer")
@@ -149,15 +150,49 @@ class Worker:
         metrics["client/time_s"] = time.perf_counter() - t0
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
                               tensors=tensors, metrics=metrics)
+        personal = None
+        if self.strategy.has_personal_state:
+            personal = {k: v for k, v in host.read(payload.lora).items() if not self.strategy.is_shared(k)}
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
-                              worker=self.name)
+                              worker=self.name, personal=personal)
         return result, update
+
+    def _load(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
+              personal: dict[str, torch.Tensor] | None) -> None:
+        """Payload tensors, then the client's personal ones; keys neither gives (a client's first visit) start as
+        PEFT does — B = 0, A random — seeded by (seed, client)."""
+        tensors = dict(payload.tensors)
+        if personal:
+            tensors.update(personal)
+        missing = set(host.params(payload.lora)) - set(tensors)
+        if missing:
+            gen = torch.Generator().manual_seed(
+                int(np.random.default_rng([self.scenario.seed, 7] + ([client_id] if client_id is not None else []))
+                    .integers(2**62)))
+            init = init_adapter(host.shapes(payload.lora), payload.lora.rank, gen)
+            tensors.update({k: init[k] for k in missing})
+        host.load(payload.lora, tensors)
+
+    def evaluate_clients(self, payload: ClientPayload, items: list[tuple[int, dict | None, np.ndarray]]
+                         ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
+        """Per client, sums on its local test indices (train split) with the global adapter alone and with its
+        personal tensors on top: ``{client_id: (global_sums, personal_sums)}``."""
+        host = self.host(payload.base_version)
+        host.activate(payload.lora)
+        out = {}
+        for client_id, personal, indices in items:
+            sums = []
+            for own in (None, personal):
+                self._load(host, payload, client_id, own)
+                sums.append(evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train))
+            out[client_id] = (sums[0], sums[1])
+        return out
 
     def evaluate(self, payload: ClientPayload, batches: list[np.ndarray]) -> list[dict[str, float]]:
         """Evaluate the payload's adapter on batches of test indices; one dict of sums per batch."""
         host = self.host(payload.base_version)
         host.activate(payload.lora)
-        host.load(payload.lora, payload.tensors)
+        self._load(host, payload, None, None)
         return [evaluate_batch(host.model, self.data, b, self.device) for b in batches]
 
     def stats(self) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class Strategy(ABC):
     summary: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
     supports_mixed_ranks: ClassVar[bool] = False
+    has_personal_state: ClassVar[bool] = False  # some adapter tensors stay with their client (is_shared False)
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):

@@ -1,0 +1,47 @@
+"""FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025).
+
+A learns what clients share and is averaged (weighted by sample counts); B learns what is client-specific and stays
+with its client across rounds (in the client state store; never uploaded, never seen by the server). Every client
+trains both. All clients share one rank and alpha. The global adapter alone (A with B = 0) is the base model, so the
+meaningful metric is the personalized one: each client's A_global + B_k on its local test split
+(``eval/personal/*``), which needs ``eval.local_test_fraction`` > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
+
+
+@register("fedsa")
+class FedSALoRA(Strategy):
+    summary = "A shared and averaged, B personal: it stays with its client (Guo et al. 2025)"
+    has_personal_state = True
+
+    def init_state(self, spec: StrategySpec) -> GlobalState:
+        gen = torch.Generator().manual_seed(spec.seed)
+        init = ops.init_adapter(spec.shapes, spec.lora.rank, gen)
+        return GlobalState(tensors={k: v for k, v in init.items() if self.is_shared(k)}, lora=spec.lora)
+
+    def is_shared(self, key: str) -> bool:
+        return ops.factor_of(key) == "A"
+
+    def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
+        for c in clients:
+            if c.lora != state.lora:
+                raise AggregationError(f"FedSA-LoRA needs every client at {state.lora}; client {c.client_id} has {c.lora}")
+        payload = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
+        return {c.client_id: payload for c in clients}
+
+    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
+        keys = self._check_updates(updates, state)
+        if keys != sorted(state.tensors):
+            raise AggregationError("FedSA-LoRA updates must carry exactly the shared A factors")
+        return self._copy_state(state, tensors=ops.weighted_average([u.tensors for u in updates],
+                                                                    self._weights(updates), keys))
