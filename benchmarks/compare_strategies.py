@@ -50,7 +50,7 @@ RANKS = {
     "uniform": {"rank": 8, "alpha": 16},
     "mixed": {"tiers": [{"fraction": 0.25, "rank": r, "alpha": 2 * r} for r in (2, 4, 8, 16)]},
 }
-UNIFORM_ONLY = ("fedit", "ffa", "fedex")
+UNIFORM_ONLY = ("fedit", "ffa", "fedex", "fedsa")
 MIXED_OK = ("flora", "hetlora", "flexlora")
 
 
@@ -61,14 +61,15 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def run_one(args: tuple[str, str, str, int, int]) -> dict:
-    data_name, rank_name, strategy, seed, rounds = args
+def run_one(args: tuple[str, str, str, int, int, float]) -> dict:
+    data_name, rank_name, strategy, seed, rounds, local_test = args
     from fedsim.config import scenario_from_dict
     from fedsim.driver import run_scenario
 
     raw = merge(BASE, DATA[data_name])
     raw = merge(raw, {"name": f"{data_name}-{rank_name}-{strategy}-{seed}", "seed": seed, "rounds": rounds,
-                      "clients": {"lora": RANKS[rank_name]}, "strategy": {"name": strategy}})
+                      "clients": {"lora": RANKS[rank_name]}, "strategy": {"name": strategy},
+                      "eval": {"local_test_fraction": local_test}})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = run_scenario(scenario_from_dict(raw), Path(tmp) / "run")
@@ -78,6 +79,8 @@ def run_one(args: tuple[str, str, str, int, int]) -> dict:
             "final_loss": summary["final/eval/loss"],
             "comm_params": summary["comm/total_up_params"] + summary["comm/total_down_params"],
             "comm_up_params": summary["comm/total_up_params"], "comm_down_params": summary["comm/total_down_params"],
+            "personal_accuracy": summary.get("final/eval/personal/accuracy"),
+            "personal_worst10": summary.get("final/eval/personal/accuracy_worst10"),
             "time_s": time.perf_counter() - t0}
 
 
@@ -110,13 +113,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=["synthetic", "ag_news"], choices=sorted(DATA))
+    ap.add_argument("--strategies", nargs="+", help="only these strategies")
+    ap.add_argument("--local-test", type=float, default=0.0,
+                    help="hold out this share of each client's shard and report personalized accuracy too "
+                         "(needed by personalized strategies such as fedsa, which are skipped without it)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if "ag_news" in args.settings and not AG_NEWS.is_file():
         print(f"skipping ag_news: {AG_NEWS} not found", file=sys.stderr)
         args.settings = [s for s in args.settings if s != "ag_news"]
-    runs = [(d, k, s, seed, args.rounds) for d in args.settings for k in RANKS
-            for s in (UNIFORM_ONLY + MIXED_OK if k == "uniform" else MIXED_OK) for seed in range(args.seeds)]
+    from fedsim.strategies import get_strategy_class
+
+    def wanted(s: str) -> bool:
+        if args.strategies and s not in args.strategies:
+            return False
+        return args.local_test > 0 or not get_strategy_class(s).has_personal_state
+
+    runs = [(d, k, s, seed, args.rounds, args.local_test) for d in args.settings for k in RANKS
+            for s in (UNIFORM_ONLY + MIXED_OK if k == "uniform" else MIXED_OK) if wanted(s)
+            for seed in range(args.seeds)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         results = []
@@ -127,26 +143,33 @@ def main() -> int:
     results.sort(key=lambda r: (r["data"], r["ranks"], r["strategy"], r["seed"]))
 
     lines = ["# Strategy comparison (benchmarks/compare_strategies.py)", "",
-             f"command: python benchmarks/compare_strategies.py --seeds {args.seeds} --rounds {args.rounds} "
-             f"--jobs {args.jobs} --settings {' '.join(args.settings)}",
+             f"command: python {' '.join(sys.argv)}",
              f"{args.seeds} seeds, {args.rounds} rounds, 20 clients (5 per round), Dirichlet(0.5) split, tiny model, "
              f"20 local steps of batch 16; wall time {time.perf_counter() - t0:.0f} s", "",
              "| data | ranks | strategy | final accuracy (mean ± std) | best round accuracy (mean) | "
-             "total communication (M params, up + down) |", "|---|---|---|---|---|---|"]
+             "total communication (M params, up + down) |" + (" personalized accuracy (mean ± std) | worst 10% |"
+                                                               if args.local_test > 0 else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if args.local_test > 0 else "")]
     for (d, k, s) in sorted({(r["data"], r["ranks"], r["strategy"]) for r in results}):
         rs = [r for r in results if (r["data"], r["ranks"], r["strategy"]) == (d, k, s)]
         acc = [r["final_accuracy"] for r in rs]
         best = statistics.mean(max(r["accuracy"]) for r in rs)
         comm = statistics.mean(r["comm_params"] for r in rs) / 1e6
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {d} | {k} | {s} | {statistics.mean(acc):.3f} ± {std:.3f} | {best:.3f} | {comm:.2f} |")
+        line = f"| {d} | {k} | {s} | {statistics.mean(acc):.3f} ± {std:.3f} | {best:.3f} | {comm:.2f} |"
+        if args.local_test > 0:
+            pa = [r["personal_accuracy"] for r in rs]
+            pstd = statistics.stdev(pa) if len(pa) > 1 else 0.0
+            line += f" {statistics.mean(pa):.3f} ± {pstd:.3f} | {statistics.mean(r['personal_worst10'] for r in rs):.3f} |"
+        lines.append(line)
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_strategies.md").write_text(text + "\n")
-    (out / "compare_strategies.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "compare_strategies.png")
+    name = f"compare_strategies{args.tag}"
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{name}.png")
     return 0
 
 
