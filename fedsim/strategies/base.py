@@ -137,6 +137,13 @@ class Strategy(ABC):
         return None
 
     # -- helpers for subclasses ---------------------------------------------------------------------------------
+    def _require_uniform(self, state: GlobalState, clients: Sequence[ClientSpec]) -> None:
+        """Raise unless every client trains at the global rank and alpha (methods that cannot mix ranks)."""
+        for c in clients:
+            if c.lora != state.lora:
+                raise AggregationError(f"{self.name} needs every client at the global rank/alpha {state.lora}; "
+                                       f"client {c.client_id} has {c.lora}")
+
     @staticmethod
     def _weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
         if not updates:

@@ -30,9 +30,8 @@ class FedExLoRA(Strategy):
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         out = {}
+        self._require_uniform(state, clients)
         for c in clients:
-            if c.lora != state.lora:
-                raise AggregationError(f"FedEx-LoRA needs every client at {state.lora}; client {c.client_id} has {c.lora}")
             since = state.extras["last_version"].get(c.client_id, 0)
             missed = sum(t.numel() for d in state.base_deltas[since:] for t in d.values())
             out[c.client_id] = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,

@@ -26,11 +26,7 @@ class FedIT(Strategy):
         return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora)
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
-        for c in clients:
-            if c.lora != state.lora:
-                raise AggregationError(
-                    f"FedIT needs every client at the global rank/alpha {state.lora}; client {c.client_id} has {c.lora}"
-                )
+        self._require_uniform(state, clients)
         payload = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
         return {c.client_id: payload for c in clients}
 

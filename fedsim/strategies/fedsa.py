@@ -33,9 +33,7 @@ class FedSALoRA(Strategy):
         return ops.factor_of(key) == "A"
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
-        for c in clients:
-            if c.lora != state.lora:
-                raise AggregationError(f"FedSA-LoRA needs every client at {state.lora}; client {c.client_id} has {c.lora}")
+        self._require_uniform(state, clients)
         payload = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
         return {c.client_id: payload for c in clients}
 

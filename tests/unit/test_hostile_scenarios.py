@@ -69,13 +69,11 @@ MUTATIONS = {
     "wandb-at-top": _set(["wandb"], {"mode": "offline"}), "model-in-data": _set(["data", "model"], "tiny"),
     # missing sections are filled by defaults, but not inside list entries
     "tier-missing-fraction": _set(["clients", "lora", "tiers"], [{"rank": 4}]),
-    "drop-strategy-name-keeps-default": None,  # placeholder replaced below
     # huge values
     "rounds-huge": _set(["rounds"], 10**12), "clients-huge": _set(["clients", "num_clients"], 10**12),
     "rank-huge": _set(["clients", "lora", "rank"], 10**9), "seq-huge": _set(["data", "max_seq_len"], 10**9),
     "workers-huge": _set(["resources", "num_workers"], 10**7), "seed-huge": _set(["seed"], 2**80),
 }
-MUTATIONS.pop("drop-strategy-name-keeps-default")
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
