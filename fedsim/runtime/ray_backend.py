@@ -73,6 +73,36 @@ def init_ray(scenario: Scenario) -> bool:
     return True
 
 
+def check_placement(res: Any) -> None:
+    """Fail now, not after a long wait, when the cluster cannot place the requested workers and server.
+
+    Raises:
+        BackendError: naming what is short and the fix.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    need_cpu = res.num_workers * res.num_cpus + res.server.num_cpus
+    need_gpu = res.num_workers * res.num_gpus + res.server.num_gpus
+    biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    biggest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    problems = []
+    if res.num_cpus > biggest_cpu or res.server.num_cpus > biggest_cpu:
+        problems.append(f"no node has {max(res.num_cpus, res.server.num_cpus):g} CPUs (largest: {biggest_cpu:g})")
+    if res.num_gpus > biggest_gpu or res.server.num_gpus > biggest_gpu:
+        problems.append(f"no node has {max(res.num_gpus, res.server.num_gpus):g} GPUs (largest: {biggest_gpu:g})")
+    if need_cpu > total_cpu + 1e-9:
+        problems.append(f"{need_cpu:g} CPUs needed, the cluster has {total_cpu:g}")
+    if need_gpu > total_gpu + 1e-9:
+        problems.append(f"{need_gpu:g} GPUs needed, the cluster has {total_gpu:g}")
+    if problems:
+        raise BackendError(
+            "Ray cannot place the workers: " + "; ".join(problems) + ". Lower resources.num_workers, "
+            "resources.num_cpus / num_gpus or resources.server, or add nodes to the cluster")
+
+
 def _actor_classes():
     import ray
 
@@ -192,6 +222,7 @@ class RayBackend(Backend):
         import ray
 
         self.started_ray = init_ray(scenario)
+        check_placement(scenario.resources)
         worker_cls, server_cls = _actor_classes()
         res = scenario.resources
         self._resources = res

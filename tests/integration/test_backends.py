@@ -56,3 +56,19 @@ def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
     assert a[-1]["eval/loss"] < a[0]["eval/loss"]
     assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])
+
+
+def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
+    import time
+
+    import ray
+
+    from fedsim.errors import BackendError
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # a "cluster" the scenario joins as it is
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError, match="cannot place.*GPUs"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_gpus=1"]), tmp_path / "a")
+    with pytest.raises(BackendError, match="no node has 4 CPUs"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_cpus=4"]), tmp_path / "b")
+    assert time.perf_counter() - t0 < 60
