@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="print the per-client split and write a PNG heatmap")
     _add_scenario_args(part)
     part.add_argument("--png", help="where to write the heatmap (default: <name>_partition.png)")
+    sweep = sub.add_parser("sweep", help="run a scenario over a grid of values; write sweep.csv and sweep.png")
+    _add_scenario_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a swept key and its values, e.g. --grid clients.num_clients=10,100,1000 (repeatable)")
+    sweep.add_argument("--out", help="sweep directory (default: runs/<name>-sweep)")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
 
@@ -97,6 +102,14 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import run_sweep
+
+    rows = run_sweep(args.scenario, args.grid, args.overrides, args.out)
+    print(f"done: {len(rows)} runs; table in {Path(rows[0]['run_dir']).parent / 'sweep.csv'}")
+    return 0
+
+
 def _cmd_strategies(args: argparse.Namespace) -> int:
     from fedsim.strategies import available_strategies
 
@@ -108,7 +121,7 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script."""
     args = _parser().parse_args(argv)
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition,
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
                "strategies": _cmd_strategies}[args.command]
     try:
         return handler(args)

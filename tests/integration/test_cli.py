@@ -132,3 +132,29 @@ def test_validate_partition_and_strategies(tiny_yaml, tmp_path):
 def test_missing_scenario_file(tmp_path):
     r = _fedsim("run", str(tmp_path / "none.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_runs_every_point_and_tabulates(tiny_yaml, tmp_path):
+    out = tmp_path / "sweep"
+    r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.num_clients=4,8", "--grid", "training.local_steps=1,2",
+                "--set", "rounds=1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(x["clients.num_clients"], x["training.local_steps"]) for x in rows] == [
+        ("4", "1"), ("4", "2"), ("8", "1"), ("8", "2")]
+    for x in rows:
+        resolved = yaml.safe_load((tmp_path / "sweep" / x["run_dir"].split("/")[-1] / "scenario.yaml").read_text())
+        assert resolved["clients"]["num_clients"] == int(x["clients.num_clients"])
+        assert resolved["logging"]["wandb"]["group"] == "tiny-sweep" and resolved["rounds"] == 1
+        assert float(x["comm_params"]) > 0 and 0.0 <= float(x["final_accuracy"]) <= 1.0
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
+    r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.lora.alpha=8,-1", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "point alpha=-1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()
+    r = _fedsim("sweep", str(tiny_yaml), "--grid", "rounds")
+    assert r.returncode == 2 and "no '='" in r.stderr
