@@ -143,7 +143,8 @@ class Worker:
         if tail is not None:
             start_norm, end_norm = metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"]
             metrics["hetlora/rank"] = float(tail["start"] if end_norm < start_norm else payload.lora.rank)
-        tensors = {k: v for k, v in host.read(payload.lora).items() if self.strategy.is_shared(k)}
+        trained = host.read(payload.lora)
+        tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
         if nan:  # injected fault: a corrupt update, which the server must reject
             tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
         self.num_clients += 1
@@ -152,7 +153,7 @@ class Worker:
                               tensors=tensors, metrics=metrics)
         personal = None
         if self.strategy.has_personal_state:
-            personal = {k: v for k, v in host.read(payload.lora).items() if not self.strategy.is_shared(k)}
+            personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
                               worker=self.name, personal=personal)
         return result, update

@@ -137,6 +137,11 @@ class Strategy(ABC):
         return None
 
     # -- helpers for subclasses ---------------------------------------------------------------------------------
+    @staticmethod
+    def _fresh_adapter(spec: StrategySpec, rank: int | None = None) -> dict[str, torch.Tensor]:
+        """PEFT's default initialisation (A random, B = 0) at ``rank`` (default: the spec's), seeded by the scenario."""
+        return ops.init_adapter(spec.shapes, rank or spec.lora.rank, torch.Generator().manual_seed(spec.seed))
+
     def _require_uniform(self, state: GlobalState, clients: Sequence[ClientSpec]) -> None:
         """Raise unless every client trains at the global rank and alpha (methods that cannot mix ranks)."""
         for c in clients:

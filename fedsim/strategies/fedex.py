@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
@@ -24,8 +22,7 @@ class FedExLoRA(Strategy):
     summary = "FedAvg of A and B plus the exact residual merged into the base (Singhal et al. 2024)"
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
-        return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora,
+        return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora,
                            extras={"last_version": {}})
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
@@ -22,8 +20,7 @@ class FedIT(Strategy):
     summary = "FedAvg of LoRA A and B separately, weighted by client sample counts (Zhang et al. 2024)"
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
-        return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora)
+        return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)

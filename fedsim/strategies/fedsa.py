@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
@@ -25,8 +23,7 @@ class FedSALoRA(Strategy):
     has_personal_state = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
-        init = ops.init_adapter(spec.shapes, spec.lora.rank, gen)
+        init = self._fresh_adapter(spec)
         return GlobalState(tensors={k: v for k, v in init.items() if self.is_shared(k)}, lora=spec.lora)
 
     def is_shared(self, key: str) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
@@ -22,8 +20,7 @@ class FFALoRA(Strategy):
     summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
-        return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora)
+        return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)
 
     def is_shared(self, key: str) -> bool:
         return ops.factor_of(key) == "B"

@@ -36,8 +36,7 @@ class FlexLoRA(Strategy):
     supports_mixed_ranks = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
-        init = ops.init_adapter(spec.shapes, spec.lora.rank, gen)
+        init = self._fresh_adapter(spec)
         return GlobalState(tensors=init, lora=spec.lora, extras={"round1": True})
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
@@ -28,9 +26,8 @@ class FLoRA(Strategy):
     supports_mixed_ranks = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
-        gen = torch.Generator().manual_seed(spec.seed)
         # the global adapter is always "fresh" (B = 0): after each merge the base carries everything
-        return GlobalState(tensors=ops.init_adapter(spec.shapes, spec.lora.rank, gen), lora=spec.lora,
+        return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora,
                            extras={"last_version": {}, "shapes": {m: (s.d_in, s.d_out) for m, s in spec.shapes.items()}})
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:

@@ -40,8 +40,7 @@ class HetLoRA(Strategy):
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         r_max = self.params.max_rank or spec.lora.rank
-        gen = torch.Generator().manual_seed(spec.seed)
-        tensors = ops.init_adapter(spec.shapes, r_max, gen)  # B = 0: the product is 0 at any scaling
+        tensors = self._fresh_adapter(spec, r_max)  # B = 0: the product is 0 at any scaling
         return GlobalState(tensors=tensors, lora=LoraSpec(rank=r_max, alpha=float(r_max)), extras={"ranks": {}})
 
     def client_rank(self, state: GlobalState, client: ClientSpec) -> int:
