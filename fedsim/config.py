@@ -237,6 +237,8 @@ class ClientsConfig(_Frozen):
     lora: LoraSpecConfig = LoraSpecConfig()
     sampling: Literal["uniform"] = "uniform"
     state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk
+    # where spilled client state goes (a subdirectory per run); default: <run dir>/client_state
+    state_dir: str | None = None
 
     @field_validator("per_round", mode="before")
     @classmethod
@@ -328,6 +330,8 @@ class ResourcesConfig(_Frozen):
     server: ServerResources = ServerResources()
     dashboard: bool = False
     max_retries: int = Field(1, ge=0, le=100)
+    # consecutive rounds in which every sampled client fails before the run stops with their reason; 0 = never
+    max_failed_rounds: int = Field(3, ge=0, le=1_000_000)
     client_timeout_s: float | None = Field(None, gt=0.0)
 
     def threads_per_worker(self) -> int:

@@ -3,10 +3,13 @@ decides where the server and the workers run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from fedsim.client.store import ClientStateStore
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
-from fedsim.errors import ScenarioError
+from fedsim.errors import BackendError, ScenarioError
 from fedsim.models.base import target_shapes
 from fedsim.progress import Progress
 from fedsim.runtime.backend import Backend, make_backend
@@ -86,6 +89,15 @@ def split_local_test(parts: Partition, fraction: float, seed: int) -> tuple[Part
         test.append(np.sort(perm[:k]))
         train.append(np.sort(perm[k:]))
     return train, test
+
+
+def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
+    """Where the client state store spills: ``<run dir>/client_state``, or with ``clients.state_dir`` set, a
+    subdirectory of it named after the run (so that runs never share or delete each other's state)."""
+    if scenario.clients.state_dir is None:
+        return run_dir / "client_state"
+    tag = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(scenario.clients.state_dir).expanduser() / f"{Path(run_dir).name}-{tag}"
 
 
 def personal_metrics(per_client: dict[int, tuple[dict, dict]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -218,9 +230,12 @@ class Driver:
                               f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
         store = None
         if get_strategy_class(sc.strategy.name).has_personal_state:
+            store_dir = client_state_dir(sc, self.run_dir)
             if self.resume:
-                checkpoint.restore_client_state(self.run_dir, self.run_dir / "client_state")
-            store = ClientStateStore.open(self.run_dir / "client_state", int(sc.clients.state_budget_mb * 2**20))
+                checkpoint.restore_client_state(self.run_dir, store_dir)
+            else:  # this run's own directory: nothing in it can belong to anything else
+                shutil.rmtree(store_dir, ignore_errors=True)
+            store = ClientStateStore.open(store_dir, int(sc.clients.state_budget_mb * 2**20))
         personal_table: list[dict[str, Any]] = []
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
         tracker = Tracker(sc, self.run_dir)
@@ -243,6 +258,7 @@ class Driver:
                 row = {"round": 0, "time_s": 0.0, **reduce_eval(self.backend.evaluate(server.eval_handle(), batches))}
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
+            all_failed = 0  # consecutive rounds in which no client succeeded
             for r in range(start_round + 1, sc.rounds + 1):
                 t0 = time.perf_counter()
                 ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
@@ -290,6 +306,15 @@ class Driver:
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
+                all_failed = all_failed + 1 if not ok else 0
+                if sc.resources.max_failed_rounds and all_failed >= sc.resources.max_failed_rounds:
+                    reasons = Counter(f.reason.split(":", 1)[0] for f in failed).most_common(1)
+                    example = next(f for f in failed if f.reason.startswith(reasons[0][0]))
+                    raise BackendError(
+                        f"every sampled client failed in {all_failed} consecutive rounds (up to round {r}), e.g. "
+                        f"client {example.client_id}: {example.reason}; the metrics so far are in "
+                        f"{self.run_dir / 'metrics.jsonl'}. Fix the cause, or raise resources.max_failed_rounds "
+                        "(0 never stops)")
                 if r % sc.checkpoint.every == 0 or r == sc.rounds:
                     if store is not None:
                         store.flush()
@@ -320,6 +345,10 @@ class Driver:
             "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
             "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
         }
+        if n_ok:  # the procedure's own metrics (e.g. pf2lora/hvp_norm, personal/loss), example-weighted means
+            extra = set.intersection(*(set(res.metrics) for res, _ in ok)) - set(row) - {"train/time_s"}
+            for key in sorted(k for k in extra if k.startswith(("train/", "personal/", "pf2lora/", "reg/"))):
+                row[key] = sum(res.metrics[key] * res.num_examples for res, _ in ok) / n_ok
         # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
         row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
         if failed:

@@ -80,6 +80,10 @@ class ClientPayload:
         base_version: version of the base model the client must use.
         fresh: the client initialises a new adapter itself (nothing to download).
         base_update_params: size of the base-model updates the client downloads to reach ``base_version``.
+        personal_lora: rank/alpha of the client's second, personal adapter (two-level methods), else None.
+        mix: (w_main, w_personal): weights of the two adapters' outputs when both are active.
+        procedure: the local training procedure (a name in :data:`fedsim.client.procedures.PROCEDURES`), its
+            hyperparameters in ``extras["procedure"]``.
     """
 
     tensors: Tensors
@@ -89,6 +93,9 @@ class ClientPayload:
     extras: dict[str, Any] = field(default_factory=dict)
     fresh: bool = False  # the client starts a new adapter itself (seeded PEFT init), ``tensors`` is empty
     base_update_params: int = 0  # parameters of base-model updates this client must download (FLoRA, FedEx-LoRA)
+    personal_lora: LoraSpec | None = None
+    mix: tuple[float, float] = (1.0, 1.0)
+    procedure: str = "joint"
 
 
 @dataclass

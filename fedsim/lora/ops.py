@@ -16,6 +16,9 @@ from fedsim.types import ModuleShape, Tensors
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+# Keys of a client's second, personal adapter (PF2LoRA's (D_k, C_k), FedDPA's local adapter) carry this prefix in
+# client results and in the client state store; they never appear in a payload or an update.
+PERSONAL_PREFIX = "personal."
 
 
 def a_key(module: str) -> str:
@@ -38,6 +41,18 @@ def factor_of(key: str) -> str:
 def module_of(key: str) -> str:
     factor_of(key)
     return key[: -len(A_SUFFIX)]
+
+
+def personal_key(key: str) -> str:
+    """The state-store key of a personal-adapter tensor."""
+    return PERSONAL_PREFIX + key
+
+
+def split_personal(tensors: Tensors) -> tuple[Tensors, Tensors]:
+    """(keys of the main adapter, keys of the personal adapter with the prefix removed)."""
+    main = {k: v for k, v in tensors.items() if not k.startswith(PERSONAL_PREFIX)}
+    personal = {k[len(PERSONAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(PERSONAL_PREFIX)}
+    return main, personal
 
 
 def modules(tensors: Tensors) -> list[str]:

@@ -2,6 +2,9 @@
 
 One PEFT model per worker hosts one named adapter per distinct (rank, alpha, rslora); a client job only copies its
 tensors into the adapter's parameters (``Tensor.copy_``), never re-wraps or reloads the base.
+
+Two-level methods (PF2LoRA, FedDPA) activate a second, personal adapter next to the main one — PEFT's multi-adapter
+support: both are active and their outputs add up, each multiplied by its mixing weight (PEFT's ``set_scale``).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from fedsim.types import LoraSpec, ModuleShape, Tensors
 MAX_ADAPTERS = 8  # named adapters kept per worker (one per distinct rank/alpha in use)
 
 
-def adapter_name(lora: LoraSpec) -> str:
+def adapter_name(lora: LoraSpec, personal: bool = False) -> str:
     a = f"{lora.alpha:g}".replace(".", "p").replace("-", "m")
-    return f"r{lora.rank}_a{a}" + ("_rs" if lora.rslora else "")
+    return ("p_" if personal else "") + f"r{lora.rank}_a{a}" + ("_rs" if lora.rslora else "")
 
 
 class AdapterHost:
@@ -36,7 +39,8 @@ class AdapterHost:
         self.model: torch.nn.Module | None = None
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {}
         self.num_wraps = 0  # how many times get_peft_model ran (once per worker)
-        self.active: str | None = None
+        self.active: tuple[str, ...] = ()
+        self._mix: dict[str, float] = {}  # adapter name -> weight its PEFT scaling is multiplied by (1.0 if absent)
 
     def _config(self, lora: LoraSpec):
         from peft import LoraConfig
@@ -44,9 +48,32 @@ class AdapterHost:
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
                           target_modules=self.target_modules, lora_dropout=self.lora_dropout, bias="none")
 
-    def activate(self, lora: LoraSpec) -> str:
-        """Make the adapter for ``lora`` the active one (creating it on first use) and return its name."""
-        name = adapter_name(lora)
+    def activate(self, lora: LoraSpec, personal: LoraSpec | None = None,
+                 mix: tuple[float, float] = (1.0, 1.0)) -> str:
+        """Make the adapter for ``lora`` the active one (creating it on first use) and return its name.
+
+        With ``personal``, the personal adapter of that rank/alpha is active too; ``mix`` = (w_main, w_personal)
+        multiplies each adapter's LoRA scaling, so the layer computes W0 x + w_main ΔW x + w_personal ΔW_p x.
+        """
+        name = self._ensure(lora, False)
+        names = (name,)
+        if personal is not None:
+            names = (name, self._ensure(personal, True))
+            self._params[name] = self._params.pop(name)  # keep the main adapter out of the eviction's way
+        if self.active != names:  # set_adapter walks every module: only call it on a change
+            if len(names) == 1:
+                self.model.set_adapter(name)
+            else:
+                self.model.base_model.set_adapter(list(names))
+            self.active = names
+        weights = dict(zip(names, mix))
+        if any(self._mix.get(n, 1.0) != weights[n] for n in names):
+            self._set_scales(weights)
+        return name
+
+    def _ensure(self, lora: LoraSpec, personal: bool) -> str:
+        """Create the adapter on first use (evicting the least recently used beyond MAX_ADAPTERS); mark it used."""
+        name = adapter_name(lora, personal)
         if self.model is None:
             from peft import get_peft_model
 
@@ -57,17 +84,23 @@ class AdapterHost:
                 victim = next(iter(self._params))
                 self.model.delete_adapter(victim)
                 del self._params[victim]
-                if self.active == victim:
-                    self.active = None
+                self._mix.pop(victim, None)
+                self.active = ()
             self.model.add_adapter(name, self._config(lora))
         if name not in self._params:
             self._params[name] = self._index(name)
         else:
             self._params[name] = self._params.pop(name)  # most recently used last
-        if self.active != name:  # set_adapter walks every module: only call it on a change
-            self.model.set_adapter(name)
-            self.active = name
         return name
+
+    def _set_scales(self, weights: dict[str, float]) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for mod in self.model.modules():
+            if isinstance(mod, LoraLayer):
+                for n, w in weights.items():
+                    mod.set_scale(n, w)  # scaling = w · alpha / r (or / √r with rsLoRA), as PEFT computes it
+        self._mix.update(weights)
 
     def _index(self, name: str) -> dict[str, torch.nn.Parameter]:
         params = {}
@@ -91,12 +124,12 @@ class AdapterHost:
         return {ops.module_of(k): ModuleShape(d_in=p[k].shape[1], d_out=p[ops.b_key(ops.module_of(k))].shape[0])
                 for k in p if ops.factor_of(k) == "A"}
 
-    def params(self, lora: LoraSpec) -> dict[str, torch.nn.Parameter]:
-        return self._params[adapter_name(lora)]
+    def params(self, lora: LoraSpec, personal: bool = False) -> dict[str, torch.nn.Parameter]:
+        return self._params[adapter_name(lora, personal)]
 
-    def load(self, lora: LoraSpec, tensors: Tensors) -> None:
-        """Copy ``tensors`` into the (active) adapter for ``lora``; every adapter key must be given."""
-        params = self.params(lora)
+    def load(self, lora: LoraSpec, tensors: Tensors, personal: bool = False) -> None:
+        """Copy ``tensors`` into the adapter for ``lora`` (the personal one with ``personal``); every key is needed."""
+        params = self.params(lora, personal)
         if sorted(params) != sorted(tensors):
             missing = sorted(set(params) - set(tensors))[:3]
             raise AggregationError(f"payload does not match the model's adapter (missing e.g. {missing})")
@@ -107,16 +140,17 @@ class AdapterHost:
                     raise AggregationError(f"{k}: payload shape {tuple(t.shape)} != adapter shape {tuple(p.shape)}")
                 p.copy_(t)
 
-    def set_trainable(self, lora: LoraSpec, factors: tuple[str, ...]) -> list[torch.nn.Parameter]:
-        """Enable gradients on the chosen factors ("A", "B") of the active adapter; return them."""
+    def set_trainable(self, lora: LoraSpec, factors: tuple[str, ...], personal: bool = False
+                      ) -> list[torch.nn.Parameter]:
+        """Enable gradients on the chosen factors ("A", "B") of an adapter (others off); return them."""
         out = []
-        for k, p in self.params(lora).items():
+        for k, p in self.params(lora, personal).items():
             on = ops.factor_of(k) in factors
             p.requires_grad_(on)
             if on:
                 out.append(p)
         return out
 
-    def read(self, lora: LoraSpec) -> Tensors:
+    def read(self, lora: LoraSpec, personal: bool = False) -> Tensors:
         """A CPU float32 copy of the adapter's tensors."""
-        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params(lora).items()}
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.params(lora, personal).items()}

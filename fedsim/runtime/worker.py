@@ -9,18 +9,19 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.client.evaluate import evaluate_batch
-from fedsim.client.trainer import tail_regularizer, train_local
+from fedsim.client.procedures import PROCEDURES, LocalJob
+from fedsim.client.trainer import tail_regularizer
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError
-from fedsim.lora.ops import init_adapter
+from fedsim.lora.ops import init_adapter, personal_key, split_personal
 from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import build_base_model, configure_threads
 from fedsim.strategies import make_strategy
@@ -124,22 +125,25 @@ class Worker:
         if hang:
             time.sleep(self.scenario.faults.hang_s)
         host = self.host(payload.base_version)
-        host.activate(payload.lora)
+        host.activate(payload.lora, payload.personal_lora, payload.mix)
         if payload.fresh:  # a new adapter, initialised here as PEFT does, seeded by (seed, round, client)
             gen = torch.Generator().manual_seed(
                 int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
             host.load(payload.lora, init_adapter(host.shapes(payload.lora), payload.lora.rank, gen))
+            self._load_personal(host, payload, job.spec.client_id, job.personal)
         else:
             self._load(host, payload, job.spec.client_id, job.personal)
-        params = host.set_trainable(payload.lora, payload.trainable)
         regularizer = None
         tail = payload.extras.get("tail_regularizer")
         if tail is not None:
             regularizer = tail_regularizer(host.params(payload.lora), payload.lora.scaling, tail["start"],
                                            tail["lambda"])
-        metrics = train_local(host.model, params, self.data.train, job.indices, self.scenario.training,
-                              self.data.pad_id, (self.scenario.seed, job.server_round, job.spec.client_id),
-                              self.device, regularizer=regularizer)
+        procedure = PROCEDURES.get(payload.procedure)
+        if procedure is None:
+            raise BackendError(f"unknown local training procedure {payload.procedure!r}; known: {sorted(PROCEDURES)}")
+        metrics = procedure(LocalJob(host, payload, self.data.train, job.indices, self.scenario.training,
+                                     self.data.pad_id, (self.scenario.seed, job.server_round, job.spec.client_id),
+                                     self.device, regularizer))
         if tail is not None:
             start_norm, end_norm = metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"]
             metrics["hetlora/rank"] = float(tail["start"] if end_norm < start_norm else payload.lora.rank)
@@ -152,46 +156,63 @@ class Worker:
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
                               tensors=tensors, metrics=metrics)
         personal = None
-        if self.strategy.has_personal_state:
+        if self.strategy.has_personal_state:  # private keys of the main adapter and the whole personal adapter
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
+            if payload.personal_lora is not None:
+                personal.update({personal_key(k): v for k, v in host.read(payload.personal_lora, True).items()})
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
                               worker=self.name, personal=personal)
         return result, update
 
+    def _seeded_init(self, shapes: dict, rank: int, *key: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.scenario.seed, *key]).integers(2**62)))
+        return init_adapter(shapes, rank, gen)
+
     def _load(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
               personal: dict[str, torch.Tensor] | None) -> None:
         """Payload tensors, then the client's personal ones; keys neither gives (a client's first visit) start as
-        PEFT does — B = 0, A random — seeded by (seed, client)."""
+        PEFT does — B = 0, A random — seeded by (seed, client). The same for the personal adapter, if any."""
+        own, _ = split_personal(personal or {})
         tensors = dict(payload.tensors)
-        if personal:
-            tensors.update(personal)
+        tensors.update(own)
         missing = set(host.params(payload.lora)) - set(tensors)
         if missing:
-            gen = torch.Generator().manual_seed(
-                int(np.random.default_rng([self.scenario.seed, 7] + ([client_id] if client_id is not None else []))
-                    .integers(2**62)))
-            init = init_adapter(host.shapes(payload.lora), payload.lora.rank, gen)
+            init = self._seeded_init(host.shapes(payload.lora), payload.lora.rank,
+                                     *([7] + ([client_id] if client_id is not None else [])))
             tensors.update({k: init[k] for k in missing})
         host.load(payload.lora, tensors)
+        self._load_personal(host, payload, client_id, personal)
+
+    def _load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
+                       personal: dict[str, torch.Tensor] | None) -> None:
+        if payload.personal_lora is None:
+            return
+        _, tensors = split_personal(personal or {})
+        if not tensors:  # the client's first visit
+            tensors = self._seeded_init(host.shapes(payload.lora), payload.personal_lora.rank, 9,
+                                        -1 if client_id is None else client_id)
+        host.load(payload.personal_lora, tensors, personal=True)
 
     def evaluate_clients(self, payload: ClientPayload, items: list[tuple[int, dict | None, np.ndarray]]
                          ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
         """Per client, sums on its local test indices (train split) with the global adapter alone and with its
         personal tensors on top: ``{client_id: (global_sums, personal_sums)}``."""
         host = self.host(payload.base_version)
-        host.activate(payload.lora)
         out = {}
         for client_id, personal, indices in items:
-            sums = []
-            for own in (None, personal):
-                self._load(host, payload, client_id, own)
-                sums.append(evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train))
-            out[client_id] = (sums[0], sums[1])
+            host.activate(payload.lora)  # the global adapter alone
+            self._load(host, replace(payload, personal_lora=None), client_id, None)
+            alone = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
+            host.activate(payload.lora, payload.personal_lora, payload.mix)
+            self._load(host, payload, client_id, personal)
+            mixed = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
+            out[client_id] = (alone, mixed)
         return out
 
     def evaluate(self, payload: ClientPayload, batches: list[np.ndarray]) -> list[dict[str, float]]:
         """Evaluate the payload's adapter on batches of test indices; one dict of sums per batch."""
         host = self.host(payload.base_version)
+        payload = replace(payload, personal_lora=None)  # the global model: no client's personal adapter
         host.activate(payload.lora)
         self._load(host, payload, None, None)
         return [evaluate_batch(host.model, self.data, b, self.device) for b in batches]

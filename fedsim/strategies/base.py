@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
@@ -35,6 +35,29 @@ class NoParams(BaseModel):
     """A strategy without hyperparameters."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PersonalAdapterParams(BaseModel):
+    """Rank and alpha of a two-level method's personal adapter (PF2LoRA's r~, FedDPA's local adapter)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    personal_rank: int | None = None  # None: the strategy's default
+    personal_alpha: float | None = Field(None, gt=0.0)  # None: the same LoRA scaling as the global adapter
+
+    @field_validator("personal_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"the personal adapter's rank r~ must be at least 1, got {v} (e.g. 2)")
+        return v
+
+    def spec(self, lora: LoraSpec, default_rank: int) -> LoraSpec:
+        rank = self.personal_rank or default_rank
+        alpha = self.personal_alpha
+        if alpha is None:  # keep the global adapter's scaling: alpha / r (or alpha / √r with rsLoRA)
+            alpha = lora.scaling * (rank**0.5 if lora.rslora else rank)
+        return LoraSpec(rank=rank, alpha=float(alpha), rslora=lora.rslora)
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,7 @@ class Strategy(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     supports_mixed_ranks: ClassVar[bool] = False
     has_personal_state: ClassVar[bool] = False  # some adapter tensors stay with their client (is_shared False)
+    aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):

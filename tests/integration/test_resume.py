@@ -22,9 +22,10 @@ def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy", ["flora", "fedsa"])
+@pytest.mark.parametrize("strategy", ["flora", "fedsa", "pf2lora"])
 def test_sigkill_then_resume_equals_uninterrupted(tiny_raw, tmp_path, strategy):
-    """FLoRA: merged base versions and per-client extras; FedSA-LoRA: personal adapters in the client state store."""
+    """FLoRA: merged base versions and per-client extras; FedSA-LoRA: personal B factors in the client state store;
+    PF2LoRA: whole personal adapters, in a store under ``clients.state_dir`` shared by both runs."""
     tiny_raw.update(rounds=5, strategy={"name": strategy})
     if strategy == "flora":
         tiny_raw["clients"]["lora"] = {"tiers": [{"fraction": 0.5, "rank": 2}, {"fraction": 0.5, "rank": 4}]}
@@ -34,6 +35,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_raw, tmp_path, strategy):
         # checkpoints every 2 rounds and a kill after an odd round: the store's files are then ahead of the
         # checkpoint, so resuming must restore the checkpoint's snapshot of the client state
         tiny_raw["checkpoint"] = {"every": 2}
+        if strategy == "pf2lora":
+            tiny_raw["clients"]["state_dir"] = str(tmp_path / "state")
     reference = tmp_path / "reference"
     run_scenario(scenario_from_dict(tiny_raw), reference)
 
@@ -41,7 +44,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_raw, tmp_path, strategy):
     scenario.write_text(yaml.safe_dump(tiny_raw))
     out = tmp_path / "killed"
     kill_after = int(np.random.default_rng().integers(1, 5))  # any round must do
-    if strategy == "fedsa":
+    if strategy != "flora":
         kill_after = int(np.random.default_rng().choice([1, 3]))
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
