@@ -217,18 +217,104 @@ class LoraSpecConfig(_Frozen):
             return self.choices()
         if self.tiers is None:
             return [(self.rank, self.alpha)] * num_clients
-        exact = [t.fraction * num_clients for t in self.tiers]
-        counts = [int(x) for x in exact]
-        order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
-        for i in order[: num_clients - sum(counts)]:
-            counts[i] += 1
-        labels = [i for i, c in enumerate(counts) for _ in range(c)]
-        perm = np.random.default_rng([seed, 211]).permutation(num_clients)
-        per_client = [0] * num_clients
-        for client, tier in zip(perm, labels):
-            per_client[int(client)] = tier
         choices = self.choices()
-        return [choices[t] for t in per_client]
+        return [choices[t] for t in deal_tiers([t.fraction for t in self.tiers], num_clients, seed, salt=211)]
+
+
+def deal_tiers(fractions: list[float], num_clients: int, seed: int, salt: int) -> list[int]:
+    """Tier index of each client id: largest-remainder counts, dealt by a permutation seeded by (seed, salt)."""
+    exact = [f * num_clients for f in fractions]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: num_clients - sum(counts)]:
+        counts[i] += 1
+    labels = [i for i, c in enumerate(counts) for _ in range(c)]
+    perm = np.random.default_rng([seed, salt]).permutation(num_clients)
+    per_client = [0] * num_clients
+    for client, tier in zip(perm, labels):
+        per_client[int(client)] = tier
+    return per_client
+
+
+QuantBackend = Literal["auto", "hqq", "bnb", "none"]
+
+
+class QuantTier(_Frozen):
+    """A share of the clients with one bit width."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    bits: int
+    backend: QuantBackend = "auto"
+
+
+class QuantChoice(_Frozen):
+    """One client's bit width."""
+
+    bits: int
+    backend: QuantBackend = "auto"
+
+
+class QuantConfig(_Frozen):
+    """How each client stores its base model: ``bits`` for everyone, or ``tiers`` (shares, dealt by a seeded
+    permutation) or ``per_client`` (one entry per client). ``backend: auto`` picks HQQ for 1–3 bits, bitsandbytes for
+    4/8, none for 16/32. ``group_size`` is HQQ's group along the input dimension, ``blocksize`` bitsandbytes' 4-bit
+    block, ``quant_type`` its 4-bit type; ``compute_dtype: auto`` is float32 on CPU, bfloat16 (else float16) on GPU."""
+
+    bits: int = 32
+    backend: QuantBackend = "auto"
+    tiers: tuple[QuantTier, ...] | None = None
+    per_client: tuple[QuantChoice, ...] | None = None
+    group_size: int = Field(64, ge=1, le=1 << 20)
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    blocksize: int = Field(64, ge=1, le=1 << 20)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _valid(self) -> QuantConfig:
+        if self.tiers is not None and self.per_client is not None:
+            raise ValueError("give either tiers or per_client, not both")
+        if self.tiers is not None:
+            if not self.tiers:
+                raise ValueError("tiers needs at least one tier")
+            total = sum(t.fraction for t in self.tiers)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"tier fractions sum to {total:g}; they must sum to 1")
+        from fedsim.models.quant import check_spec
+
+        for spec in self.choices():
+            check_spec(spec)
+        return self
+
+    def _spec(self, bits: int, backend: str):
+        from fedsim.models.quant import QuantSpec, default_backend
+
+        backend = default_backend(bits) if backend == "auto" else backend
+        # only the settings of the spec's own backend, so that equal bases get equal keys
+        return QuantSpec(bits=bits, backend=backend, group_size=self.group_size if backend == "hqq" else 64,
+                         quant_type=self.quant_type if backend == "bnb" else "nf4",
+                         blocksize=self.blocksize if backend == "bnb" else 64)
+
+    def choices(self) -> list:
+        """The distinct :class:`~fedsim.models.quant.QuantSpec` this section can assign, in order."""
+        if self.tiers is not None:
+            items = [(t.bits, t.backend) for t in self.tiers]
+        elif self.per_client is not None:
+            items = [(c.bits, c.backend) for c in self.per_client]
+        else:
+            items = [(self.bits, self.backend)]
+        return list(dict.fromkeys(self._spec(b, k) for b, k in items))
+
+    def is_quantized(self) -> bool:
+        return any(s.quantized or s.bits != 32 for s in self.choices())
+
+    def assign(self, num_clients: int, seed: int) -> list:
+        """The QuantSpec of each client id."""
+        if self.per_client is not None:
+            return [self._spec(c.bits, c.backend) for c in self.per_client]
+        if self.tiers is None:
+            return [self._spec(self.bits, self.backend)] * num_clients
+        specs = [self._spec(t.bits, t.backend) for t in self.tiers]
+        return [specs[t] for t in deal_tiers([t.fraction for t in self.tiers], num_clients, seed, salt=223)]
 
 
 class ClientsConfig(_Frozen):
@@ -239,6 +325,7 @@ class ClientsConfig(_Frozen):
     state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk
     # where spilled client state goes (a subdirectory per run); default: <run dir>/client_state
     state_dir: str | None = None
+    quant: QuantConfig = QuantConfig()
 
     @field_validator("per_round", mode="before")
     @classmethod
@@ -260,9 +347,10 @@ class ClientsConfig(_Frozen):
 
     @model_validator(mode="after")
     def _per_client_length(self) -> ClientsConfig:
-        if self.lora.per_client is not None and len(self.lora.per_client) != self.num_clients:
-            raise ValueError(f"lora.per_client lists {len(self.lora.per_client)} clients but num_clients is "
-                             f"{self.num_clients}; give one entry per client")
+        for what, lst in (("lora", self.lora.per_client), ("quant", self.quant.per_client)):
+            if lst is not None and len(lst) != self.num_clients:
+                raise ValueError(f"{what}.per_client lists {len(lst)} clients but num_clients is "
+                                 f"{self.num_clients}; give one entry per client")
         return self
 
     @model_validator(mode="after")

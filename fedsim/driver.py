@@ -23,7 +23,8 @@ from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
 from fedsim.errors import BackendError, ScenarioError
-from fedsim.models.base import target_shapes
+from fedsim.models.base import decoder_linear_shapes, target_shapes
+from fedsim.models.quant import check_shapes, require_backend
 from fedsim.progress import Progress
 from fedsim.runtime.backend import Backend, make_backend
 from fedsim.runtime.worker import ClientJob
@@ -63,8 +64,16 @@ def prepare(scenario: Scenario) -> Prepared:
         raise ScenarioError("clients.lora", f"rank {lcfg.max_rank()} exceeds the smallest adapted dimension {smallest}",
                             f"use ranks ≤ {smallest}")
     assigned = lcfg.assign(len(parts), scenario.seed)
-    clients = [ClientSpec(client_id=c, num_examples=len(p), lora=LoraSpec(rank=r, alpha=a, rslora=lcfg.rslora))
-               for c, (p, (r, a)) in enumerate(zip(parts, assigned))]
+    qcfg = scenario.clients.quant
+    if qcfg.is_quantized():
+        layers = decoder_linear_shapes(scenario.model)
+        for spec in qcfg.choices():
+            check_shapes(spec, layers)
+            require_backend(spec.backend)
+    quants = qcfg.assign(len(parts), scenario.seed)
+    clients = [ClientSpec(client_id=c, num_examples=len(p), lora=LoraSpec(rank=r, alpha=a, rslora=lcfg.rslora),
+                          quant=q)
+               for c, (p, (r, a), q) in enumerate(zip(parts, assigned, quants))]
     # the global adapter's spec: the single one, or the largest rank of the mix
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
     return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),
@@ -100,18 +109,26 @@ def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
     return Path(scenario.clients.state_dir).expanduser() / f"{Path(run_dir).name}-{tag}"
 
 
-def personal_metrics(per_client: dict[int, tuple[dict, dict]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int, str] | None = None
+                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Mean, standard deviation and worst-10% mean of per-client accuracy on local test splits, with the global
     adapter alone (``eval/local_global/*``) and with each client's personal tensors (``eval/personal/*``); plus
-    one table row per client."""
+    one table row per client. ``labels``: each client's base precision (a column; and where quantization-aware
+    adapters were measured, ``eval/qa/*`` overall and per bit width)."""
     table = []
     for cid in sorted(per_client):
         g, p = per_client[cid]
-        table.append({"client_id": cid, "num_local_test": int(g["count"]),
-                      "global_accuracy": g["correct"] / max(g["count"], 1.0),
-                      "global_loss": g["loss_sum"] / max(g["tokens"], 1.0),
-                      "personal_accuracy": p["correct"] / max(p["count"], 1.0),
-                      "personal_loss": p["loss_sum"] / max(p["tokens"], 1.0)})
+        row = {"client_id": cid, "num_local_test": int(g["count"]),
+               "global_accuracy": g["correct"] / max(g["count"], 1.0),
+               "global_loss": g["loss_sum"] / max(g["tokens"], 1.0),
+               "personal_accuracy": p["correct"] / max(p["count"], 1.0),
+               "personal_loss": p["loss_sum"] / max(p["tokens"], 1.0)}
+        if labels is not None:
+            row["base"] = labels[cid]
+        for k in ("qa_rel_error", "qa_corr"):
+            if k in p:
+                row[k] = p[k]
+        table.append(row)
     out: dict[str, float] = {}
     for kind, prefix in (("global", "eval/local_global"), ("personal", "eval/personal")):
         acc = np.array([r[f"{kind}_accuracy"] for r in table])
@@ -119,6 +136,14 @@ def personal_metrics(per_client: dict[int, tuple[dict, dict]]) -> tuple[dict[str
         out.update({f"{prefix}/accuracy": float(acc.mean()), f"{prefix}/accuracy_std": float(acc.std()),
                     f"{prefix}/accuracy_worst10": float(worst.mean()),
                     f"{prefix}/loss": float(np.mean([r[f"{kind}_loss"] for r in table]))})
+    for k in ("qa_rel_error", "qa_corr"):
+        # undefined (NaN) for an adapter still at zero, e.g. a client never trained with qa_init: zero
+        rows = [r for r in table if k in r and np.isfinite(r[k])]
+        if rows:
+            out[f"eval/qa/{k.removeprefix('qa_')}"] = float(np.mean([r[k] for r in rows]))
+            for label in sorted({r.get("base", "") for r in rows}):
+                vals = [r[k] for r in rows if r.get("base", "") == label]
+                out[f"eval/qa/{k.removeprefix('qa_')}/{label}"] = float(np.mean(vals))
     return out, table
 
 
@@ -299,9 +324,11 @@ class Driver:
                     eval_handle = server.eval_handle()
                     row.update(reduce_eval(self.backend.evaluate(eval_handle, batches)))
                     if any(len(t) for t in prep.local_test):
-                        items = [(c, store.get(c) if store else None, prep.local_test[c])
+                        items = [(c, store.get(c) if store else None, prep.local_test[c], prep.clients[c].quant)
                                  for c in range(len(prep.clients))]
-                        metrics, personal_table = personal_metrics(self.backend.evaluate_clients(eval_handle, items))
+                        metrics, personal_table = personal_metrics(
+                            self.backend.evaluate_clients(eval_handle, items),
+                            {c.client_id: c.quant.label for c in prep.clients})
                         row.update(metrics)
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
@@ -365,6 +392,7 @@ class Driver:
     def _summary(self, total_s: float, totals: dict[str, float]) -> dict[str, Any]:
         evals = [r for r in self.rows if "eval/accuracy" in r]
         final = evals[-1] if evals else {}
+        workers = self.backend.worker_stats()
         return {
             "name": self.scenario.name, "rounds": self.scenario.rounds, "run_dir": str(self.run_dir),
             "time_s": total_s,
@@ -372,9 +400,10 @@ class Driver:
             "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
             "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
             **{f"final/{k}": v for k, v in final.items()
-               if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/"))},
+               if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))},
             **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
-            "workers": self.backend.worker_stats(),
+            **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
+            "workers": workers,
         }
 
 

@@ -28,12 +28,43 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    """How a client stores its base model.
+
+    Args:
+        bits: 1, 2, 3, 4, 8 (quantized), 16 (bfloat16 weights) or 32 (full precision).
+        backend: ``hqq``, ``bnb`` or ``none`` (16/32 bits).
+        group_size: weights per quantization group along the input dimension (HQQ).
+        quant_type: bitsandbytes 4-bit type, ``nf4`` or ``fp4``.
+        blocksize: weights per absmax block (bitsandbytes 4-bit).
+    """
+
+    bits: int = 32
+    backend: str = "none"
+    group_size: int = 64
+    quant_type: str = "nf4"
+    blocksize: int = 64
+
+    @property
+    def quantized(self) -> bool:
+        return self.backend != "none"
+
+    @property
+    def label(self) -> str:
+        if not self.quantized:
+            return f"{self.bits}bit"
+        extra = f"-{self.quant_type}" if self.backend == "bnb" and self.bits == 4 else ""
+        return f"{self.bits}bit-{self.backend}{extra}"
+
+
+@dataclass(frozen=True)
 class ClientSpec:
-    """A virtual client: its id, its data size and its own settings."""
+    """A virtual client: its id, its data size and its own settings (LoRA rank/alpha, how it stores the base)."""
 
     client_id: int
     num_examples: int
     lora: LoraSpec
+    quant: QuantSpec = QuantSpec()
 
 
 @dataclass(frozen=True)

@@ -56,20 +56,28 @@ def joint(job: LocalJob) -> dict[str, float]:
 
 
 def alternate(job: LocalJob) -> dict[str, float]:
-    """FedDPA-T. ``extras["procedure"]["personal_phase"]`` (default True) runs the personal phase; FedDPA skips it
-    in round 1, when the global adapter is still untrained."""
+    """The personal adapter first (main frozen, both active, mixed), then the main adapter (personal frozen).
+
+    ``extras["procedure"]``: ``personal_phase`` (default True) runs the first phase — FedDPA skips it in round 1,
+    when the global adapter is still untrained; ``personal_in_main_phase`` (default False) keeps the frozen personal
+    adapter active while the main one trains — FedDPA trains its global adapter alone, FedQLoRA keeps the
+    quantization-aware adapter in place, since it corrects the base the LoRA adapter trains on."""
     p, host = job.payload, job.host
+    opts = p.extras.get("procedure", {})
     out: dict[str, float] = {}
     if p.personal_lora is None:
         raise ValueError("the alternate procedure needs a personal adapter (payload.personal_lora)")
-    if p.extras.get("procedure", {}).get("personal_phase", True):
+    if opts.get("personal_phase", True):
         host.activate(p.lora, p.personal_lora, p.mix)
         host.set_trainable(p.lora, ())
         personal = host.set_trainable(p.personal_lora, ("A", "B"), personal=True)
         m = train_local(host.model, personal, job.split, job.indices, job.cfg, job.pad_id, job.seed + (1,),
                         job.device)
         out.update({"personal/loss": m["train/loss"], "personal/time_s": m["train/time_s"]})
-    host.activate(p.lora)  # the global adapter alone, as it is aggregated
+    if opts.get("personal_in_main_phase", False):
+        host.activate(p.lora, p.personal_lora, p.mix)
+    else:
+        host.activate(p.lora)  # the global adapter alone, as it is aggregated
     host.set_trainable(p.personal_lora, (), personal=True)
     params = host.set_trainable(p.lora, p.trainable)
     m = train_local(host.model, params, job.split, job.indices, job.cfg, job.pad_id, job.seed, job.device,
@@ -137,7 +145,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
 
     p, host, cfg = job.payload, job.host, job.cfg
     opts = p.extras.get("procedure", {})
-    alpha, mode = float(opts.get("inner_lr", 0.1)), opts.get("mode", "bilevel")
+    alpha, mode = float(opts.get("inner_lr", 0.5)), opts.get("mode", "bilevel")
     if mode not in MODES:
         raise ValueError(f"unknown bilevel mode {mode!r}; choose one of {MODES}")
     if p.personal_lora is None:

@@ -112,6 +112,11 @@ class AdapterHost:
                 params[ops.b_key(path)] = mod.lora_B[name].weight
         return params
 
+    def target_paths(self) -> list[str]:
+        """Module paths of the adapted layers (of the active main adapter)."""
+        name = self.active[0]
+        return ops.modules(self._params[name])
+
     def base_weight(self, module: str) -> torch.Tensor:
         """The frozen base weight (d_out, d_in) of an adapted module."""
         mod = self.model.get_submodule("base_model.model." + module) if self.model is not None else \

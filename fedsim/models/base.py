@@ -109,6 +109,21 @@ def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
     return module_shapes(model, cfg.target_modules)
 
 
+def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = tiny_config(cfg) if is_tiny(cfg) else AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def decoder_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear layer inside the decoder blocks — the layers a quantized base quantizes."""
+    from fedsim.models.quant import quantizable_layers
+
+    return {n: (m.out_features, m.in_features) for n, m in quantizable_layers(_meta_model(cfg)).items()}
+
+
 def module_shapes(model: torch.nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, ModuleShape]:
     """Linear layers whose last name component is in ``target_modules`` (PEFT's matching rule for a list)."""
     shapes = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,11 +23,13 @@ from fedsim.client.trainer import tail_regularizer
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError
+from fedsim.lora import ops
 from fedsim.lora.ops import init_adapter, personal_key, split_personal
 from fedsim.models.adapters import AdapterHost
-from fedsim.models.base import build_base_model, configure_threads
+from fedsim.models.base import build_base_model, configure_threads, resolve_dtype
+from fedsim.models.quant import FULL, dequantized_weight, packed_bytes, quantize_model
 from fedsim.strategies import make_strategy
-from fedsim.types import ClientPayload, ClientResult, ClientSpec, ClientUpdate
+from fedsim.types import ClientPayload, ClientResult, ClientSpec, ClientUpdate, LoraSpec, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,13 @@ class ClientJob:
     server_round: int
     attempt: int = 1
     personal: dict[str, torch.Tensor] | None = None  # the client's private tensors from earlier rounds
+
+
+MAX_BASES = 6  # base variants (bit widths) a worker keeps at once
+
+
+def _delta_modules(delta: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".delta_", 1)[0] for k in delta})
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -68,44 +79,88 @@ class Worker:
         configure_threads(scenario.resources.threads_per_worker())
         self.device = pick_device(scenario.resources.num_gpus)
         self.strategy = make_strategy(scenario.strategy.name, scenario.strategy.params)
-        self._host: AdapterHost | None = None
+        # One base per (base version, bit width): with full precision only, the PEFT model wraps the base itself and
+        # merges are added to it in place; with quantized clients, a full-precision master (CPU, never wrapped)
+        # takes the merges and each variant is quantized from it once per base version.
+        self._quantized_run = scenario.clients.quant.is_quantized()
+        self._master: torch.nn.Module | None = None
+        self._hosts: OrderedDict[QuantSpec, tuple[int, AdapterHost]] = OrderedDict()
         self._base_version = 0
         self.num_builds = 0
         self.num_clients = 0
+        self.quantizations: Counter[str] = Counter()  # "v<version>/<label>" -> times quantized (must stay 1)
+        self.base_bytes: dict[str, int] = {}  # label -> packed bytes of that base variant
+        self._loftq: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def host(self, base_version: int = 0) -> AdapterHost:
-        """The cached PEFT model for ``base_version`` (built on first use)."""
-        if self._host is None:
+    def _compute_dtype(self) -> torch.dtype:
+        name = self.scenario.clients.quant.compute_dtype
+        if name != "auto":
+            return getattr(torch, name)
+        return resolve_dtype(self.scenario.model, self.device)
+
+    def host(self, base_version: int = 0, quant: QuantSpec = FULL) -> AdapterHost:
+        """The cached PEFT model for ``base_version`` at ``quant`` (built or quantized on first use)."""
+        if not self._quantized_run:
+            quant = FULL  # one full-precision base, whatever the (unquantized) spec says
+        if base_version != self._base_version:
+            raise BackendError(f"payload asks for base version {base_version}, worker holds {self._base_version}; "
+                               "base updates must be synced to every worker first")
+        cached = self._hosts.get(quant)
+        if cached is not None and cached[0] == self._base_version:
+            self._hosts.move_to_end(quant)
+            return cached[1]
+        if not self._quantized_run:
             base = build_base_model(self.scenario.model, self.device)
             self.num_builds += 1
-            self._host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
-        if base_version != self._base_version:
-            raise BackendError(
-                f"payload asks for base version {base_version}, worker holds {self._base_version}: "
-                "merging updates into the base model is not supported by this worker yet"
-            )
-        return self._host
+            self.base_bytes[quant.label] = packed_bytes(base, quant)
+        else:
+            if self._master is None:
+                self._master = build_base_model(self.scenario.model, "cpu")
+                self.num_builds += 1
+            self._hosts.pop(quant, None)
+            while len(self._hosts) >= MAX_BASES:  # least recently used variant out
+                self._hosts.popitem(last=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = quantize_model(self._master, quant, self.device, self._compute_dtype())
+            self.quantizations[f"v{self._base_version}/{quant.label}"] += 1
+            self.base_bytes[quant.label] = packed_bytes(base, quant)
+        host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
+        self._hosts[quant] = (self._base_version, host)
+        return host
 
     def apply_base_delta(self, version: int, delta: dict[str, torch.Tensor]) -> int:
-        """Merge base-model update ``version`` into the cached base, in place (once per version per worker).
+        """Merge base-model update ``version`` into the cached base, in place (once per version per worker); with
+        quantized clients into the full-precision master, from which each bit width is re-quantized once on its
+        next use.
 
         ``delta`` holds per module ``<module>.delta_B`` (d_out, R) and ``<module>.delta_A`` (R, d_in), or a dense
         ``<module>.delta_W`` (d_out, d_in). Returns the worker's base version afterwards.
         """
-        host = self.host(self._base_version)
         if version <= self._base_version:
             return self._base_version  # already applied (e.g. replayed to a replacement worker)
         if version != self._base_version + 1:
             raise BackendError(f"base update {version} arrived before {self._base_version + 1}")
+        if self._quantized_run:
+            if self._master is None:
+                self._master = build_base_model(self.scenario.model, "cpu")
+                self.num_builds += 1
+            weights = {m: self._master.get_submodule(m).weight for m in _delta_modules(delta)}
+        else:
+            host = self.host(self._base_version)
+            weights = {m: host.base_weight(m) for m in _delta_modules(delta)}
         with torch.no_grad():
-            for module in sorted({k.rsplit(".delta_", 1)[0] for k in delta}):
-                weight = host.base_weight(module)
+            for module, weight in weights.items():
                 if f"{module}.delta_W" in delta:
                     update = delta[f"{module}.delta_W"]
                 else:
                     update = delta[f"{module}.delta_B"] @ delta[f"{module}.delta_A"]  # (d_out, d_in)
                 weight.add_(update.to(device=weight.device, dtype=weight.dtype))
         self._base_version = version
+        if self._quantized_run:
+            self._hosts.clear()  # every variant is stale: each is re-quantized from the master on its next use
+        else:
+            self._hosts[FULL] = (version, self._hosts[FULL][1])
         return version
 
     def _faults(self, job: ClientJob) -> tuple[bool, bool, bool]:
@@ -124,15 +179,15 @@ class Worker:
             os._exit(17)  # injected fault: the worker process dies mid-job
         if hang:
             time.sleep(self.scenario.faults.hang_s)
-        host = self.host(payload.base_version)
+        host = self.host(payload.base_version, job.spec.quant)
         host.activate(payload.lora, payload.personal_lora, payload.mix)
         if payload.fresh:  # a new adapter, initialised here as PEFT does, seeded by (seed, round, client)
             gen = torch.Generator().manual_seed(
                 int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
             host.load(payload.lora, init_adapter(host.shapes(payload.lora), payload.lora.rank, gen))
-            self._load_personal(host, payload, job.spec.client_id, job.personal)
+            self._load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
-            self._load(host, payload, job.spec.client_id, job.personal)
+            self._load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         regularizer = None
         tail = payload.extras.get("tail_regularizer")
         if tail is not None:
@@ -169,7 +224,7 @@ class Worker:
         return init_adapter(shapes, rank, gen)
 
     def _load(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
-              personal: dict[str, torch.Tensor] | None) -> None:
+              personal: dict[str, torch.Tensor] | None, quant: QuantSpec = FULL) -> None:
         """Payload tensors, then the client's personal ones; keys neither gives (a client's first visit) start as
         PEFT does — B = 0, A random — seeded by (seed, client). The same for the personal adapter, if any."""
         own, _ = split_personal(personal or {})
@@ -181,33 +236,95 @@ class Worker:
                                      *([7] + ([client_id] if client_id is not None else [])))
             tensors.update({k: init[k] for k in missing})
         host.load(payload.lora, tensors)
-        self._load_personal(host, payload, client_id, personal)
+        self._load_personal(host, payload, client_id, personal, quant)
 
     def _load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
-                       personal: dict[str, torch.Tensor] | None) -> None:
+                       personal: dict[str, torch.Tensor] | None, quant: QuantSpec = FULL) -> None:
         if payload.personal_lora is None:
             return
         _, tensors = split_personal(personal or {})
         if not tensors:  # the client's first visit
-            tensors = self._seeded_init(host.shapes(payload.lora), payload.personal_lora.rank, 9,
-                                        -1 if client_id is None else client_id)
+            if payload.extras.get("procedure", {}).get("personal_init") == "loftq":
+                tensors = self._loftq_init(host, quant, payload.personal_lora)
+            else:
+                tensors = self._seeded_init(host.shapes(payload.lora), payload.personal_lora.rank, 9,
+                                            -1 if client_id is None else client_id)
         host.load(payload.personal_lora, tensors, personal=True)
 
-    def evaluate_clients(self, payload: ClientPayload, items: list[tuple[int, dict | None, np.ndarray]]
-                         ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
-        """Per client, sums on its local test indices (train split) with the global adapter alone and with its
-        personal tensors on top: ``{client_id: (global_sums, personal_sums)}``."""
-        host = self.host(payload.base_version)
+    def quant_residuals(self, host: AdapterHost, quant: QuantSpec) -> Iterator[tuple[str, torch.Tensor]]:
+        """(module, W − deq(q(W))) in float32 on CPU for every adapted module of ``host`` (a ``quant`` variant),
+        one module at a time (they are d_out × d_in each: never all held at once)."""
+        for module in sorted(host.target_paths()):
+            layer = host.model.get_submodule("base_model.model." + module)
+            if self._master is not None:
+                full = self._master.get_submodule(module).weight.detach().float().cpu()
+            else:
+                full = dequantized_weight(layer).cpu()
+            yield module, full - dequantized_weight(layer).cpu()
+
+    def _loftq_init(self, host: AdapterHost, quant: QuantSpec, lora: LoraSpec) -> dict[str, torch.Tensor]:
+        """LoftQ-style start of a quantization-aware adapter: s·B·A = the rank-r truncated SVD of W − deq(q(W)),
+        split evenly (B = U √S / √s, A = √S Vᵀ / √s); once per (base version, bit width, rank) per worker."""
+        key = (self._base_version, quant, lora)
+        if key not in self._loftq:
+            out = {}
+            for module, resid in self.quant_residuals(host, quant):
+                u, sv, vh = torch.linalg.svd(resid.double(), full_matrices=False)
+                root = (sv[: lora.rank] / lora.scaling).sqrt()
+                out[ops.b_key(module)] = (u[:, : lora.rank] * root).float()
+                out[ops.a_key(module)] = (root[:, None] * vh[: lora.rank]).float()
+            if len(self._loftq) >= 4 * MAX_BASES:
+                self._loftq.pop(next(iter(self._loftq)))
+            self._loftq[key] = out
+        return {k: v.clone() for k, v in self._loftq[key].items()}
+
+    def qa_measurements(self, host: AdapterHost, quant: QuantSpec, lora: LoraSpec,
+                        qa: dict[str, torch.Tensor]) -> dict[str, float]:
+        """How well a quantization-aware adapter's ΔW = s·B·A approximates the quantization error R = W − deq(q(W)),
+        over all adapted modules: relative error ‖ΔW − R‖_F / ‖R‖_F and Pearson correlation of the entries."""
+        err2 = ref2 = 0.0
+        n = sx = sy = sxx = syy = sxy = 0.0
+        for module, resid in self.quant_residuals(host, quant):
+            dw = ops.delta_w(qa, module, lora.scaling).double()
+            r = resid.double()
+            err2 += float(((dw - r) ** 2).sum())
+            ref2 += float((r**2).sum())
+            n += r.numel()
+            sx, sy = sx + float(dw.sum()), sy + float(r.sum())
+            sxx, syy, sxy = sxx + float((dw**2).sum()), syy + float((r**2).sum()), sxy + float((dw * r).sum())
+        cov = sxy / n - (sx / n) * (sy / n)
+        var = max(sxx / n - (sx / n) ** 2, 0.0) * max(syy / n - (sy / n) ** 2, 0.0)
+        return {"qa_rel_error": (err2 / ref2) ** 0.5 if ref2 > 0 else float("nan"),
+                "qa_corr": cov / var**0.5 if var > 0 else float("nan")}
+
+    def evaluate_clients(self, payload: ClientPayload, items: list[tuple]) -> dict[int, tuple[dict, dict]]:
+        """Per client (id, personal tensors or None, local test indices[, its QuantSpec]), sums on its local test
+        indices (train split), on its own base, with the global adapter alone and with its personal tensors on top:
+        ``{client_id: (global_sums, personal_sums)}``."""
         out = {}
-        for client_id, personal, indices in items:
+        for client_id, personal, indices, *rest in items:
+            quant = rest[0] if rest else FULL
+            host = self.host(payload.base_version, quant)
+            own = self._personal_payload(payload, quant)
             host.activate(payload.lora)  # the global adapter alone
-            self._load(host, replace(payload, personal_lora=None), client_id, None)
+            self._load(host, replace(payload, personal_lora=None), client_id, None, quant)
             alone = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
-            host.activate(payload.lora, payload.personal_lora, payload.mix)
-            self._load(host, payload, client_id, personal)
+            host.activate(own.lora, own.personal_lora, own.mix)
+            self._load(host, own, client_id, personal, quant)
             mixed = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
+            if own.extras.get("measure_qa") and own.personal_lora is not None:
+                mixed.update(self.qa_measurements(host, quant, own.personal_lora,
+                                                  host.read(own.personal_lora, personal=True)))
             out[client_id] = (alone, mixed)
         return out
+
+    @staticmethod
+    def _personal_payload(payload: ClientPayload, quant: QuantSpec) -> ClientPayload:
+        """The eval payload for a client at ``quant``: none of the personal adapter for the bit widths in
+        ``extras["no_personal_for"]`` (FedQLoRA's full-precision clients have no quantization-aware adapter)."""
+        if quant.label in payload.extras.get("no_personal_for", ()):
+            return replace(payload, personal_lora=None)
+        return payload
 
     def evaluate(self, payload: ClientPayload, batches: list[np.ndarray]) -> list[dict[str, float]]:
         """Evaluate the payload's adapter on batches of test indices; one dict of sums per batch."""
@@ -219,5 +336,6 @@ class Worker:
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "num_builds": self.num_builds,
-                "num_wraps": self._host.num_wraps if self._host else 0, "num_clients": self.num_clients,
+                "num_wraps": sum(h.num_wraps for _, h in self._hosts.values()), "num_clients": self.num_clients,
+                "quantizations": dict(self.quantizations), "base_bytes": dict(self.base_bytes),
                 "device": str(self.device)}

@@ -72,3 +72,29 @@ def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
     with pytest.raises(BackendError, match="no node has 4 CPUs"):
         run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_cpus=4"]), tmp_path / "b")
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("strategy", ["fedqlora", "flora"])
+def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
+    """A {2, 4, 8, 16}-bit mix (HQQ 2- and 8-bit, bitsandbytes NF4, bf16): same metrics on both backends; every
+    worker quantizes each bit width once per base version (FLoRA bumps it every round), never per client."""
+    tiny_raw["strategy"] = {"name": strategy, "params": {"qa_init": "loftq"} if strategy == "fedqlora" else {}}
+    tiny_raw["clients"].update(per_round=4, quant={"tiers": [{"fraction": 0.25, "bits": b} for b in (2, 4, 8, 16)],
+                                                   "group_size": 32})
+    tiny_raw["eval"]["local_test_fraction"] = 0.25
+    local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
+    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray")
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    for ra, rb in zip(a, b):
+        for k in COMPARED + ("eval/personal/accuracy", "eval/qa/rel_error"):
+            assert ra.get(k) == rb.get(k), (ra["round"], k)
+    assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
+    labels = {"2bit-hqq", "4bit-bnb-nf4", "8bit-hqq", "16bit"}
+    for w in ray_sum["workers"]:
+        assert w["num_builds"] == 1 and set(w["quantizations"].values()) == {1}
+        versions = {k.split("/")[0] for k in w["quantizations"]}
+        assert versions == ({"v0"} if strategy == "fedqlora" else {f"v{v}" for v in range(3)})
+    assert labels <= {k.removeprefix("memory/base_mb/") for k in ray_sum if k.startswith("memory/base_mb/")}
+    assert ray_sum["memory/base_mb/2bit-hqq"] < ray_sum["memory/base_mb/8bit-hqq"] < ray_sum["memory/base_mb/32bit"]
+    if strategy == "fedqlora":
+        assert 0 < ray_sum["final/eval/qa/rel_error"] and "final/eval/qa/corr/2bit-hqq" in ray_sum

@@ -126,7 +126,7 @@ def test_validate_partition_and_strategies(tiny_yaml, tmp_path):
     assert len(lines) >= 8  # one row per client
     r = _fedsim("strategies")
     names = [line.split()[0] for line in r.stdout.splitlines()]
-    assert r.returncode == 0 and names == ["feddpa", "fedex", "fedit", "fedsa", "ffa", "flexlora", "flora", "hetlora", "local",
+    assert r.returncode == 0 and names == ["feddpa", "fedex", "fedit", "fedqlora", "fedsa", "ffa", "flexlora", "flora", "hetlora", "local",
                                          "pf2lora"]
 
 

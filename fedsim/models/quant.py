@@ -1,0 +1,225 @@
+"""Quantized copies of the base model: HQQ (1/2/3/4/8 bits), bitsandbytes (4-bit NF4/FP4, 8-bit) and 16-bit.
+
+A :class:`QuantSpec` names one way of storing the base: bits, backend, group size and, for bitsandbytes 4-bit, the
+4-bit type. :func:`quantize_model` turns a deep copy of the full-precision base into that variant, replacing every
+``nn.Linear`` inside the decoder layers (QLoRA's choice: embeddings, norms and the LM head stay in full precision);
+PEFT then attaches LoRA to the quantized layers with its own HQQ / bitsandbytes LoRA layers.
+
+16 bits means the weights are rounded to bfloat16 and kept in the compute dtype (on CPU, bf16 arithmetic is ~100×
+slower than fp32; the rounding is what differs). On CPU, quantized layers dequantize and then multiply: they simulate
+the error, not the memory saving, so memory is reported from the packed sizes (:func:`packed_bytes`).
+
+The backends are optional extras (``pip install 'fedsim[hqq]'`` / ``'fedsim[bnb]'``); a missing one is a
+:class:`~fedsim.errors.ScenarioError` naming the extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from fedsim.errors import ScenarioError
+from fedsim.types import QuantSpec
+
+BACKEND_BITS = {"hqq": (1, 2, 3, 4, 8), "bnb": (4, 8), "none": (16, 32)}
+ALLOWED_BITS = (1, 2, 3, 4, 8, 16, 32)
+BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+FULL = QuantSpec()
+
+
+def default_backend(bits: int) -> str:
+    """bitsandbytes NF4 for 4 bits (QLoRA's format); HQQ for 1–3 bits (bitsandbytes has none) and for 8 bits; none
+    above. 8-bit goes to HQQ because bitsandbytes' int8 layers compute differently depending on what they computed
+    before (measured on CPU: a forward pass on other data shifts the next client's training loss by ~1e-3), so the
+    same scenario would not give the same numbers on a different worker; ``backend: bnb`` still selects it."""
+    return "hqq" if bits <= 3 or bits == 8 else "bnb" if bits == 4 else "none"
+
+
+def check_spec(spec: QuantSpec, where: str = "clients.quant") -> None:
+    """Raise a :class:`ScenarioError` for bits a backend cannot do or bad group sizes (shape checks are separate)."""
+    if spec.bits not in ALLOWED_BITS:
+        raise ScenarioError(where, f"bits must be one of {list(ALLOWED_BITS)}, got {spec.bits}",
+                            "use 2, 3 or 4 for aggressive quantization, 8 for near-lossless, 16/32 for none")
+    if spec.backend not in BACKEND_BITS:
+        raise ScenarioError(where, f"unknown quantization backend {spec.backend!r}", "use hqq, bnb or none")
+    if spec.bits not in BACKEND_BITS[spec.backend]:
+        fix = {"bnb": "use backend: hqq, which does 1, 2, 3, 4 and 8 bits",
+               "hqq": "use bits 16/32 with backend: none (or leave backend unset)",
+               "none": "use backend: hqq (1-8 bits) or bnb (4, 8 bits) to quantize"}[spec.backend]
+        raise ScenarioError(where, f"backend {spec.backend!r} cannot do {spec.bits}-bit "
+                            f"(it does {', '.join(map(str, BACKEND_BITS[spec.backend]))})", fix)
+    if spec.backend == "hqq" and (spec.group_size < 8 or spec.group_size % 8):
+        raise ScenarioError(where, f"HQQ group_size must be a multiple of 8, got {spec.group_size}", "e.g. 64")
+    if spec.backend == "bnb" and spec.bits == 4 and spec.blocksize not in BNB_BLOCKSIZES:
+        raise ScenarioError(where, f"bitsandbytes 4-bit blocksize must be one of {list(BNB_BLOCKSIZES)}, "
+                            f"got {spec.blocksize}", "e.g. 64")
+    if spec.quant_type not in ("nf4", "fp4"):
+        raise ScenarioError(where, f"quant_type must be nf4 or fp4, got {spec.quant_type!r}")
+
+
+def check_shapes(spec: QuantSpec, shapes: dict[str, tuple[int, int]], where: str = "clients.quant") -> None:
+    """Every quantized layer (d_out, d_in) must split into whole groups."""
+    if spec.backend != "hqq" and not (spec.backend == "bnb" and spec.bits == 4):
+        return
+    for name, (d_out, d_in) in shapes.items():
+        if spec.backend == "hqq" and d_in % spec.group_size:
+            raise ScenarioError(where, f"group_size {spec.group_size} does not divide layer {name} "
+                                f"({d_out}×{d_in}: input dimension {d_in})",
+                                "choose a group size that divides every layer's input dimension, e.g. 32 or 64")
+        if spec.backend == "bnb" and (d_out * d_in) % spec.blocksize:
+            raise ScenarioError(where, f"blocksize {spec.blocksize} does not divide layer {name} ({d_out}×{d_in})",
+                                "choose a smaller bitsandbytes blocksize, e.g. 64")
+
+
+def require_backend(backend: str) -> None:
+    """Import check with the extra to install."""
+    try:
+        if backend == "hqq":
+            import hqq.core.quantize  # noqa: F401
+        elif backend == "bnb":
+            import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ScenarioError("clients.quant", f"the {backend} quantization backend is not installed",
+                            f"pip install 'fedsim[{backend}]'") from None
+
+
+def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers inside the decoder blocks (not the LM head)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
+            out[name] = mod
+    return out
+
+
+def _hqq_layer(linear: torch.nn.Linear, spec: QuantSpec, compute_dtype: torch.dtype, device: torch.device):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    cfg = BaseQuantizeConfig(nbits=spec.bits, group_size=spec.group_size, axis=1)
+    return HQQLinear(linear, cfg, del_orig=True, compute_dtype=compute_dtype, device=str(device))
+
+
+def _bnb_layer(linear: torch.nn.Linear, spec: QuantSpec, compute_dtype: torch.dtype, device: torch.device):
+    import bitsandbytes as bnb
+
+    # its int8 matmul logs "inputs will be cast to float16" on every call
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+    w = linear.weight.data.to(torch.float32 if device.type == "cpu" else compute_dtype)
+    bias = linear.bias is not None
+    if spec.bits == 4:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+                                  quant_type=spec.quant_type, device="meta")
+        layer.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type=spec.quant_type,
+                                         blocksize=spec.blocksize)
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                    device="meta")
+        layer.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype).cpu(), requires_grad=False)
+    layer = layer.to(device)  # moving the parameters is what quantizes them
+    return layer
+
+
+def quantize_model(base: torch.nn.Module, spec: QuantSpec, device: torch.device,
+                   compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A quantized deep copy of ``base`` (which is not modified), frozen, in eval mode, on ``device``."""
+    model = copy.deepcopy(base)
+    if spec.bits == 32:
+        return model.to(device)
+    if spec.bits == 16:
+        with torch.no_grad():
+            for lin in quantizable_layers(model).values():
+                lin.weight.copy_(lin.weight.to(torch.bfloat16).to(lin.weight.dtype))
+        return model.to(device)
+    require_backend(spec.backend)
+    make = _hqq_layer if spec.backend == "hqq" else _bnb_layer
+    for name, lin in quantizable_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(lin, spec, compute_dtype, device))
+    model = model.to(device) if spec.backend != "bnb" else _move_rest(model, device)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _move_rest(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move the non-quantized parameters (bitsandbytes layers are already where they belong)."""
+    for mod in model.modules():
+        if type(mod).__module__.startswith("bitsandbytes"):
+            continue
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.device != device:
+                setattr(mod, name, torch.nn.Parameter(p.data.to(device), requires_grad=False))
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b.device != device:
+                mod._buffers[name] = b.to(device)
+    return model
+
+
+def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight a (possibly quantized, possibly PEFT-wrapped) linear layer computes with, float32 (d_out, d_in)."""
+    layer = getattr(layer, "base_layer", layer)
+    if type(layer).__name__ == "HQQLinear":
+        return layer.dequantize().float()
+    if type(layer).__name__ == "Linear4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    if type(layer).__name__ == "Linear8bitLt":
+        w = layer.weight
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB  # moved there by a forward pass
+        return w.data.float() * scb.float().unsqueeze(1) / 127.0
+    return layer.weight.detach().float()
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """deq(q(W)) for one weight matrix (d_out, d_in), float32 on the weight's device."""
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([torch.nn.Module()])
+    holder.layers[0].proj = lin
+    q = quantize_model(holder, spec, weight.device, compute_dtype)
+    return dequantized_weight(q.layers[0].proj)
+
+
+def packed_bytes(model: torch.nn.Module, spec: QuantSpec = FULL) -> int:
+    """Bytes the model's weights take as stored: packed quantized codes plus their scales/zeros, other parameters
+    at their dtype (what a device holding this variant needs for the base, not counting activations). 16-bit layers
+    count 2 bytes per weight whatever dtype simulates them."""
+    total = 0
+    seen: set[int] = set()
+    if spec.bits == 16:
+        for lin in quantizable_layers(model).values():
+            total += 2 * lin.weight.numel()
+            seen.add(id(lin.weight))
+    for mod in model.modules():
+        if type(mod).__name__ == "HQQLinear":
+            total += mod.W_q.numel() * mod.W_q.element_size()
+            for k in ("scale", "zero"):
+                t = mod.meta.get(k)
+                if torch.is_tensor(t):
+                    total += t.numel() * t.element_size()
+            if mod.bias is not None:
+                total += mod.bias.numel() * mod.bias.element_size()
+            seen.update(id(p) for p in mod.parameters())
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+            state = getattr(p, "quant_state", None)
+            if state is not None:  # bitsandbytes 4-bit: one absmax per block (+ nested state)
+                total += state.absmax.numel() * state.absmax.element_size()
+            scb = getattr(p, "SCB", None)
+            if scb is not None:  # bitsandbytes 8-bit: one scale per row
+                total += scb.numel() * scb.element_size()
+    return total
