@@ -347,11 +347,19 @@ class Driver:
                         store.flush()
                     checkpoint.save(self.run_dir, r, *server.get_state(),
                                     client_state=store.directory if store is not None else None)
-            if personal_table:
-                write_csv(self.run_dir / "personalized.csv", personal_table)
             tensors, lora = server.global_adapter()
             save_peft_adapter(tensors, lora, sc, self.run_dir / "adapter")
             summary = self._summary(time.perf_counter() - t_start, totals)
+            base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items()
+                       if k.startswith("memory/base_mb/")}
+            if personal_table:
+                for row in personal_table:
+                    row["base_mb"] = base_mb.get(row.get("base"))
+                write_csv(self.run_dir / "personalized.csv", personal_table)
+            write_csv(self.run_dir / "clients.csv", [
+                {"client_id": c.client_id, "num_examples": c.num_examples, "rank": c.lora.rank,
+                 "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
+                for c in prep.clients])
             tracker.summary(summary)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
             return summary

@@ -1,5 +1,6 @@
 """Local and Ray backends: same scenario and seed → identical metrics; workers cache their model."""
 
+import csv
 import json
 
 import pytest
@@ -98,3 +99,7 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
     assert ray_sum["memory/base_mb/2bit-hqq"] < ray_sum["memory/base_mb/8bit-hqq"] < ray_sum["memory/base_mb/32bit"]
     if strategy == "fedqlora":
         assert 0 < ray_sum["final/eval/qa/rel_error"] and "final/eval/qa/corr/2bit-hqq" in ray_sum
+    with open(tmp_path / "ray" / "clients.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and {r["base"] for r in table} == labels  # every client's base, with its packed size
+    assert all(float(r["base_mb"]) == ray_sum[f"memory/base_mb/{r['base']}"] for r in table)

@@ -73,6 +73,20 @@ MUTATIONS = {
     "rounds-huge": _set(["rounds"], 10**12), "clients-huge": _set(["clients", "num_clients"], 10**12),
     "rank-huge": _set(["clients", "lora", "rank"], 10**9), "seq-huge": _set(["data", "max_seq_len"], 10**9),
     "workers-huge": _set(["resources", "num_workers"], 10**7), "seed-huge": _set(["seed"], 2**80),
+    # quantization and personalization
+    "bits-string": _set(["clients", "quant", "bits"], "four"), "bits-7": _set(["clients", "quant", "bits"], 7),
+    "bits-bnb-2": _set(["clients", "quant"], {"bits": 2, "backend": "bnb"}),
+    "quant-backend": _set(["clients", "quant", "backend"], "gptq"),
+    "quant-tiers-sum": _set(["clients", "quant", "tiers"], [{"fraction": 0.5, "bits": 4}]),
+    "quant-tier-no-bits": _set(["clients", "quant", "tiers"], [{"fraction": 1.0}]),
+    "quant-per-client-length": _set(["clients", "quant", "per_client"], [{"bits": 4}]),
+    "group-size-odd": _set(["clients", "quant"], {"bits": 2, "group_size": 12}),
+    "pf2lora-no-local-test": _set(["strategy"], {"name": "pf2lora"}),
+    "pf2lora-rank-0": lambda raw: raw.update(strategy={"name": "pf2lora", "params": {"personal_rank": 0}},
+                                             eval={"local_test_fraction": 0.2}),
+    "feddpa-a-2": lambda raw: raw.update(strategy={"name": "feddpa", "params": {"a": 2}},
+                                         eval={"local_test_fraction": 0.2}),
+    "failed-rounds-neg": _set(["resources", "max_failed_rounds"], -1),
 }
 
 
