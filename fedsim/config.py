@@ -321,7 +321,9 @@ class ClientsConfig(_Frozen):
     num_clients: int = Field(20, ge=1, le=10_000_000)
     per_round: int | float = 5
     lora: LoraSpecConfig = LoraSpecConfig()
-    sampling: Literal["uniform"] = "uniform"
+    sampling: Literal["uniform", "size"] = "uniform"  # size: probability ∝ the client's number of samples
+    availability: float = Field(1.0, gt=0.0, le=1.0)  # probability that a client is reachable in a round
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability that a sampled client drops out during the round
     state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk
     # where spilled client state goes (a subdirectory per run); default: <run dir>/client_state
     state_dir: str | None = None

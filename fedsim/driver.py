@@ -28,7 +28,7 @@ from fedsim.models.quant import check_shapes, require_backend
 from fedsim.progress import Progress
 from fedsim.runtime.backend import Backend, make_backend
 from fedsim.runtime.worker import ClientJob
-from fedsim.sampling import sample_clients
+from fedsim.sampling import dropped_out, sample_clients
 from fedsim.strategies import StrategySpec, get_strategy_class
 from fedsim.tracking import Tracker
 from fedsim.types import ClientFailure, ClientSpec, LoraSpec, RoundContext
@@ -284,13 +284,16 @@ class Driver:
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
             all_failed = 0  # consecutive rounds in which no client succeeded
+            sizes = [c.num_examples for c in prep.clients] if sc.clients.sampling == "size" else None
             for r in range(start_round + 1, sc.rounds + 1):
                 t0 = time.perf_counter()
                 ctx = RoundContext(server_round=r, num_rounds=sc.rounds, seed=sc.seed)
-                sampled = sample_clients(sc.clients.num_clients, k, sc.seed, r)
+                sampled = sample_clients(sc.clients.num_clients, k, sc.seed, r, sizes=sizes,
+                                         availability=sc.clients.availability)
                 handles, down = server.configure(ctx, [prep.clients[c] for c in sampled])
+                gone = dropped_out(sampled, sc.clients.dropout, sc.seed, r)  # they downloaded, then vanished
                 jobs = [(ClientJob(prep.clients[c], prep.parts[c], r, personal=store.get(c) if store else None),
-                         handles[c]) for c in sampled]
+                         handles[c]) for c in sampled if c not in gone]
                 progress.start_round(r, len(jobs))
                 t_train = time.perf_counter()
                 replaced_before = self.backend.num_replaced
@@ -298,6 +301,8 @@ class Driver:
                     jobs, on_done=lambda res: progress.client_done(isinstance(res, ClientFailure)))
                 ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
                 failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+                attempted = len(jobs)
+                failed += [ClientFailure(c, "dropped out during the round (clients.dropout)") for c in sorted(gone)]
                 t_agg = time.perf_counter()
                 up = server.aggregate(ctx, [h for _, h in ok])
                 if up["rejected"]:  # invalid updates count as failed clients, with their reason
@@ -312,6 +317,7 @@ class Driver:
                     self.backend.sync_base(deltas)
                     base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
+                row["clients/dropped"] = len(gone)
                 row["workers/replaced"] = self.backend.num_replaced - replaced_before
                 row["time/train_s"] = t_agg - t_train
                 row["time/aggregate_s"] = time.perf_counter() - t_agg
@@ -333,10 +339,11 @@ class Driver:
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
-                all_failed = all_failed + 1 if not ok else 0
+                all_failed = all_failed + 1 if attempted and not ok else 0  # not counting simulated absences
                 if sc.resources.max_failed_rounds and all_failed >= sc.resources.max_failed_rounds:
-                    reasons = Counter(f.reason.split(":", 1)[0] for f in failed).most_common(1)
-                    example = next(f for f in failed if f.reason.startswith(reasons[0][0]))
+                    real = [f for f in failed if f.client_id not in gone]
+                    reasons = Counter(f.reason.split(":", 1)[0] for f in real).most_common(1)
+                    example = next(f for f in real if f.reason.startswith(reasons[0][0]))
                     raise BackendError(
                         f"every sampled client failed in {all_failed} consecutive rounds (up to round {r}), e.g. "
                         f"client {example.client_id}: {example.reason}; the metrics so far are in "
@@ -388,7 +395,9 @@ class Driver:
         row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
         if failed:
             row["clients/failures"] = [f"{f.client_id}: {f.reason}" for f in failed]
-        if not ok:
+        if not sampled:
+            row["note"] = "no client was available this round (clients.availability); the global state is unchanged"
+        elif not ok:
             row["note"] = "every sampled client failed; the global state is unchanged"
         return row
 

@@ -1,6 +1,8 @@
-"""Client selection, from an explicit generator derived from (seed, round)."""
+"""Client selection and availability, from explicit generators derived from (seed, round)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -10,15 +12,41 @@ def round_rng(seed: int, server_round: int, stream: int = 0) -> np.random.Genera
     return np.random.default_rng([seed, server_round, stream])
 
 
-def sample_clients(num_clients: int, num_sampled: int, seed: int, server_round: int) -> list[int]:
-    """``num_sampled`` distinct client ids drawn uniformly, sorted.
+def available_clients(num_clients: int, availability: float, seed: int, server_round: int) -> np.ndarray:
+    """Ids of the clients reachable this round: each independently with probability ``availability``."""
+    if availability >= 1.0:
+        return np.arange(num_clients)
+    return np.flatnonzero(round_rng(seed, server_round, stream=2).random(num_clients) < availability)
+
+
+def sample_clients(num_clients: int, num_sampled: int, seed: int, server_round: int,
+                   sizes: Sequence[int] | np.ndarray | None = None, availability: float = 1.0) -> list[int]:
+    """Up to ``num_sampled`` distinct client ids among the available ones, sorted.
 
     Args:
         num_clients: registered clients.
-        num_sampled: clients to draw (≤ num_clients).
+        num_sampled: clients to draw (fewer if fewer are available).
         seed: scenario seed.
         server_round: round number, from 1.
+        sizes: per-client sample counts for size-weighted sampling (probability ∝ size, without replacement);
+            None samples uniformly.
+        availability: probability that a client is reachable this round.
     """
+    pool = available_clients(num_clients, availability, seed, server_round)
+    k = min(num_sampled, len(pool))
+    if k == 0:
+        return []
     rng = round_rng(seed, server_round, stream=1)
-    chosen = rng.choice(num_clients, size=min(num_sampled, num_clients), replace=False)
+    if sizes is None:
+        chosen = pool[rng.choice(len(pool), size=k, replace=False)]
+    else:
+        w = np.asarray(sizes, dtype=np.float64)[pool]
+        chosen = pool[rng.choice(len(pool), size=k, replace=False, p=w / w.sum())]
     return sorted(int(c) for c in chosen)
+
+
+def dropped_out(clients: Sequence[int], dropout: float, seed: int, server_round: int) -> set[int]:
+    """The sampled clients that drop out during the round (each with probability ``dropout``, drawn per client)."""
+    if dropout <= 0:
+        return set()
+    return {c for c in clients if np.random.default_rng([seed, server_round, int(c), 19]).random() < dropout}

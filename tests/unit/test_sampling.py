@@ -1,0 +1,56 @@
+"""Client sampling (uniform, size-weighted), availability and dropout: seeded, and what they promise."""
+
+import json
+
+import numpy as np
+
+from fedsim.config import scenario_from_dict
+from fedsim.driver import run_scenario
+from fedsim.sampling import available_clients, dropped_out, sample_clients
+
+
+def test_uniform_sampling_is_seeded_distinct_and_sorted():
+    a = sample_clients(1000, 100, seed=3, server_round=7)
+    assert a == sample_clients(1000, 100, seed=3, server_round=7) and a == sorted(set(a)) and len(a) == 100
+    assert a != sample_clients(1000, 100, seed=3, server_round=8)
+
+
+def test_size_weighted_sampling_prefers_large_clients():
+    sizes = np.array([1] * 50 + [20] * 50)
+    counts = np.zeros(100)
+    for r in range(1, 201):
+        counts[sample_clients(100, 10, 0, r, sizes=sizes)] += 1
+    assert counts[50:].sum() > 8 * counts[:50].sum()  # ∝ size: 20× per client, less the without-replacement cap
+    uniform = np.zeros(100)
+    for r in range(1, 201):
+        uniform[sample_clients(100, 10, 0, r)] += 1
+    assert 0.7 < uniform[50:].sum() / uniform[:50].sum() < 1.4
+
+
+def test_availability_limits_the_pool_and_can_leave_it_short():
+    pool = available_clients(10_000, 0.3, 0, 1)
+    assert 2700 < len(pool) < 3300
+    picked = sample_clients(10_000, 100, 0, 1, availability=0.3)
+    assert set(picked) <= set(pool.tolist()) and len(picked) == 100
+    few = sample_clients(20, 10, 0, 1, availability=0.1)  # fewer reachable than requested: all of them
+    assert set(few) == set(available_clients(20, 0.1, 0, 1).tolist()) and len(few) < 10
+
+
+def test_dropout_is_per_client_and_seeded():
+    gone = dropped_out(range(1000), 0.2, 0, 1)
+    assert 150 < len(gone) < 250 and gone == dropped_out(range(1000), 0.2, 0, 1)
+    assert dropped_out(range(1000), 0.0, 0, 1) == set()
+
+
+def test_dropouts_and_unavailable_clients_in_a_run(tiny_raw, tmp_path):
+    tiny_raw.update(rounds=4)
+    tiny_raw["clients"].update(sampling="size", availability=0.5, dropout=0.5, per_round=4)
+    tiny_raw["resources"]["max_failed_rounds"] = 1  # simulated absences never count as failing rounds
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert sum(row["clients/dropped"] for row in rows) >= 1
+    for row in rows:
+        assert row["clients/succeeded"] + row["clients/failed"] == row["clients/sampled"] <= 4
+        dropped = [f for f in row.get("clients/failures", []) if "dropped out" in f]
+        assert len(dropped) == row["clients/dropped"]
+        assert len(row["comm/per_client"]) == row["clients/sampled"]  # dropped clients still downloaded
