@@ -461,6 +461,57 @@ class FaultsConfig(_Frozen):
         return self.kill_worker_prob > 0 or self.nan_update_prob > 0 or self.hang_prob > 0
 
 
+class SpeedTier(_Frozen):
+    """A share of the clients with one compute speed."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    steps_per_s: float = Field(gt=0.0, le=1e9)
+
+
+class ClockConfig(_Frozen):
+    """The simulated clock: how long each client would take on its own hardware and network, so that rounds have a
+    simulated duration (reported next to wall time) and an optional deadline drops stragglers.
+
+    A client's time = local steps / its speed + download and upload bytes at the configured bandwidths + 2 × latency;
+    a round lasts as long as its slowest client (capped at the deadline). Speed: ``steps_per_s`` for everyone, or
+    ``tiers`` (shares, dealt by a seeded permutation), times ``by_bits[bits]`` for a client whose base has those bits.
+    """
+
+    steps_per_s: float = Field(10.0, gt=0.0, le=1e9)
+    tiers: tuple[SpeedTier, ...] | None = None
+    by_bits: dict[int, float] | None = None
+    down_mbps: float = Field(100.0, gt=0.0, le=1e9)
+    up_mbps: float = Field(20.0, gt=0.0, le=1e9)
+    latency_s: float = Field(0.05, ge=0.0, le=1e6)
+    deadline_s: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ClockConfig:
+        if self.tiers is not None:
+            total = sum(t.fraction for t in self.tiers)
+            if not self.tiers or abs(total - 1.0) > 1e-6:
+                raise ValueError(f"speed tier fractions sum to {total:g}; they must sum to 1")
+        for bits, factor in (self.by_bits or {}).items():
+            if factor <= 0:
+                raise ValueError(f"by_bits[{bits}] must be a positive speed multiplier, got {factor}")
+        return self
+
+    def speeds(self, num_clients: int, seed: int, bits: list[int]) -> list[float]:
+        """Steps per second of each client id."""
+        if self.tiers is None:
+            base = [self.steps_per_s] * num_clients
+        else:
+            tier = deal_tiers([t.fraction for t in self.tiers], num_clients, seed, salt=227)
+            base = [self.tiers[t].steps_per_s for t in tier]
+        mult = self.by_bits or {}
+        return [v * mult.get(b, 1.0) for v, b in zip(base, bits)]
+
+    def client_time(self, steps: float, speed: float, down_bytes: float, up_bytes: float) -> float:
+        """Simulated seconds for one client's round: compute, then transfers at the configured bandwidths."""
+        return (steps / speed + 8.0 * down_bytes / (self.down_mbps * 1e6) + 8.0 * up_bytes / (self.up_mbps * 1e6)
+                + 2 * self.latency_s)
+
+
 class CheckpointConfig(_Frozen):
     """How often the server state is saved for ``fedsim run --resume`` (always after the last round too)."""
 
@@ -488,6 +539,7 @@ class Scenario(_Frozen):
     resources: ResourcesConfig = ResourcesConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    clock: ClockConfig = ClockConfig()
     faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")

@@ -71,9 +71,10 @@ def prepare(scenario: Scenario) -> Prepared:
             check_shapes(spec, layers)
             require_backend(spec.backend)
     quants = qcfg.assign(len(parts), scenario.seed)
+    speeds = scenario.clock.speeds(len(parts), scenario.seed, [q.bits for q in quants])
     clients = [ClientSpec(client_id=c, num_examples=len(p), lora=LoraSpec(rank=r, alpha=a, rslora=lcfg.rslora),
-                          quant=q)
-               for c, (p, (r, a), q) in enumerate(zip(parts, assigned, quants))]
+                          quant=q, speed=v)
+               for c, (p, (r, a), q, v) in enumerate(zip(parts, assigned, quants, speeds))]
     # the global adapter's spec: the single one, or the largest rank of the mix
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
     return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),
@@ -284,6 +285,7 @@ class Driver:
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
             all_failed = 0  # consecutive rounds in which no client succeeded
+            sim_total = self.rows[-1].get("time/sim_total_s", 0.0) if self.rows else 0.0  # carried over on resume
             sizes = [c.num_examples for c in prep.clients] if sc.clients.sampling == "size" else None
             for r in range(start_round + 1, sc.rounds + 1):
                 t0 = time.perf_counter()
@@ -303,6 +305,18 @@ class Driver:
                 failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
                 attempted = len(jobs)
                 failed += [ClientFailure(c, "dropped out during the round (clients.dropout)") for c in sorted(gone)]
+                # the simulated clock: each client's compute and transfers; past the deadline, a straggler
+                sim = {res.client_id: sc.clock.client_time(res.metrics.get("train/steps", 0.0), prep.clients[
+                    res.client_id].speed, down[res.client_id][1], res.metrics.get("client/up_bytes", 0.0))
+                    for res, _ in ok}
+                late = {c for c, t in sim.items() if sc.clock.deadline_s is not None and t > sc.clock.deadline_s}
+                failed += [ClientFailure(c, f"missed the round deadline: simulated {sim[c]:.1f} s > "
+                                            f"clock.deadline_s {sc.clock.deadline_s:g}") for c in sorted(late)]
+                ok = [(res, h) for res, h in ok if res.client_id not in late]
+                sim_round = max(sim.values(), default=0.0)
+                if late:
+                    sim_round = sc.clock.deadline_s
+                sim_total += sim_round
                 t_agg = time.perf_counter()
                 up = server.aggregate(ctx, [h for _, h in ok])
                 if up["rejected"]:  # invalid updates count as failed clients, with their reason
@@ -318,6 +332,7 @@ class Driver:
                     base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
                 row["clients/dropped"] = len(gone)
+                row.update({"clients/late": len(late), "time/sim_round_s": sim_round, "time/sim_total_s": sim_total})
                 row["workers/replaced"] = self.backend.num_replaced - replaced_before
                 row["time/train_s"] = t_agg - t_train
                 row["time/aggregate_s"] = time.perf_counter() - t_agg
@@ -339,7 +354,7 @@ class Driver:
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, tracker, progress)
-                all_failed = all_failed + 1 if attempted and not ok else 0  # not counting simulated absences
+                all_failed = all_failed + 1 if attempted and not ok and not late else 0  # not simulated absences
                 if sc.resources.max_failed_rounds and all_failed >= sc.resources.max_failed_rounds:
                     real = [f for f in failed if f.client_id not in gone]
                     reasons = Counter(f.reason.split(":", 1)[0] for f in real).most_common(1)
@@ -419,6 +434,8 @@ class Driver:
             **{f"final/{k}": v for k, v in final.items()
                if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))},
             **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
+            "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(self.rows) if "time/sim_total_s" in r),
+                                     0.0),
             **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
             "workers": workers,
         }

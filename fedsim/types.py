@@ -65,6 +65,7 @@ class ClientSpec:
     num_examples: int
     lora: LoraSpec
     quant: QuantSpec = QuantSpec()
+    speed: float = 10.0  # local steps per second on the client's own hardware (the simulated clock)
 
 
 @dataclass(frozen=True)

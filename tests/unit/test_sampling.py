@@ -54,3 +54,39 @@ def test_dropouts_and_unavailable_clients_in_a_run(tiny_raw, tmp_path):
         dropped = [f for f in row.get("clients/failures", []) if "dropped out" in f]
         assert len(dropped) == row["clients/dropped"]
         assert len(row["comm/per_client"]) == row["clients/sampled"]  # dropped clients still downloaded
+
+
+def test_simulated_clock_and_round_deadline(tiny_raw, tmp_path):
+    """Two speed tiers; 2-bit clients twice as fast; a deadline between the tiers drops exactly the slow clients."""
+    from fedsim.driver import prepare
+
+    tiny_raw.update(rounds=3)
+    tiny_raw["clients"].update(per_round=6, quant={"tiers": [{"fraction": 0.5, "bits": 2}, {"fraction": 0.5,
+                                                                                              "bits": 32}],
+                                                   "group_size": 32})
+    tiny_raw["training"]["local_steps"] = 3
+    clock = {"tiers": [{"fraction": 0.5, "steps_per_s": 10.0}, {"fraction": 0.5, "steps_per_s": 0.5}],
+             "by_bits": {2: 2.0}, "down_mbps": 1000.0, "up_mbps": 1000.0, "latency_s": 0.0}
+    tiny_raw["clock"] = clock
+    sc = scenario_from_dict(tiny_raw)
+    speeds = {c.client_id: c.speed for c in prepare(sc).clients}
+    assert set(speeds.values()) <= {10.0, 20.0, 0.5, 1.0} and len(set(speeds.values())) >= 3
+    run_scenario(sc, tmp_path / "free")
+    free = [json.loads(x) for x in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()][1:]
+    total = 0.0
+    for row in free:  # the slowest sampled client sets the round's time: 3 steps at its speed plus transfers
+        slowest = min(speeds[int(c)] for c in row["comm/per_client"])
+        assert 3 / slowest <= row["time/sim_round_s"] < 3 / slowest + 0.01
+        total += row["time/sim_round_s"]
+        assert row["time/sim_total_s"] == total and row["clients/late"] == 0
+    tiny_raw["clock"] = {**clock, "deadline_s": 2.0}  # 3 steps: fast tiers 0.15–0.3 s, slow ones 3–6 s
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "deadline")
+    rows = [json.loads(x) for x in (tmp_path / "deadline" / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        slow = {int(c) for c in row["comm/per_client"] if speeds[int(c)] < 2}
+        late = {int(f.split(":")[0]) for f in row.get("clients/failures", []) if "deadline" in f}
+        assert late == slow and row["clients/late"] == len(slow)
+        if slow:
+            assert row["time/sim_round_s"] == 2.0  # the round waits until the deadline, not for the stragglers
+        assert row["clients/succeeded"] == row["clients/sampled"] - len(slow)
+    assert any(row["clients/late"] for row in rows)
