@@ -87,7 +87,7 @@ MUTATIONS = {
     "feddpa-a-2": lambda raw: raw.update(strategy={"name": "feddpa", "params": {"a": 2}},
                                          eval={"local_test_fraction": 0.2}),
     "failed-rounds-neg": _set(["resources", "max_failed_rounds"], -1),
-    "availability-0": _set(["clients", "availability"], 0), "dropout-1": _set(["clients", "dropout"], 1.0),
+    "availability-0": _set(["clients", "availability"], 0), "client-dropout-1": _set(["clients", "dropout"], 1.0),
     "sampling-bad": _set(["clients", "sampling"], "greedy"), "speed-0": _set(["clock", "steps_per_s"], 0),
     "deadline-neg": _set(["clock", "deadline_s"], -5), "speed-bits-0": _set(["clock", "by_bits"], {2: 0}),
     "speed-tiers-sum": _set(["clock", "tiers"], [{"fraction": 0.3, "steps_per_s": 1}]),
