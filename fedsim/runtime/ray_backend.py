@@ -129,6 +129,9 @@ def _actor_classes():
             self.host(self._base_version)  # build the model now, so that no client's clock pays for it
             return self.name
 
+        def stats(self):
+            return {**super().stats(), "node": ray.get_runtime_context().get_node_id()}
+
     class ServerActor:
         def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
             self.server = Server(strategy_name, params, spec)
@@ -227,7 +230,8 @@ class RayBackend(Backend):
         res = scenario.resources
         self._resources = res
         self._worker_cls = worker_cls
-        self._opts = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0)
+        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
+        self._opts = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0, scheduling_strategy="SPREAD")
         self._args = (scenario.to_dict(), ray.put(data))
         self.actors = [self._new_actor(i) for i in range(res.num_workers)]
         self.server_actor = server_cls.options(num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(
