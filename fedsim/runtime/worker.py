@@ -46,6 +46,13 @@ class ClientJob:
 MAX_BASES = 6  # base variants (bit widths) a worker keeps at once
 
 
+def _max_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 def _delta_modules(delta: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.rsplit(".delta_", 1)[0] for k in delta})
 
@@ -339,4 +346,4 @@ class Worker:
         return {"name": self.name, "pid": os.getpid(), "num_builds": self.num_builds,
                 "num_wraps": sum(h.num_wraps for _, h in self._hosts.values()), "num_clients": self.num_clients,
                 "quantizations": dict(self.quantizations), "base_bytes": dict(self.base_bytes),
-                "device": str(self.device)}
+                "device": str(self.device), "max_rss_mb": _max_rss_mb()}
