@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="a swept key and its values, e.g. --grid clients.num_clients=10,100,1000 (repeatable)")
     sweep.add_argument("--out", help="sweep directory (default: runs/<name>-sweep)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="run N points at once (Ray tasks on the cluster with the ray backend, else processes)")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
 
@@ -105,7 +107,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.sweep import run_sweep
 
-    rows = run_sweep(args.scenario, args.grid, args.overrides, args.out)
+    rows = run_sweep(args.scenario, args.grid, args.overrides, args.out, args.parallel)
     print(f"done: {len(rows)} runs; table in {Path(rows[0]['run_dir']).parent / 'sweep.csv'}")
     return 0
 

@@ -1,8 +1,8 @@
 """Sweeps: run a scenario at every point of a grid of overrides and tabulate the results.
 
 ``fedsim sweep SCENARIO --grid clients.num_clients=10,100,1000 [--grid key=v1,v2 ...]`` validates every point first
-(a bad value fails before anything runs), then runs the points one after another, each in its own run directory and
-as its own W&B run in one group, and writes ``sweep.csv`` and ``sweep.png`` (round time, accuracy and communication
+(a bad value fails before anything runs), then runs the points one after another (or ``--parallel N`` at once: Ray
+tasks on a cluster, processes otherwise), each in its own run directory and as its own W&B run in one group, and writes ``sweep.csv`` and ``sweep.png`` (round time, accuracy and communication
 against the first swept key).
 """
 
@@ -64,30 +64,82 @@ def plan(path: str | Path, grid_specs: list[str], overrides: list[str] = ()) -> 
     return base, points
 
 
-def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = (), out: str | Path | None = None
-              ) -> list[dict[str, Any]]:
-    """Run every point; write ``sweep.csv`` and ``sweep.png`` into ``out`` (default ``runs/<name>-sweep``)."""
-    from fedsim.driver import new_run_dir, run_scenario
+def _run_point(scenario: Scenario, run_dir: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Run one point and summarise it as a row of ``sweep.csv``."""
+    from fedsim.driver import run_scenario
+
+    run_dir = Path(run_dir)
+    summary = run_scenario(scenario, run_dir)
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [m for m in metrics if m["round"] >= 1]
+    steady = rounds[1:] or rounds
+    return {**values, "run_dir": str(run_dir),
+            "final_accuracy": summary["final/eval/accuracy"], "final_loss": summary["final/eval/loss"],
+            "round_time_s": statistics.median(m["time/fit_s"] for m in steady),
+            "sim_time_s": summary.get("time/sim_total_s", 0.0),
+            "comm_params": summary["comm/total_up_params"] + summary["comm/total_down_params"],
+            "time_s": summary["time_s"]}
+
+
+def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = (), out: str | Path | None = None,
+              parallel: int = 1) -> list[dict[str, Any]]:
+    """Run every point; write ``sweep.csv`` and ``sweep.png`` into ``out`` (default ``runs/<name>-sweep``).
+
+    ``parallel`` > 1 runs that many points at once: with the Ray backend each point's driver is a Ray task on the
+    cluster (its workers and server are actors there, placed like any run's), otherwise a process of its own.
+    """
+    from fedsim.driver import new_run_dir
 
     base, points = plan(path, grid_specs, overrides)
     out_dir = Path(out) if out is not None else Path("runs") / f"{base.name}-sweep"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, p in enumerate(points, start=1):
-        print(f"[sweep {i}/{len(points)}] {p['name']}", flush=True)
-        run_dir = new_run_dir(p["scenario"], out_dir / p["name"])  # refuses to overwrite an earlier run
-        summary = run_scenario(p["scenario"], run_dir)
-        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rounds = [m for m in metrics if m["round"] >= 1]
-        steady = rounds[1:] or rounds
-        rows.append({**p["values"], "run_dir": str(run_dir),
-                     "final_accuracy": summary["final/eval/accuracy"], "final_loss": summary["final/eval/loss"],
-                     "round_time_s": statistics.median(m["time/fit_s"] for m in steady),
-                     "comm_params": summary["comm/total_up_params"] + summary["comm/total_down_params"],
-                     "time_s": summary["time_s"]})
-        _write(out_dir, rows)
+    jobs = [(p["scenario"], str(new_run_dir(p["scenario"], out_dir / p["name"])), p["values"]) for p in points]
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+
+    def done(i: int, row: dict[str, Any]) -> None:
+        rows[i] = row
+        print(f"[sweep {sum(r is not None for r in rows)}/{len(jobs)}] {points[i]['name']} done", flush=True)
+        _write(out_dir, [r for r in rows if r is not None])
+
+    if parallel <= 1:
+        for i, job in enumerate(jobs):
+            print(f"[sweep {i + 1}/{len(jobs)}] {points[i]['name']}", flush=True)
+            done(i, _run_point(*job))
+    elif base.resources.backend == "ray":
+        _run_on_ray(jobs, parallel, base, done)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point, *job): i for i, job in enumerate(jobs)}
+            for f in cf.as_completed(futures):
+                done(futures[f], f.result())
     _plot(out_dir, rows, [k for k in points[0]["values"]])
     return rows
+
+
+def _run_on_ray(jobs: list[tuple], parallel: int, base: Scenario, done: Any) -> None:
+    """Each point's driver as a Ray task (no CPU of its own: its workers and server hold the resources)."""
+    import ray
+
+    from fedsim.runtime.ray_backend import init_ray
+
+    started = init_ray(base, runs=parallel)
+    try:
+        task = ray.remote(num_cpus=0, max_retries=0)(_run_point)
+        pending: dict[Any, int] = {}
+        queue = list(enumerate(jobs))
+        while queue or pending:
+            while queue and len(pending) < parallel:
+                i, job = queue.pop(0)
+                pending[task.remote(*job)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                done(pending.pop(ref), ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _write(out_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -40,8 +40,9 @@ def ray_temp_dir() -> str:
     return os.environ.get("FEDSIM_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"fedsim-ray-{os.getuid()}"))
 
 
-def init_ray(scenario: Scenario) -> bool:
-    """Connect to (``resources.address``) or start a local Ray instance. Returns True if this call started it."""
+def init_ray(scenario: Scenario, runs: int = 1) -> bool:
+    """Connect to (``resources.address``) or start a local Ray instance with room for ``runs`` concurrent runs of
+    ``scenario``. Returns True if this call started it."""
     import ray
 
     if ray.is_initialized():
@@ -57,9 +58,9 @@ def init_ray(scenario: Scenario) -> bool:
         import torch
 
         # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
-        need_cpus = res.num_workers * res.num_cpus + res.server.num_cpus
+        need_cpus = runs * (res.num_workers * res.num_cpus + res.server.num_cpus)
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(need_cpus)))
-        need_gpus = res.num_workers * res.num_gpus + res.server.num_gpus
+        need_gpus = runs * (res.num_workers * res.num_gpus + res.server.num_gpus)
         if need_gpus > 0 and not torch.cuda.is_available():
             log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU", need_gpus)
             kwargs["num_gpus"] = int(np.ceil(need_gpus))

@@ -153,6 +153,24 @@ def test_sweep_runs_every_point_and_tabulates(tiny_yaml, tmp_path):
     assert (out / "sweep.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_parallel_sweep_gives_the_sequential_results(tiny_yaml, tmp_path, backend):
+    """--parallel 2: processes with the local backend, Ray tasks (each point's driver) with the Ray backend."""
+    import csv
+
+    common = ["--grid", "clients.num_clients=4,8", "--set", "rounds=1", "--set", "eval.at_start=false"]
+    r = _fedsim("sweep", str(tiny_yaml), *common, "--out", str(tmp_path / "seq"))
+    assert r.returncode == 0, r.stderr
+    r = _fedsim("sweep", str(tiny_yaml), *common, "--parallel", "2", "--set", f"resources.backend={backend}",
+                "--set", "resources.num_workers=1", "--out", str(tmp_path / "par"))
+    assert r.returncode == 0, r.stderr
+    seq = list(csv.DictReader(open(tmp_path / "seq" / "sweep.csv")))
+    par = list(csv.DictReader(open(tmp_path / "par" / "sweep.csv")))
+    assert [x["clients.num_clients"] for x in par] == ["4", "8"]
+    for a, b in zip(seq, par):
+        assert a["final_loss"] == b["final_loss"] and a["comm_params"] == b["comm_params"]
+
+
 def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
     r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.lora.alpha=8,-1", "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "point alpha=-1" in r.stderr and "Traceback" not in r.stderr
