@@ -410,6 +410,15 @@ class ServerResources(_Frozen):
     num_gpus: float = Field(0.0, ge=0.0, le=64)
 
 
+class WorkerPool(_Frozen):
+    """Extra workers, sized for the clients whose base has one of ``bits`` (e.g. a GPU share for 16-bit clients)."""
+
+    bits: tuple[int, ...] = Field(min_length=1)
+    num_workers: int = Field(1, ge=1, le=4096)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+
+
 class ResourcesConfig(_Frozen):
     backend: Literal["local", "ray"] = "ray"
     num_workers: int = Field(2, ge=1, le=4096)
@@ -423,9 +432,34 @@ class ResourcesConfig(_Frozen):
     # consecutive rounds in which every sampled client fails before the run stops with their reason; 0 = never
     max_failed_rounds: int = Field(3, ge=0, le=1_000_000)
     client_timeout_s: float | None = Field(None, gt=0.0)
+    # clients whose base has one of a pool's bits are trained by that pool's workers; the rest by the main pool
+    pools: tuple[WorkerPool, ...] = ()
+
+    @model_validator(mode="after")
+    def _pools_disjoint(self) -> ResourcesConfig:
+        seen: dict[int, int] = {}
+        for i, pool in enumerate(self.pools):
+            for b in pool.bits:
+                if b in seen:
+                    raise ValueError(f"pools {seen[b]} and {i} both claim {b}-bit clients; give each bit width to "
+                                     "one pool")
+                seen[b] = i
+        return self
+
+    def pool_of(self, bits: int) -> int:
+        """Index of the pool that trains ``bits``-bit clients (-1: the main pool)."""
+        return next((i for i, p in enumerate(self.pools) if bits in p.bits), -1)
+
+    def slots(self) -> list[tuple[int, float, float]]:
+        """(pool index, num_cpus, num_gpus) of every worker: the main pool (-1) first."""
+        out = [(-1, self.num_cpus, self.num_gpus)] * self.num_workers
+        for i, p in enumerate(self.pools):
+            out += [(i, p.num_cpus, p.num_gpus)] * p.num_workers
+        return out
 
     def threads_per_worker(self) -> int:
-        """torch intra-op threads per worker; equal on both backends so that results match bit for bit."""
+        """torch intra-op threads per worker — every worker, pools included, so that a client's result does not depend
+        on which worker (or backend) trains it."""
         return self.num_threads or max(1, int(self.num_cpus))
 
 

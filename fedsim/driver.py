@@ -332,6 +332,7 @@ class Driver:
                     base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
                 row["clients/dropped"] = len(gone)
+                row["clients/worker"] = {str(res.client_id): res.worker for res, _ in ok}  # JSONL only
                 row.update({"clients/late": len(late), "time/sim_round_s": sim_round, "time/sim_total_s": sim_total})
                 row["workers/replaced"] = self.backend.num_replaced - replaced_before
                 row["time/train_s"] = t_agg - t_train

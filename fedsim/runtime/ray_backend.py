@@ -58,9 +58,9 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
         import torch
 
         # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
-        need_cpus = runs * (res.num_workers * res.num_cpus + res.server.num_cpus)
+        need_cpus = runs * (sum(c for _, c, _ in res.slots()) + res.server.num_cpus)
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(need_cpus)))
-        need_gpus = runs * (res.num_workers * res.num_gpus + res.server.num_gpus)
+        need_gpus = runs * (sum(g for _, _, g in res.slots()) + res.server.num_gpus)
         if need_gpus > 0 and not torch.cuda.is_available():
             log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU", need_gpus)
             kwargs["num_gpus"] = int(np.ceil(need_gpus))
@@ -85,15 +85,18 @@ def check_placement(res: Any) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
-    need_cpu = res.num_workers * res.num_cpus + res.server.num_cpus
-    need_gpu = res.num_workers * res.num_gpus + res.server.num_gpus
+    slots = res.slots()
+    need_cpu = sum(c for _, c, _ in slots) + res.server.num_cpus
+    need_gpu = sum(g for _, _, g in slots) + res.server.num_gpus
     biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     biggest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     problems = []
-    if res.num_cpus > biggest_cpu or res.server.num_cpus > biggest_cpu:
-        problems.append(f"no node has {max(res.num_cpus, res.server.num_cpus):g} CPUs (largest: {biggest_cpu:g})")
-    if res.num_gpus > biggest_gpu or res.server.num_gpus > biggest_gpu:
-        problems.append(f"no node has {max(res.num_gpus, res.server.num_gpus):g} GPUs (largest: {biggest_gpu:g})")
+    one_cpu = max([c for _, c, _ in slots] + [res.server.num_cpus])
+    one_gpu = max([g for _, _, g in slots] + [res.server.num_gpus])
+    if one_cpu > biggest_cpu:
+        problems.append(f"no node has {one_cpu:g} CPUs (largest: {biggest_cpu:g})")
+    if one_gpu > biggest_gpu:
+        problems.append(f"no node has {one_gpu:g} GPUs (largest: {biggest_gpu:g})")
     if need_cpu > total_cpu + 1e-9:
         problems.append(f"{need_cpu:g} CPUs needed, the cluster has {total_cpu:g}")
     if need_gpu > total_gpu + 1e-9:
@@ -101,7 +104,7 @@ def check_placement(res: Any) -> None:
     if problems:
         raise BackendError(
             "Ray cannot place the workers: " + "; ".join(problems) + ". Lower resources.num_workers, "
-            "resources.num_cpus / num_gpus or resources.server, or add nodes to the cluster")
+            "resources.num_cpus / num_gpus, resources.pools or resources.server, or add nodes to the cluster")
 
 
 def _actor_classes():
@@ -231,10 +234,9 @@ class RayBackend(Backend):
         res = scenario.resources
         self._resources = res
         self._worker_cls = worker_cls
-        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
-        self._opts = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0, scheduling_strategy="SPREAD")
+        self._slots = res.slots()  # (pool, num_cpus, num_gpus) per worker
         self._args = (scenario.to_dict(), ray.put(data))
-        self.actors = [self._new_actor(i) for i in range(res.num_workers)]
+        self.actors = [self._new_actor(i) for i in range(len(self._slots))]
         self.server_actor = server_cls.options(num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(
             scenario.strategy.name, scenario.strategy.params, spec)
         try:
@@ -247,7 +249,11 @@ class RayBackend(Backend):
         return RayServerHandle(self.server_actor)
 
     def _new_actor(self, i: int) -> Any:
-        actor = self._worker_cls.options(**self._opts).remote(self._args[0], self._args[1], f"worker-{i}")
+        pool, cpus, gpus = self._slots[i]
+        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
+        actor = self._worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD"
+                                         ).remote(self._args[0], self._args[1],
+                                                  f"worker-{i}" + (f"-pool{pool}" if pool >= 0 else ""), gpus)
         for version, delta in self._base_history:  # a replacement catches up with the merged base
             actor.apply_base_delta.remote(version, delta)
         return actor
@@ -274,7 +280,16 @@ class RayBackend(Backend):
 
         max_attempts = 1 + self._resources.max_retries
         timeout_s = self._resources.client_timeout_s
-        pending = deque((pos, job, payload) for pos, (job, payload) in enumerate(jobs))
+        res = self._resources
+        pools = sorted({p for p, _, _ in self._slots})
+        queue_of = {p: deque() for p in pools}  # jobs waiting, per worker pool
+
+        def pool_for(job: ClientJob) -> int:
+            p = res.pool_of(job.spec.quant.bits)
+            return p if p in queue_of else -1
+
+        for pos, (job, payload) in enumerate(jobs):
+            queue_of[pool_for(job)].append((pos, job, payload))
         queues: list[deque] = [deque() for _ in self.actors]  # per actor: refs in submission order
         started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
         inflight: dict[Any, tuple[int, int, ClientJob, Handle, Any]] = {}
@@ -287,9 +302,9 @@ class RayBackend(Backend):
 
         def retry_or_fail(pos: int, job: ClientJob, payload: Handle, charged: bool, reason: str) -> None:
             if not charged:
-                pending.appendleft((pos, job, payload))
+                queue_of[pool_for(job)].appendleft((pos, job, payload))
             elif job.attempt < max_attempts:
-                pending.appendleft((pos, replace(job, attempt=job.attempt + 1), payload))
+                queue_of[pool_for(job)].appendleft((pos, replace(job, attempt=job.attempt + 1), payload))
             else:
                 finish(pos, (ClientFailure(job.spec.client_id, f"{reason} (after {job.attempt} attempts)"), None))
 
@@ -321,8 +336,9 @@ class RayBackend(Backend):
             self.num_replaced += 1
             ray.get(self.actors[slot].ping.remote())  # ready (model built, base caught up) before its clock starts
 
-        while pending or inflight:
+        while any(queue_of.values()) or inflight:
             for slot in range(len(self.actors)):
+                pending = queue_of[self._slots[slot][0]]
                 while pending and len(queues[slot]) < PIPELINE_DEPTH:
                     pos, job, payload = pending.popleft()
                     meta_ref, update_ref = self.actors[slot].run_client.remote(job, payload)

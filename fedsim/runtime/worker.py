@@ -71,9 +71,11 @@ class Worker:
         scenario: the resolved scenario.
         data: tokenized data (shared read-only).
         name: a label for metrics (e.g. ``worker-0``).
+        num_gpus: this worker's GPU share (default: ``resources.num_gpus``; a worker pool's own otherwise).
     """
 
-    def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData, name: str = "worker-0"):
+    def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData, name: str = "worker-0",
+                 num_gpus: float | None = None):
         if isinstance(scenario, dict):
             from fedsim.config import scenario_from_dict
 
@@ -84,7 +86,7 @@ class Worker:
         self.data = data
         self.name = name
         configure_threads(scenario.resources.threads_per_worker())
-        self.device = pick_device(scenario.resources.num_gpus)
+        self.device = pick_device(scenario.resources.num_gpus if num_gpus is None else num_gpus)
         self.strategy = make_strategy(scenario.strategy.name, scenario.strategy.params)
         # One base per (base version, bit width): with full precision only, the PEFT model wraps the base itself and
         # merges are added to it in place; with quantized clients, a full-precision master (CPU, never wrapped)

@@ -72,7 +72,31 @@ def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
         run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_gpus=1"]), tmp_path / "a")
     with pytest.raises(BackendError, match="no node has 4 CPUs"):
         run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_cpus=4"]), tmp_path / "b")
+    tiny_raw["resources"]["pools"] = [{"bits": [2], "num_workers": 1, "num_gpus": 0.5}]  # a GPU pool, no GPU
+    with pytest.raises(BackendError, match="cannot place.*GPUs.*resources.pools"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "c")
     assert time.perf_counter() - t0 < 60
+
+
+def test_worker_pools_by_bits(tiny_raw, tmp_path):
+    """2-bit clients go to a pool of their own (its own worker size), the others to the main pool; same numbers as
+    the in-process backend, which has no pools."""
+    tiny_raw["clients"].update(per_round=6, quant={"tiers": [{"fraction": 0.5, "bits": 2}, {"fraction": 0.5,
+                                                                                            "bits": 32}],
+                                                   "group_size": 32})
+    local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
+    tiny_raw["resources"].update(backend="ray", num_workers=1,
+                                 pools=[{"bits": [2], "num_workers": 2, "num_cpus": 0.5, "num_gpus": 0.25}])
+    pooled = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "ray")
+    from fedsim.driver import prepare
+
+    bits = {c.client_id: c.quant.bits for c in prepare(scenario_from_dict(tiny_raw)).clients}
+    rows = _rows(tmp_path / "ray")[1:]
+    for row in rows:
+        for cid, worker in row["clients/worker"].items():
+            assert worker.endswith("-pool0") == (bits[int(cid)] == 2), (cid, worker)
+    assert {w["name"] for w in pooled["workers"]} == {"worker-0", "worker-1-pool0", "worker-2-pool0"}
+    assert local["final/eval/loss"] == pooled["final/eval/loss"]
 
 
 @pytest.mark.parametrize("strategy", ["fedqlora", "flora"])

@@ -91,6 +91,9 @@ MUTATIONS = {
     "sampling-bad": _set(["clients", "sampling"], "greedy"), "speed-0": _set(["clock", "steps_per_s"], 0),
     "deadline-neg": _set(["clock", "deadline_s"], -5), "speed-bits-0": _set(["clock", "by_bits"], {2: 0}),
     "speed-tiers-sum": _set(["clock", "tiers"], [{"fraction": 0.3, "steps_per_s": 1}]),
+    "pools-overlap": _set(["resources", "pools"], [{"bits": [2, 4]}, {"bits": [4]}]),
+    "pool-no-bits": _set(["resources", "pools"], [{"bits": [], "num_workers": 1}]),
+    "pool-workers-0": _set(["resources", "pools"], [{"bits": [2], "num_workers": 0}]),
 }
 
 
