@@ -401,6 +401,8 @@ class EvalConfig(_Frozen):
     at_start: bool = True
     # share of each client's shard held out as its local test split (personalized evaluation); 0 = none
     local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # how many clients (a fixed, seeded subset) are scored on their local test splits; None = all
+    local_clients: int | None = Field(None, ge=1)
 
 
 class ServerResources(_Frozen):

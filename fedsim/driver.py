@@ -101,6 +101,14 @@ def split_local_test(parts: Partition, fraction: float, seed: int) -> tuple[Part
     return train, test
 
 
+def local_eval_clients(num_clients: int, limit: int | None, seed: int) -> list[int]:
+    """The clients scored on their local test splits at each evaluation: all, or a fixed seeded subset of ``limit``
+    (with thousands of registered clients, scoring every one each time costs more than the round)."""
+    if limit is None or limit >= num_clients:
+        return list(range(num_clients))
+    return sorted(int(c) for c in np.random.default_rng([seed, 29]).choice(num_clients, size=limit, replace=False))
+
+
 def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
     """Where the client state store spills: ``<run dir>/client_state``, or with ``clients.state_dir`` set, a
     subdirectory of it named after the run (so that runs never share or delete each other's state)."""
@@ -285,6 +293,7 @@ class Driver:
                 self._log(row, tracker, progress)
             k = sc.clients.num_per_round()
             all_failed = 0  # consecutive rounds in which no client succeeded
+            eval_clients = local_eval_clients(len(prep.clients), sc.eval.local_clients, sc.seed)
             sim_total = self.rows[-1].get("time/sim_total_s", 0.0) if self.rows else 0.0  # carried over on resume
             sizes = [c.num_examples for c in prep.clients] if sc.clients.sampling == "size" else None
             for r in range(start_round + 1, sc.rounds + 1):
@@ -347,7 +356,7 @@ class Driver:
                     row.update(reduce_eval(self.backend.evaluate(eval_handle, batches)))
                     if any(len(t) for t in prep.local_test):
                         items = [(c, store.get(c) if store else None, prep.local_test[c], prep.clients[c].quant)
-                                 for c in range(len(prep.clients))]
+                                 for c in eval_clients]
                         metrics, personal_table = personal_metrics(
                             self.backend.evaluate_clients(eval_handle, items),
                             {c.client_id: c.quant.label for c in prep.clients})

@@ -90,3 +90,24 @@ def test_simulated_clock_and_round_deadline(tiny_raw, tmp_path):
             assert row["time/sim_round_s"] == 2.0  # the round waits until the deadline, not for the stragglers
         assert row["clients/succeeded"] == row["clients/sampled"] - len(slow)
     assert any(row["clients/late"] for row in rows)
+
+
+def test_ten_thousand_registered_clients_partition_sample_and_track(tiny_raw, tmp_path):
+    """10,000 registered clients, 5 sampled: the run trains only those, and personalized evaluation scores a fixed
+    subset (eval.local_clients) rather than every registered client."""
+    import csv
+
+    tiny_raw.update(rounds=2, strategy={"name": "fedsa"})
+    tiny_raw["data"]["synthetic"]["num_train"] = 30_000
+    tiny_raw["partition"] = {"method": "iid", "min_samples": 2}
+    tiny_raw["clients"].update(num_clients=10_000, per_round=5, state_budget_mb=0.01)
+    tiny_raw["training"]["local_steps"] = 1
+    tiny_raw["eval"].update(local_test_fraction=0.34, local_clients=50, at_start=False)
+    summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients/sampled"] for r in rows] == [5, 5]
+    assert sum(w["num_clients"] for w in summary["workers"]) == 10
+    with open(tmp_path / "run" / "personalized.csv") as f:
+        assert len(list(csv.DictReader(f))) == 50
+    with open(tmp_path / "run" / "clients.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10_000
