@@ -172,6 +172,18 @@ class RankChoice(_Frozen):
     alpha: float | None = Field(None, gt=0.0, le=1e6)
 
 
+def _check_mix(tiers: tuple | None, per_client: tuple | None) -> None:
+    """A mix is tiers (non-empty, fractions summing to 1) or a per-client list, not both."""
+    if tiers is not None and per_client is not None:
+        raise ValueError("give either tiers or per_client, not both")
+    if tiers is not None:
+        if not tiers:
+            raise ValueError("tiers needs at least one tier")
+        total = sum(t.fraction for t in tiers)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"tier fractions sum to {total:g}; they must sum to 1")
+
+
 class LoraSpecConfig(_Frozen):
     """LoRA hyperparameters. The scaling follows PEFT: alpha/r, or alpha/sqrt(r) with ``rslora``.
 
@@ -187,14 +199,7 @@ class LoraSpecConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_mix(self) -> LoraSpecConfig:
-        if self.tiers is not None and self.per_client is not None:
-            raise ValueError("give either tiers or per_client, not both")
-        if self.tiers is not None:
-            if not self.tiers:
-                raise ValueError("tiers needs at least one tier")
-            total = sum(t.fraction for t in self.tiers)
-            if abs(total - 1.0) > 1e-6:
-                raise ValueError(f"tier fractions sum to {total:g}; they must sum to 1")
+        _check_mix(self.tiers, self.per_client)
         return self
 
     def is_mixed(self) -> bool:
@@ -271,14 +276,7 @@ class QuantConfig(_Frozen):
 
     @model_validator(mode="after")
     def _valid(self) -> QuantConfig:
-        if self.tiers is not None and self.per_client is not None:
-            raise ValueError("give either tiers or per_client, not both")
-        if self.tiers is not None:
-            if not self.tiers:
-                raise ValueError("tiers needs at least one tier")
-            total = sum(t.fraction for t in self.tiers)
-            if abs(total - 1.0) > 1e-6:
-                raise ValueError(f"tier fractions sum to {total:g}; they must sum to 1")
+        _check_mix(self.tiers, self.per_client)
         from fedsim.models.quant import check_spec
 
         for spec in self.choices():
