@@ -213,7 +213,7 @@ class RayServerHandle(ServerHandle):
 
 
 class RayBackend(Backend):
-    """A pool of ``resources.num_workers`` worker actors plus one server actor."""
+    """A pool of ``resources.num_workers`` worker actors (plus those of ``resources.pools``) and one server actor."""
 
     def __init__(self) -> None:
         self.started_ray = False
@@ -243,8 +243,9 @@ class RayBackend(Backend):
             ray.get([a.ping.remote() for a in self.actors] + [self.server_actor.__ray_ready__.remote()], timeout=600)
         except ray.exceptions.GetTimeoutError:
             raise BackendError(
-                f"Ray could not place {res.num_workers} workers with num_cpus={res.num_cpus}, num_gpus={res.num_gpus} "
-                f"(cluster has {ray.cluster_resources()}); lower resources.num_workers or the per-worker resources"
+                f"Ray could not place {len(self._slots)} workers (num_cpus/num_gpus per worker: "
+                f"{sorted({(c, g) for _, c, g in self._slots})}; cluster has {ray.cluster_resources()}); lower "
+                "resources.num_workers, resources.pools or the per-worker resources"
             ) from None
         return RayServerHandle(self.server_actor)
 
