@@ -16,7 +16,6 @@ Usage: python benchmarks/compare_strategies.py [--seeds 3] [--rounds 10] [--jobs
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import statistics
@@ -24,6 +23,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
@@ -52,13 +54,6 @@ RANKS = {
 }
 UNIFORM_ONLY = ("fedit", "ffa", "fedex", "fedsa")
 MIXED_OK = ("flora", "hetlora", "flexlora")
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def run_one(args: tuple[str, str, str, int, int, float]) -> dict:

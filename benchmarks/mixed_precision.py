@@ -20,7 +20,6 @@ Usage: python benchmarks/mixed_precision.py [--seeds 3] [--rounds 10] [--jobs 2]
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import statistics
@@ -28,6 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import mean_std, merge  # noqa: E402
 
 BASE = {
     "model": {"name": "tiny"},
@@ -53,13 +55,6 @@ METHODS = {
     "fedqlora": {"name": "fedqlora", "params": {"qa_rank": 4, "qa_init": "loftq"}},
     "fedqlora-iter": {"name": "fedqlora", "params": {"qa_rank": 4, "qa_init": "loftq", "iterative": True}},
 }
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def learned_update(run_dir: Path) -> dict:
@@ -111,13 +106,6 @@ def bias(runs: list[dict]) -> None:
         num = sum(float((mine[m] - base[m]).norm() ** 2) for m in base)
         den = sum(float(base[m].norm() ** 2) for m in base)
         r["bias"] = (num / den) ** 0.5
-
-
-def ms(xs: list) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -184,9 +172,9 @@ def main() -> int:
     for b in args.bits:
         for m in args.methods:
             rs = [r for r in results if r["bits"] == b and r["method"] == m]
-            lines.append(f"| {b} | {m} | {ms([r['accuracy'] for r in rs])} | {ms([r['personal_accuracy'] for r in rs])} "
-                         f"| {ms([r['bias'] for r in rs])} | {ms([r['qa_rel_error'] for r in rs])} | "
-                         f"{ms([r['qa_corr'] for r in rs])} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
+            lines.append(f"| {b} | {m} | {mean_std([r['accuracy'] for r in rs])} | {mean_std([r['personal_accuracy'] for r in rs])} "
+                         f"| {mean_std([r['bias'] for r in rs])} | {mean_std([r['qa_rel_error'] for r in rs])} | "
+                         f"{mean_std([r['qa_corr'] for r in rs])} | {statistics.mean(r['time_s'] for r in rs):.0f} |")
     lines += ["", "QA adapter per bit width (FedQLoRA, mean over runs): "
               + ", ".join(f"{k} {statistics.mean(r['qa_by_bits'][k] for r in results if k in r['qa_by_bits']):.3f}"
                           for k in sorted({k for r in results for k in r["qa_by_bits"]})),

@@ -19,7 +19,6 @@ Usage: python benchmarks/personalization.py [--seeds 3] [--rounds 10] [--jobs 2]
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import statistics
@@ -27,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import mean_std, merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
@@ -67,13 +69,6 @@ METHODS = {
 }
 
 
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def run_one(args: tuple[str, str, int, int]) -> dict:
     setting, method, seed, rounds = args
     from fedsim.config import scenario_from_dict
@@ -96,10 +91,6 @@ def run_one(args: tuple[str, str, int, int]) -> dict:
             "global_local_accuracy": summary["final/eval/local_global/accuracy"],
             "global_test_accuracy": summary["final/eval/accuracy"],
             "up_params": summary["comm/total_up_params"], "time_s": time.perf_counter() - t0}
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
 def plot(results: list[dict], methods: list[str], out: Path) -> None:

@@ -217,7 +217,7 @@ class Worker:
             tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
         self.num_clients += 1
         metrics["client/time_s"] = time.perf_counter() - t0
-        metrics["client/up_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+        metrics["client/up_bytes"] = float(ops.num_bytes(tensors))
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
                               tensors=tensors, metrics=metrics)
         personal = None

@@ -24,17 +24,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
 from fedsim.types import ClientPayload, ClientSpec, GlobalState, QuantSpec, RoundContext
 
 
-class FedQLoRAParams(PersonalAdapterParams):
-    personal_rank: int | None = Field(None, exclude=True)  # named qa_rank here
+class FedQLoRAParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     qa_rank: int = 4
-    qa_alpha: float | None = Field(None, gt=0.0)
+    qa_alpha: float | None = Field(None, gt=0.0)  # None: the global adapter's scaling
     qa_init: Literal["zero", "loftq"] = "zero"
     iterative: bool = False
 
