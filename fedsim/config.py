@@ -419,6 +419,9 @@ class WorkerPool(_Frozen):
     num_gpus: float = Field(0.0, ge=0.0, le=64)
 
 
+MAX_CLIENTS_PER_PASS = 256
+
+
 class ResourcesConfig(_Frozen):
     backend: Literal["local", "ray"] = "ray"
     num_workers: int = Field(2, ge=1, le=4096)
@@ -434,6 +437,27 @@ class ResourcesConfig(_Frozen):
     client_timeout_s: float | None = Field(None, gt=0.0)
     # clients whose base has one of a pool's bits are trained by that pool's workers; the rest by the main pool
     pools: tuple[WorkerPool, ...] = ()
+    # clients trained together in one pass over one base (fedsim.client.packed): 1 = one at a time; auto = as many
+    # as fit pack_tokens tokens per pass (batch_size × max_seq_len each)
+    clients_per_pass: int | Literal["auto"] = 1
+    # the token budget of one packed pass for clients_per_pass: auto (None: 4096 on CPU workers, 32768 with GPUs)
+    pack_tokens: int | None = Field(None, ge=1, le=2**24)
+
+    @field_validator("clients_per_pass")
+    @classmethod
+    def _per_pass(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= MAX_CLIENTS_PER_PASS:
+            raise ValueError(f"clients_per_pass must be between 1 and {MAX_CLIENTS_PER_PASS} or 'auto', got {v}")
+        return v
+
+    def pack_size(self, tokens_per_client: int) -> int:
+        """Clients per packed pass: ``clients_per_pass``, or for ``auto`` as many as fit the token budget
+        (``pack_tokens``; default 4096 tokens on CPU workers — where a pass gains little beyond that — and 32768 on
+        GPU workers), at least 1 and at most MAX_CLIENTS_PER_PASS."""
+        if self.clients_per_pass != "auto":
+            return int(self.clients_per_pass)
+        budget = self.pack_tokens or (32768 if self.num_gpus > 0 else 4096)
+        return max(1, min(MAX_CLIENTS_PER_PASS, budget // max(1, tokens_per_client)))
 
     @model_validator(mode="after")
     def _pools_disjoint(self) -> ResourcesConfig:
@@ -575,6 +599,11 @@ class Scenario(_Frozen):
     checkpoint: CheckpointConfig = CheckpointConfig()
     clock: ClockConfig = ClockConfig()
     faults: FaultsConfig = FaultsConfig()
+
+    def pack_size(self) -> int:
+        """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's
+        batch_size × max_seq_len)."""
+        return self.resources.pack_size(self.training.batch_size * self.data.max_seq_len)
 
     @model_validator(mode="after")
     def _faults_need_ray(self) -> Scenario:

@@ -221,6 +221,7 @@ class Driver:
         self.backend = backend or make_backend(scenario)
         self.resume = resume
         self.rows: list[dict[str, Any]] = []
+        self.notes: set[str] = set()  # what the run's log has said once (e.g. why clients were not packed)
 
     def _rows_until(self, last_round: int) -> list[dict[str, Any]]:
         """Metrics rows up to ``last_round``; the file is rewritten without the rows of rounds that will re-run."""
@@ -253,6 +254,7 @@ class Driver:
             start_round, state, strategy_state = checkpoint.load(self.run_dir)
             restored = (state, strategy_state)
             self.rows = self._rows_until(start_round)
+            self.notes = {n for row in self.rows for n in row.get("notes", ())}
         elif self.resume:  # killed before its first checkpoint: nothing to keep but the scenario
             self._rows_until(-1)
         else:
@@ -340,6 +342,10 @@ class Driver:
                     self.backend.sync_base(deltas)
                     base_version = deltas[-1][0]
                 row = self._round_row(r, ok, failed, up, down, sampled)
+                for note in sorted({res.note for res, _ in ok if res.note} - self.notes):  # each once per run
+                    self.notes.add(note)
+                    row.setdefault("notes", []).append(note)
+                    progress.message(f"note: {note}")
                 row["clients/dropped"] = len(gone)
                 row["clients/worker"] = {str(res.client_id): res.worker for res, _ in ok}  # JSONL only
                 row.update({"clients/late": len(late), "time/sim_round_s": sim_round, "time/sim_total_s": sim_total})
@@ -393,6 +399,8 @@ class Driver:
                  "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
                 for c in prep.clients])
             tracker.summary(summary)
+            if self.notes:
+                summary["notes"] = sorted(self.notes)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
             return summary
         finally:
@@ -411,6 +419,9 @@ class Driver:
             "comm/down_params": float(sum(down[c][0] for c in sampled)),
             "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
             "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
+            # clients trained together in one pass over the base (resources.clients_per_pass), mean over clients
+            "train/clients_per_pass": float(np.mean([res.metrics.get("train/clients_per_pass", 1.0)
+                                                     for res, _ in ok])) if ok else math.nan,
         }
         if n_ok:  # the procedure's own metrics (e.g. pf2lora/hvp_norm, personal/loss), example-weighted means
             extra = set.intersection(*(set(res.metrics) for res, _ in ok)) - set(row) - {"train/time_s"}

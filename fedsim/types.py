@@ -158,3 +158,4 @@ class ClientResult:
     metrics: dict[str, float]
     worker: str
     personal: Tensors | None = None  # the client's private tensors (never given to the server)
+    note: str | None = None  # something the run's log should say once (e.g. why a client was not packed)

@@ -116,6 +116,10 @@ def _bnb_layer(linear: torch.nn.Linear, spec: QuantSpec, compute_dtype: torch.dt
                                   quant_type=spec.quant_type, device="meta")
         layer.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type=spec.quant_type,
                                          blocksize=spec.blocksize)
+        # bitsandbytes ≥ 0.50 repacks 4-bit weights for an AVX512-bf16 CPU kernel on the first no-grad eval-mode
+        # call: it fails for layers narrower than the block (e.g. 32 < 64) and would compute evaluation with another
+        # kernel than training (a client's numbers would then depend on what the layer ran before). One kernel.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                     device="meta")

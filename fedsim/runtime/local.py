@@ -9,7 +9,7 @@ import numpy as np
 
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
-from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
@@ -47,24 +47,36 @@ class LocalBackend(Backend):
 
     def __init__(self) -> None:
         self.worker: Worker | None = None
+        self.pack_size = 1
+        self.resources = None
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         self.worker = Worker(scenario, data, name="local")
+        self.pack_size = scenario.pack_size()
+        self.resources = scenario.resources  # packs as the Ray backend cuts them: same packs, same numbers
         return LocalServerHandle(Server(scenario.strategy.name, scenario.strategy.params, spec))
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
-        outcomes: list[JobOutcome] = []
-        for job, payload in jobs:
-            try:
-                result, update = self.worker.run_client(job, payload)
-                outcome: JobOutcome = (result, update)
-            except Exception as e:  # one failing client must not end the run
-                outcome = (ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}"), None)
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome[0])
-        return outcomes
+        """Run the jobs in order; with ``resources.clients_per_pass`` > 1 in the packs of :func:`make_packs` (the
+        worker packs what it can)."""
+        outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        for pack in make_packs(jobs, self.pack_size, self.resources):
+            if len(pack) == 1:
+                pos = pack[0]
+                job, payload = jobs[pos]
+                try:
+                    result, update = self.worker.run_client(job, payload)
+                    results: list = [(result, update)]
+                except Exception as e:  # one failing client must not end the run
+                    results = [ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")]
+            else:
+                results = self.worker.run_pack([jobs[p] for p in pack])
+            for pos, res in zip(pack, results):
+                outcomes[pos] = (res, None) if isinstance(res, ClientFailure) else res
+                if on_done is not None:
+                    on_done(outcomes[pos][0])
+        return outcomes  # type: ignore[return-value]
 
     def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
         for version, delta in deltas:

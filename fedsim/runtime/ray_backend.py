@@ -24,7 +24,7 @@ import numpy as np
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError
-from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.worker import ClientJob
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
@@ -119,6 +119,12 @@ def _actor_classes():
         def run_client(self, job, payload):
             result, update = super().run_client(job, unpack_tensors_of(payload))
             return result, pack_tensors_of(update)
+
+        def run_pack(self, jobs, *payloads):
+            outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
+            results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
+            updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
+            return (results, *updates)  # one object per update, so that the server gets each by reference
 
         def evaluate(self, payload, batches):
             return super().evaluate(unpack_tensors_of(payload), batches)
@@ -224,6 +230,7 @@ class RayBackend(Backend):
         self._opts: dict[str, Any] = {}
         self.num_replaced = 0
         self._base_history: list[tuple[int, Any]] = []
+        self._pack_size = 1
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         import ray
@@ -235,6 +242,7 @@ class RayBackend(Backend):
         self._resources = res
         self._worker_cls = worker_cls
         self._slots = res.slots()  # (pool, num_cpus, num_gpus) per worker
+        self._pack_size = scenario.pack_size()
         self._args = (scenario.to_dict(), ray.put(data))
         self.actors = [self._new_actor(i) for i in range(len(self._slots))]
         self.server_actor = server_cls.options(num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(
@@ -270,18 +278,24 @@ class RayBackend(Backend):
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
         """Dispatch jobs to the pool, keeping ``PIPELINE_DEPTH`` jobs queued per actor so that no actor idles while
-        the driver hands it the next client (actor calls run in submission order).
+        the driver hands it the next client (actor calls run in submission order). With
+        ``resources.clients_per_pass`` K > 1, an actor is handed a whole pack instead (:func:`make_packs`: up to K
+        jobs on one base, cut from the job list alone, so that the numbers never depend on timing), which it trains
+        in shared passes (:meth:`Worker.run_pack`).
 
-        Faults: a worker that dies is replaced; the client it was running is retried up to
-        ``resources.max_retries`` times (the clients queued behind it are resubmitted without being charged); a
-        client running longer than ``resources.client_timeout_s`` is cancelled by replacing its worker. A client
-        that raises (e.g. a non-finite loss) is not retried: it would fail the same way.
+        Faults: a worker that dies is replaced; the client it was running (every client of the pack it was running)
+        is retried, in the same pack, up to ``resources.max_retries`` times; the clients queued behind it are
+        resubmitted without being charged; a call running longer than ``resources.client_timeout_s`` per client in
+        it is cancelled by replacing its worker. A client that raises (e.g. a non-finite loss) is not retried: it
+        would fail the same way.
         """
         import ray
 
         max_attempts = 1 + self._resources.max_retries
         timeout_s = self._resources.client_timeout_s
         res = self._resources
+        pack_size = self._pack_size
+        depth = PIPELINE_DEPTH if pack_size == 1 else 1  # a pack is long enough to hide the dispatch latency
         pools = sorted({p for p, _, _ in self._slots})
         queue_of = {p: deque() for p in pools}  # jobs waiting, per worker pool
 
@@ -289,11 +303,12 @@ class RayBackend(Backend):
             p = res.pool_of(job.spec.quant.bits)
             return p if p in queue_of else -1
 
-        for pos, (job, payload) in enumerate(jobs):
-            queue_of[pool_for(job)].append((pos, job, payload))
+        for pack in make_packs(jobs, pack_size, res):  # units of work: lists of (pos, job, payload)
+            queue_of[pool_for(jobs[pack[0]][0])].append([(pos, *jobs[pos]) for pos in pack])
         queues: list[deque] = [deque() for _ in self.actors]  # per actor: refs in submission order
         started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
-        inflight: dict[Any, tuple[int, int, ClientJob, Handle, Any]] = {}
+        # meta ref → (slot, [(pos, job, payload)], [update ref per job])
+        inflight: dict[Any, tuple[int, list, list]] = {}
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
 
         def finish(pos: int, outcome: JobOutcome) -> None:
@@ -301,32 +316,45 @@ class RayBackend(Backend):
             if on_done is not None:
                 on_done(outcome[0])
 
-        def retry_or_fail(pos: int, job: ClientJob, payload: Handle, charged: bool, reason: str) -> None:
+        def finish_unit(unit: list, metas: Any, update_refs: list) -> None:
+            metas = metas if isinstance(metas, list) else [metas]
+            for (pos, _, _), meta, update_ref in zip(unit, metas, update_refs):
+                finish(pos, (meta, None if isinstance(meta, ClientFailure) else update_ref))
+
+        def fail_unit(unit: list, cause: BaseException) -> None:
+            for pos, job, _ in unit:
+                finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
+
+        def retry_or_fail(unit: list, charged: bool, reason: str) -> None:
             if not charged:
-                queue_of[pool_for(job)].appendleft((pos, job, payload))
-            elif job.attempt < max_attempts:
-                queue_of[pool_for(job)].appendleft((pos, replace(job, attempt=job.attempt + 1), payload))
-            else:
-                finish(pos, (ClientFailure(job.spec.client_id, f"{reason} (after {job.attempt} attempts)"), None))
+                queue_of[pool_for(unit[0][1])].appendleft(unit)
+                return
+            again = []
+            for pos, job, payload in unit:
+                if job.attempt < max_attempts:
+                    again.append((pos, replace(job, attempt=job.attempt + 1), payload))
+                else:
+                    finish(pos, (ClientFailure(job.spec.client_id, f"{reason} (after {job.attempt} attempts)"), None))
+            if again:
+                queue_of[pool_for(again[0][1])].appendleft(again)
 
         def lose_worker(slot: int, reason: str) -> None:
-            """Replace a dead or hung worker. Jobs it finished keep their results; the first unfinished one (the
-            client it was running) is charged an attempt; the ones queued behind it are resubmitted uncharged."""
+            """Replace a dead or hung worker. Calls it finished keep their results; the first unfinished one (the
+            clients it was running) is charged an attempt; the ones queued behind it are resubmitted uncharged."""
             charged = False
             for ref in list(queues[slot]):
-                _, pos, job, payload, update_ref = inflight.pop(ref)
+                _, unit, update_refs = inflight.pop(ref)
                 started.pop(ref, None)
                 if ray.wait([ref], timeout=0)[0]:
                     try:
-                        finish(pos, (ray.get(ref), update_ref))
+                        finish_unit(unit, ray.get(ref), update_refs)
                         continue
                     except ray.exceptions.RayTaskError as e:
-                        cause = e.cause if getattr(e, "cause", None) is not None else e
-                        finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
+                        fail_unit(unit, e.cause if getattr(e, "cause", None) is not None else e)
                         continue
                     except ray.exceptions.RayActorError:
                         pass
-                retry_or_fail(pos, job, payload, charged=not charged, reason=reason)
+                retry_or_fail(unit, charged=not charged, reason=reason)
                 charged = True
             queues[slot].clear()
             try:
@@ -337,48 +365,63 @@ class RayBackend(Backend):
             self.num_replaced += 1
             ray.get(self.actors[slot].ping.remote())  # ready (model built, base caught up) before its clock starts
 
+        def submit(slot: int, unit: list) -> Any:
+            actor = self.actors[slot]
+            if len(unit) == 1:
+                meta_ref, update_ref = actor.run_client.remote(unit[0][1], unit[0][2])
+                return meta_ref, [update_ref]
+            refs = actor.run_pack.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit],
+                                                                            *[p for _, _, p in unit])
+            return refs[0], list(refs[1:])
+
+        def limit(ref: Any) -> float:
+            return timeout_s * len(inflight[ref][1])
+
         while any(queue_of.values()) or inflight:
             for slot in range(len(self.actors)):
                 pending = queue_of[self._slots[slot][0]]
-                while pending and len(queues[slot]) < PIPELINE_DEPTH:
-                    pos, job, payload = pending.popleft()
-                    meta_ref, update_ref = self.actors[slot].run_client.remote(job, payload)
-                    inflight[meta_ref] = (slot, pos, job, payload, update_ref)
+                while pending and len(queues[slot]) < depth:
+                    unit = pending.popleft()
+                    meta_ref, update_refs = submit(slot, unit)
+                    inflight[meta_ref] = (slot, unit, update_refs)
                     if not queues[slot]:
                         started[meta_ref] = time.monotonic()
                     queues[slot].append(meta_ref)
             wait_s = None
             if timeout_s is not None and started:
-                wait_s = max(0.01, min(started.values()) + timeout_s - time.monotonic())
+                wait_s = max(0.01, min(t + limit(r) for r, t in started.items()) - time.monotonic())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
             for ref in ready:
                 if ref not in inflight:
                     continue  # dropped together with its worker
-                slot, pos, job, payload, update_ref = inflight[ref]
+                slot, unit, update_refs = inflight[ref]
                 try:
-                    result = ray.get(ref)
+                    metas = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    log.warning("worker-%d died while training client %d (%s); replacing it", slot,
-                                job.spec.client_id, e.__class__.__name__)
+                    log.warning("worker-%d died while training client(s) %s (%s); replacing it", slot,
+                                [j.spec.client_id for _, j, _ in unit], e.__class__.__name__)
                     lose_worker(slot, f"worker died: {e.__class__.__name__}")
                     continue
                 except ray.exceptions.RayTaskError as e:
+                    metas = None
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    result = ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}")
                 del inflight[ref]
                 started.pop(ref, None)
                 queues[slot].remove(ref)
                 if queues[slot]:
                     started.setdefault(queues[slot][0], time.monotonic())
-                finish(pos, (result, None if isinstance(result, ClientFailure) else update_ref))
+                if metas is None:
+                    fail_unit(unit, cause)
+                else:
+                    finish_unit(unit, metas, update_refs)
             if timeout_s is not None:
                 now = time.monotonic()
                 for slot in range(len(self.actors)):
                     head = queues[slot][0] if queues[slot] else None
-                    if head is not None and now - started.get(head, now) > timeout_s:
-                        client = inflight[head][2].spec.client_id
-                        log.warning("client %d exceeded client_timeout_s=%g on worker-%d; replacing the worker",
-                                    client, timeout_s, slot)
+                    if head is not None and now - started.get(head, now) > limit(head):
+                        clients = [j.spec.client_id for _, j, _ in inflight[head][1]]
+                        log.warning("client(s) %s exceeded client_timeout_s=%g on worker-%d; replacing the worker",
+                                    clients, timeout_s, slot)
                         lose_worker(slot, f"timed out after {timeout_s:g}s")
         return [o for o in outcomes if o is not None]
 

@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedsim.client.evaluate import evaluate_batch
+from fedsim.client.packed import PackMember, check_member, train_packed
 from fedsim.client.procedures import PROCEDURES, LocalJob
 from fedsim.client.trainer import tail_regularizer
 from fedsim.config import Scenario
@@ -29,7 +30,15 @@ from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import build_base_model, configure_threads, resolve_dtype
 from fedsim.models.quant import FULL, dequantized_weight, packed_bytes, quantize_model
 from fedsim.strategies import make_strategy
-from fedsim.types import ClientPayload, ClientResult, ClientSpec, ClientUpdate, LoraSpec, QuantSpec
+from fedsim.types import (
+    ClientFailure,
+    ClientPayload,
+    ClientResult,
+    ClientSpec,
+    ClientUpdate,
+    LoraSpec,
+    QuantSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class ClientJob:
 
 
 MAX_BASES = 6  # base variants (bit widths) a worker keeps at once
+PackOutcome = tuple[ClientResult, ClientUpdate] | ClientFailure
 
 
 def _max_rss_mb() -> float:
@@ -100,6 +110,7 @@ class Worker:
         self.quantizations: Counter[str] = Counter()  # "v<version>/<label>" -> times quantized (must stay 1)
         self.base_bytes: dict[str, int] = {}  # label -> packed bytes of that base variant
         self._loftq: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.pack_time_s = 0.0
 
     def _compute_dtype(self) -> torch.dtype:
         name = self.scenario.clients.quant.compute_dtype
@@ -188,12 +199,14 @@ class Worker:
             os._exit(17)  # injected fault: the worker process dies mid-job
         if hang:
             time.sleep(self.scenario.faults.hang_s)
+        return self._run_one(job, payload, nan, t0)
+
+    def _run_one(self, job: ClientJob, payload: ClientPayload, nan: bool, t0: float
+                 ) -> tuple[ClientResult, ClientUpdate]:
         host = self.host(payload.base_version, job.spec.quant)
         host.activate(payload.lora, payload.personal_lora, payload.mix)
-        if payload.fresh:  # a new adapter, initialised here as PEFT does, seeded by (seed, round, client)
-            gen = torch.Generator().manual_seed(
-                int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
-            host.load(payload.lora, init_adapter(host.shapes(payload.lora), payload.lora.rank, gen))
+        if payload.fresh:
+            host.load(payload.lora, self._fresh_tensors(host.shapes(payload.lora), payload, job))
             self._load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self._load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
@@ -208,26 +221,124 @@ class Worker:
         metrics = procedure(LocalJob(host, payload, self.data.train, job.indices, self.scenario.training,
                                      self.data.pad_id, (self.scenario.seed, job.server_round, job.spec.client_id),
                                      self.device, regularizer))
+        metrics["train/clients_per_pass"] = 1.0
+        trained = host.read(payload.lora)
+        personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None
+        return self._finish(job, payload, trained, personal_adapter, metrics, nan, time.perf_counter() - t0)
+
+    def _finish(self, job: ClientJob, payload: ClientPayload, trained: dict[str, torch.Tensor],
+                personal_adapter: dict[str, torch.Tensor] | None, metrics: dict[str, float], nan: bool,
+                time_s: float, note: str | None = None) -> tuple[ClientResult, ClientUpdate]:
+        """The client's result and update from its trained tensors."""
+        tail = payload.extras.get("tail_regularizer")
         if tail is not None:
             start_norm, end_norm = metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"]
             metrics["hetlora/rank"] = float(tail["start"] if end_norm < start_norm else payload.lora.rank)
-        trained = host.read(payload.lora)
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
         if nan:  # injected fault: a corrupt update, which the server must reject
             tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
         self.num_clients += 1
-        metrics["client/time_s"] = time.perf_counter() - t0
+        metrics["client/time_s"] = time_s
         metrics["client/up_bytes"] = float(ops.num_bytes(tensors))
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
                               tensors=tensors, metrics=metrics)
         personal = None
         if self.strategy.has_personal_state:  # private keys of the main adapter and the whole personal adapter
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
-            if payload.personal_lora is not None:
-                personal.update({personal_key(k): v for k, v in host.read(payload.personal_lora, True).items()})
+            if personal_adapter is not None:
+                personal.update({personal_key(k): v for k, v in personal_adapter.items()})
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
-                              worker=self.name, personal=personal)
+                              worker=self.name, personal=personal, note=note)
         return result, update
+
+    def run_pack(self, items: Sequence[tuple[ClientJob, ClientPayload]]) -> list[PackOutcome]:
+        """Train several clients, packed into shared passes over one base wherever their local procedure allows
+        (:mod:`fedsim.client.packed`), one by one otherwise. One outcome per item, in order: (result, update), or a
+        :class:`ClientFailure` for a client that raised (the others go on)."""
+        t0 = time.perf_counter()
+        draws = [self._faults(job) for job, _ in items]
+        if any(kill for kill, _, _ in draws):
+            os._exit(17)  # injected fault: the worker dies, and with it every client of the pack
+        if any(hang for _, _, hang in draws):
+            time.sleep(self.scenario.faults.hang_s)  # the pack runs together: one hang holds all of it
+        out: list[PackOutcome | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        alone: list[tuple[int, str]] = []
+        for pos, (job, payload) in enumerate(items):
+            why = self.unpackable(payload)
+            if why:
+                alone.append((pos, why))
+            else:
+                key = (payload.base_version, job.spec.quant if self._quantized_run else FULL, payload.trainable)
+                groups.setdefault(key, []).append(pos)
+        for positions in groups.values():
+            if len(positions) == 1:
+                alone.append((positions[0], ""))
+                continue
+            for pos, outcome in zip(positions, self._train_group([items[p] for p in positions],
+                                                                 [draws[p][1] for p in positions])):
+                out[pos] = outcome
+        for pos, why in sorted(alone):
+            job, payload = items[pos]
+            try:
+                result, update = self._run_one(job, payload, draws[pos][1], time.perf_counter())
+                if why:
+                    result = replace(result, note=why)
+                out[pos] = (result, update)
+            except Exception as e:  # one failing client must not end the pack
+                out[pos] = ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")
+        self.pack_time_s += time.perf_counter() - t0
+        return out  # type: ignore[return-value]
+
+    def unpackable(self, payload: ClientPayload) -> str:
+        """Why this payload's client cannot share a pass ("" when it can)."""
+        if payload.procedure != "joint":
+            return (f"resources.clients_per_pass: the {payload.procedure!r} local procedure (two-level training, "
+                    f"e.g. FedDPA, PF2LoRA, iterative FedQLoRA) trains its clients one by one")
+        if payload.personal_lora is not None:
+            return ("resources.clients_per_pass: clients with a second, personal adapter (e.g. FedQLoRA's "
+                    "quantization-aware adapter) train one by one")
+        if self.scenario.model.lora_dropout > 0:
+            return "resources.clients_per_pass: model.lora_dropout > 0 trains clients one by one"
+        if set(payload.extras) - {"tail_regularizer"}:
+            return (f"resources.clients_per_pass: payload extras {sorted(set(payload.extras))} are not supported "
+                    "in a packed pass; clients train one by one")
+        return ""
+
+    def _train_group(self, items: Sequence[tuple[ClientJob, ClientPayload]], nans: Sequence[bool]
+                     ) -> list[PackOutcome]:
+        t0 = time.perf_counter()
+        first_job, first = items[0]
+        host = self.host(first.base_version, first_job.spec.quant)
+        host.activate(first.lora)  # wraps the base with PEFT (once per worker); its own adapter stays unused
+        shapes = host.shapes(first.lora)
+        members: list[PackMember | None] = []
+        out: list[PackOutcome | None] = [None] * len(items)
+        for i, (job, payload) in enumerate(items):
+            try:
+                tensors = self._fresh_tensors(shapes, payload, job) if payload.fresh else \
+                    self._initial_tensors(shapes, payload, job.spec.client_id, job.personal)
+                member = PackMember(payload.lora, tensors, job.indices,
+                                    (self.scenario.seed, job.server_round, job.spec.client_id),
+                                    payload.extras.get("tail_regularizer"))
+                check_member(member, shapes)
+                members.append(member)
+            except Exception as e:
+                members.append(None)
+                out[i] = ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")
+        live = [i for i, m in enumerate(members) if m is not None]
+        if live:
+            trained = train_packed(host.model, shapes, [members[i] for i in live], first.trainable,
+                                   self.data.train, self.scenario.training, self.data.pad_id, self.device)
+            elapsed = (time.perf_counter() - t0) / len(live)  # the pass's time, shared by its clients
+            for i, res in zip(live, trained):
+                job, payload = items[i]
+                if isinstance(res, Exception):
+                    out[i] = ClientFailure(job.spec.client_id, f"{res.__class__.__name__}: {res}")
+                    continue
+                tensors, metrics = res
+                out[i] = self._finish(job, payload, tensors, None, metrics, nans[i], elapsed)
+        return out  # type: ignore[return-value]
 
     def _seeded_init(self, shapes: dict, rank: int, *key: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.scenario.seed, *key]).integers(2**62)))
@@ -235,18 +346,29 @@ class Worker:
 
     def _load(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
               personal: dict[str, torch.Tensor] | None, quant: QuantSpec = FULL) -> None:
-        """Payload tensors, then the client's personal ones; keys neither gives (a client's first visit) start as
-        PEFT does — B = 0, A random — seeded by (seed, client). The same for the personal adapter, if any."""
+        """Payload tensors, then the client's personal ones (:meth:`_initial_tensors`); the same for the personal
+        adapter, if any."""
+        host.load(payload.lora, self._initial_tensors(host.shapes(payload.lora), payload, client_id, personal))
+        self._load_personal(host, payload, client_id, personal, quant)
+
+    def _initial_tensors(self, shapes: dict, payload: ClientPayload, client_id: int | None,
+                         personal: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The main adapter a client starts from: payload tensors, then its own private ones; keys neither gives (a
+        client's first visit) start as PEFT does — B = 0, A random — seeded by (seed, client)."""
         own, _ = split_personal(personal or {})
         tensors = dict(payload.tensors)
         tensors.update(own)
-        missing = set(host.params(payload.lora)) - set(tensors)
+        missing = {k for m in shapes for k in (ops.a_key(m), ops.b_key(m))} - set(tensors)
         if missing:
-            init = self._seeded_init(host.shapes(payload.lora), payload.lora.rank,
-                                     *([7] + ([client_id] if client_id is not None else [])))
+            init = self._seeded_init(shapes, payload.lora.rank, *([7] + ([client_id] if client_id is not None else [])))
             tensors.update({k: init[k] for k in missing})
-        host.load(payload.lora, tensors)
-        self._load_personal(host, payload, client_id, personal, quant)
+        return tensors
+
+    def _fresh_tensors(self, shapes: dict, payload: ClientPayload, job: ClientJob) -> dict[str, torch.Tensor]:
+        """A new adapter, initialised here as PEFT does, seeded by (seed, round, client)."""
+        gen = torch.Generator().manual_seed(
+            int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
+        return init_adapter(shapes, payload.lora.rank, gen)
 
     def _load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
                        personal: dict[str, torch.Tensor] | None, quant: QuantSpec = FULL) -> None:

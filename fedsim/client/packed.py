@@ -1,0 +1,314 @@
+"""Packed clients: train K clients' LoRA adapters in one forward/backward pass over one shared, frozen base.
+
+Every step concatenates the active clients' batches along the batch axis and runs the base model once. Each adapted
+layer adds, per client k, ``s_k · B_k A_k x`` for that client's rows only — a client axis through two batched matmuls
+(``torch.bmm`` over (K, rows·T, d)). The clients' factors live in packed tensors A (K, r_max, d_in) and
+B (K, d_out, r_max); a client of rank r_k < r_max is padded with zero rows of A and zero columns of B, which get zero
+gradients and which AdamW and SGD leave at zero, so padding is exact.
+
+Why the result equals training the clients one by one:
+
+- the loss of the pass is the *sum* of the clients' own mean losses, and the clients' parameters are disjoint, so
+  each client's gradient is exactly the gradient of its own loss;
+- rows never interact in a causal LM (attention is within a sequence; right padding puts pads after every real
+  token, and pad positions carry no label), so a longer packed batch, or dummy rows that fill a client's sub-batch up
+  to the pack's row count, change nothing for the real tokens;
+- each client keeps its own data order (the same seeded batch schedule as :func:`~fedsim.client.trainer.train_local`),
+  its own scaling (alpha/r or alpha/√r), its own gradient-norm clipping (per-client norm over its own tensors) and its
+  own optimizer state; the optimizers below are torch's AdamW and SGD written over the client axis with a mask, so
+  a client that has finished its steps (or failed) is left out of the step, never stepped with a zero gradient.
+
+Floating point differs from the sequential path only in summation order (≈1e-7 relative per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsim.client.batching import IGNORE
+from fedsim.client.trainer import batch_schedule
+from fedsim.config import TrainingConfig
+from fedsim.data.datasets import TokenizedSplit
+from fedsim.errors import AggregationError
+from fedsim.lora import ops
+from fedsim.types import LoraSpec, ModuleShape, Tensors
+
+
+@dataclass
+class PackMember:
+    """One client of a pack: its adapter to start from, its data and its settings.
+
+    Args:
+        lora: the client's rank and alpha.
+        tensors: the adapter to start from (every key of every adapted module), float32.
+        indices: the client's training sample indices.
+        seed: (scenario seed, round, client id), as for sequential training.
+        tail: HETLoRA's rank self-pruning term ``{"start": int, "lambda": float}``, or None.
+    """
+
+    lora: LoraSpec
+    tensors: Tensors
+    indices: np.ndarray
+    seed: tuple[int, ...]
+    tail: dict | None = None
+
+
+class _PackedOptimizer:
+    """torch's AdamW / SGD (single-tensor formulas), vectorized over a leading client axis, stepping only the clients
+    in a mask. Every active client has taken the same number of steps (they start together and leave for good), so
+    the bias correction is one scalar."""
+
+    def __init__(self, params: list[torch.Tensor], cfg: TrainingConfig):
+        self.params, self.cfg = params, cfg
+        self.t = 0
+        if cfg.optimizer == "adamw":
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+        else:
+            self.buf: list[torch.Tensor | None] = [None for _ in params]
+
+    @torch.no_grad()
+    def step(self, mask: torch.Tensor) -> None:
+        cfg = self.cfg
+        self.t += 1
+        for i, p in enumerate(self.params):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            keep = mask.view(-1, *([1] * (p.dim() - 1)))
+            if cfg.optimizer == "adamw":
+                b1, b2, eps = 0.9, 0.999, 1e-8
+                new_p = p * (1 - cfg.lr * cfg.weight_decay)
+                m = self.m[i].lerp(g, 1 - b1)
+                v = self.v[i] * b2 + (1 - b2) * g * g
+                step_size = cfg.lr / (1 - b1**self.t)
+                denom = v.sqrt() / math.sqrt(1 - b2**self.t) + eps
+                new_p = new_p - step_size * (m / denom)
+                self.m[i] = torch.where(keep, m, self.m[i])
+                self.v[i] = torch.where(keep, v, self.v[i])
+            else:
+                d = g + cfg.weight_decay * p if cfg.weight_decay else g
+                if cfg.momentum:
+                    # torch starts the momentum buffer at the first gradient, per client; an inactive client's first
+                    # step cannot come later (clients only ever leave the pack), so one buffer start for all is exact
+                    buf = d.clone() if self.buf[i] is None else self.buf[i] * cfg.momentum + d
+                    self.buf[i] = buf if self.buf[i] is None else torch.where(keep, buf, self.buf[i])
+                    d = buf
+                new_p = p - cfg.lr * d
+            p.copy_(torch.where(keep, new_p, p))
+
+
+class _PackedLora:
+    """The packed factors and the forward hooks that add each client's LoRA term to its rows."""
+
+    def __init__(self, members: Sequence[PackMember], shapes: dict[str, ModuleShape], device: torch.device,
+                 trainable: tuple[str, ...]):
+        self.modules = sorted(shapes)
+        self.ranks = [m.lora.rank for m in members]
+        r_max = max(self.ranks)
+        k = len(members)
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        for mod in self.modules:
+            s = shapes[mod]
+            a = torch.zeros((k, r_max, s.d_in), dtype=torch.float32)  # (K, r_max, d_in)
+            b = torch.zeros((k, s.d_out, r_max), dtype=torch.float32)  # (K, d_out, r_max)
+            for i, m in enumerate(members):
+                a[i, : m.lora.rank] = m.tensors[ops.a_key(mod)]
+                b[i, :, : m.lora.rank] = m.tensors[ops.b_key(mod)]
+            self.A[mod] = a.to(device).requires_grad_("A" in trainable)
+            self.B[mod] = b.to(device).requires_grad_("B" in trainable)
+        self.scaling = torch.tensor([m.lora.scaling for m in members], dtype=torch.float32, device=device)
+        self.trainable = [t for mod in self.modules for t in (self.A[mod], self.B[mod]) if t.requires_grad]
+        self.active: torch.Tensor | None = None  # client indices of the rows of the current pass
+
+    def hook(self, module: str):
+        def add_lora(_layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            idx = self.active
+            a, b, s = self.A[module], self.B[module], self.scaling
+            if idx is not None:
+                a, b, s = a[idx], b[idx], s[idx]
+            n = a.shape[0]
+            xs = x.to(a.dtype).reshape(n, -1, x.shape[-1])  # (n, rows·T, d_in): client k's rows are block k
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (n, rows·T, d_out)
+            delta = delta * s.view(n, 1, 1)
+            # as PEFT: the LoRA term in the adapter's dtype, added to the base output, then cast back
+            return (out + delta.reshape(out.shape)).to(out.dtype)
+
+        return add_lora
+
+    def client_tensors(self, i: int) -> Tensors:
+        """Client i's adapter at its own rank, float32 on the CPU."""
+        r = self.ranks[i]
+        out = {}
+        for mod in self.modules:
+            out[ops.a_key(mod)] = self.A[mod][i, :r].detach().to("cpu", torch.float32, copy=True)
+            out[ops.b_key(mod)] = self.B[mod][i, :, :r].detach().to("cpu", torch.float32, copy=True)
+        return out
+
+    def tail_norm(self, i: int, tail: dict) -> torch.Tensor:
+        """HETLoRA's ``λ Σ_modules ‖s · B[:, start:r] @ A[start:r, :]‖_F`` for client i (differentiable)."""
+        start, r, s = tail["start"], self.ranks[i], float(self.scaling[i])
+        return tail["lambda"] * sum(torch.linalg.matrix_norm(s * self.B[m][i, :, start:r] @ self.A[m][i, start:r, :])
+                                    for m in self.modules)
+
+
+@contextlib.contextmanager
+def _packed_forward(peft_model: torch.nn.Module, packed: _PackedLora) -> Iterator[None]:
+    """PEFT's own adapters off, the packed LoRA terms on, for the duration of the block."""
+    layers = {m: peft_model.get_submodule("base_model.model." + m) for m in packed.modules}
+    handles = []
+    try:
+        for m, layer in layers.items():
+            layer.enable_adapters(False)  # the layer computes its base output only (quantized or not)
+            handles.append(layer.register_forward_hook(packed.hook(m)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers.values():
+            layer.enable_adapters(True)
+
+
+def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The clients' batches one after another, each padded to the same number of rows with empty rows (all pad, no
+    label), right-padded to the longest sequence of the pack.
+
+    Returns:
+        ``input_ids`` (n·rows, T), ``labels`` (n·rows, T) with -100 on prompt and padding, and ``rows``.
+    """
+    rows = max(len(b) for b in batches)
+    seqs = [[split.sample(int(i)) for i in b] for b in batches]
+    width = max(len(s) for client in seqs for s in client)
+    ids = np.full((len(batches) * rows, width), pad_id, dtype=np.int64)
+    labels = np.full((len(batches) * rows, width), IGNORE, dtype=np.int64)
+    for c, (b, client) in enumerate(zip(batches, seqs)):
+        for j, (i, s) in enumerate(zip(b, client)):
+            n, p = len(s), int(split.prompt_len[int(i)])
+            ids[c * rows + j, :n] = s
+            labels[c * rows + j, p:n] = s[p:]
+    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), rows
+
+
+def _client_losses(logits: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Each client's mean next-token loss over its own labelled tokens, as transformers' causal-LM loss computes it
+    for one client's batch (logits upcast to float32, labels shifted by one). Returns (n,)."""
+    logits = logits.float()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                            ignore_index=IGNORE, reduction="none")
+    tok = tok.view(n, -1)
+    count = (shifted != IGNORE).view(n, -1).sum(dim=1)
+    return tok.sum(dim=1) / count  # 0/0 = nan for a batch without labels, as for one client alone
+
+
+def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
+    """Raise AggregationError when a member's tensors do not fit the model (same wording as the sequential path)."""
+    want = {k for m in shapes for k in (ops.a_key(m), ops.b_key(m))}
+    missing = sorted(want - set(member.tensors))
+    if missing or set(member.tensors) - want:
+        raise AggregationError(f"payload does not match the model's adapter (missing e.g. {missing[:3]})")
+    r = member.lora.rank
+    for m, s in shapes.items():
+        for key, shape in ((ops.a_key(m), (r, s.d_in)), (ops.b_key(m), (s.d_out, r))):
+            if tuple(member.tensors[key].shape) != shape:
+                raise AggregationError(f"{key}: payload shape {tuple(member.tensors[key].shape)} != adapter shape "
+                                       f"{shape}")
+
+
+def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
+                 trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
+                 device: torch.device) -> list[tuple[Tensors, dict[str, float]] | Exception]:
+    """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model).
+
+    Returns, per member in order, (trained adapter tensors, metrics as :func:`train_local` reports them plus
+    ``train/clients_per_pass``) or the exception that ended that client (e.g. a non-finite loss); the others go on.
+    """
+    t0 = time.perf_counter()
+    k = len(members)
+    packed = _PackedLora(members, shapes, device, trainable)
+    schedules, steps = [], []
+    for m in members:
+        rng = np.random.default_rng(list(m.seed))
+        rng.integers(2**62)  # the sequential path seeds torch (dropout) from this draw: keep the stream aligned
+        n_steps = cfg.steps_for(len(m.indices))
+        steps.append(n_steps)
+        schedules.append(batch_schedule(m.indices, n_steps, cfg.batch_size, rng))
+    opt = _PackedOptimizer(packed.trainable, cfg)
+    failed: dict[int, Exception] = {}
+    totals = [0.0] * k
+    tokens = [0] * k
+    reg_start: dict[int, float] = {}
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            if m.tail is not None:
+                reg_start[i] = float(packed.tail_norm(i, m.tail))
+    if not model.training:
+        model.train()
+    with _packed_forward(model, packed):
+        for step in range(max(steps)):
+            active = [i for i in range(k) if step < steps[i] and i not in failed]
+            if not active:
+                break
+            packed.active = None if len(active) == k else torch.tensor(active, device=device)
+            ids, labels, _ = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
+            logits = model(input_ids=ids).logits  # right padding: no mask needed
+            losses = _client_losses(logits, labels, len(active))
+            values = losses.detach().cpu().tolist()
+            objective = []
+            for j, i in enumerate(active):
+                if not math.isfinite(values[j]):
+                    failed[i] = FloatingPointError(f"non-finite training loss {values[j]}")
+                    continue
+                term = losses[j]
+                if members[i].tail is not None:
+                    term = term + packed.tail_norm(i, members[i].tail)
+                objective.append(term)
+                totals[i] += values[j]
+                tokens[i] += int((labels.view(len(active), -1)[j] != IGNORE).sum())
+            stepping = [i for i in active if i not in failed]
+            if not stepping:
+                continue
+            torch.stack(objective).sum().backward()
+            mask = torch.zeros(k, dtype=torch.bool, device=device)
+            mask[stepping] = True
+            if cfg.max_grad_norm is not None:
+                _clip_per_client(packed.trainable, cfg.max_grad_norm)
+            opt.step(mask)
+            for p in packed.trainable:
+                p.grad = None
+    packed.active = None
+    elapsed = time.perf_counter() - t0
+    out: list[tuple[Tensors, dict[str, float]] | Exception] = []
+    for i, m in enumerate(members):
+        if i in failed:
+            out.append(failed[i])
+            continue
+        metrics = {"train/loss": totals[i] / steps[i], "train/steps": float(steps[i]),
+                   "train/tokens": float(tokens[i]), "train/time_s": elapsed / k, "train/clients_per_pass": float(k)}
+        if m.tail is not None:
+            with torch.no_grad():
+                metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"] = (reg_start[i],
+                                                                                float(packed.tail_norm(i, m.tail)))
+        out.append((packed.client_tensors(i), metrics))
+    return out
+
+
+@torch.no_grad()
+def _clip_per_client(params: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` for each client on its own slices: the norm over all of that client's gradients, scaled
+    by min(1, max_norm / (norm + 1e-6)). Clients without a gradient (inactive) have norm 0 and are left as they are."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    sq = sum(g.float().pow(2).sum(dim=tuple(range(1, g.dim()))) for g in grads)  # (K,)
+    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
