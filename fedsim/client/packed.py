@@ -75,36 +75,40 @@ class _PackedOptimizer:
             self.buf: list[torch.Tensor | None] = [None for _ in params]
 
     @torch.no_grad()
-    def step(self, mask: torch.Tensor) -> None:
+    def step(self, mask: torch.Tensor | None) -> None:
+        """One step for the clients in ``mask`` (K,) bool; None: every client."""
         cfg = self.cfg
         self.t += 1
         for i, p in enumerate(self.params):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            keep = mask.view(-1, *([1] * (p.dim() - 1)))
+            keep = None if mask is None else mask.view(-1, *([1] * (p.dim() - 1)))
             if cfg.optimizer == "adamw":
                 b1, b2, eps = 0.9, 0.999, 1e-8
-                new_p = p * (1 - cfg.lr * cfg.weight_decay)
                 m = self.m[i].lerp(g, 1 - b1)
-                v = self.v[i] * b2 + (1 - b2) * g * g
-                step_size = cfg.lr / (1 - b1**self.t)
-                denom = v.sqrt() / math.sqrt(1 - b2**self.t) + eps
-                new_p = new_p - step_size * (m / denom)
-                self.m[i] = torch.where(keep, m, self.m[i])
-                self.v[i] = torch.where(keep, v, self.v[i])
+                v = self.v[i].mul(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(1 - b2**self.t)).add_(eps)
+                new_p = p.mul(1 - cfg.lr * cfg.weight_decay).addcdiv_(m, denom, value=-cfg.lr / (1 - b1**self.t))
+                self.m[i] = m if keep is None else torch.where(keep, m, self.m[i])
+                self.v[i] = v if keep is None else torch.where(keep, v, self.v[i])
             else:
                 d = g + cfg.weight_decay * p if cfg.weight_decay else g
                 if cfg.momentum:
                     # torch starts the momentum buffer at the first gradient, per client; an inactive client's first
                     # step cannot come later (clients only ever leave the pack), so one buffer start for all is exact
                     buf = d.clone() if self.buf[i] is None else self.buf[i] * cfg.momentum + d
-                    self.buf[i] = buf if self.buf[i] is None else torch.where(keep, buf, self.buf[i])
+                    self.buf[i] = buf if self.buf[i] is None or keep is None else torch.where(keep, buf, self.buf[i])
                     d = buf
                 new_p = p - cfg.lr * d
-            p.copy_(torch.where(keep, new_p, p))
+            p.copy_(new_p if keep is None else torch.where(keep, new_p, p))
 
 
 class _PackedLora:
-    """The packed factors and the forward hooks that add each client's LoRA term to its rows."""
+    """The packed factors and the forward hooks that add each client's LoRA term to its rows.
+
+    All A factors live in one tensor (K, Σ_modules r_max·d_in) and all B factors in another (K, Σ d_out·r_max), with
+    per-module views (K, r_max, d_in) and (K, d_out, r_max): the optimizer and the per-client clipping then touch two
+    tensors per step, not two per module.
+    """
 
     def __init__(self, members: Sequence[PackMember], shapes: dict[str, ModuleShape], device: torch.device,
                  trainable: tuple[str, ...]):
@@ -112,51 +116,71 @@ class _PackedLora:
         self.ranks = [m.lora.rank for m in members]
         r_max = max(self.ranks)
         k = len(members)
-        self.A: dict[str, torch.Tensor] = {}
-        self.B: dict[str, torch.Tensor] = {}
+        self.layout: dict[str, tuple[int, int, int, int]] = {}  # module -> (offset in A, d_in, offset in B, d_out)
+        off_a = off_b = 0
         for mod in self.modules:
-            s = shapes[mod]
-            a = torch.zeros((k, r_max, s.d_in), dtype=torch.float32)  # (K, r_max, d_in)
-            b = torch.zeros((k, s.d_out, r_max), dtype=torch.float32)  # (K, d_out, r_max)
-            for i, m in enumerate(members):
-                a[i, : m.lora.rank] = m.tensors[ops.a_key(mod)]
-                b[i, :, : m.lora.rank] = m.tensors[ops.b_key(mod)]
-            self.A[mod] = a.to(device).requires_grad_("A" in trainable)
-            self.B[mod] = b.to(device).requires_grad_("B" in trainable)
+            self.layout[mod] = (off_a, shapes[mod].d_in, off_b, shapes[mod].d_out)
+            off_a += r_max * shapes[mod].d_in
+            off_b += shapes[mod].d_out * r_max
+        self.r_max = r_max
+        flat_a = torch.zeros((k, off_a), dtype=torch.float32)
+        flat_b = torch.zeros((k, off_b), dtype=torch.float32)
+        full_a, full_b = self._views(flat_a, flat_b)
+        for i, m in enumerate(members):
+            for mod in self.modules:
+                full_a[mod][i, : m.lora.rank] = m.tensors[ops.a_key(mod)]
+                full_b[mod][i, :, : m.lora.rank] = m.tensors[ops.b_key(mod)]
+        self.flat_a = flat_a.to(device).requires_grad_("A" in trainable)
+        self.flat_b = flat_b.to(device).requires_grad_("B" in trainable)
+        self.trainable = [t for t in (self.flat_a, self.flat_b) if t.requires_grad]
         self.scaling = torch.tensor([m.lora.scaling for m in members], dtype=torch.float32, device=device)
-        self.trainable = [t for mod in self.modules for t in (self.A[mod], self.B[mod]) if t.requires_grad]
-        self.active: torch.Tensor | None = None  # client indices of the rows of the current pass
+        self.select(None)
+
+    def _views(self, flat_a: torch.Tensor, flat_b: torch.Tensor
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        r, n = self.r_max, flat_a.shape[0]
+        a = {m: flat_a[:, oa:oa + r * di].view(n, r, di) for m, (oa, di, _, _) in self.layout.items()}
+        b = {m: flat_b[:, ob:ob + do * r].view(n, do, r) for m, (_, _, ob, do) in self.layout.items()}
+        return a, b
+
+    def select(self, active: torch.Tensor | None) -> None:
+        """The clients whose rows the next pass holds (None: all of them, in order); views made anew each step."""
+        self.full_a, self.full_b = self._views(self.flat_a, self.flat_b)
+        if active is None:
+            self.A, self.B, self.s = self.full_a, self.full_b, self.scaling
+        else:  # one gather per factor tensor, not one per module
+            self.A, self.B = self._views(self.flat_a[active], self.flat_b[active])
+            self.s = self.scaling[active]
 
     def hook(self, module: str):
         def add_lora(_layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
-            idx = self.active
-            a, b, s = self.A[module], self.B[module], self.scaling
-            if idx is not None:
-                a, b, s = a[idx], b[idx], s[idx]
+            a, b, s = self.A[module], self.B[module], self.s
             n = a.shape[0]
             xs = x.to(a.dtype).reshape(n, -1, x.shape[-1])  # (n, rows·T, d_in): client k's rows are block k
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (n, rows·T, d_out)
-            delta = delta * s.view(n, 1, 1)
-            # as PEFT: the LoRA term in the adapter's dtype, added to the base output, then cast back
-            return (out + delta.reshape(out.shape)).to(out.dtype)
+            h = torch.bmm(xs, a.transpose(1, 2)) * s.view(n, 1, 1)  # (n, rows·T, r): scaled at the narrow end
+            if out.dtype == a.dtype:  # out + s·(x Aᵀ) Bᵀ in one fused batched GEMM
+                return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b.transpose(1, 2)).reshape(out.shape)
+            # as PEFT: the LoRA term in the adapter's dtype (float32), added to the base output, then cast back
+            return (out + torch.bmm(h, b.transpose(1, 2)).reshape(out.shape)).to(out.dtype)
 
         return add_lora
 
     def client_tensors(self, i: int) -> Tensors:
         """Client i's adapter at its own rank, float32 on the CPU."""
         r = self.ranks[i]
+        full_a, full_b = self._views(self.flat_a.detach(), self.flat_b.detach())
         out = {}
         for mod in self.modules:
-            out[ops.a_key(mod)] = self.A[mod][i, :r].detach().to("cpu", torch.float32, copy=True)
-            out[ops.b_key(mod)] = self.B[mod][i, :, :r].detach().to("cpu", torch.float32, copy=True)
+            out[ops.a_key(mod)] = full_a[mod][i, :r].to("cpu", torch.float32, copy=True)
+            out[ops.b_key(mod)] = full_b[mod][i, :, :r].to("cpu", torch.float32, copy=True)
         return out
 
     def tail_norm(self, i: int, tail: dict) -> torch.Tensor:
         """HETLoRA's ``λ Σ_modules ‖s · B[:, start:r] @ A[start:r, :]‖_F`` for client i (differentiable)."""
         start, r, s = tail["start"], self.ranks[i], float(self.scaling[i])
-        return tail["lambda"] * sum(torch.linalg.matrix_norm(s * self.B[m][i, :, start:r] @ self.A[m][i, start:r, :])
-                                    for m in self.modules)
+        return tail["lambda"] * sum(torch.linalg.matrix_norm(s * self.full_b[m][i, :, start:r] @
+                                                             self.full_a[m][i, start:r, :]) for m in self.modules)
 
 
 @contextlib.contextmanager
@@ -257,7 +281,7 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
             active = [i for i in range(k) if step < steps[i] and i not in failed]
             if not active:
                 break
-            packed.active = None if len(active) == k else torch.tensor(active, device=device)
+            packed.select(None if len(active) == k else torch.tensor(active, device=device))
             ids, labels, _ = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
             logits = model(input_ids=ids).logits  # right padding: no mask needed
             losses = _client_losses(logits, labels, len(active))
@@ -277,14 +301,15 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
             if not stepping:
                 continue
             torch.stack(objective).sum().backward()
-            mask = torch.zeros(k, dtype=torch.bool, device=device)
-            mask[stepping] = True
+            mask = None
+            if len(stepping) < k:
+                mask = torch.zeros(k, dtype=torch.bool, device=device)
+                mask[stepping] = True
             if cfg.max_grad_norm is not None:
                 _clip_per_client(packed.trainable, cfg.max_grad_norm)
             opt.step(mask)
             for p in packed.trainable:
                 p.grad = None
-    packed.active = None
     elapsed = time.perf_counter() - t0
     out: list[tuple[Tensors, dict[str, float]] | Exception] = []
     for i, m in enumerate(members):
