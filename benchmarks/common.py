@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
 import statistics
+from collections.abc import Callable
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -20,3 +22,15 @@ def mean_std(xs: list) -> str:
     if not xs:
         return "—"
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def in_subprocess(target: Callable, args: tuple) -> dict:
+    """``target(args, queue)`` in a fresh spawned process (its own peak RSS, its own imports); what it puts on the
+    queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=target, args=(args, queue))
+    p.start()
+    out = queue.get()
+    p.join()
+    return out

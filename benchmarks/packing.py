@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import in_subprocess  # noqa: E402
+
 STEPS, BATCH, RANK = 5, 8, 8
 MODELS = {
     "tiny": {},  # the built-in defaults
@@ -132,13 +135,7 @@ def _measure(args: tuple, queue: mp.Queue) -> None:
 
 
 def measure(args: tuple) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
+    return in_subprocess(_measure, args)
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import in_subprocess  # noqa: E402
 from overhead import BATCH, measure_floor, scenario_dict, write_data  # noqa: E402
 
 
@@ -53,13 +54,7 @@ def _run(args: tuple[str, int, int, int, str], queue: mp.Queue) -> None:
 
 
 def run_isolated(*args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_run, args=(args, queue))
-    p.start()
-    out = queue.get()
-    p.join()
-    return out
+    return in_subprocess(_run, args)
 
 
 def main() -> int:

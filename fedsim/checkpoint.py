@@ -6,6 +6,7 @@ Nothing else needs saving to resume exactly: client sampling, data order and fre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.types import GlobalState, LoraSpec
 
 FORMAT = 1
@@ -49,12 +50,49 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+PREVIOUS = f".{DIRNAME}.prev"  # the checkpoint before the newest one, kept until the next one is complete
+
+
+class CheckpointError(FedsimError):
+    """A checkpoint could not be written, or is corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any],
          client_state: Path | None = None) -> Path:
-    """Write ``run_dir/checkpoint`` for the state after ``server_round`` (replacing any older one atomically).
+    """Write ``run_dir/checkpoint`` for the state after ``server_round``, atomically: the new one is written beside
+    the old, with a SHA-256 digest of every file in its ``meta.json``, then swapped in; the one before stays as
+    ``.checkpoint.prev`` (a fallback should the newest ever be damaged).
 
     ``client_state``: a flushed client state store directory, snapshotted by hard links (its files are only ever
-    replaced, never rewritten in place, so a link keeps this round's version)."""
+    replaced, never rewritten in place, so a link keeps this round's version).
+
+    Raises:
+        CheckpointError: the write failed (e.g. a full disk); nothing half-written is left, the last good
+            checkpoint is intact.
+    """
+    tmp = run_dir / f".{DIRNAME}.tmp"
+    try:
+        return _save(run_dir, tmp, server_round, state, strategy_state, client_state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = _round_of(run_dir / DIRNAME) or _round_of(run_dir / PREVIOUS)
+        kept = (f"the last good checkpoint (round {last}) is intact in {run_dir / DIRNAME}" if last else
+                "no earlier checkpoint exists")
+        raise CheckpointError(
+            f"could not write the checkpoint of round {server_round} in {run_dir}: {e.strerror or e}; {kept}. "
+            f"Free space (or fix the directory), then continue with `fedsim run --resume {run_dir}`") from None
+
+
+def _save(run_dir: Path, tmp: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any],
+          client_state: Path | None) -> Path:
     tensors = {f"global/{k}": v.contiguous() for k, v in state.tensors.items()}
     for v, delta in enumerate(state.base_deltas, start=1):
         tensors.update({f"delta/{v}/{k}": t.contiguous() for k, t in delta.items()})
@@ -62,11 +100,10 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
             "num_base_deltas": len(state.base_deltas),
             "lora": {"rank": state.lora.rank, "alpha": state.lora.alpha, "rslora": state.lora.rslora},
             "extras": _encode(state.extras), "strategy_state": _encode(strategy_state)}
-    tmp = run_dir / f".{DIRNAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    digests = {"state.safetensors": _sha256(tmp / "state.safetensors")}
     if client_state is not None:
         snap = tmp / "client_state"
         snap.mkdir()
@@ -75,54 +112,143 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
                 os.link(f, snap / f.name)
             except OSError:
                 shutil.copy2(f, snap / f.name)
-    final = run_dir / DIRNAME
-    old = run_dir / f".{DIRNAME}.old"
-    shutil.rmtree(old, ignore_errors=True)
+            digests[f"client_state/{f.name}"] = _sha256(snap / f.name)
+    meta["digests"] = digests
+    text = json.dumps(meta, indent=1)
+    meta["meta_digest"] = hashlib.sha256(text.encode()).hexdigest()  # of the text above: catches a cut meta.json
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    final, prev = run_dir / DIRNAME, run_dir / PREVIOUS
     if final.exists():
-        os.replace(final, old)
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _round_of(path: Path) -> int | None:
+    try:
+        return int(_read_meta(path)["round"])
+    except Exception:
+        return None
+
+
 def exists(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint (also one left mid-replacement by a kill)."""
-    return any((Path(run_dir) / d / "meta.json").is_file() for d in (DIRNAME, f".{DIRNAME}.old"))
+    """Whether ``run_dir`` holds a checkpoint (also one left mid-replacement by a kill, or only damaged ones)."""
+    return any((Path(run_dir) / d / "meta.json").is_file() for d in (DIRNAME, PREVIOUS, f".{DIRNAME}.old"))
 
 
-def load(run_dir: Path) -> tuple[int, GlobalState, dict[str, Any]]:
-    """(round, global state, strategy state) from ``run_dir/checkpoint``.
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint directory, checked against its own digest.
 
     Raises:
-        ScenarioError: no checkpoint, or one written by an incompatible version.
+        CheckpointError: missing, not JSON, cut short or edited.
     """
-    path = Path(run_dir) / DIRNAME
-    if not (path / "meta.json").is_file():
-        old = Path(run_dir) / f".{DIRNAME}.old"  # killed between the two renames of save()
-        if (old / "meta.json").is_file():
-            path = old
-        else:
-            raise ScenarioError("--resume", f"{run_dir} holds no checkpoint",
-                                "resume a run directory written by `fedsim run` (checkpoint.every sets how often)")
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file} is corrupt or partial (not valid JSON)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} is corrupt (not a JSON object)")
+    digest = meta.pop("meta_digest", None)
+    if digest is not None and hashlib.sha256(json.dumps(meta, indent=1).encode()).hexdigest() != digest:
+        raise CheckpointError(f"{file} was changed after it was written (its digest does not match)")
     if meta.get("format") != FORMAT:
         raise ScenarioError("--resume", f"checkpoint format {meta.get('format')} is not {FORMAT}",
                             "resume with the fedsim version that wrote it")
-    flat = load_file(str(path / "state.safetensors"))
+    for key, kind in (("round", int), ("base_version", int), ("num_base_deltas", int), ("lora", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{file} is corrupt: {key!r} is missing or not a {kind.__name__}")
+    return meta
+
+
+def _read(path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
+    meta = _read_meta(path)
+    for name, digest in meta.get("digests", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} is corrupt or partial (its SHA-256 does not match the one written with it)")
+    try:
+        flat = load_file(str(path / "state.safetensors"))
+    except Exception as e:
+        raise CheckpointError(f"{path / 'state.safetensors'} is corrupt or unreadable ({e.__class__.__name__})") \
+            from None
     tensors = {k[len("global/"):]: v for k, v in flat.items() if k.startswith("global/")}
     deltas: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_base_deltas"])]
-    for k, v in flat.items():
-        if k.startswith("delta/"):
-            _, version, key = k.split("/", 2)
-            deltas[int(version) - 1][key] = v
-    state = GlobalState(tensors=tensors, lora=LoraSpec(**meta["lora"]), base_version=meta["base_version"],
-                        extras=_decode(meta["extras"]), base_deltas=deltas)
-    return meta["round"], state, _decode(meta["strategy_state"])
+    try:
+        for k, v in flat.items():
+            if k.startswith("delta/"):
+                _, version, key = k.split("/", 2)
+                deltas[int(version) - 1][key] = v
+        state = GlobalState(tensors=tensors, lora=LoraSpec(**meta["lora"]), base_version=meta["base_version"],
+                            extras=_decode(meta["extras"]), base_deltas=deltas)
+        strategy_state = _decode(meta["strategy_state"])
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path} is inconsistent ({e.__class__.__name__}: {e})") from None
+    return meta["round"], state, strategy_state
+
+
+def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[str, Any]]:
+    """(round, global state, strategy state) from ``run_dir/checkpoint`` (``previous``: from the one before it),
+    every file verified against the digest written with it.
+
+    Raises:
+        ScenarioError: no checkpoint, one written by an incompatible version, or a damaged one — naming the file,
+            and the intact previous checkpoint to resume from when there is one.
+    """
+    run_dir = Path(run_dir)
+    final, prev, old = run_dir / DIRNAME, run_dir / PREVIOUS, run_dir / f".{DIRNAME}.old"
+    if previous:
+        if not (prev / "meta.json").is_file():
+            raise ScenarioError("--previous-checkpoint", f"{run_dir} keeps no previous checkpoint",
+                                f"resume from the newest: fedsim run --resume {run_dir}")
+        try:
+            return _use(run_dir, prev)
+        except CheckpointError as e:
+            raise ScenarioError("--resume", f"the previous checkpoint is damaged too: {e}",
+                                "start the run anew; the metrics so far are in metrics.jsonl") from None
+    if not (final / "meta.json").is_file():
+        # killed between the two renames of save(): the newest complete checkpoint is the previous one
+        for fallback in (prev, old):
+            if (fallback / "meta.json").is_file():
+                final = fallback
+                break
+        else:
+            raise ScenarioError("--resume", f"{run_dir} holds no checkpoint",
+                                "resume a run directory written by `fedsim run` (checkpoint.every sets how often)")
+    try:
+        return _use(run_dir, final)
+    except CheckpointError as e:
+        back = _round_of(prev) if final != prev and (prev / "meta.json").is_file() else None
+        if back is not None:
+            try:
+                _read(prev)
+            except CheckpointError:
+                back = None
+        if back is not None:
+            raise ScenarioError("--resume", f"{e}; the previous checkpoint (round {back}) is intact",
+                                f"resume from it: fedsim run --resume {run_dir} --previous-checkpoint") from None
+        raise ScenarioError("--resume", str(e), "start the run anew; the metrics so far are in metrics.jsonl") \
+            from None
+
+
+def _use(run_dir: Path, path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
+    out = _read(path)
+    _LOADED[str(Path(run_dir))] = path
+    return out
+
+
+_LOADED: dict[str, Path] = {}  # run dir -> the checkpoint directory load() used (for its client state snapshot)
 
 
 def restore_client_state(run_dir: Path, target: Path) -> None:
-    """Replace ``target`` with the client state snapshot of the checkpoint in ``run_dir`` (if it has one)."""
-    snap = Path(run_dir) / DIRNAME / "client_state"
+    """Replace ``target`` with the client state snapshot of the checkpoint in ``run_dir`` that :func:`load` read
+    (the newest, unless it fell back)."""
+    snap = _LOADED.get(str(Path(run_dir)), Path(run_dir) / DIRNAME) / "client_state"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     if snap.is_dir():

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a scenario key, e.g. --set rounds=3 --set clients.lora.rank=4 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<name>, suffixed if it exists)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--previous-checkpoint", action="store_true",
+                     help="with --resume: continue from the checkpoint before the newest (when the newest is damaged)")
     val = sub.add_parser("validate", help="check a scenario (schema, data, partition) without training")
     _add_scenario_args(val)
     part = sub.add_parser("partition", help="print the per-client split and write a PNG heatmap")
@@ -52,7 +54,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.scenario or args.overrides or args.out:
             raise FedsimError("--resume continues a run with its own saved scenario; "
                               "give only the run directory (no scenario file, --set or --out)")
-        summary = resume_run(args.resume)
+        summary = resume_run(args.resume, previous=args.previous_checkpoint)
+    elif args.previous_checkpoint:
+        raise FedsimError("--previous-checkpoint goes with --resume RUN_DIR")
     elif not args.scenario:
         raise FedsimError("fedsim run needs a scenario file (or --resume RUN_DIR)")
     else:

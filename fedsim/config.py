@@ -605,6 +605,14 @@ class Scenario(_Frozen):
         batch_size × max_seq_len)."""
         return self.resources.pack_size(self.training.batch_size * self.data.max_seq_len)
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_runs(cls, v: str) -> str:
+        if set(v) == {"."} and len(v) <= 2:  # "." is runs/ itself, ".." its parent
+            raise ValueError(f"name {v!r} would put the run outside its own directory under runs/; use a name "
+                             "with a letter or digit, e.g. quickstart")
+        return v
+
     @model_validator(mode="after")
     def _faults_need_ray(self) -> Scenario:
         f = self.faults

@@ -169,16 +169,54 @@ def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
     """``out`` if given (it must not hold a finished run), else a fresh ``runs/<name>[-k]``."""
     if out is not None:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise ScenarioError("--out", f"{path} is a file, not a directory", "give a new or empty directory")
         if (path / "metrics.jsonl").exists():
             raise ScenarioError("--out", f"{path} already holds a run", "choose another --out directory")
     else:
+        runs = Path("runs").resolve()
         base = Path("runs") / scenario.name
+        if base.resolve().parent != runs:
+            raise ScenarioError("name", f"{scenario.name!r} would write outside runs/", "use a plain name")
         path, k = base, 1
         while path.exists():
             k += 1
             path = base.with_name(f"{scenario.name}-{k}")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScenarioError("--out", f"cannot create {path}: {e.strerror or e}", "give a writable directory") from None
     return path
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``RUN_DIR/.lock``, holding the owner's pid), so that two runs — or a
+    run and a resume — never write one directory at once. Released when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = Path(run_dir) / ".lock"
+        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ScenarioError("--out" , f"{run_dir} is in use by another fedsim run (pid {holder})",
+                                "wait for it to finish, or stop it, or choose another directory") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        import fcntl
+
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
 
 
 def save_peft_adapter(tensors: dict, lora: LoraSpec, scenario: Scenario, path: Path) -> None:
@@ -215,9 +253,10 @@ class Driver:
     """
 
     def __init__(self, scenario: Scenario, run_dir: Path | None = None, backend: Backend | None = None,
-                 resume: bool = False):
+                 resume: bool = False, previous: bool = False):
         self.scenario = scenario
         self.run_dir = run_dir if run_dir is not None else new_run_dir(scenario, None)
+        self.previous = previous  # resume from the checkpoint before the newest one
         self.backend = backend or make_backend(scenario)
         self.resume = resume
         self.rows: list[dict[str, Any]] = []
@@ -245,13 +284,28 @@ class Driver:
         return [np.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
 
     def run(self) -> dict[str, Any]:
-        """Run every round; return the summary (also written to ``summary.json``)."""
+        """Run every round; return the summary (also written to ``summary.json``).
+
+        Raises:
+            ScenarioError: another run holds the run directory (its pid is named), or the checkpoint is unusable.
+        """
+        lock = RunLock(self.run_dir)
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict[str, Any]:
         sc = self.scenario
         t_start = time.perf_counter()
         prep = prepare(sc)
         start_round, restored = 0, None
         if self.resume and checkpoint.exists(self.run_dir):
-            start_round, state, strategy_state = checkpoint.load(self.run_dir)
+            start_round, state, strategy_state = checkpoint.load(self.run_dir, previous=self.previous)
+            if not 1 <= start_round <= sc.rounds:
+                raise ScenarioError("--resume", f"{self.run_dir / checkpoint.DIRNAME / 'meta.json'} says round "
+                                    f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
+                                    "belong to this run", "resume the run directory that wrote it, or start anew")
             restored = (state, strategy_state)
             self.rows = self._rows_until(start_round)
             self.notes = {n for row in self.rows for n in row.get("notes", ())}
@@ -468,7 +522,7 @@ def run_scenario(scenario: Scenario, out: str | Path | None = None, backend: Bac
     return Driver(scenario, run_dir, backend).run()
 
 
-def resume_run(run_dir: str | Path, backend: Backend | None = None) -> dict[str, Any]:
+def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bool = False) -> dict[str, Any]:
     """Continue an interrupted run from its last checkpoint, with the scenario saved in ``run_dir``.
 
     Raises:
@@ -479,4 +533,4 @@ def resume_run(run_dir: str | Path, backend: Backend | None = None) -> dict[str,
     path = Path(run_dir)
     if not (path / "scenario.yaml").is_file():
         raise ScenarioError("--resume", f"{path} holds no scenario.yaml", "give a run directory written by `fedsim run`")
-    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True).run()
+    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous).run()

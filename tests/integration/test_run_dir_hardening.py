@@ -1,0 +1,143 @@
+"""Failures of the run directory end in one clear error and never lose results: damaged checkpoints (verified by
+digest, with the previous one kept to resume from), a full disk while checkpointing, names that would escape runs/,
+--out naming a file, and two runs in one directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fedsim import checkpoint
+from fedsim.config import scenario_from_dict
+from fedsim.driver import RunLock, resume_run, run_scenario
+from fedsim.errors import FedsimError, ScenarioError
+
+COMPARED = ("train/loss", "eval/loss", "eval/accuracy")
+
+
+def _rows(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 2-round run (checkpoints after rounds 1 and 2) to damage copies of."""
+    import copy
+
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["clients"]["per_round"] = 2
+    raw["training"]["local_steps"] = 2
+    path = tmp_path_factory.mktemp("hardening") / "reference"
+    run_scenario(scenario_from_dict(raw), path)
+    return raw, path
+
+
+def _copy(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished[1], out)
+    (out / "summary.json").unlink()  # as if killed after the last checkpoint
+    return out
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    with open(out / "checkpoint" / "state.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ScenarioError) as e:
+        resume_run(out)
+    msg = str(e.value)
+    assert "state.safetensors is corrupt or partial" in msg and "previous checkpoint (round 1) is intact" in msg
+    assert "--previous-checkpoint" in msg
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--resume", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    resume_run(out, previous=True)  # round 2 again, from round 1's checkpoint: the same numbers
+    a, b = _rows(finished[1]), _rows(out)
+    assert [x["round"] for x in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        for k in COMPARED:
+            assert ra.get(k) == rb.get(k), (ra["round"], k)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit_round", "not_json"])
+def test_a_damaged_meta_json_is_named(finished, tmp_path, damage):
+    out = _copy(finished, tmp_path)
+    meta = out / "checkpoint" / "meta.json"
+    text = meta.read_text()
+    if damage == "truncate":
+        meta.write_text(text[: len(text) // 2])
+    elif damage == "edit_round":
+        meta.write_text(text.replace('"round": 2', '"round": -5'))
+    else:
+        meta.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ScenarioError, match="meta.json (is corrupt|was changed)") as e:
+        resume_run(out)
+    assert "previous checkpoint (round 1) is intact" in str(e.value)
+
+
+def test_a_checkpoint_round_outside_the_run_is_refused(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    meta_path = out / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("meta_digest")
+    meta["round"] = 99  # e.g. a checkpoint of another, longer run (digest-less, as older versions wrote them)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    with pytest.raises(ScenarioError, match="says round 99, but the run has rounds 1..2"):
+        resume_run(out)
+    assert len(_rows(out)) == 3  # the metrics were not touched
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(finished, tmp_path, monkeypatch):
+    raw = finished[0]
+    calls = {"n": 0}
+    real = checkpoint.save_file
+
+    def flaky(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", path)
+        return real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
+    out = tmp_path / "full"
+    with pytest.raises(FedsimError) as e:
+        run_scenario(scenario_from_dict(raw), out)
+    msg = str(e.value)
+    assert "No space left on device" in msg and "round 1) is intact" in msg and "--resume" in msg
+    assert not (out / ".checkpoint.tmp").exists()
+    assert [x["round"] for x in _rows(out)] == [0, 1, 2]  # nothing already measured is lost
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    resume_run(out)
+    for ra, rb in zip(_rows(finished[1]), _rows(out)):
+        for k in COMPARED:
+            assert ra.get(k) == rb.get(k)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_names_that_leave_runs_are_refused(tiny_raw, name):
+    tiny_raw["name"] = name
+    with pytest.raises(ScenarioError, match="outside"):
+        scenario_from_dict(tiny_raw)
+
+
+def test_out_naming_a_file_and_a_second_run_in_one_directory(tiny_raw, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(ScenarioError, match="is a file"):
+        run_scenario(scenario_from_dict(tiny_raw), afile)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    lock = RunLock(busy)
+    try:
+        with pytest.raises(ScenarioError, match=f"in use by another fedsim run \\(pid {os.getpid()}\\)"):
+            run_scenario(scenario_from_dict(tiny_raw), busy)
+    finally:
+        lock.release()
+    assert not (busy / "metrics.jsonl").exists()
