@@ -103,7 +103,10 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         table.add_row(str(c), str(int(row.sum())), *[str(int(v)) for v in row[: len(show)]])
     Console(width=200).print(table)
     png = Path(args.png or f"{scenario.name}_partition.png")
-    partition_heatmap(hist, names, png, f"{scenario.name}: {scenario.partition.method} split")
+    try:
+        partition_heatmap(hist, names, png, f"{scenario.name}: {scenario.partition.method} split")
+    except OSError as e:
+        raise FedsimError(f"--png: cannot write {png}: {e.strerror or e} (fix: give a writable path)") from None
     print(f"heatmap written to {png}")
     return 0
 

@@ -64,8 +64,8 @@ class Progress:
 
     def end_round(self, row: dict[str, Any]) -> None:
         line = f"round {row['round']}/{self.num_rounds}"
-        if "clients/sampled" in row:
-            line += f"  clients {self._done - self._failed}/{self._sampled}"
+        if "clients/sampled" in row:  # as recorded: rejected updates and stragglers count as failed
+            line += f"  clients {row.get('clients/succeeded', self._done - self._failed)}/{row['clients/sampled']}"
         for key, label in (("train/loss", "train_loss"), ("eval/loss", "eval_loss"), ("eval/accuracy", "acc")):
             if row.get(key) is not None:
                 line += f"  {label} {row[key]:.4f}"

@@ -141,3 +141,38 @@ def test_out_naming_a_file_and_a_second_run_in_one_directory(tiny_raw, tmp_path)
     finally:
         lock.release()
     assert not (busy / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("text", ["rounds: 3\nrounds: 99\n", "clients: {num_clients: 4}\nseed: 1\nclients: {per_round: 2}\n",
+                                  "model:\n  name: tiny\n  name: other\n"])
+def test_duplicate_keys_in_a_scenario_file_are_an_error(tmp_path, text):
+    from fedsim.config import load_scenario
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match="appears twice in one section"):
+        load_scenario(path)
+
+
+def test_partition_png_into_an_unwritable_place_is_one_line(tiny_raw, tmp_path):
+    import yaml
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(tiny_raw))
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "partition", str(scenario), "--png",
+                        str(tmp_path / "no" / "such" / "dir" / "p.png")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--png: cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_console_counts_the_recorded_successes():
+    import io
+
+    from fedsim.progress import Progress
+
+    out = io.StringIO()
+    p = Progress("plain", 3, stream=out)
+    p.start_round(1, 5)
+    for _ in range(5):
+        p.client_done()  # the workers all returned ...
+    p.end_round({"round": 1, "clients/sampled": 5, "clients/succeeded": 0, "time_s": 1.0})  # ... the server took none
+    assert "clients 0/5" in out.getvalue()
