@@ -192,9 +192,9 @@ def _read(path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
     return meta["round"], state, strategy_state
 
 
-def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[str, Any]]:
-    """(round, global state, strategy state) from ``run_dir/checkpoint`` (``previous``: from the one before it),
-    every file verified against the digest written with it.
+def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[str, Any], Path]:
+    """(round, global state, strategy state, the checkpoint directory read) from ``run_dir/checkpoint``
+    (``previous``: from the one before it), every file verified against the digest written with it.
 
     Raises:
         ScenarioError: no checkpoint, one written by an incompatible version, or a damaged one — naming the file,
@@ -207,7 +207,7 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
             raise ScenarioError("--previous-checkpoint", f"{run_dir} keeps no previous checkpoint",
                                 f"resume from the newest: fedsim run --resume {run_dir}")
         try:
-            return _use(run_dir, prev)
+            return (*_read(prev), prev)
         except CheckpointError as e:
             raise ScenarioError("--resume", f"the previous checkpoint is damaged too: {e}",
                                 "start the run anew; the metrics so far are in metrics.jsonl") from None
@@ -221,7 +221,7 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
             raise ScenarioError("--resume", f"{run_dir} holds no checkpoint",
                                 "resume a run directory written by `fedsim run` (checkpoint.every sets how often)")
     try:
-        return _use(run_dir, final)
+        return (*_read(final), final)
     except CheckpointError as e:
         back = _round_of(prev) if final != prev and (prev / "meta.json").is_file() else None
         if back is not None:
@@ -236,21 +236,12 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
             from None
 
 
-def _use(run_dir: Path, path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
-    out = _read(path)
-    _LOADED[str(Path(run_dir))] = path
-    return out
-
-
-_LOADED: dict[str, Path] = {}  # run dir -> the checkpoint directory load() used (for its client state snapshot)
-
-
-def restore_client_state(run_dir: Path, target: Path) -> None:
-    """Replace ``target`` with the client state snapshot of the checkpoint in ``run_dir`` that :func:`load` read
-    (the newest, unless it fell back)."""
-    snap = _LOADED.get(str(Path(run_dir)), Path(run_dir) / DIRNAME) / "client_state"
+def restore_client_state(checkpoint_dir: Path | None, target: Path) -> None:
+    """Replace ``target`` with the client state snapshot of ``checkpoint_dir`` (the one :func:`load` read; None, or
+    one without a snapshot: an empty store)."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    if snap.is_dir():
+    snap = Path(checkpoint_dir) / "client_state" if checkpoint_dir is not None else None
+    if snap is not None and snap.is_dir():
         for f in snap.glob("*.safetensors"):
             shutil.copy2(f, target / f.name)

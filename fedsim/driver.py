@@ -174,10 +174,7 @@ def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
         if (path / "metrics.jsonl").exists():
             raise ScenarioError("--out", f"{path} already holds a run", "choose another --out directory")
     else:
-        runs = Path("runs").resolve()
-        base = Path("runs") / scenario.name
-        if base.resolve().parent != runs:
-            raise ScenarioError("name", f"{scenario.name!r} would write outside runs/", "use a plain name")
+        base = Path("runs") / scenario.name  # the name's schema keeps it a single component other than . and ..
         path, k = base, 1
         while path.exists():
             k += 1
@@ -204,7 +201,7 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "unknown"
             self._file.close()
-            raise ScenarioError("--out" , f"{run_dir} is in use by another fedsim run (pid {holder})",
+            raise ScenarioError("run directory", f"{run_dir} is in use by another fedsim run (pid {holder})",
                                 "wait for it to finish, or stop it, or choose another directory") from None
         self._file.seek(0)
         self._file.truncate()
@@ -299,11 +296,11 @@ class Driver:
         sc = self.scenario
         t_start = time.perf_counter()
         prep = prepare(sc)
-        start_round, restored = 0, None
+        start_round, restored, used = 0, None, None  # used: the checkpoint directory resumed from
         if self.resume and checkpoint.exists(self.run_dir):
-            start_round, state, strategy_state = checkpoint.load(self.run_dir, previous=self.previous)
+            start_round, state, strategy_state, used = checkpoint.load(self.run_dir, previous=self.previous)
             if not 1 <= start_round <= sc.rounds:
-                raise ScenarioError("--resume", f"{self.run_dir / checkpoint.DIRNAME / 'meta.json'} says round "
+                raise ScenarioError("--resume", f"{used / 'meta.json'} says round "
                                     f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
                                     "belong to this run", "resume the run directory that wrote it, or start anew")
             restored = (state, strategy_state)
@@ -322,7 +319,7 @@ class Driver:
         if get_strategy_class(sc.strategy.name).has_personal_state:
             store_dir = client_state_dir(sc, self.run_dir)
             if self.resume:
-                checkpoint.restore_client_state(self.run_dir, store_dir)
+                checkpoint.restore_client_state(used, store_dir)
             else:  # this run's own directory: nothing in it can belong to anything else
                 shutil.rmtree(store_dir, ignore_errors=True)
             store = ClientStateStore.open(store_dir, int(sc.clients.state_budget_mb * 2**20))

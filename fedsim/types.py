@@ -148,6 +148,11 @@ class ClientFailure:
     client_id: int
     reason: str
 
+    @classmethod
+    def of(cls, client_id: int, error: BaseException) -> ClientFailure:
+        """The failure of a client whose job raised ``error``."""
+        return cls(client_id, f"{error.__class__.__name__}: {error}")
+
 
 @dataclass(frozen=True)
 class ClientResult:

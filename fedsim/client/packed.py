@@ -201,12 +201,12 @@ def _packed_forward(peft_model: torch.nn.Module, packed: _PackedLora) -> Iterato
 
 
 def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clients' batches one after another, each padded to the same number of rows with empty rows (all pad, no
     label), right-padded to the longest sequence of the pack.
 
     Returns:
-        ``input_ids`` (n·rows, T), ``labels`` (n·rows, T) with -100 on prompt and padding, and ``rows``.
+        ``input_ids`` (n·rows, T) and ``labels`` (n·rows, T) with -100 on prompt and padding.
     """
     rows = max(len(b) for b in batches)
     seqs = [[split.sample(int(i)) for i in b] for b in batches]
@@ -218,7 +218,7 @@ def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: i
             n, p = len(s), int(split.prompt_len[int(i)])
             ids[c * rows + j, :n] = s
             labels[c * rows + j, p:n] = s[p:]
-    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), rows
+    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
 
 def _client_losses(logits: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -282,10 +282,11 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
             if not active:
                 break
             packed.select(None if len(active) == k else torch.tensor(active, device=device))
-            ids, labels, _ = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
+            ids, labels = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
             logits = model(input_ids=ids).logits  # right padding: no mask needed
             losses = _client_losses(logits, labels, len(active))
             values = losses.detach().cpu().tolist()
+            labelled = (labels != IGNORE).view(len(active), -1).sum(dim=1).tolist()  # tokens per client this step
             objective = []
             for j, i in enumerate(active):
                 if not math.isfinite(values[j]):
@@ -296,7 +297,7 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
                     term = term + packed.tail_norm(i, members[i].tail)
                 objective.append(term)
                 totals[i] += values[j]
-                tokens[i] += int((labels.view(len(active), -1)[j] != IGNORE).sum())
+                tokens[i] += int(labelled[j])
             stepping = [i for i in active if i not in failed]
             if not stepping:
                 continue

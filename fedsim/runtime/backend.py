@@ -104,12 +104,11 @@ def make_packs(jobs: Sequence[tuple[ClientJob, Handle]], size: int, resources: A
     for pos, (job, _) in enumerate(jobs):
         pool = resources.pool_of(job.spec.quant.bits) if resources is not None else -1
         groups.setdefault((pool, job.spec.quant), []).append(pos)
+    pools = [p for p, _, _ in resources.slots()] if resources is not None else []
     packs = []
     for (pool, _), positions in groups.items():
         n = len(positions)
-        workers = 1
-        if resources is not None:
-            workers = max(1, sum(1 for p, _, _ in resources.slots() if p == pool))
+        workers = max(1, pools.count(pool))
         count = -(-n // size)
         count = min(n, -(-count // workers) * workers)
         edges = np.linspace(0, n, count + 1).round().astype(int)

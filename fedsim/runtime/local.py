@@ -69,7 +69,7 @@ class LocalBackend(Backend):
                     result, update = self.worker.run_client(job, payload)
                     results: list = [(result, update)]
                 except Exception as e:  # one failing client must not end the run
-                    results = [ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")]
+                    results = [ClientFailure.of(job.spec.client_id, e)]
             else:
                 results = self.worker.run_pack([jobs[p] for p in pack])
             for pos, res in zip(pack, results):

@@ -323,7 +323,7 @@ class RayBackend(Backend):
 
         def fail_unit(unit: list, cause: BaseException) -> None:
             for pos, job, _ in unit:
-                finish(pos, (ClientFailure(job.spec.client_id, f"{cause.__class__.__name__}: {cause}"), None))
+                finish(pos, (ClientFailure.of(job.spec.client_id, cause), None))
 
         def retry_or_fail(unit: list, charged: bool, reason: str) -> None:
             if not charged:

@@ -110,7 +110,6 @@ class Worker:
         self.quantizations: Counter[str] = Counter()  # "v<version>/<label>" -> times quantized (must stay 1)
         self.base_bytes: dict[str, int] = {}  # label -> packed bytes of that base variant
         self._loftq: dict[tuple, dict[str, torch.Tensor]] = {}
-        self.pack_time_s = 0.0
 
     def _compute_dtype(self) -> torch.dtype:
         name = self.scenario.clients.quant.compute_dtype
@@ -255,7 +254,6 @@ class Worker:
         """Train several clients, packed into shared passes over one base wherever their local procedure allows
         (:mod:`fedsim.client.packed`), one by one otherwise. One outcome per item, in order: (result, update), or a
         :class:`ClientFailure` for a client that raised (the others go on)."""
-        t0 = time.perf_counter()
         draws = [self._faults(job) for job, _ in items]
         if any(kill for kill, _, _ in draws):
             os._exit(17)  # injected fault: the worker dies, and with it every client of the pack
@@ -286,8 +284,7 @@ class Worker:
                     result = replace(result, note=why)
                 out[pos] = (result, update)
             except Exception as e:  # one failing client must not end the pack
-                out[pos] = ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")
-        self.pack_time_s += time.perf_counter() - t0
+                out[pos] = ClientFailure.of(job.spec.client_id, e)
         return out  # type: ignore[return-value]
 
     def unpackable(self, payload: ClientPayload) -> str:
@@ -325,7 +322,7 @@ class Worker:
                 members.append(member)
             except Exception as e:
                 members.append(None)
-                out[i] = ClientFailure(job.spec.client_id, f"{e.__class__.__name__}: {e}")
+                out[i] = ClientFailure.of(job.spec.client_id, e)
         live = [i for i, m in enumerate(members) if m is not None]
         if live:
             trained = train_packed(host.model, shapes, [members[i] for i in live], first.trainable,
@@ -334,7 +331,7 @@ class Worker:
             for i, res in zip(live, trained):
                 job, payload = items[i]
                 if isinstance(res, Exception):
-                    out[i] = ClientFailure(job.spec.client_id, f"{res.__class__.__name__}: {res}")
+                    out[i] = ClientFailure.of(job.spec.client_id, res)
                     continue
                 tensors, metrics = res
                 out[i] = self._finish(job, payload, tensors, None, metrics, nans[i], elapsed)
@@ -366,9 +363,7 @@ class Worker:
 
     def _fresh_tensors(self, shapes: dict, payload: ClientPayload, job: ClientJob) -> dict[str, torch.Tensor]:
         """A new adapter, initialised here as PEFT does, seeded by (seed, round, client)."""
-        gen = torch.Generator().manual_seed(
-            int(np.random.default_rng([self.scenario.seed, job.server_round, job.spec.client_id, 5]).integers(2**62)))
-        return init_adapter(shapes, payload.lora.rank, gen)
+        return self._seeded_init(shapes, payload.lora.rank, job.server_round, job.spec.client_id, 5)
 
     def _load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,
                        personal: dict[str, torch.Tensor] | None, quant: QuantSpec = FULL) -> None:
