@@ -66,13 +66,14 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any],
-         client_state: Path | None = None) -> Path:
+         client_state: Path | None = None, provenance: dict[str, Any] | None = None) -> Path:
     """Write ``run_dir/checkpoint`` for the state after ``server_round``, atomically: the new one is written beside
     the old, with a SHA-256 digest of every file in its ``meta.json``, then swapped in; the one before stays as
     ``.checkpoint.prev`` (a fallback should the newest ever be damaged).
 
     ``client_state``: a flushed client state store directory, snapshotted by hard links (its files are only ever
-    replaced, never rewritten in place, so a link keeps this round's version).
+    replaced, never rewritten in place, so a link keeps this round's version). ``provenance``: what the state was
+    computed from (:func:`provenance`), checked by :func:`check_resume`.
 
     Raises:
         CheckpointError: the write failed (e.g. a full disk); nothing half-written is left, the last good
@@ -80,10 +81,10 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
     """
     tmp = run_dir / f".{DIRNAME}.tmp"
     try:
-        return _save(run_dir, tmp, server_round, state, strategy_state, client_state)
+        return _save(run_dir, tmp, server_round, state, strategy_state, client_state, provenance)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = _round_of(run_dir / DIRNAME) or _round_of(run_dir / PREVIOUS)
+        last = last_round(run_dir)
         kept = (f"the last good checkpoint (round {last}) is intact in {run_dir / DIRNAME}" if last else
                 "no earlier checkpoint exists")
         raise CheckpointError(
@@ -92,7 +93,7 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
 
 
 def _save(run_dir: Path, tmp: Path, server_round: int, state: GlobalState, strategy_state: dict[str, Any],
-          client_state: Path | None) -> Path:
+          client_state: Path | None, provenance: dict[str, Any] | None) -> Path:
     tensors = {f"global/{k}": v.contiguous() for k, v in state.tensors.items()}
     for v, delta in enumerate(state.base_deltas, start=1):
         tensors.update({f"delta/{v}/{k}": t.contiguous() for k, t in delta.items()})
@@ -100,6 +101,8 @@ def _save(run_dir: Path, tmp: Path, server_round: int, state: GlobalState, strat
             "num_base_deltas": len(state.base_deltas),
             "lora": {"rank": state.lora.rank, "alpha": state.lora.alpha, "rslora": state.lora.rslora},
             "extras": _encode(state.extras), "strategy_state": _encode(strategy_state)}
+    if provenance is not None:
+        meta["provenance"] = provenance
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
@@ -130,6 +133,11 @@ def _round_of(path: Path) -> int | None:
         return int(_read_meta(path)["round"])
     except Exception:
         return None
+
+
+def last_round(run_dir: Path) -> int | None:
+    """The round of ``run_dir``'s newest readable checkpoint (None if it has none)."""
+    return _round_of(Path(run_dir) / DIRNAME) or _round_of(Path(run_dir) / PREVIOUS)
 
 
 def exists(run_dir: Path) -> bool:
@@ -245,3 +253,74 @@ def restore_client_state(checkpoint_dir: Path | None, target: Path) -> None:
     if snap is not None and snap.is_dir():
         for f in snap.glob("*.safetensors"):
             shutil.copy2(f, target / f.name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a checkpoint was computed from
+
+CHANGEABLE = ("name", "logging", "checkpoint", "resources", "eval.batch_size")
+"""Keys (and sections) that ``--allow-changed`` may let differ on resume: they say where results go, how often they
+are saved and how the work is spread, never what is computed."""
+
+
+def _json(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))  # the form meta.json gives back (e.g. integer mapping keys as strings)
+
+
+def provenance(scenario: Any) -> dict[str, Any]:
+    """The resolved scenario and the SHA-256 of every local data file it reads."""
+    from fedsim.data.datasets import data_files, file_digest
+
+    return {"scenario": _json(scenario.model_dump(mode="json")),
+            "data_files": {f: file_digest(f) for f in data_files(scenario.data)}}
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _covered(key: str, by: tuple[str, ...]) -> bool:
+    return any(key == b or key.startswith(b + ".") for b in by)
+
+
+def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, ...] = ()) -> None:
+    """Refuse to continue a checkpoint with a scenario or data files other than those it was computed from.
+
+    ``allow_changed``: keys or sections (within :data:`CHANGEABLE`) that may differ.
+
+    Raises:
+        ScenarioError: naming every key that differs (old → new) and every data file whose contents changed.
+    """
+    for key in allow_changed:
+        if not _covered(key, CHANGEABLE):
+            raise ScenarioError("--allow-changed", f"{key!r} changes what the run computes, so a resume cannot "
+                                f"change it", f"start a new run instead; keys that may change: {', '.join(CHANGEABLE)}")
+    try:
+        was = json.loads((Path(checkpoint_dir) / "meta.json").read_text(encoding="utf-8")).get("provenance")
+    except (OSError, json.JSONDecodeError):
+        return  # load() has verified this file already
+    if was is None:
+        return  # written before checkpoints recorded their provenance
+    now = provenance(scenario)
+    old, new = _flat(was["scenario"]), _flat(now["scenario"])
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _covered(k, allow_changed)]
+    problems = [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}" for k in changed]
+    files_old, files_new = was.get("data_files", {}), now["data_files"]
+    for f in sorted(set(files_old) | set(files_new)):
+        if f not in files_new:
+            problems.append(f"data file {f} is no longer read")
+        elif f not in files_old:
+            problems.append(f"data file {f} was not read before")
+        elif files_old[f] != files_new[f]:
+            problems.append(f"data file {f} changed since the checkpoint (its SHA-256 differs)")
+    if problems:
+        can = [k for k in changed if _covered(k, CHANGEABLE)]
+        fix = ("restore them in scenario.yaml and the data files, or start a new run"
+               + (f"; to keep the new {', '.join(can)} pass --allow-changed {' '.join(can)}" if can else ""))
+        raise ScenarioError("--resume", f"the scenario or its data changed since the checkpoint of "
+                            f"{Path(checkpoint_dir).parent}: " + "; ".join(problems), fix)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedsim.errors import FedsimError
 
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--previous-checkpoint", action="store_true",
                      help="with --resume: continue from the checkpoint before the newest (when the newest is damaged)")
+    run.add_argument("--allow-changed", nargs="+", default=[], metavar="KEY",
+                     help="with --resume: keys of RUN_DIR/scenario.yaml that may differ from the checkpoint's "
+                          "(only logging, checkpoint, resources, name, eval.batch_size: they cannot change results)")
     val = sub.add_parser("validate", help="check a scenario (schema, data, partition) without training")
     _add_scenario_args(val)
     part = sub.add_parser("partition", help="print the per-client split and write a PNG heatmap")
@@ -54,9 +58,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.scenario or args.overrides or args.out:
             raise FedsimError("--resume continues a run with its own saved scenario; "
                               "give only the run directory (no scenario file, --set or --out)")
-        summary = resume_run(args.resume, previous=args.previous_checkpoint)
-    elif args.previous_checkpoint:
-        raise FedsimError("--previous-checkpoint goes with --resume RUN_DIR")
+        summary = resume_run(args.resume, previous=args.previous_checkpoint, allow_changed=tuple(args.allow_changed))
+    elif args.previous_checkpoint or args.allow_changed:
+        raise FedsimError("--previous-checkpoint and --allow-changed go with --resume RUN_DIR")
     elif not args.scenario:
         raise FedsimError("fedsim run needs a scenario file (or --resume RUN_DIR)")
     else:
@@ -127,9 +131,18 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`): the same orderly stop as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script."""
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
                "strategies": _cmd_strategies}[args.command]
     try:

@@ -22,7 +22,7 @@ from fedsim.client.store import ClientStateStore
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
-from fedsim.errors import BackendError, ScenarioError
+from fedsim.errors import BackendError, ScenarioError, ServerLostError
 from fedsim.models.base import decoder_linear_shapes, target_shapes
 from fedsim.models.quant import check_shapes, require_backend
 from fedsim.progress import Progress
@@ -245,14 +245,16 @@ class Driver:
 
     Args:
         scenario: the validated scenario.
-        run_dir: where outputs go (created by :func:`new_run_dir` if None).
+        run_dir: where outputs go: a new or empty directory (``runs/<name>`` if None); with ``resume``, the run
+            directory to continue.
         backend: a backend instance (default: the one the scenario names).
     """
 
     def __init__(self, scenario: Scenario, run_dir: Path | None = None, backend: Backend | None = None,
-                 resume: bool = False, previous: bool = False):
+                 resume: bool = False, previous: bool = False, allow_changed: tuple[str, ...] = ()):
         self.scenario = scenario
-        self.run_dir = run_dir if run_dir is not None else new_run_dir(scenario, None)
+        self.allow_changed = tuple(allow_changed)  # keys a resume may see changed (checkpoint.CHANGEABLE)
+        self.run_dir = Path(run_dir) if resume else new_run_dir(scenario, run_dir)
         self.previous = previous  # resume from the checkpoint before the newest one
         self.backend = backend or make_backend(scenario)
         self.resume = resume
@@ -285,10 +287,19 @@ class Driver:
 
         Raises:
             ScenarioError: another run holds the run directory (its pid is named), or the checkpoint is unusable.
+            BackendError: the runtime failed, e.g. the server actor died (saying which checkpoint to resume from).
         """
         lock = RunLock(self.run_dir)
         try:
             return self._run()
+        except ServerLostError as e:
+            last = checkpoint.last_round(self.run_dir)
+            then = (f"the checkpoint of round {last} is intact in {self.run_dir / checkpoint.DIRNAME}: continue with "
+                    f"`fedsim run --resume {self.run_dir}`" if last else
+                    f"no checkpoint was written yet: run the scenario again (the metrics so far are in "
+                    f"{self.run_dir / 'metrics.jsonl'})")
+            raise BackendError(f"{e}. {then[0].upper()}{then[1:]} (if it was killed for memory, sample fewer clients "
+                               "per round or give the node more memory)") from None
         finally:
             lock.release()
 
@@ -296,9 +307,11 @@ class Driver:
         sc = self.scenario
         t_start = time.perf_counter()
         prep = prepare(sc)
+        provenance = checkpoint.provenance(sc)
         start_round, restored, used = 0, None, None  # used: the checkpoint directory resumed from
         if self.resume and checkpoint.exists(self.run_dir):
             start_round, state, strategy_state, used = checkpoint.load(self.run_dir, previous=self.previous)
+            checkpoint.check_resume(used, sc, self.allow_changed)
             if not 1 <= start_round <= sc.rounds:
                 raise ScenarioError("--resume", f"{used / 'meta.json'} says round "
                                     f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
@@ -435,7 +448,8 @@ class Driver:
                     if store is not None:
                         store.flush()
                     checkpoint.save(self.run_dir, r, *server.get_state(),
-                                    client_state=store.directory if store is not None else None)
+                                    client_state=store.directory if store is not None else None,
+                                    provenance=provenance)
             tensors, lora = server.global_adapter()
             save_peft_adapter(tensors, lora, sc, self.run_dir / "adapter")
             summary = self._summary(time.perf_counter() - t_start, totals)
@@ -515,12 +529,13 @@ class Driver:
 
 def run_scenario(scenario: Scenario, out: str | Path | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Run ``scenario`` and write its run directory (``runs/<name>`` or ``out``). Returns the summary."""
-    run_dir = new_run_dir(scenario, out)
-    return Driver(scenario, run_dir, backend).run()
+    return Driver(scenario, out, backend).run()
 
 
-def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bool = False) -> dict[str, Any]:
-    """Continue an interrupted run from its last checkpoint, with the scenario saved in ``run_dir``.
+def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bool = False,
+               allow_changed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Continue an interrupted run from its last checkpoint, with the scenario saved in ``run_dir`` (refused when it
+    or the data files differ from those the checkpoint was computed from, but for the ``allow_changed`` keys).
 
     Raises:
         ScenarioError: ``run_dir`` holds no scenario or no checkpoint.
@@ -530,4 +545,5 @@ def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bo
     path = Path(run_dir)
     if not (path / "scenario.yaml").is_file():
         raise ScenarioError("--resume", f"{path} holds no scenario.yaml", "give a run directory written by `fedsim run`")
-    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous).run()
+    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous,
+                  allow_changed=allow_changed).run()

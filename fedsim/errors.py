@@ -37,3 +37,7 @@ class AggregationError(FedsimError):
 
 class BackendError(FedsimError):
     """The runtime (Ray or local) could not run the requested work."""
+
+
+class ServerLostError(BackendError):
+    """The process holding the server (the global model and the strategy's state) died mid-run."""

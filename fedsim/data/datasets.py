@@ -75,9 +75,12 @@ def _is_local(source: str) -> bool:
     )
 
 
-def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
+def _local_files(source: str, field_name: str) -> list[str]:
+    """The files a local data source names (a file, a directory's data files, or a glob), sorted.
 
+    Raises:
+        ScenarioError: none exist, or their formats cannot be read together.
+    """
     path = os.path.expanduser(source)
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
@@ -93,18 +96,162 @@ def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str,
     if None in builders or len(builders) != 1:
         raise ScenarioError(field_name, f"cannot read files with extensions {sorted(exts)} together",
                             "use one of .json, .jsonl, .csv, .tsv, .parquet")
-    builder = builders.pop()
+    return files
+
+
+def data_files(cfg: DataConfig) -> list[str]:
+    """Every local file the data settings read (none for synthetic or hub data)."""
+    files: list[str] = []
+    for source, name in ((cfg.source, "data.source"), (cfg.test.source, "data.test.source")):
+        if source is not None and source != "synthetic" and _is_local(source):
+            files += _local_files(source, name)
+    return files
+
+
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (path, inode, size, mtime, ctime) -> SHA-256
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's contents (remembered for this process while its inode, size, mtime and ctime stay the
+    same; ctime changes with every write, even one that puts the mtime back)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def data_digests(cfg: DataConfig) -> dict[str, str]:
+    """{absolute path: SHA-256} of every local data file the settings read."""
+    return {os.path.abspath(f): file_digest(f) for f in data_files(cfg)}
+
+
+def _check_text_file(path: str, kind: str) -> None:
+    """A data file a text reader will parse: not empty, UTF-8, no NUL bytes.
+
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if b"\x00" in chunk:
+                at = offset + chunk.index(b"\x00")
+                raise DataError(f"{path} is not a {kind} (it holds binary data: a NUL byte at offset {at}); "
+                                f"give a text {kind} file")
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {offset + e.start});"
+                                " convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (it ends inside a multi-byte character at offset {offset})") \
+            from None
+    if blank:
+        raise DataError(f"{path}: the file is empty; give a file with at least one row")
+
+
+def _check_jsonl(path: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); "
+                                "every line of a .jsonl file must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_csv_columns(path: str, columns: tuple[str, ...], delimiter: str) -> None:
+    """With ``data.columns`` (a header-less file): the file's width matches and its first line is not a header."""
+    import csv
+    import itertools
+
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [row for row in itertools.islice(csv.reader(f, delimiter=delimiter), 50) if row]
+    first = lines[0]
+    if len(first) != len(columns):
+        raise DataError(f"{path} has {len(first)} column(s) per row but data.columns names {len(columns)} "
+                        f"({list(columns)}); name one column per field")
+    rest = lines[1:]
+    looks_like_header = [c.strip().lower() for c in first] == [c.lower() for c in columns] or any(
+        rest and not _is_number(first[j]) and all(len(r) > j and _is_number(r[j]) for r in rest)
+        for j in range(len(first)))
+    if looks_like_header:
+        raise DataError(f"{path} starts with a header row ({', '.join(first)}) but data.columns says it has none; "
+                        "remove data.columns to use the file's own header, or delete the header line")
+
+
+def _check_file(path: str, builder: str, cfg: DataConfig) -> None:
+    """Say what is wrong with a data file in words, before a reader fails on it with its own exception."""
+    kind = {"json": "JSON file", "csv": "CSV table", "parquet": "Parquet file"}[builder]
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty; give a file with at least one row")
+    if builder == "parquet":
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{path} is not a Parquet file (it does not start with PAR1)")
+        return
+    _check_text_file(path, kind)
+    if builder == "json" and path.lower().endswith(".jsonl"):
+        _check_jsonl(path)
+    if builder == "csv" and cfg.columns:
+        _check_csv_columns(path, cfg.columns, "\t" if path.lower().endswith(".tsv") else ",")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
+    from datasets import load_dataset
+
+    files = _local_files(source, field_name)
+    builder = _EXT_BUILDERS[os.path.splitext(files[0])[1].lower()]  # _local_files allows one reader only
+    for f in files:
+        _check_file(f, builder, cfg)
     kwargs: dict[str, Any] = {}
     if builder == "csv":
-        if ".tsv" in exts:
+        if any(f.lower().endswith(".tsv") for f in files):
             kwargs["delimiter"] = "\t"
         if cfg.columns:
             kwargs["column_names"] = list(cfg.columns)
+    import tempfile
+
+    # a private, throw-away datasets cache: its own is keyed on path and mtime, and would serve an edited file's
+    # old rows (ours, keyed on the contents, is the one that persists)
     try:
-        ds = load_dataset(builder, data_files=files, split="train", **kwargs)
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"{field_name}: cannot load {source!r} as {builder}: {e.__class__.__name__}: {e}") from None
-    return ds.to_list()
+        with tempfile.TemporaryDirectory(prefix="fedsim-read-") as tmp:
+            return load_dataset(builder, data_files=files, split="train", cache_dir=tmp, **kwargs).to_list()
+    except Exception as e:  # datasets raises many types for malformed files; say what the reader itself said
+        root = _root_cause(e)
+        what = {"json": "JSON", "csv": "a CSV table", "parquet": "Parquet"}[builder]
+        raise DataError(f"{field_name}: cannot load {source!r}: it is not {what} that can be read "
+                        f"({root.__class__.__name__}: {str(root) or 'no message'})") from None
 
 
 def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> list[dict[str, Any]]:
@@ -161,6 +308,23 @@ def _check_fields(rows: list[dict[str, Any]], needed: list[str], where: str) -> 
             "data", f"{where} has no field(s) {missing}; its fields are {sorted(rows[0])}",
             "set data.prompt_template / data.response_field / data.label_field / data.task_field to existing fields",
         )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None, or NaN (an empty CSV cell)
+
+
+def _check_values(rows: list[dict[str, Any]], fields: list[str], where: str) -> None:
+    """Every row has a value for every field the formatting reads (not only the first row).
+
+    Raises:
+        DataError: naming the first row without one (counting rows from 1, as they come in the file).
+    """
+    for i, row in enumerate(rows, start=1):
+        for f in fields:
+            if _missing(row.get(f)):
+                raise DataError(f"{where} row {i} has no value for {f!r} (missing, null or an empty cell); "
+                                "fill it in or drop the row")
 
 
 def _template_fields(template: str) -> list[str]:
@@ -245,9 +409,11 @@ def partition_field(scenario: Scenario) -> str | None:
 
 
 def _cache_key(scenario: Scenario) -> str:
+    """The settings and the contents (SHA-256) of every local file read: an edited file is read anew."""
     blob = json.dumps({
         "v": CACHE_VERSION, "data": scenario.data.model_dump(mode="json"), "model": scenario.model.name,
         "revision": scenario.model.revision, "by": partition_field(scenario), "seed": scenario.seed,
+        "files": data_digests(scenario.data),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -281,7 +447,8 @@ def _load(path: Path) -> TokenizedData:
 
 
 def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool = True) -> TokenizedData:
-    """Load, format and tokenize the scenario's data (cached on disk by a hash of the data settings).
+    """Load, format and tokenize the scenario's data (cached in ``cache_dir()/tokenized`` under a hash of the data
+    settings and of the contents of the local files read).
 
     Raises:
         ScenarioError, DataError: missing files or fields, an empty split.
@@ -303,6 +470,12 @@ def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool 
         train_rows = train_rows[: cfg.max_train_samples]
     needed = _template_fields(cfg.template()) + [cfg.response_field if cfg.format == "instruction" else cfg.label_field]
     _check_fields(train_rows, needed, "training data")
+    present = [f for f in (cfg.task_field, partition_field(scenario)) if f is not None and f in train_rows[0]]
+    _check_values(train_rows, needed + present, "data.source")
+    if test_rows is not None:
+        _check_fields(test_rows, needed, "test data")
+        _check_values(test_rows, needed + [f for f in present if f in test_rows[0]],
+                      "data.test.source" if cfg.test.source is not None else f"data split {cfg.test.split!r}")
     if test_rows is None:
         frac = cfg.test.fraction or 0.1
         rng = np.random.default_rng([scenario.seed, 7])

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
-from fedsim.errors import BackendError
+from fedsim.errors import BackendError, ServerLostError
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.worker import ClientJob
 from fedsim.strategies import StrategySpec
@@ -65,12 +65,20 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
             log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU", need_gpus)
             kwargs["num_gpus"] = int(np.ceil(need_gpus))
         kwargs["_temp_dir"] = ray_temp_dir()
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    keep = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         ray.init(**kwargs)
     except Exception as e:
         where = f"the Ray cluster at {res.address!r}" if res.address else "a local Ray instance"
         raise BackendError(f"could not start {where}: {e.__class__.__name__}: {e}. "
                            "Check resources.address, or use resources.backend: local") from None
+    finally:
+        if keep is not None:  # Ray's core worker replaces SIGTERM with a handler that dumps a native stack and aborts
+            signal.signal(signal.SIGTERM, keep)
     return True
 
 
@@ -181,41 +189,38 @@ class RayServerHandle(ServerHandle):
     def __init__(self, actor: Any):
         self.actor = actor
 
-    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
+    def _call(self, method: str, *args: Any) -> Any:
         import ray
 
-        return ray.get(self.actor.configure.remote(ctx, list(clients)))
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except ray.exceptions.RayActorError as e:  # ActorDiedError, or its node gone
+            why = (getattr(e, "error_msg", None) or str(e)).strip()
+            first = why.splitlines()[0] if why else "no reason given"
+            raise ServerLostError(f"the server actor died during {method} ({first}); the global model and the "
+                                  "strategy's state were in it, so the run cannot go on") from None
+
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
+        return self._call("configure", ctx, list(clients))
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
-        import ray
-
         # Wrapped in a list so that Ray passes the references through instead of resolving them here.
-        return ray.get(self.actor.aggregate.remote(ctx, list(updates)))
+        return self._call("aggregate", ctx, list(updates))
 
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
-        import ray
-
-        return ray.get(self.actor.base_deltas.remote(since))
+        return self._call("base_deltas", since)
 
     def get_state(self) -> tuple[Any, dict]:
-        import ray
-
-        return ray.get(self.actor.get_state.remote())
+        return self._call("get_state")
 
     def set_state(self, state: Any, strategy_state: dict) -> None:
-        import ray
-
-        ray.get(self.actor.set_state.remote(state, strategy_state))
+        self._call("set_state", state, strategy_state)
 
     def eval_handle(self) -> Handle:
-        import ray
-
-        return ray.get(self.actor.eval_handle.remote())[0]
+        return self._call("eval_handle")[0]
 
     def global_adapter(self) -> tuple[Tensors, Any]:
-        import ray
-
-        return ray.get(self.actor.global_adapter.remote())
+        return self._call("global_adapter")
 
 
 class RayBackend(Backend):

@@ -76,3 +76,32 @@ def test_kill_faults_need_ray(tiny_raw):
     tiny_raw["faults"] = {"kill_worker_prob": 0.1}
     with pytest.raises(ScenarioError, match="Ray backend"):
         scenario_from_dict(tiny_raw)
+
+
+def test_a_killed_server_actor_is_named_and_the_run_resumes(tiny_raw, tmp_path):
+    import ray
+
+    from fedsim.driver import Driver, resume_run
+    from fedsim.errors import BackendError
+    from fedsim.runtime.ray_backend import RayBackend
+
+    class KillServerInRound2(RayBackend):
+        calls = 0
+
+        def train(self, jobs, on_done=None):
+            KillServerInRound2.calls += 1
+            if KillServerInRound2.calls == 2:
+                ray.kill(self.server_actor, no_restart=True)
+            return super().train(jobs, on_done=on_done)
+
+    tiny_raw.update(rounds=3)
+    tiny_raw["resources"].update(backend="ray")
+    out = tmp_path / "run"
+    with pytest.raises(BackendError) as e:
+        Driver(scenario_from_dict(tiny_raw), out, KillServerInRound2()).run()
+    msg = str(e.value)
+    assert "server actor died" in msg and "checkpoint of round 1 is intact" in msg
+    assert f"fedsim run --resume {out}" in msg
+    assert [r["round"] for r in _rows(out)] == [0, 1]
+    summary = resume_run(out)
+    assert [r["round"] for r in _rows(out)] == [0, 1, 2, 3] and summary["final/eval/accuracy"] is not None

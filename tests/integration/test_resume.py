@@ -80,3 +80,37 @@ def test_resume_errors(tmp_path, tiny_raw):
     r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--resume", str(tmp_path), "--set", "rounds=3"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "give only the run directory" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_on_ray_stop_cleanly(tiny_raw, tmp_path, sig):
+    """A scheduler's SIGTERM ends a Ray-backed run like Ctrl-C: 'interrupted', exit 130, no native stack dump
+    (Ray's core worker installs one), and no Ray process of the run left behind."""
+    tiny_raw.update(rounds=50)
+    tiny_raw["resources"]["backend"] = "ray"
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(tiny_raw))
+    import tempfile
+
+    out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="fsig-")  # short: Ray's socket paths must stay short
+    env = {**os.environ, "FEDSIM_RAY_TMPDIR": str(ray_tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint").exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, "Ray processes outlived the run"
+    import shutil
+
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -176,3 +176,56 @@ def test_console_counts_the_recorded_successes():
         p.client_done()  # the workers all returned ...
     p.end_round({"round": 1, "clients/sampled": 5, "clients/succeeded": 0, "time_s": 1.0})  # ... the server took none
     assert "clients 0/5" in out.getvalue()
+
+
+def _edit_scenario(out, **changes):
+    import yaml
+
+    path = out / "scenario.yaml"
+    sc = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = sc
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(sc))
+
+
+def test_a_resume_with_a_changed_scenario_is_refused(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    _edit_scenario(out, clients__num_clients=7, strategy__name="flora")
+    with pytest.raises(ScenarioError) as e:
+        resume_run(out)
+    msg = str(e.value)
+    assert "clients.num_clients: 8 → 7" in msg and "strategy.name: 'fedit' → 'flora'" in msg
+    assert "start a new run" in msg
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--resume", str(out), "--allow-changed",
+                        "strategy"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "'strategy' changes what the run computes" in r.stderr and "Traceback" not in r.stderr
+    assert len(_rows(out)) == 3 and not (out / "summary.json").exists()  # nothing touched
+
+
+def test_allow_changed_lets_logging_differ(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    _edit_scenario(out, logging__progress="plain", checkpoint__every=2)
+    with pytest.raises(ScenarioError, match="pass --allow-changed checkpoint.every logging.progress"):
+        resume_run(out)
+    summary = resume_run(out, allow_changed=("logging", "checkpoint.every"))
+    assert summary["final/eval/accuracy"] == json.loads((finished[1] / "summary.json").read_text())[
+        "final/eval/accuracy"]
+
+
+def test_a_resume_with_a_changed_data_file_is_refused(tiny_raw, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(30)))
+    tiny_raw["data"] = {"source": str(data)}
+    tiny_raw["partition"] = {"method": "iid"}
+    sc = scenario_from_dict(tiny_raw)
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    (ck / "meta.json").write_text(json.dumps({"provenance": checkpoint.provenance(sc)}))
+    checkpoint.check_resume(ck, sc)  # unchanged: accepted
+    data.write_text(data.read_text().replace('"a7"', '"b7"'))
+    with pytest.raises(ScenarioError, match=f"data file {data} changed since the checkpoint"):
+        checkpoint.check_resume(ck, sc)

@@ -102,3 +102,78 @@ def test_missing_file_and_field_errors(tmp_path, tiny_raw):
     tiny_raw["data"] = {"source": str(tmp_path / "bad.json")}
     with pytest.raises(DataError, match="cannot load"):
         D.load_data(scenario_from_dict(tiny_raw), use_cache=False)
+
+
+def _local(tiny_raw, path, **data):
+    tiny_raw["data"] = {"source": str(path), **data}
+    return scenario_from_dict(tiny_raw)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.jsonl", b"", "the file is empty"),
+    ("blank.jsonl", b"\n  \n", "the file is empty"),
+    ("latin1.jsonl", b'{"instruction": "caf\xe9", "output": "x"}\n', r"not UTF-8 text \(byte 0xe9 at offset 20\)"),
+    ("bin.csv", b"\xff\xfe\x00\x01garbage", r"not a CSV table \(it holds binary data"),
+    ("latin1.csv", b"text,label\ncaf\xe9,1\n", r"not UTF-8 text \(byte 0xe9 at offset 14\)"),
+    ("nul.csv", b"text,label\nab\x00cd,1\n", "not a CSV table .*NUL byte at offset 13"),
+    ("cut.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", \n', "line 2 is not JSON"),
+    ("list.jsonl", b'[1, 2]\n', "line 1 is a JSON list, not an object"),
+    ("fake.parquet", b"hello", "not a Parquet file"),
+])
+def test_bad_data_files_say_what_is_wrong(tmp_path, tiny_raw, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        D.load_data(_local(tiny_raw, tmp_path / name, format="classification" if "csv" in name else "instruction",
+                           prompt_template="{text}\n" if "csv" in name else None), use_cache=False)
+    assert "StopIteration" not in str(e.value) and "DatasetGenerationError" not in str(e.value)
+
+
+def test_every_row_needs_its_fields(tmp_path, tiny_raw):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    del rows[7]["output"]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match="data.source row 8 has no value for 'output'"):
+        D.load_data(_local(tiny_raw, tmp_path / "t.jsonl"), use_cache=False)
+    rows[7]["output"] = None
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match="row 8 has no value for 'output'"):
+        D.load_data(_local(tiny_raw, tmp_path / "t.jsonl"), use_cache=False)
+    # a CSV whose label cell is empty (NaN to pandas) must not become a class named "None"/"nan"
+    (tmp_path / "c.csv").write_text("text,label\n" + "".join(f"t{i},{'' if i == 4 else i % 2}\n" for i in range(20)))
+    with pytest.raises(DataError, match="row 5 has no value for 'label'"):
+        D.load_data(_local(tiny_raw, tmp_path / "c.csv", format="classification", prompt_template="{text}\n",
+                           task_field=None), use_cache=False)
+
+
+def test_columns_that_do_not_match_the_csv(tmp_path, tiny_raw):
+    body = "".join(f'{1 + i % 2},"title {i}","text {i}"\n' for i in range(20))
+    kw = dict(format="classification", prompt_template="{title}: {body}\n", task_field=None)
+    (tmp_path / "h.csv").write_text('label,title,body\n' + body)
+    with pytest.raises(DataError, match="starts with a header row .*remove data.columns"):
+        D.load_data(_local(tiny_raw, tmp_path / "h.csv", columns=["label", "title", "body"], **kw), use_cache=False)
+    (tmp_path / "h2.csv").write_text('class,headline,description\n' + body)  # another header, same width
+    with pytest.raises(DataError, match="starts with a header row"):
+        D.load_data(_local(tiny_raw, tmp_path / "h2.csv", columns=["label", "title", "body"], **kw), use_cache=False)
+    (tmp_path / "n.csv").write_text(body)
+    with pytest.raises(DataError, match="3 column.* but data.columns names 2"):
+        D.load_data(_local(tiny_raw, tmp_path / "n.csv", columns=["label", "title"], **kw), use_cache=False)
+
+
+def test_an_edited_data_file_is_read_again(tmp_path, tiny_raw, monkeypatch):
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "t.jsonl"
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tiny_raw["partition"] = {"method": "iid"}
+    sc = _local(tiny_raw, path)
+    first = D.load_data(sc)
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 1
+    st = path.stat()
+    path.write_text(path.read_text().replace('"a3"', '"b3"'))  # same size, same mtime: only the contents tell
+    import os
+
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = D.load_data(sc)
+    assert np.concatenate([first.train.ids, first.test.ids]).tolist() != np.concatenate(
+        [second.train.ids, second.test.ids]).tolist()
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.npz"))) == 2
