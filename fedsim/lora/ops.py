@@ -184,3 +184,16 @@ def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     qa, ra = torch.linalg.qr(a.T)  # (d_in, R), (R, R)
     u, s, vh = torch.linalg.svd(rb @ ra.T)  # core (R, R)
     return (qb @ u).float(), s.float(), (vh @ qa.T).float()
+
+
+def orthonormal_completion(vh: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """``vh`` (k, d) with orthonormal rows, extended to ``rows`` orthonormal rows (k ≤ rows ≤ d): the first k are
+    ``vh``'s, the others span random directions orthogonal to them (Gram–Schmidt by QR, in float64)."""
+    k, d = vh.shape
+    if rows <= k:
+        return vh
+    if rows > d:
+        raise ValueError(f"cannot find {rows} orthonormal rows in {d} dimensions")
+    extra = torch.randn(d, rows - k, generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([vh.to(torch.float64).T, extra], dim=1))  # (d, rows)
+    return torch.cat([vh, q[:, k:].T.to(vh.dtype)], dim=0)

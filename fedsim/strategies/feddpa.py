@@ -1,40 +1,58 @@
 """FedDPA-T (Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models", NeurIPS 2024).
 
-Each client has a global adapter, aggregated by FedAvg (weighted by sample counts), and a local adapter that never
-leaves it. Their outputs are mixed: W0 x + a ΔW_global x + (1 − a) ΔW_local x, with a = 0.5 by default as in the
-authors' code. Each round a client first trains its local adapter with the global one frozen (both active, mixed),
+Each client has a global adapter, aggregated by FedAvg with equal client weights (as the authors' code averages;
+``weighting: samples`` weights by sample counts), and a local adapter that never leaves it. Their outputs are mixed
+as in the paper and the authors' code (``local_weight`` there): W0 x + a ΔW_local x + (1 − a) ΔW_global x, a = 0.5 by
+default (``a_weights: global`` keeps the reverse reading, a on the global adapter). Each round a client first trains its local adapter with the global one frozen (both active, mixed),
 then the global adapter alone, which it uploads; in round 1, with no trained global adapter yet, only the global one
 is trained (as the authors do). The personalized model is the mixture. The paper's instance-wise dynamic weighting at
 test time is not part of FedDPA-T's training and is not implemented: ``a`` is fixed.
 
-Params: ``a`` (0.5), ``personal_rank`` (None: the global rank), ``personal_alpha`` (None: the global scaling).
+Params: ``a`` (0.5), ``a_weights`` (``local``), ``weighting`` (``uniform``), ``personal_rank`` (None: the global
+rank), ``personal_alpha`` (None: the global scaling).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from pydantic import Field
 
+from fedsim.lora import ops
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
-from fedsim.types import ClientPayload, ClientSpec, GlobalState, RoundContext
+from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
 class FedDPAParams(PersonalAdapterParams):
-    a: float = Field(0.5, ge=0.0, le=1.0)  # weight of the global adapter in the mixture; 1 − a for the local one
+    a: float = Field(0.5, ge=0.0, le=1.0)  # weight of the local adapter in the mixture; 1 − a for the global one
+    a_weights: Literal["local", "global"] = "local"  # which adapter ``a`` weights (the paper: the local one)
+    weighting: Literal["uniform", "samples"] = "uniform"  # FedAvg of the global adapters (the authors': uniform)
 
 
 @register("feddpa")
 class FedDPA(FedIT):
-    summary = "global adapter (FedAvg) + local adapter, mixed with weight a; local first, then global (Yang et al. 2024)"
+    summary = "global adapter (FedAvg) + local adapter weighted a; local first, then global (Yang et al. 2024)"
     Params = FedDPAParams
     has_personal_state = True
+
+    def mix(self) -> tuple[float, float]:
+        """(weight of the global adapter, weight of the local adapter)."""
+        a = self.params.a
+        return (1.0 - a, a) if self.params.a_weights == "local" else (a, 1.0 - a)
+
+    def _weights(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
+        if self.params.weighting == "samples":
+            return super()._weights(updates)
+        super()._weights(updates)  # raises on an empty round
+        return ops.normalized_weights([1.0] * len(updates))
 
     def _payload(self, state: GlobalState, personal_phase: bool) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
                              personal_lora=self.params.spec(state.lora, state.lora.rank),
-                             mix=(self.params.a, 1.0 - self.params.a), procedure="alternate",
+                             mix=self.mix(), procedure="alternate",
                              extras={"procedure": {"personal_phase": personal_phase}})
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:

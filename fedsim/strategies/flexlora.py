@@ -4,7 +4,12 @@ Resources", NeurIPS 2024).
 The server aggregates the full-size update ΔW = Σ_k p_k s_k B_k A_k (kept exactly, as stacked factors, at most
 min(d_out, d_in) wide) and gives each client the best rank-r_k approximation of it (Eckart–Young): with the SVD
 ΔW = U S Vᵀ, client k gets B = U_r S_r / s_k and A = V_rᵀ, so that s_k B A is the truncation. In round 1 (ΔW = 0)
-clients start from the usual LoRA initialisation. The SVD of the low-rank product is taken through QR of its factors,
+clients start from the usual LoRA initialisation.
+
+As in the authors' code (a full SVD of ΔW), a client whose rank exceeds the rank of ΔW (say a rank-8 client after a
+round of rank-2 clients) gets the remaining rows of A as orthonormal directions beyond ΔW's, with zero singular values
+in B: s_k B A is still the truncation, and every component trains (B's columns get gradients through A x), instead
+of rows of A and columns of B that are both zero and would never move. The completion is seeded per round. The SVD of the low-rank product is taken through QR of its factors,
 never forming ΔW unless its rank reaches the layer's width.
 
 The global model for evaluation is base + ΔW, exactly (an adapter holding the stacked factors at scaling 1).
@@ -57,6 +62,11 @@ class FlexLoRA(Strategy):
                for m in ops.modules(state.tensors)}
         cache: dict[tuple, ClientPayload] = {}
         out = {}
+        r_max = max(c.lora.rank for c in clients)
+        for m, (u, s, vh) in svd.items():  # Vh completed to an orthonormal basis of r_max rows (a full SVD's)
+            if vh.shape[0] < r_max:
+                gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.server_round)
+                svd[m] = (u, s, ops.orthonormal_completion(vh, r_max, gen))
         for c in clients:
             key = (c.lora.rank, c.lora.alpha, c.lora.rslora)
             if key not in cache:
@@ -72,9 +82,8 @@ class FlexLoRA(Strategy):
             r = lora.rank
             k = min(r, s.shape[0])
             b = torch.zeros(u.shape[0], r)
-            a = torch.zeros(r, vh.shape[1])
             b[:, :k] = u[:, :k] * s[:k] / lora.scaling  # (d_out, r): singular values in B, own scaling divided out
-            a[:k] = vh[:k]  # (r, d_in)
+            a = vh[:r].clone()  # (r, d_in): orthonormal rows, those beyond ΔW's rank with zero columns in B
             out[ops.b_key(m)], out[ops.a_key(m)] = b, a
         return out
 

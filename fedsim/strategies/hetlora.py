@@ -5,8 +5,12 @@
 - Aggregation zero-pads every update to r_max and weights client k by ``‖s_k B_k A_k‖_F`` (summed over modules),
   normalised — "sparsity-weighted": clients whose update carries more energy count more.
 - Rank self-pruning: the local loss adds ``λ Σ_modules ‖s_k B_k[:, t:] A_k[t:, :]‖_F`` on the tail components
-  t = ⌈γ r_k⌉ … r_k (a real gradient term). If the tail norm shrank during local training, the client's rank drops to
-  ⌈γ r_k⌉ from the next round on (``hetlora/rank`` in the metrics).
+  t = ⌊γ r_k⌋ … r_k − 1 (0-based; a real gradient term), as the paper defines it: with γ = 0.9 the tail is the last
+  component for every rank from 2 to 10 (⌈γ r_k⌉ would leave it empty for every rank ≤ 9). If the tail norm shrank
+  during local training, the client's rank drops to ⌊γ r_k⌋ (at least 1) from the next round on (``hetlora/rank``).
+- Components beyond the largest rank that took part in a round: the paper's aggregation averages the zero-padded
+  updates, so they become zero (in both factors) and only a client of that rank can grow them back from zero. That is
+  the default, as the paper writes it; ``keep_untrained: true`` keeps the previous global values there instead.
 
 Scaling: the global factors carry the product at scaling 1 (B already multiplied by s). A client with scaling s_k
 receives B / s_k so that its initial s_k B A equals the global truncation, and uploads s_k B.
@@ -30,6 +34,8 @@ class HetLoRAParams(BaseModel):
     max_rank: int | None = Field(None, ge=1, description="global rank; default: the largest client rank")
     prune_lambda: float = Field(0.0, ge=0.0, description="λ of the tail regulariser (0 turns pruning off)")
     prune_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="γ: share of the rank kept when pruning")
+    keep_untrained: bool = Field(False, description="keep the previous global values of components no client of "
+                                                    "the round had (the paper's zero-padding zeroes them)")
 
 
 @register("hetlora")
@@ -55,7 +61,7 @@ class HetLoRA(Strategy):
             extras = {}
             if self.params.prune_lambda > 0 and r > 1:
                 extras["tail_regularizer"] = {"lambda": self.params.prune_lambda,
-                                              "start": max(1, math.ceil(self.params.prune_gamma * r))}
+                                              "start": max(1, math.floor(self.params.prune_gamma * r))}
             out[c.client_id] = ClientPayload(tensors=tensors, lora=lora, base_version=state.base_version,
                                              extras=extras)
         return out
@@ -69,7 +75,16 @@ class HetLoRA(Strategy):
         ], dtype=torch.float64)
         weights = ops.normalized_weights(norms.tolist()) if float(norms.sum()) > 0 else self._weights(updates)
         padded = [ops.pad_rank(t, r_max) for t in scaled]
-        new = self._copy_state(state, tensors=ops.weighted_average(padded, weights))
+        averaged = ops.weighted_average(padded, weights)
+        top = max(u.lora.rank for u in updates)
+        if self.params.keep_untrained and top < r_max:
+            for k, t in averaged.items():  # components top..r_max-1: nobody trained them this round
+                old = state.tensors[k]
+                if ops.factor_of(k) == "A":
+                    t[top:] = old[top:]
+                else:
+                    t[:, top:] = old[:, top:]
+        new = self._copy_state(state, tensors=averaged)
         for u in updates:
             pruned = u.metrics.get("hetlora/rank")
             if pruned is not None and int(pruned) < u.lora.rank:

@@ -195,6 +195,26 @@ def test_flexlora_truncation_is_the_best_rank_r_approximation():
             assert abs(float((target.double() - got.double()).norm()) - float(s[r:].norm())) < 1e-5
 
 
+def test_flexlora_a_larger_rank_than_the_update_still_trains_every_component():
+    """A rank-1 round, then a rank-4 client: its extra components are orthonormal directions of A with zero columns
+    of B (a full SVD's), so each gets a gradient — not zero rows and columns that never move."""
+    strategy, state, _, updates = _round("flexlora", [ClientSpec(0, 10, LoraSpec(1, 2.0))], seed=4)
+    new = strategy.aggregate(CTX, state, updates)
+    big = ClientSpec(1, 10, LoraSpec(4, 8.0))
+    p = strategy.configure(RoundContext(2, 3, 0), new, [big])[1]
+    g = torch.Generator().manual_seed(0)
+    for m, shape in SHAPES.items():
+        a, b = p.tensors[ops.a_key(m)], p.tensors[ops.b_key(m)]
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(ops.delta_w(p.tensors, m, big.lora.scaling), _exact(updates, m), atol=1e-5,
+                                   rtol=1e-5)  # still the best rank-4 approximation (ΔW itself: rank 1)
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        x, gy = torch.randn(16, shape.d_in, generator=g), torch.randn(16, shape.d_out, generator=g)
+        ((x @ a.T @ b.T) * big.lora.scaling * gy).sum().backward()
+        per_component = b.grad.norm(dim=0) + a.grad.norm(dim=1)
+        assert (per_component > 1e-6).all(), per_component
+
+
 def test_hetlora_truncation_padding_and_norm_weights():
     specs = _mixed()
     strategy, state, payloads, updates = _round("hetlora", specs, seed=2)
@@ -224,6 +244,38 @@ def test_hetlora_pruning_lowers_the_rank_next_round():
     new = strategy.aggregate(CTX, state, updates)
     nxt = strategy.configure(RoundContext(2, 3, 0), new, specs)
     assert nxt[0].lora.rank == 2 and nxt[1].lora.rank == 2
+
+
+def test_hetlora_default_gamma_prunes_every_rank_from_two():
+    """The paper's tail starts at ⌊γ r⌋: with the default γ = 0.9 it holds a component for ranks 2, 3, 4 and 5
+    (⌈γ r⌉ left it empty for every rank ≤ 9, so nothing could prune)."""
+    specs = [ClientSpec(i, 10, LoraSpec(r, 2.0 * r)) for i, r in enumerate([1, 2, 3, 4, 5])]
+    strategy, _, payloads, _ = _round("hetlora", specs, params={"prune_lambda": 0.1})
+    assert "tail_regularizer" not in payloads[0].extras  # rank 1 cannot shrink
+    for c in specs[1:]:
+        start = payloads[c.client_id].extras["tail_regularizer"]["start"]
+        assert 1 <= start < c.lora.rank and start == int(0.9 * c.lora.rank)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_hetlora_components_no_client_had_this_round(keep):
+    """Zero-padding (the paper's aggregation) zeroes the components above the round's largest rank;
+    keep_untrained keeps their previous global values."""
+    specs = [ClientSpec(0, 10, LoraSpec(4, 8.0)), ClientSpec(1, 10, LoraSpec(2, 4.0))]
+    strategy, state, _, updates = _round("hetlora", specs, params={"keep_untrained": keep})
+    first = strategy.aggregate(CTX, state, updates)
+    small = [specs[1]]
+    payloads = strategy.configure(RoundContext(2, 3, 0), first, small)
+    upd = [ClientUpdate(1, 10, payloads[1].lora, _random_adapter(payloads[1].lora, 77))]
+    second = strategy.aggregate(RoundContext(2, 3, 0), first, upd)
+    for m in SHAPES:
+        a, b = second.tensors[ops.a_key(m)], second.tensors[ops.b_key(m)]
+        if keep:
+            torch.testing.assert_close(a[2:], first.tensors[ops.a_key(m)][2:], atol=0, rtol=0)
+            torch.testing.assert_close(b[:, 2:], first.tensors[ops.b_key(m)][:, 2:], atol=0, rtol=0)
+            assert float(first.tensors[ops.b_key(m)][:, 2:].norm()) > 0
+        else:
+            assert float(a[2:].norm()) == 0 and float(b[:, 2:].norm()) == 0
 
 
 def test_fedit_error_is_what_flora_removes():

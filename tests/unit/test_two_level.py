@@ -214,6 +214,17 @@ def test_feddpa_trains_the_local_adapter_from_round_two_with_the_global_frozen(t
     assert any(not torch.equal(up2.tensors[k], p2.tensors[k]) for k in p2.tensors)  # then the global one trains
 
 
+def test_feddpa_a_weights_the_local_adapter_and_global_adapters_average_equally():
+    from fedsim.strategies import make_strategy
+    from fedsim.types import ClientUpdate
+
+    assert make_strategy("feddpa", {"a": 0.8}).mix() == pytest.approx((0.2, 0.8))  # (global, local): a on local
+    assert make_strategy("feddpa", {"a": 0.8, "a_weights": "global"}).mix() == pytest.approx((0.8, 0.2))
+    ups = [ClientUpdate(0, 10, LORA, {}), ClientUpdate(1, 30, LORA, {})]
+    assert make_strategy("feddpa")._weights(ups).tolist() == [0.5, 0.5]  # the authors' FedAvg: equal weights
+    assert make_strategy("feddpa", {"weighting": "samples"})._weights(ups).tolist() == [0.25, 0.75]
+
+
 @pytest.mark.parametrize("bad,match", [({"personal_rank": 0}, "r~"), ({"personal_rank": -2}, "r~"),
                                        ({"inner_lr": 0}, "inner_lr"), ({"mode": "newton"}, "mode")])
 def test_bad_two_level_params_are_scenario_errors(tiny_raw, bad, match):
