@@ -89,7 +89,8 @@ def test_partial_participation_and_single_client(name):
 
 @pytest.mark.parametrize("name", AGGREGATING)
 def test_weighting_changes_the_result(name):
-    """num_examples matters (or, for HETLoRA, the update norms do): reweighting clients changes the aggregate."""
+    """num_examples matters (HETLoRA weighs by update norms, FedDPA equally, as their authors do): reweighting
+    clients changes the aggregate."""
     strategy, state, _, updates = _round(name, _uniform())
     a = strategy.aggregate(CTX, state, updates)
     heavy = [ClientUpdate(u.client_id, 1000 if u.client_id == 0 else u.num_examples, u.lora, u.tensors)
@@ -97,7 +98,7 @@ def test_weighting_changes_the_result(name):
     b = strategy.aggregate(CTX, state, heavy)
     moved = not _equal(a.tensors, b.tensors) or not all(
         _equal(x, y) for x, y in zip(a.base_deltas, b.base_deltas))
-    assert moved == (name != "hetlora")  # HETLoRA weighs by update norms, not sample counts
+    assert moved == (name not in ("hetlora", "feddpa"))
 
 
 @pytest.mark.parametrize("name", AGGREGATING)
