@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.errors import AggregationError
+from fedsim.export import ExportedAdapter, complete_adapter
 from fedsim.lora import ops
 from fedsim.strategies import StrategySpec, make_strategy
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
@@ -96,6 +97,7 @@ class Server:
     def eval_payload(self) -> ClientPayload:
         return self.strategy.eval_payload(self.state)
 
-    def global_adapter(self) -> tuple[Tensors, object]:
+    def global_adapter(self) -> ExportedAdapter:
+        """The global model as one PEFT adapter: the updates merged into the base folded in, exactly."""
         p = self.strategy.eval_payload(self.state)
-        return p.tensors, p.lora
+        return complete_adapter(p.tensors, p.lora, self.state.base_deltas)

@@ -16,7 +16,7 @@ from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.runtime.worker import ClientJob
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
+from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 
 Handle = Any
 JobOutcome = tuple[ClientResult | ClientFailure, Handle | None]
@@ -51,8 +51,8 @@ class ServerHandle(ABC):
         """A handle to the payload the global model is evaluated with."""
 
     @abstractmethod
-    def global_adapter(self) -> tuple[Tensors, Any]:
-        """The global adapter tensors and their LoRA spec (for saving)."""
+    def global_adapter(self) -> Any:
+        """The run's whole model as one adapter (:class:`fedsim.export.ExportedAdapter`), for saving."""
 
 
 class Backend(ABC):

@@ -13,7 +13,7 @@ from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, ma
 from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
+from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 
 
 class LocalServerHandle(ServerHandle):
@@ -38,7 +38,7 @@ class LocalServerHandle(ServerHandle):
     def eval_handle(self) -> Handle:
         return self.server.eval_payload()
 
-    def global_adapter(self) -> tuple[Tensors, Any]:
+    def global_adapter(self) -> Any:
         return self.server.global_adapter()
 
 

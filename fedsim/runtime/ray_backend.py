@@ -27,7 +27,7 @@ from fedsim.errors import BackendError, ServerLostError
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.worker import ClientJob
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext, Tensors
+from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class RayServerHandle(ServerHandle):
     def eval_handle(self) -> Handle:
         return self._call("eval_handle")[0]
 
-    def global_adapter(self) -> tuple[Tensors, Any]:
+    def global_adapter(self) -> Any:
         return self._call("global_adapter")
 
 
