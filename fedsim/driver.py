@@ -138,6 +138,8 @@ def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int,
         for k in ("qa_rel_error", "qa_corr"):
             if k in p:
                 row[k] = p[k]
+        if "dpa/weight_sum" in p:  # FedDPA-D: the mean instance-wise weight
+            row["dynamic_weight"] = p["dpa/weight_sum"] / max(p["count"], 1.0)
         table.append(row)
     out: dict[str, float] = {}
     for kind, prefix in (("global", "eval/local_global"), ("personal", "eval/personal")):
@@ -146,6 +148,9 @@ def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int,
         out.update({f"{prefix}/accuracy": float(acc.mean()), f"{prefix}/accuracy_std": float(acc.std()),
                     f"{prefix}/accuracy_worst10": float(worst.mean()),
                     f"{prefix}/loss": float(np.mean([r[f"{kind}_loss"] for r in table]))})
+    if any("dynamic_weight" in r for r in table):
+        out["eval/personal/dynamic_weight"] = float(np.mean([r["dynamic_weight"] for r in table
+                                                             if "dynamic_weight" in r]))
     for k in ("qa_rel_error", "qa_corr"):
         # undefined (NaN) for an adapter still at zero, e.g. a client never trained with qa_init: zero
         rows = [r for r in table if k in r and np.isfinite(r[k])]
@@ -428,8 +433,8 @@ class Driver:
                     eval_handle = server.eval_handle()
                     row.update(reduce_eval(self.backend.evaluate(eval_handle, batches)))
                     if any(len(t) for t in prep.local_test):
-                        items = [(c, store.get(c) if store else None, prep.local_test[c], prep.clients[c].quant)
-                                 for c in eval_clients]
+                        items = [(c, store.get(c) if store else None, prep.local_test[c], prep.clients[c].quant,
+                                  prep.parts[c]) for c in eval_clients]
                         metrics, personal_table = personal_metrics(
                             self.backend.evaluate_clients(eval_handle, items),
                             {c.client_id: c.quant.label for c in prep.clients})

@@ -438,12 +438,46 @@ class Worker:
             alone = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
             host.activate(own.lora, own.personal_lora, own.mix)
             self._load(host, own, client_id, personal, quant)
-            mixed = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
+            dynamic = own.extras.get("dynamic")
+            if dynamic and own.personal_lora is not None and len(rest) > 1 and len(rest[1]):
+                mixed = self._dynamic_eval(host, own, client_id, np.asarray(indices), np.asarray(rest[1]), dynamic)
+            else:
+                mixed = evaluate_batch(host.model, self.data, indices, self.device, split=self.data.train)
             if own.extras.get("measure_qa") and own.personal_lora is not None:
                 mixed.update(self.qa_measurements(host, quant, own.personal_lora,
                                                   host.read(own.personal_lora, personal=True)))
             out[client_id] = (alone, mixed)
         return out
+
+    def _dynamic_eval(self, host: AdapterHost, own: ClientPayload, client_id: int, indices: np.ndarray,
+                      train: np.ndarray, dynamic: dict) -> dict[str, float]:
+        """FedDPA-D, as the authors' inference script computes it: per test instance, ``instances`` of the client's
+        training instances drawn at random (seeded by seed, client, instance), embedded like the test prompt by the
+        base with the local adapter alone (last layer, last prompt token or mean); w = ``max_weight`` × their mean
+        cosine similarity weights the global adapter and 1 − w the local one (``weights: local`` swaps them). Sums
+        as :func:`evaluate_batch`'s, over the instances one by one, plus ``dpa/weight_sum``."""
+        from fedsim.client.evaluate import prompt_embeddings, similarity_weights
+
+        split, n = self.data.train, min(int(dynamic["instances"]), len(train))
+        picks = [np.random.default_rng([self.scenario.seed, client_id, int(i), 29]).choice(len(train), n,
+                                                                                          replace=False)
+                 for i in indices]
+        used = np.unique(np.concatenate(picks))
+        row_of = {int(j): r for r, j in enumerate(used)}
+        host.activate(own.lora, own.personal_lora, (0.0, 1.0))  # the local adapter alone
+        kind = dynamic.get("embedding", "last")
+        ref = prompt_embeddings(host.model, split, train[used], self.data.pad_id, self.device, kind)
+        test = prompt_embeddings(host.model, split, indices, self.data.pad_id, self.device, kind)
+        weights = similarity_weights(test, ref, [np.asarray([row_of[int(j)] for j in p]) for p in picks],
+                                     float(dynamic["max_weight"]))
+        sums: dict[str, float] = {"dpa/weight_sum": float(weights.sum())}
+        for i, w in zip(indices, weights.tolist()):
+            host.activate(own.lora, own.personal_lora, (w, 1.0 - w) if dynamic.get("weights", "global") == "global"
+                          else (1.0 - w, w))
+            for k, v in evaluate_batch(host.model, self.data, [int(i)], self.device, split=split).items():
+                sums[k] = sums.get(k, 0.0) + v
+        host.activate(own.lora, own.personal_lora, own.mix)
+        return sums
 
     @staticmethod
     def _personal_payload(payload: ClientPayload, quant: QuantSpec) -> ClientPayload:

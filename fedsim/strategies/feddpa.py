@@ -5,8 +5,15 @@ Each client has a global adapter, aggregated by FedAvg with equal client weights
 as in the paper and the authors' code (``local_weight`` there): W0 x + a ΔW_local x + (1 − a) ΔW_global x, a = 0.5 by
 default (``a_weights: global`` keeps the reverse reading, a on the global adapter). Each round a client first trains its local adapter with the global one frozen (both active, mixed),
 then the global adapter alone, which it uploads; in round 1, with no trained global adapter yet, only the global one
-is trained (as the authors do). The personalized model is the mixture. The paper's instance-wise dynamic weighting at
-test time is not part of FedDPA-T's training and is not implemented: ``a`` is fixed.
+is trained (as the authors do). The personalized model is the mixture.
+
+FedDPA-D (``inference: dynamic``): the paper's instance-wise dynamic weighting, at evaluation only, as the authors'
+released inference script defines it: for each test instance, ``instances`` (5) of the client's training instances
+are drawn at random; the test prompt and theirs are embedded by the base with the local adapter alone (the last
+layer's hidden state at the last prompt token, or the mean over the prompt: ``embedding``); w = ``max_weight`` (0.5)
+× the mean cosine similarity. The script gives w to the global adapter and 1 − w to the local one
+(``dynamic_weights: global``); ``dynamic_weights: local`` gives w to the local adapter instead (the reading under
+which a test instance unlike the local data leans on the global adapter).
 
 Params: ``a`` (0.5), ``a_weights`` (``local``), ``weighting`` (``uniform``), ``personal_rank`` (None: the global
 rank), ``personal_alpha`` (None: the global scaling).
@@ -30,6 +37,11 @@ class FedDPAParams(PersonalAdapterParams):
     a: float = Field(0.5, ge=0.0, le=1.0)  # weight of the local adapter in the mixture; 1 − a for the global one
     a_weights: Literal["local", "global"] = "local"  # which adapter ``a`` weights (the paper: the local one)
     weighting: Literal["uniform", "samples"] = "uniform"  # FedAvg of the global adapters (the authors': uniform)
+    inference: Literal["fixed", "dynamic"] = "fixed"  # dynamic: FedDPA-D's instance-wise weights at evaluation
+    instances: int = Field(5, ge=1, le=1000)  # FedDPA-D: local training instances compared with each test one
+    max_weight: float = Field(0.5, ge=0.0, le=1.0)  # FedDPA-D: w = max_weight × mean cosine similarity
+    embedding: Literal["last", "mean"] = "last"  # FedDPA-D: last prompt token's hidden state, or the prompt's mean
+    dynamic_weights: Literal["global", "local"] = "global"  # FedDPA-D: which adapter w weights (the authors': global)
 
 
 @register("feddpa")
@@ -61,4 +73,9 @@ class FedDPA(FedIT):
         return {c.client_id: payload for c in clients}
 
     def eval_payload(self, state: GlobalState) -> ClientPayload:
-        return self._payload(state, personal_phase=True)
+        payload = self._payload(state, personal_phase=True)
+        if self.params.inference == "dynamic":
+            q = self.params
+            payload.extras["dynamic"] = {"instances": q.instances, "max_weight": q.max_weight,
+                                         "embedding": q.embedding, "weights": q.dynamic_weights}
+        return payload

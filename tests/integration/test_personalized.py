@@ -62,3 +62,15 @@ def test_a_run_whose_clients_all_keep_failing_stops_with_the_reason(tiny_raw, tm
     with pytest.raises(BackendError, match=r"every sampled client failed in 2 consecutive rounds.*NaN or Inf"):
         run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
     assert [row["round"] for row in _rows(tmp_path / "run")] == [0, 1, 2]  # what ran is kept
+
+
+def test_feddpa_d_from_a_scenario_file(tiny_raw, tmp_path):
+    """FedDPA-D end to end: the instance-wise weights are computed at every personalized evaluation and reported."""
+    tiny_raw.update(rounds=2, strategy={"name": "feddpa", "params": {"inference": "dynamic", "instances": 3}})
+    tiny_raw["eval"]["local_test_fraction"] = 0.25
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    last = _rows(tmp_path / "run")[-1]
+    assert 0.0 < last["eval/personal/dynamic_weight"] <= 0.5
+    with open(tmp_path / "run" / "personalized.csv") as f:
+        table = list(csv.DictReader(f))
+    assert all(0.0 < float(r["dynamic_weight"]) <= 0.5 for r in table)

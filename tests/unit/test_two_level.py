@@ -16,6 +16,7 @@ from fedsim.errors import ScenarioError
 from fedsim.lora import ops
 from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import build_base_model, target_shapes
+from fedsim.models.quant import FULL
 from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec, make_strategy
@@ -223,6 +224,54 @@ def test_feddpa_a_weights_the_local_adapter_and_global_adapters_average_equally(
     ups = [ClientUpdate(0, 10, LORA, {}), ClientUpdate(1, 30, LORA, {})]
     assert make_strategy("feddpa")._weights(ups).tolist() == [0.5, 0.5]  # the authors' FedAvg: equal weights
     assert make_strategy("feddpa", {"weighting": "samples"})._weights(ups).tolist() == [0.25, 0.75]
+
+
+def test_similarity_weights_are_max_weight_times_the_mean_cosine():
+    from fedsim.client.evaluate import similarity_weights
+
+    test, ref = torch.randn(3, 8), torch.randn(6, 8)
+    refs = [np.array([0, 1]), np.array([2, 3, 4]), np.array([5])]
+    got = similarity_weights(test, ref, refs, 0.5)
+    for i, rows in enumerate(refs):
+        cos = [float(test[i] @ ref[j] / (test[i].norm() * ref[j].norm())) for j in rows]
+        assert float(got[i]) == pytest.approx(0.5 * np.mean(cos), abs=1e-6)
+    assert float(similarity_weights(ref[:1], ref, [np.array([0])], 0.5)[0]) == pytest.approx(0.5)  # itself: cos 1
+
+
+def test_feddpa_d_weights_each_test_instance(tiny_raw):
+    """FedDPA-D at evaluation: w = max_weight · mean cosine similarity per instance, on the global adapter (the
+    authors' script) or the local one. At max_weight 0 it must reduce to the local adapter alone (w on global) or to
+    the global adapter alone (w on local) — the wiring, checked against the fixed-mixture paths."""
+    sc = _tiny(tiny_raw, "feddpa")
+    data = load_data(sc)
+    spec = StrategySpec(target_shapes(sc.model), LORA, 0)
+    client = ClientSpec(2, 30, LORA)
+    worker = Worker(sc, data)
+    server = Server("feddpa", {}, spec)
+    res1, up1 = worker.run_client(ClientJob(client, np.arange(30), 1), server.configure(RoundContext(1, 3, 0),
+                                                                                     [client])[0][2])
+    server.aggregate(RoundContext(1, 3, 0), [up1])
+    p2 = server.configure(RoundContext(2, 3, 0), [client])[0][2]
+    res2, _ = worker.run_client(ClientJob(client, np.arange(30), 2, personal=res1.personal), p2)
+
+    def evaluate(params, with_train=True):
+        s = Server("feddpa", params, spec)
+        s.set_state(server.state, {})
+        item = (2, res2.personal, np.arange(30, 40), FULL) + ((np.arange(30),) if with_train else ())
+        return worker.evaluate_clients(s.eval_payload(), [item])[2]
+
+    alone, fixed = evaluate({})
+    _, local_only = evaluate({"a": 1.0})  # mixture (0, 1): the local adapter alone
+    _, d_global = evaluate({"inference": "dynamic", "max_weight": 0.0})
+    _, d_local = evaluate({"inference": "dynamic", "max_weight": 0.0, "dynamic_weights": "local"})
+    assert d_global["loss_sum"] == pytest.approx(local_only["loss_sum"], rel=1e-5)
+    assert d_local["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
+    assert d_global["correct"] == local_only["correct"] and d_local["correct"] == alone["correct"]
+    _, dyn = evaluate({"inference": "dynamic"})
+    assert 0.0 < dyn["dpa/weight_sum"] / dyn["count"] <= 0.5
+    assert dyn["loss_sum"] != pytest.approx(fixed["loss_sum"], rel=1e-9)
+    _, no_train = evaluate({"inference": "dynamic"}, with_train=False)  # no training indices: the fixed mixture
+    assert no_train["loss_sum"] == pytest.approx(fixed["loss_sum"], rel=1e-9)
 
 
 @pytest.mark.parametrize("bad,match", [({"personal_rank": 0}, "r~"), ({"personal_rank": -2}, "r~"),
