@@ -7,6 +7,7 @@ and the process exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ def _add_scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario key, e.g. --set rounds=3 --set clients.lora.rank=4 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--previous-checkpoint", action="store_true",
                      help="with --resume: continue from the checkpoint before the newest (when the newest is damaged)")
+    run.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
     run.add_argument("--allow-changed", nargs="+", default=[], metavar="KEY",
                      help="with --resume: keys of RUN_DIR/scenario.yaml that may differ from the checkpoint's "
                           "(only logging, checkpoint, resources, name, eval.batch_size: they cannot change results)")
@@ -141,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = _parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["FEDSIM_VERBOSE"] = "1"
+    from fedsim.quiet import silence_libraries
+
+    silence_libraries(mark=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,

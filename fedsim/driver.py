@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -346,7 +347,9 @@ class Driver:
             store = ClientStateStore.open(store_dir, int(sc.clients.state_budget_mb * 2**20))
         personal_table: list[dict[str, Any]] = []
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
-        tracker = Tracker(sc, self.run_dir)
+        tracker = Tracker(sc, self.run_dir, resume=self.resume)
+        if not self.resume:
+            tracker.image("partition", self.run_dir / "partition.png")
         try:
             server = self.backend.start(sc, prep.data, prep.spec)
             batches = self._eval_batches(prep.data)
@@ -466,11 +469,15 @@ class Driver:
                 for row in personal_table:
                     row["base_mb"] = base_mb.get(row.get("base"))
                 write_csv(self.run_dir / "personalized.csv", personal_table)
-            write_csv(self.run_dir / "clients.csv", [
+            clients_table = [
                 {"client_id": c.client_id, "num_examples": c.num_examples, "rank": c.lora.rank,
                  "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
-                for c in prep.clients])
+                for c in prep.clients]
+            write_csv(self.run_dir / "clients.csv", clients_table)
             tracker.summary(summary)
+            tracker.tables({"clients": clients_table, "personalized": personal_table})
+            tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{sc.name}-adapter"), "model", self.run_dir / "adapter",
+                             {"strategy": sc.strategy.name, "base_model": sc.model.name, "rounds": sc.rounds})
             if self.notes:
                 summary["notes"] = sorted(self.notes)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -27,30 +27,44 @@ class Tracker:
         run_dir: the run directory.
     """
 
-    def __init__(self, scenario: Scenario, run_dir: Path):
+    ID_FILE = ".wandb_run_id"  # the W&B run id, so that a resume continues the same run
+    STEP_FILE = ".wandb_last_step"  # the last step sent to W&B: a resume never sends a step twice
+
+    def __init__(self, scenario: Scenario, run_dir: Path, resume: bool = False):
         self.cfg = scenario.logging
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8") if self.cfg.jsonl else None
         self._wandb = None
+        self._sent = -1  # the last W&B step logged (by this run or, when resuming, by the one before)
+        self._pending: dict[str, Any] = {}  # logged with the next row (e.g. the partition heatmap)
         if self.cfg.wandb.mode != "disabled":
-            self._start_wandb(scenario)
+            self._start_wandb(scenario, resume)
 
-    def _start_wandb(self, scenario: Scenario) -> None:
+    def _start_wandb(self, scenario: Scenario, resume: bool) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         w = self.cfg.wandb
+        id_file, step_file = self.run_dir / self.ID_FILE, self.run_dir / self.STEP_FILE
+        run_id = id_file.read_text(encoding="utf-8").strip() if resume and id_file.is_file() else None
+        if run_id is not None and step_file.is_file():
+            try:
+                self._sent = int(step_file.read_text(encoding="utf-8").strip())
+            except ValueError:
+                self._sent = -1
         try:
-            self._wandb = self._init_wandb(wandb, scenario, w)
+            self._wandb = self._init_wandb(wandb, scenario, w, run_id)
         except Exception as e:  # wandb raises many types (bad env, network, auth)
             raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
                               "check the WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
+        (self.run_dir / self.ID_FILE).write_text(self._wandb.id, encoding="utf-8")
 
-    def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any) -> Any:
+    def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None) -> Any:
         return wandb.init(
             project=w.project, group=w.group, entity=w.entity, name=scenario.name, tags=list(w.tags),
             dir=str(self.run_dir), mode=w.mode, config=scenario.to_dict(), reinit="finish_previous",
+            id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
 
@@ -59,9 +73,42 @@ class Tracker:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
-        if self._wandb is not None:
+        step = int(row["round"])
+        if self._wandb is not None and step > self._sent:  # a round re-run after a resume was already sent
             numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
-            self._wandb.log(numeric, step=int(row["round"]))
+            self._wandb.log({**numeric, **self._pending}, step=step)
+            self._pending = {}
+            self._sent = step
+            (self.run_dir / self.STEP_FILE).write_text(str(step), encoding="utf-8")
+
+    def image(self, key: str, path: Path) -> None:
+        """An image (e.g. the partition heatmap), logged with the next row."""
+        if self._wandb is not None and Path(path).is_file():
+            import wandb
+
+            self._pending = {**self._pending, key: wandb.Image(str(path))}
+
+    def tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """Tables (e.g. clients.csv, personalized.csv) in the run's summary."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        for key, rows in tables.items():
+            if rows:
+                columns = list(rows[0])
+                self._wandb.summary[key] = wandb.Table(columns=columns, data=[[_clean(r.get(c)) for c in columns]
+                                                                              for r in rows])
+
+    def artifact(self, name: str, kind: str, directory: Path, metadata: dict[str, Any] | None = None) -> None:
+        """A directory (e.g. the final adapter) as a W&B artifact of type ``kind``."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(name, type=kind, metadata=metadata or {})
+        art.add_dir(str(directory))
+        self._wandb.log_artifact(art)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:

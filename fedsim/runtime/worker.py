@@ -86,6 +86,9 @@ class Worker:
 
     def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData, name: str = "worker-0",
                  num_gpus: float | None = None):
+        from fedsim.quiet import silence_libraries
+
+        silence_libraries()  # in a worker process of a command-line run (FEDSIM_QUIET=1): no library chatter
         if isinstance(scenario, dict):
             from fedsim.config import scenario_from_dict
 

@@ -191,3 +191,26 @@ def test_every_shipped_scenario_runs(name, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final/eval/accuracy"] is not None
     assert (tmp_path / "run" / "clients.csv").exists()
+
+
+def test_output_is_quiet_unless_verbose(tiny_raw, tmp_path):
+    """No datasets progress bars, library notices or warnings in validate/run output; --verbose shows them."""
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_raw["data"] = {"source": str(tmp_path / "d.jsonl")}
+    tiny_raw["partition"] = {"method": "iid"}
+    tiny_raw["clients"]["quant"] = {"bits": 4, "backend": "bnb"}  # bitsandbytes' CPU path, with its notices
+    tiny_raw.update(rounds=1)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    env = {**os.environ, "FEDSIM_CACHE_DIR": str(tmp_path / "cache")}  # a cold cache: data is read
+    for cmd in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
+        r = subprocess.run([sys.executable, "-m", "fedsim.cli", *cmd], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        noise = [line for line in r.stderr.splitlines() if line.strip()]
+        assert not noise, noise
+    env["FEDSIM_CACHE_DIR"] = str(tmp_path / "cache2")
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(path), "--verbose"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "Generating train split" in r.stderr

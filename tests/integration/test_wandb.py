@@ -1,0 +1,79 @@
+"""W&B as its users expect, checked by reading the offline run files back (wandb's own protobuf records): a resumed
+run is one run (same id, no gap, no step twice), the adapter is a `model` artifact, the partition heatmap an image,
+the per-client tables tables, and a sweep's points share a group and carry the swept keys in their config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import wandb_files as W
+
+from fedsim import checkpoint
+from fedsim.config import scenario_from_dict
+from fedsim.driver import resume_run, run_scenario
+
+
+@pytest.fixture
+def offline(tiny_raw, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tiny_raw["logging"]["wandb"] = {"mode": "offline", "project": "fedsim-test"}
+    return tiny_raw
+
+
+def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
+    offline.update(rounds=3)
+    offline["eval"]["local_test_fraction"] = 0.25
+    offline["strategy"] = {"name": "fedsa"}
+    real = checkpoint.save
+
+    def interrupted(run_dir, server_round, *a, **k):
+        if server_round == 2:  # round 2 is logged (metrics and W&B), its checkpoint never written
+            raise KeyboardInterrupt
+        return real(run_dir, server_round, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario_from_dict(offline), out)
+    monkeypatch.setattr(checkpoint, "save", real)
+    resume_run(out)
+
+    files = W.run_files(out)
+    assert len(files) == 2, files  # one offline segment per process
+    runs = W.of_type(out, "run")
+    assert len({r.run.run_id for r in runs}) == 1  # the same run, resumed
+    steps = [row["_step"] for row in W.history(out)]
+    assert steps == [0, 1, 2, 3], steps  # no gap and no step twice (round 2 ran again, but was sent once)
+    logged = {row["_step"]: row for row in W.history(out)}
+    metrics = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for step, row in logged.items():
+        assert row["eval/accuracy"] == pytest.approx(metrics[step]["eval/accuracy"])
+    assert logged[0]["partition/_type"] == "image-file"  # the heatmap, with the first row
+
+    arts = [a for a in W.of_type(out, "artifact") if a.artifact.type == "model"]
+    assert [a.artifact.name for a in arts] == ["tiny-adapter"]
+    assert {f.path for f in arts[0].artifact.manifest.contents} >= {"adapter_config.json",
+                                                                    "adapter_model.safetensors"}
+    summary = {item.key: json.loads(item.value_json) for rec in W.of_type(out, "summary")
+               for item in rec.summary.update}
+    assert summary["clients"]["_type"] == "table-file" and summary["personalized"]["_type"] == "table-file"
+
+
+def test_sweep_points_share_a_group_and_carry_the_swept_keys(offline, tmp_path):
+    import yaml
+
+    from fedsim.sweep import run_sweep
+
+    offline.update(rounds=1)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(offline))
+    rows = run_sweep(path, ["clients.num_clients=4,6"], [], tmp_path / "sweep")
+    groups, swept = set(), []
+    for row in rows:
+        run = W.of_type(row["run_dir"], "run")[0].run
+        groups.add(run.run_group)
+        config = {item.key: json.loads(item.value_json) for item in run.config.update}
+        clients = config["clients"].get("value", config["clients"])  # as wandb nests it, or not
+        swept.append(clients["num_clients"])
+    assert groups == {"tiny-sweep"} and swept == [4, 6]
