@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (default: runs/<name>-sweep)")
     sweep.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="run N points at once (Ray tasks on the cluster with the ray backend, else processes)")
+    exp = sub.add_parser("export", help="write a client's (or the global) model at the end of a run, for PEFT")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fedsim run")
+    exp.add_argument("--client", type=int, metavar="K", help="the client whose model to write (default: the global one)")
+    exp.add_argument("--out", help="a new directory (default: RUN_DIR/export/client-K, or RUN_DIR/export/global)")
+    exp.add_argument("--merged", action="store_true", help="a full model with the adapter merged in (save_pretrained)")
+    exp.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
 
@@ -126,6 +132,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedsim.export import export_client
+
+    who = f"client-{args.client}" if args.client is not None else "global"
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export" / (who + ("-merged" if args.merged else ""))
+    info = export_client(Path(args.run_dir), args.client, out, merged=args.merged)
+    kind = "full model" if args.merged else "PEFT adapter"
+    base = f" on a {info['base_backend']} base" if info["base_bits"] < 16 and not args.merged else ""
+    print(f"{kind} of {who.replace('-', ' ')} (round {info['round']}){base} written to {out}")
+    if "note" in info:
+        print(f"note: {info['note']}")
+    return 0
+
+
 def _cmd_strategies(args: argparse.Namespace) -> int:
     from fedsim.strategies import available_strategies
 
@@ -152,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
-               "strategies": _cmd_strategies}[args.command]
+               "export": _cmd_export, "strategies": _cmd_strategies}[args.command]
     try:
         return handler(args)
     except FedsimError as e:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -50,15 +51,28 @@ def complete_adapter(tensors: Tensors, lora: LoraSpec, deltas: Sequence[Tensors]
     """
     if not deltas:
         return ExportedAdapter(dict(tensors), lora)
+    return combine([(tensors, lora.scaling)], deltas)
+
+
+def combine(adapters: Sequence[tuple[Tensors, float]], deltas: Sequence[Tensors] = ()) -> ExportedAdapter:
+    """Σ deltas + Σ_j c_j B_j A_j per module, as one LoRA at scaling 1 (see the module's docstring)."""
     out: Tensors = {}
     ranks: dict[str, int] = {}
-    for m in sorted(set(ops.modules(tensors)) | _delta_modules(deltas)):
+    names = set(_delta_modules(deltas))
+    for tensors, _ in adapters:
+        names |= set(ops.modules(tensors))
+    for m in sorted(names):
         bs = [d[f"{m}.delta_B"].double() for d in deltas if f"{m}.delta_B" in d]
         as_ = [d[f"{m}.delta_A"].double() for d in deltas if f"{m}.delta_A" in d]
         dense = [d[f"{m}.delta_W"].double() for d in deltas if f"{m}.delta_W" in d]
-        if ops.b_key(m) in tensors:
-            bs.append(lora.scaling * tensors[ops.b_key(m)].double())
-            as_.append(tensors[ops.a_key(m)].double())
+        for tensors, c in adapters:
+            if ops.b_key(m) in tensors and c != 0:
+                bs.append(c * tensors[ops.b_key(m)].double())
+                as_.append(tensors[ops.a_key(m)].double())
+        if not bs and not dense:  # every contribution weighted 0: one zero component
+            any_t = next(t for t, _ in adapters if ops.b_key(m) in t)
+            bs, as_ = [torch.zeros_like(any_t[ops.b_key(m)][:, :1]).double()], [
+                torch.zeros_like(any_t[ops.a_key(m)][:1]).double()]
         shape = dense[0].shape if dense else (bs[0].shape[0], as_[0].shape[1])
         width = sum(b.shape[1] for b in bs)
         if dense or width >= min(shape):
@@ -80,3 +94,104 @@ def complete_adapter(tensors: Tensors, lora: LoraSpec, deltas: Sequence[Tensors]
     patterns = {re.escape(m): r for m, r in ranks.items() if r != top}
     return ExportedAdapter(out, LoraSpec(rank=top, alpha=float(top)), rank_pattern=patterns,
                            alpha_pattern={p: float(r) for p, r in patterns.items()})
+
+
+def dense_totals(adapters: Sequence[tuple[Tensors, float]]) -> dict[str, torch.Tensor]:
+    """Σ_j c_j B_j A_j per module, dense (d_out, d_in), float64."""
+    out: dict[str, torch.Tensor] = {}
+    for tensors, c in adapters:
+        for m in ops.modules(tensors):
+            dw = c * tensors[ops.b_key(m)].double() @ tensors[ops.a_key(m)].double()
+            out[m] = out[m] + dw if m in out else dw
+    return out
+
+
+def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool = False) -> dict:
+    """Write the model client ``client_id`` (None: the global model) uses at the end of the run: the global model plus its personal tensors
+    (FedSA-LoRA's B, FedDPA's and PF2LoRA's local adapter, FedQLoRA's quantization-aware adapter), set up exactly as
+    the simulator's personalized evaluation sets it up, as one PEFT adapter on the client's own base; ``merged``: a
+    full model with everything merged in (``save_pretrained``, tokenizer included) — for a quantized client, its
+    dequantized base plus the adapters, i.e. the model it evaluates.
+
+    Returns what was written (``fedsim_export.json`` holds the same).
+
+    Raises:
+        ScenarioError: no run, no checkpoint, no such client, or an adapter that cannot be exact (a quantized base
+            re-quantized after merges: use ``merged``).
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from fedsim import checkpoint
+    from fedsim.client.store import ClientStateStore
+    from fedsim.config import load_scenario
+    from fedsim.driver import prepare, save_peft_adapter
+    from fedsim.errors import ScenarioError
+    from fedsim.models.quant import FULL
+    from fedsim.runtime.worker import Worker
+    from fedsim.server import Server
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "scenario.yaml").is_file():
+        raise ScenarioError("RUN_DIR", f"{run_dir} holds no scenario.yaml", "give a run directory written by fedsim run")
+    sc = load_scenario(run_dir / "scenario.yaml")
+    if client_id is not None and not 0 <= client_id < sc.clients.num_clients:
+        raise ScenarioError("--client", f"client {client_id} is not in the run (clients 0..{sc.clients.num_clients - 1})",
+                            "give a client id of the run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ScenarioError("--out", f"{out} exists and is not an empty directory", "give a new directory")
+    last, state, strategy_state, used = checkpoint.load(run_dir)
+    prep = prepare(sc)
+    quant = prep.clients[client_id].quant if client_id is not None else FULL
+    server = Server(sc.strategy.name, sc.strategy.params, prep.spec)
+    server.set_state(state, strategy_state)
+    personal = None
+    if client_id is not None:
+        with tempfile.TemporaryDirectory(prefix="fedsim-export-") as tmp:
+            checkpoint.restore_client_state(used, Path(tmp))
+            personal = ClientStateStore.open(tmp).get(client_id)
+    worker = Worker(sc, prep.data)
+    deltas = server.base_deltas(since=0)
+    for version, delta in deltas:
+        worker.apply_base_delta(version, delta)
+    payload = server.eval_payload()
+    own = worker._personal_payload(payload, quant) if client_id is not None else replace(payload, personal_lora=None)
+    host = worker.host(payload.base_version, quant)
+    host.activate(own.lora, own.personal_lora, own.mix)
+    worker._load(host, own, client_id, personal, quant)
+    parts = [(host.read(own.lora), own.lora.scaling * (own.mix[0] if own.personal_lora is not None else 1.0))]
+    if own.personal_lora is not None:
+        parts.append((host.read(own.personal_lora, personal=True), own.personal_lora.scaling * own.mix[1]))
+    quantized = quant.bits < 16
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"run_dir": str(run_dir), "client_id": client_id, "round": last, "strategy": sc.strategy.name,
+            "base_model": sc.model.name, "base_bits": quant.bits, "base_backend": quant.label,
+            "merged": merged, "personal": personal is not None}
+    if own.extras.get("dynamic"):
+        info["note"] = ("FedDPA-D weighs the two adapters per test instance; the export holds the training mixture "
+                        f"(global {own.mix[0]:g}, local {own.mix[1]:g})")
+    if merged:
+        from fedsim.models.base import build_base_model, load_tokenizer
+        from fedsim.models.quant import dequantized_weight
+
+        model = build_base_model(sc.model, "cpu")
+        totals = dense_totals(parts)
+        with torch.no_grad():
+            for m in host.target_paths():
+                layer = host.model.get_submodule("base_model.model." + m)
+                base = dequantized_weight(layer).cpu().double() if quantized else \
+                    getattr(layer, "base_layer", layer).weight.detach().cpu().double()
+                target = model.get_submodule(m).weight
+                target.copy_((base + totals.get(m, 0.0)).to(target.dtype))
+        model.save_pretrained(str(out))
+        load_tokenizer(sc.model).save_pretrained(str(out))
+    else:
+        if quantized and deltas:
+            shutil.rmtree(out, ignore_errors=True)
+            raise ScenarioError("--merged", f"client {client_id}'s base is {quant.label}, re-quantized after the run "
+                                "merged updates into it: no adapter on the original quantized base reproduces it",
+                                "export with --merged (its dequantized base with everything merged in)")
+        save_peft_adapter(combine(parts, [d for _, d in deltas] if not quantized else []), sc, out)
+    (out / "fedsim_export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info

@@ -73,3 +73,74 @@ def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, 
     assert abs(reduce_eval(parts)["eval/loss"] - last["eval/loss"]) < 1e-5
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert not config["use_rslora"] or strategy == "fedit"
+
+
+def _personal_rows(out):
+    import csv
+
+    with open(out / "personalized.csv") as f:
+        return {int(r["client_id"]): r for r in csv.DictReader(f)}
+
+
+def _local_eval(model, sc, client):
+    from fedsim.client.evaluate import evaluate_batch
+    from fedsim.driver import prepare
+
+    prep = prepare(sc)
+    r = evaluate_batch(model, prep.data, prep.local_test[client], torch.device("cpu"), split=prep.data.train)
+    return r["loss_sum"] / r["tokens"], r["correct"] / r["count"]
+
+
+@pytest.mark.parametrize("strategy,quant", [("fedsa", None), ("feddpa", None), ("pf2lora", None),
+                                            ("fedqlora", {"tiers": [{"fraction": 0.5, "bits": 4},
+                                                                    {"fraction": 0.5, "bits": 32}]})])
+def test_a_client_export_is_that_clients_personalized_model(tiny_raw, tmp_path, strategy, quant):
+    """`fedsim export RUN_DIR --client K` (and --merged): the model client K evaluates at the end of the run — its
+    personal tensors on the global model, on its own base — loaded back with PEFT / transformers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsim.export import export_client
+    from fedsim.models.base import build_base_model
+
+    tiny_raw.update(rounds=2, strategy={"name": strategy})
+    tiny_raw["clients"]["per_round"] = 8
+    tiny_raw["eval"]["local_test_fraction"] = 0.25
+    tiny_raw["training"]["local_steps"] = 2
+    if quant:
+        tiny_raw["clients"]["quant"] = {**quant, "backend": "hqq", "group_size": 32}
+    sc = scenario_from_dict(tiny_raw)
+    out = tmp_path / "run"
+    run_scenario(sc, out)
+    table = _personal_rows(out)
+    from fedsim.driver import prepare
+
+    clients = prepare(sc).clients
+    k = next(c.client_id for c in clients if c.quant.bits < 16) if quant else 3
+    want = float(table[k]["personal_loss"]), float(table[k]["personal_accuracy"])
+    if not quant:  # an adapter on the client's own (here: the original) base
+        info = export_client(out, k, tmp_path / "adapter")
+        assert info["personal"] and json.loads((tmp_path / "adapter" / "fedsim_export.json").read_text())["client_id"] == k
+        model = PeftModel.from_pretrained(build_base_model(sc.model), str(tmp_path / "adapter"))
+        loss, acc = _local_eval(model, sc, k)
+        assert loss == pytest.approx(want[0], rel=1e-5) and acc == want[1]
+        global_loss, _ = _local_eval(PeftModel.from_pretrained(build_base_model(sc.model), str(out / "adapter")), sc, k)
+        assert global_loss != pytest.approx(want[0], rel=1e-4)  # the personal part matters
+    export_client(out, k, tmp_path / "merged", merged=True)  # a quantized client: its dequantized base, merged
+    loss, acc = _local_eval(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")), sc, k)
+    assert loss == pytest.approx(want[0], rel=1e-5) and acc == want[1]
+
+
+def test_export_errors_are_one_line(tiny_raw, tmp_path):
+    import subprocess
+    import sys
+
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    for args, match in ((["--client", "99"], "client 99 is not in the run"), (["--out", str(tmp_path / "run")],
+                                                                                "not an empty directory")):
+        r = subprocess.run([sys.executable, "-m", "fedsim.cli", "export", str(tmp_path / "run"), *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "export", str(tmp_path / "run"), "--merged"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "run" / "export" / "global-merged" / "config.json").is_file()
