@@ -144,3 +144,30 @@ def test_export_errors_are_one_line(tiny_raw, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedsim.cli", "export", str(tmp_path / "run"), "--merged"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (tmp_path / "run" / "export" / "global-merged" / "config.json").is_file()
+
+
+def test_merged_export_of_a_hub_style_model_directory(tiny_raw, tmp_path):
+    """model.name as a save_pretrained directory (the from_pretrained path hub ids take): --merged writes a model
+    that from_pretrained loads, with the tokenizer, reproducing the run's final evaluation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedsim.client.evaluate import evaluate_batch, reduce_eval
+    from fedsim.data.datasets import load_data
+    from fedsim.export import export_client
+    from fedsim.models.base import build_base_model, load_tokenizer
+
+    sc = scenario_from_dict(tiny_raw)
+    build_base_model(sc.model).save_pretrained(tmp_path / "tiny-llama")
+    load_tokenizer(sc.model).save_pretrained(tmp_path / "tiny-llama")
+    tiny_raw["model"] = {"name": str(tmp_path / "tiny-llama")}
+    tiny_raw.update(strategy={"name": "flora"})
+    sc = scenario_from_dict(tiny_raw)
+    run_scenario(sc, tmp_path / "run")
+    export_client(tmp_path / "run", None, tmp_path / "merged", merged=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    data = load_data(sc)
+    parts = [evaluate_batch(model, data, np.arange(s, min(s + 16, len(data.test))), torch.device("cpu"))
+             for s in range(0, len(data.test), 16)]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(reduce_eval(parts)["eval/loss"] - last["eval/loss"]) < 1e-5
