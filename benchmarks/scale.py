@@ -9,9 +9,13 @@ Memory per registered client: two more runs over the same data set (80,000 sampl
 registered clients and 10 sampled per round; the difference of the driver's peak memory divided by the 9,900 extra
 clients (target ≤ 1 MB). Data and workers are the same in both, so what is left is per-client bookkeeping.
 
+Aggregation at scale (``--aggregation``, or ``--aggregation-only``): one aggregation of 100 / 250 / 500 rank-8
+updates over a 10M-parameter Llama's seven projections for every strategy (benchmarks/aggregation.py; target ≤ 2 s at
+500 clients), written to ``aggregation.md`` / ``aggregation.json``.
+
 Writes ``scale.md`` / ``scale.json`` / ``scale.png`` under benchmarks/results/.
 
-Usage: python benchmarks/scale.py [--rounds 4] [--clients 10 100 1000]
+Usage: python benchmarks/scale.py [--rounds 4] [--clients 10 100 1000] [--aggregation | --aggregation-only]
 """
 
 from __future__ import annotations
@@ -62,7 +66,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--aggregation", action="store_true", help="also measure aggregation at 100/250/500 clients")
+    ap.add_argument("--aggregation-only", action="store_true", help="only measure aggregation")
     args = ap.parse_args()
+    if args.aggregation or args.aggregation_only:
+        import aggregation
+
+        from fedsim.strategies import available_strategies
+
+        rows = aggregation.measure(sorted(available_strategies()), [100, 250, 500])
+        text = aggregation.report(rows, sys.argv)
+        print(text)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "aggregation.md").write_text(text + "\n")
+        (Path(args.out) / "aggregation.json").write_text(json.dumps(rows, indent=1))
+        if args.aggregation_only:
+            return 0
     t_all = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

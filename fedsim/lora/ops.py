@@ -146,7 +146,9 @@ def pad_rank(tensors: Tensors, rank: int) -> Tensors:
         r = t.shape[0] if factor_of(k) == "A" else t.shape[1]
         if r > rank:
             raise AggregationError(f"{k} has rank {r}, larger than the padding target {rank}")
-        if factor_of(k) == "A":
+        if r == rank:
+            out[k] = t
+        elif factor_of(k) == "A":
             out[k] = torch.cat([t, t.new_zeros(rank - r, t.shape[1])], dim=0)
         else:
             out[k] = torch.cat([t, t.new_zeros(t.shape[0], rank - r)], dim=1)
@@ -166,9 +168,12 @@ def scale_b(tensors: Tensors, factor: float) -> Tensors:
 def stack(factors: Sequence[tuple[Tensors, float]], module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FLoRA stacking for one module: given (adapter, c_k) pairs, return B_s (d_out, Σr) and A_s (Σr, d_in) with
     B_s @ A_s = Σ_k c_k B_k A_k exactly (c_k is folded into B_k's block). Float32."""
-    bs = [c * t[b_key(module)].to(torch.float32) for t, c in factors]  # (d_out, r_k) each
-    as_ = [t[a_key(module)].to(torch.float32) for t, _ in factors]  # (r_k, d_in) each
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    bs = [t[b_key(module)] for t, _ in factors]  # (d_out, r_k) each
+    b_s = torch.cat(bs, dim=1).to(torch.float32)
+    scale = torch.cat([torch.full((b.shape[1],), float(c), dtype=torch.float32) for b, (_, c) in zip(bs, factors)])
+    b_s.mul_(scale[None, :])  # c_k on B_k's columns: one pass, no temporary per client
+    a_s = torch.cat([t[a_key(module)] for t, _ in factors], dim=0).to(torch.float32)
+    return b_s, a_s
 
 
 def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,3 +202,53 @@ def orthonormal_completion(vh: torch.Tensor, rows: int, generator: torch.Generat
     extra = torch.randn(d, rows - k, generator=generator, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.cat([vh.to(torch.float64).T, extra], dim=1))  # (d, rows)
     return torch.cat([vh, q[:, k:].T.to(vh.dtype)], dim=0)
+
+
+def singular_form(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b @ a`` (d_out, R)·(R, d_in) as (U, S Vᵀ): U with orthonormal columns, the rows of the second factor
+    orthogonal with norms S in decreasing order, and U (S Vᵀ) = b @ a (exact up to rounding). k = min(R, d_out, d_in)
+    components.
+
+    While R < min(d_out, d_in): QR of both factors and the SVD of the R×R core (never forming b @ a). Else the dense
+    product and the eigendecomposition of its min(d)×min(d) Gram matrix (float64): far cheaper than an SVD of the
+    dense matrix, and exact in the product because U is a complete orthonormal basis of the smaller side.
+    """
+    d_out, r, d_in = b.shape[0], b.shape[1], a.shape[1]
+    if r < min(d_out, d_in):
+        u, s, vh = lowrank_svd(b, a)
+        return u, (s[:, None] * vh)
+    return dense_singular_form(b.float() @ a.float())
+
+
+def product_sum(factors: Sequence[tuple[Tensors, float]], module: str, chunk: int = 64) -> torch.Tensor:
+    """Σ_k c_k B_k A_k for one module, dense (d_out, d_in) float32: GEMMs over chunks of clients' stacked factors
+    (the cost of one big GEMM, without holding all the stacked factors at once)."""
+    out = None
+    for i in range(0, len(factors), chunk):
+        b_s, a_s = stack(factors[i: i + chunk], module)
+        out = b_s @ a_s if out is None else out.addmm_(b_s, a_s)
+    return out
+
+
+def dense_singular_form(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`singular_form` of a dense (d_out, d_in) matrix: the eigendecomposition (float64) of its smaller Gram
+    matrix gives an orthonormal basis U of that side, sorted by singular value, and ΔW = U (Uᵀ ΔW) holds to float32
+    rounding whatever the eigenvectors' accuracy (U is a complete orthonormal basis)."""
+    dense = dense.float()
+    d_out, d_in = dense.shape
+    if d_out <= d_in:
+        _, evecs = torch.linalg.eigh(dense @ dense.T)  # ascending
+        u = evecs.flip(1).float().contiguous()
+        return u, u.T @ dense
+    _, evecs = torch.linalg.eigh(dense.T @ dense)  # (d_in, d_in): ΔW = (ΔW V) Vᵀ
+    v = evecs.flip(1).float()
+    us = dense @ v  # orthogonal columns, norms S
+    s = us.norm(dim=0)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return (us / safe).contiguous(), s[:, None] * v.T
+
+
+def product_norm_sq(tensors: Tensors, module: str) -> float:
+    """‖B A‖_F² of one module without forming B A: Σ (BᵀB) ⊙ (A Aᵀ), two r×r Gram matrices."""
+    b, a = tensors[b_key(module)].float(), tensors[a_key(module)].float()
+    return float(((b.T @ b) * (a @ a.T)).sum())

@@ -44,8 +44,9 @@ class FedExLoRA(Strategy):
         avg = ops.weighted_average([u.tensors for u in updates], p, keys)
         s = state.lora.scaling
         delta = {}
+        factors = [(u.tensors, float(p[k]) * s) for k, u in enumerate(updates)]
         for m in ops.modules(avg):
-            exact = sum(float(p[k]) * ops.delta_w(u.tensors, m, s) for k, u in enumerate(updates))
+            exact = ops.product_sum(factors, m)  # Σ p_k s B_k A_k: GEMMs over stacked factors, not one per client
             delta[f"{m}.delta_W"] = exact - ops.delta_w(avg, m, s)  # (d_out, d_in), nn.Linear orientation
         new = self._copy_state(state, tensors=avg, base_version=state.base_version + 1)
         new.base_deltas.append(delta)

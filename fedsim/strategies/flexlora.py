@@ -58,8 +58,7 @@ class FlexLoRA(Strategy):
                     by_rank[key] = ClientPayload(tensors=ops.init_adapter(shapes, c.lora.rank, gen), lora=c.lora)
                 out[c.client_id] = by_rank[key]
             return out
-        svd = {m: ops.lowrank_svd(state.tensors[ops.b_key(m)], state.tensors[ops.a_key(m)])
-               for m in ops.modules(state.tensors)}
+        svd = {m: self._svd_of(state, m) for m in ops.modules(state.tensors)}
         cache: dict[tuple, ClientPayload] = {}
         out = {}
         r_max = max(c.lora.rank for c in clients)
@@ -74,6 +73,18 @@ class FlexLoRA(Strategy):
                                            base_version=state.base_version)
             out[c.client_id] = cache[key]
         return out
+
+    @staticmethod
+    def _svd_of(state: GlobalState, m: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U, S, Vh of the global ΔW of module ``m``. The state holds it in singular form already (B = U, A = S Vh,
+        components in decreasing order; see :meth:`aggregate`): read off, no decomposition needed."""
+        b, a = state.tensors[ops.b_key(m)], state.tensors[ops.a_key(m)]
+        if not state.extras.get("singular_form"):
+            return ops.lowrank_svd(b, a)
+        s = a.double().norm(dim=1)
+        keep = s > 1e-12 * max(float(s.max()), 1e-30)
+        u, s, a = b[:, keep], s[keep], a[keep]
+        return u, s.float(), (a.double() / s[:, None]).float()
 
     @staticmethod
     def _truncate(svd: dict, lora: LoraSpec) -> Tensors:
@@ -92,16 +103,20 @@ class FlexLoRA(Strategy):
         p = self._weights(updates)
         tensors: Tensors = {}
         width = 0
+        factors = [(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)]
+        total_rank = sum(u.lora.rank for u in updates)
         for m in ops.modules(updates[0].tensors):
-            b_s, a_s = ops.stack([(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)], m)
-            if b_s.shape[1] > min(b_s.shape[0], a_s.shape[1]):  # wider than the layer: compress, still exact
-                u_, s_, vh = ops.lowrank_svd(b_s, a_s)
-                b_s, a_s = u_ * s_, vh
-            tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b_s, a_s
-            width = max(width, b_s.shape[1])
+            d_out, d_in = updates[0].tensors[ops.b_key(m)].shape[0], updates[0].tensors[ops.a_key(m)].shape[1]
+            if total_rank < min(d_out, d_in):
+                b, a = ops.singular_form(*ops.stack(factors, m))  # QR of the stacked factors: ΔW never formed
+            else:
+                b, a = ops.dense_singular_form(ops.product_sum(factors, m))
+            tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b, a
+            width = max(width, b.shape[1])
         tensors = ops.pad_rank(tensors, width)  # one rank for every module (PEFT adapters have one r)
         new = self._copy_state(state, tensors=tensors, lora=LoraSpec(rank=width, alpha=float(width)))
         new.extras.pop("round1", None)
+        new.extras["singular_form"] = True  # configure reads the SVD off the factors
         return new
 
     def eval_payload(self, state: GlobalState) -> ClientPayload:

@@ -69,13 +69,20 @@ class HetLoRA(Strategy):
     def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         self._check_updates(updates, state)
         r_max = state.lora.rank
-        scaled = [ops.scale_b(u.tensors, u.lora.scaling) for u in updates]  # products at scaling 1
-        norms = torch.tensor([
-            math.sqrt(sum(float(ops.delta_w(t, m, 1.0).pow(2).sum()) for m in ops.modules(t))) for t in scaled
-        ], dtype=torch.float64)
+        # ‖s_k B_k A_k‖_F over all modules, from r×r Gram matrices (never the d_out × d_in products)
+        norms = torch.tensor([u.lora.scaling * math.sqrt(sum(ops.product_norm_sq(u.tensors, m)
+                                                             for m in ops.modules(u.tensors))) for u in updates],
+                             dtype=torch.float64)
         weights = ops.normalized_weights(norms.tolist()) if float(norms.sum()) > 0 else self._weights(updates)
-        padded = [ops.pad_rank(t, r_max) for t in scaled]
-        averaged = ops.weighted_average(padded, weights)
+        # Σ_k w_k · zero-pad(s_k B_k, A_k) to r_max, accumulated in place (no padded copy per client)
+        averaged = {k: torch.zeros(state.tensors[k].shape, dtype=torch.float32) for k in updates[0].tensors}
+        for w, u in zip(weights.tolist(), updates):
+            r, s = u.lora.rank, u.lora.scaling
+            for k, t in u.tensors.items():
+                if ops.factor_of(k) == "A":
+                    averaged[k][:r].add_(t.to(torch.float32), alpha=w)
+                else:
+                    averaged[k][:, :r].add_(t.to(torch.float32), alpha=w * s)
         top = max(u.lora.rank for u in updates)
         if self.params.keep_untrained and top < r_max:
             for k, t in averaged.items():  # components top..r_max-1: nobody trained them this round
