@@ -34,3 +34,41 @@ def in_subprocess(target: Callable, args: tuple) -> dict:
     out = queue.get()
     p.join()
     return out
+
+
+MODEL_ENV = "FEDSIM_BENCH_MODEL"  # the base model of a benchmark's runs (inherited by its worker processes)
+
+
+def add_base_argument(ap) -> None:
+    ap.add_argument("--base", choices=["random", "warm"], default="random",
+                    help="random: the built-in randomly initialised tiny model; warm: the pretrained small Llama of "
+                         "benchmarks/warm_base.py (built once, cached), loaded through from_pretrained")
+
+
+def use_base(args) -> str:
+    """Set the base model for this benchmark's runs from ``--base``; returns a suffix for the output names."""
+    import os
+
+    if args.base == "warm":
+        import warm_base
+
+        os.environ[MODEL_ENV] = str(warm_base.ensure())
+        return "_warm"
+    os.environ.pop(MODEL_ENV, None)
+    return ""
+
+
+def with_base(raw: dict) -> dict:
+    """``raw`` with ``model.name`` set to the benchmark's base (``--base``), the tiny model by default."""
+    import os
+
+    name = os.environ.get(MODEL_ENV)
+    if name:
+        raw = merge(raw, {"model": {"name": name}})
+    return raw
+
+
+def base_label() -> str:
+    import os
+
+    return "warm base (benchmarks/warm_base.py)" if os.environ.get(MODEL_ENV) else "tiny model (random init)"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import merge  # noqa: E402
+from common import add_base_argument, base_label, merge, use_base, with_base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
@@ -65,6 +65,7 @@ def run_one(args: tuple[str, str, str, int, int, float]) -> dict:
     raw = merge(raw, {"name": f"{data_name}-{rank_name}-{strategy}-{seed}", "seed": seed, "rounds": rounds,
                       "clients": {"lora": RANKS[rank_name]}, "strategy": {"name": strategy},
                       "eval": {"local_test_fraction": local_test}})
+    raw = with_base(raw)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = run_scenario(scenario_from_dict(raw), Path(tmp) / "run")
@@ -113,8 +114,10 @@ def main() -> int:
                     help="hold out this share of each client's shard and report personalized accuracy too "
                          "(needed by personalized strategies such as fedsa, which are skipped without it)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    add_base_argument(ap)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    base_tag = use_base(args)
     if "ag_news" in args.settings and not AG_NEWS.is_file():
         print(f"skipping ag_news: {AG_NEWS} not found", file=sys.stderr)
         args.settings = [s for s in args.settings if s != "ag_news"]
@@ -139,7 +142,7 @@ def main() -> int:
 
     lines = ["# Strategy comparison (benchmarks/compare_strategies.py)", "",
              f"command: python {' '.join(sys.argv)}",
-             f"{args.seeds} seeds, {args.rounds} rounds, 20 clients (5 per round), Dirichlet(0.5) split, tiny model, "
+             f"{args.seeds} seeds, {args.rounds} rounds, 20 clients (5 per round), Dirichlet(0.5) split, {base_label()}, "
              f"20 local steps of batch 16; wall time {time.perf_counter() - t0:.0f} s", "",
              "| data | ranks | strategy | final accuracy (mean ± std) | best round accuracy (mean) | "
              "total communication (M params, up + down) |" + (" personalized accuracy (mean ± std) | worst 10% |"
@@ -161,7 +164,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"compare_strategies{args.tag}"
+    name = f"compare_strategies{base_tag}{args.tag}"
     (out / f"{name}.md").write_text(text + "\n")
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{name}.png")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mean_std, merge  # noqa: E402
+from common import add_base_argument, base_label, mean_std, merge, use_base, with_base  # noqa: E402
 
 BASE = {
     "model": {"name": "tiny"},
@@ -78,6 +78,7 @@ def run_one(args: tuple[str, str, int, int, str]) -> dict:
 
     raw = merge(BASE, {"name": f"{bits}-{method}-{seed}", "seed": seed, "rounds": rounds,
                        "clients": {"quant": BITS[bits]}, "strategy": METHODS[method]})
+    raw = with_base(raw)
     run_dir = Path(tmp_root) / f"{bits}-{method}-{seed}"
     t0 = time.perf_counter()
     summary = run_scenario(scenario_from_dict(raw), run_dir)
@@ -145,8 +146,10 @@ def main() -> int:
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--tag", default="")
+    add_base_argument(ap)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    base_tag = use_base(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(b, m, s, args.rounds, tmp) for b in args.bits for m in args.methods for s in range(args.seeds)]
@@ -165,7 +168,7 @@ def main() -> int:
         sizes.update(r["base_mb"])
     lines = ["# Mixed-precision clients (benchmarks/mixed_precision.py)", "",
              f"command: python {' '.join(sys.argv)}",
-             f"{args.seeds} seeds, {args.rounds} rounds, 20 clients (5 per round), Dirichlet(0.5), tiny model, rank 8, "
+             f"{args.seeds} seeds, {args.rounds} rounds, 20 clients (5 per round), Dirichlet(0.5), {base_label()}, rank 8, "
              f"20 local steps; wall time {time.perf_counter() - t0:.0f} s", "",
              "| bits | method | global accuracy | own model, local test | quantization bias vs all-16 | "
              "QA adapter rel. error | QA adapter corr. | s / run |", "|---|---|---|---|---|---|---|---|"]
@@ -184,7 +187,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"mixed_precision{args.tag}"
+    name = f"mixed_precision{base_tag}{args.tag}"
     (out / f"{name}.md").write_text(text + "\n")
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{name}.png")

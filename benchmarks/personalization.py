@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mean_std, merge  # noqa: E402
+from common import add_base_argument, base_label, mean_std, merge, use_base, with_base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAN8 = ROOT.parent / "shared" / "data" / "flan8"
@@ -76,6 +76,7 @@ def run_one(args: tuple[str, str, int, int]) -> dict:
 
     raw = merge(merge(BASE, SETTINGS[setting]),
                 {"name": f"{setting}-{method}-{seed}", "seed": seed, "rounds": rounds, "strategy": METHODS[method]})
+    raw = with_base(raw)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = run_scenario(scenario_from_dict(raw), Path(tmp) / "run")
@@ -137,8 +138,10 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
+    add_base_argument(ap)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    base_tag = use_base(args)
     if "flan8-natural" in args.settings and not (FLAN8 / "test.jsonl").is_file():
         print(f"skipping flan8-natural: {FLAN8} not found", file=sys.stderr)
         args.settings = [s for s in args.settings if s != "flan8-natural"]
@@ -154,7 +157,7 @@ def main() -> int:
     results.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), args.methods.index(r["method"]), r["seed"]))
     lines = ["# Personalization (benchmarks/personalization.py)", "",
              f"command: python {' '.join(sys.argv)}",
-             f"{args.seeds} seeds, {args.rounds} rounds, tiny model, rank-8 global adapter, 20 local steps of batch 16 "
+             f"{args.seeds} seeds, {args.rounds} rounds, {base_label()}, rank-8 global adapter, 20 local steps of batch 16 "
              f"(AdamW, lr 3e-3), 20% of each client's shard held out as its local test split; "
              f"wall time {time.perf_counter() - t0:.0f} s", "",
              "| split | method | personalized accuracy (mean ± std over seeds) | worst 10% of clients | "
@@ -175,7 +178,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"personalization{args.tag}"
+    name = f"personalization{base_tag}{args.tag}"
     (out / f"{name}.md").write_text(text + "\n")
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.methods, out / f"{name}.png")

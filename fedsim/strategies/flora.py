@@ -4,7 +4,9 @@ NeurIPS 2024): stacking aggregation.
 Each round the sampled clients' adapters are stacked — B_s = [p_1 s_1 B_1, …, p_K s_K B_K] (d_out, Σr_k) and
 A_s = [A_1; …; A_K] (Σr_k, d_in) — so that B_s A_s = Σ_k p_k s_k B_k A_k exactly, for any mix of ranks, alphas and any
 subset of clients (the paper's code assumes full participation and alpha/r = 2). The stacked update is merged into
-the base model (a new base version); every client starts a fresh LoRA module next round.
+the base model (a new base version); every client starts a fresh LoRA module next round. Where the stacked factors
+would be larger than the dense update (Σr · (d_out + d_in) > d_out · d_in, e.g. hundreds of clients a round), the
+merge is kept as the dense sum instead — the same update, a tenth of the memory and of the checkpoint.
 
 Communication: a client uploads its A and B. To reach the current base it downloads the stacked factors of every
 merge since it last took part — or, when that is larger, the dense merged update (d_out · d_in per module). We model
@@ -45,6 +47,9 @@ class FLoRA(Strategy):
             return 0
         total = 0
         for m, (d_in, d_out) in state.extras["shapes"].items():
+            if any(f"{m}.delta_W" in d for d in missed):  # a merge already stored dense: send the dense sum
+                total += d_in * d_out
+                continue
             stacked = sum(d[f"{m}.delta_B"].shape[1] for d in missed) * (d_in + d_out)
             total += min(stacked, d_in * d_out)
         return total
@@ -53,10 +58,16 @@ class FLoRA(Strategy):
         self._check_updates(updates)
         p = self._weights(updates)
         delta = {}
+        factors = [(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)]
+        width = sum(u.lora.rank for u in updates)
         for m in ops.modules(updates[0].tensors):
-            b_s, a_s = ops.stack([(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)], m)
-            delta[f"{m}.delta_B"] = b_s  # (d_out, Σr)
-            delta[f"{m}.delta_A"] = a_s  # (Σr, d_in)
+            d_out, d_in = updates[0].tensors[ops.b_key(m)].shape[0], updates[0].tensors[ops.a_key(m)].shape[1]
+            if width * (d_out + d_in) > d_out * d_in:  # the stacked factors would outweigh the dense update
+                delta[f"{m}.delta_W"] = ops.product_sum(factors, m)  # (d_out, d_in), the same sum
+            else:
+                b_s, a_s = ops.stack(factors, m)
+                delta[f"{m}.delta_B"] = b_s  # (d_out, Σr)
+                delta[f"{m}.delta_A"] = a_s  # (Σr, d_in)
         new = self._copy_state(state, base_version=state.base_version + 1)
         new.base_deltas.append(delta)
         new.extras["last_version"].update({u.client_id: new.base_version for u in updates})
