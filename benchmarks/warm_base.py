@@ -150,7 +150,7 @@ def pretrain(out: Path, steps: int = STEPS, log=print) -> dict:
         opt.step()
         sched.step()
         if step % 250 == 0 or step == steps:
-            log(f"step {step}/{steps}  loss {float(loss):.3f}  ({time.perf_counter() - t0:.0f}s)")
+            log(f"step {step}/{steps}  loss {float(loss.detach()):.3f}  ({time.perf_counter() - t0:.0f}s)")
     model.eval()
     with torch.no_grad():
         held_loss = float(model(input_ids=test_ids, labels=test_labels).loss)

@@ -27,6 +27,7 @@ def silence_libraries(mark: bool = False) -> None:
     elif os.environ.get(QUIET) != "1":
         return
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar too
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # Ray's notice that it turned token authentication on for a new local cluster (its default) is advice, not news

@@ -200,6 +200,12 @@ def test_output_is_quiet_unless_verbose(tiny_raw, tmp_path):
     tiny_raw["data"] = {"source": str(tmp_path / "d.jsonl")}
     tiny_raw["partition"] = {"method": "iid"}
     tiny_raw["clients"]["quant"] = {"bits": 4, "backend": "bnb"}  # bitsandbytes' CPU path, with its notices
+    from fedsim.models.base import build_base_model, load_tokenizer
+
+    sc = scenario_from_dict(tiny_raw)  # a model directory: from_pretrained and its "Loading weights" bar
+    build_base_model(sc.model).save_pretrained(tmp_path / "model")
+    load_tokenizer(sc.model).save_pretrained(tmp_path / "model")
+    tiny_raw["model"] = {"name": str(tmp_path / "model")}
     tiny_raw.update(rounds=1)
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
