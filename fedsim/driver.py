@@ -24,7 +24,7 @@ from fedsim.config import Scenario, dump_scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
 from fedsim.errors import BackendError, ScenarioError, ServerLostError
-from fedsim.export import ExportedAdapter
+from fedsim.export import save_peft_adapter
 from fedsim.models.base import decoder_linear_shapes, target_shapes
 from fedsim.models.quant import check_shapes, require_backend
 from fedsim.progress import Progress
@@ -221,23 +221,6 @@ class RunLock:
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
-
-
-def save_peft_adapter(adapter: ExportedAdapter, scenario: Scenario, path: Path) -> None:
-    """Write the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
-    ``PeftModel.from_pretrained(base, path)`` on the same base model."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    lora = adapter.lora
-    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
-                     rank_pattern=dict(adapter.rank_pattern), alpha_pattern=dict(adapter.alpha_pattern),
-                     target_modules=list(scenario.model.target_modules), lora_dropout=scenario.model.lora_dropout,
-                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=scenario.model.name)
-    cfg.save_pretrained(str(path))
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.tensors.items()},
-              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -4,8 +4,8 @@ stacked factors, FedEx-LoRA's residuals) plus the final adapter, exactly.
 Strategies that merge into the base start every round from a fresh adapter, so their final adapter alone holds
 little of what the federation learned. The exported adapter is, per module, the total
 ``T = Σ_v ΔW_v + s·B·A`` written as one LoRA at scaling 1 (``alpha = r`` per module): through QR of the stacked
-factors and the SVD of a small core when their width is below the layer's, else the SVD of the dense ``T``; each
-factor carries ``√S``. Components whose singular value is below ``1e-7·s_max`` are dropped (an error of the order of
+factors and the SVD of a small core when their width is below the layer's, else the eigendecomposition of the dense
+``T``'s Gram matrix (:func:`fedsim.lora.ops.singular_form`, as FlexLoRA's aggregation); each factor carries ``√S``. Components whose singular value is below ``1e-7·s_max`` are dropped (an error of the order of
 float32 rounding), so each module's rank is the numerical rank of its total, at most ``min(d_out, d_in)``; PEFT's
 ``rank_pattern`` / ``alpha_pattern`` give every module its own.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fedsim.config import Scenario
 from fedsim.lora import ops
 from fedsim.types import LoraSpec, Tensors
 
@@ -34,10 +35,6 @@ class ExportedAdapter:
     lora: LoraSpec
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-
-def _delta_modules(deltas: Sequence[Tensors]) -> set[str]:
-    return {k.rsplit(".", 1)[0] for d in deltas for k in d}
 
 
 def complete_adapter(tensors: Tensors, lora: LoraSpec, deltas: Sequence[Tensors]) -> ExportedAdapter:
@@ -58,42 +55,58 @@ def combine(adapters: Sequence[tuple[Tensors, float]], deltas: Sequence[Tensors]
     """Σ deltas + Σ_j c_j B_j A_j per module, as one LoRA at scaling 1 (see the module's docstring)."""
     out: Tensors = {}
     ranks: dict[str, int] = {}
-    names = set(_delta_modules(deltas))
+    names = {m for d in deltas for m in ops.delta_modules(d)}
     for tensors, _ in adapters:
         names |= set(ops.modules(tensors))
     for m in sorted(names):
-        bs = [d[f"{m}.delta_B"].double() for d in deltas if f"{m}.delta_B" in d]
-        as_ = [d[f"{m}.delta_A"].double() for d in deltas if f"{m}.delta_A" in d]
-        dense = [d[f"{m}.delta_W"].double() for d in deltas if f"{m}.delta_W" in d]
+        bs = [d[f"{m}.delta_B"].float() for d in deltas if f"{m}.delta_B" in d]
+        as_ = [d[f"{m}.delta_A"].float() for d in deltas if f"{m}.delta_A" in d]
+        dense = [d[f"{m}.delta_W"].float() for d in deltas if f"{m}.delta_W" in d]
         for tensors, c in adapters:
             if ops.b_key(m) in tensors and c != 0:
-                bs.append(c * tensors[ops.b_key(m)].double())
-                as_.append(tensors[ops.a_key(m)].double())
+                bs.append(c * tensors[ops.b_key(m)].float())
+                as_.append(tensors[ops.a_key(m)].float())
         if not bs and not dense:  # every contribution weighted 0: one zero component
             any_t = next(t for t, _ in adapters if ops.b_key(m) in t)
-            bs, as_ = [torch.zeros_like(any_t[ops.b_key(m)][:, :1]).double()], [
-                torch.zeros_like(any_t[ops.a_key(m)][:1]).double()]
+            out[ops.b_key(m)] = torch.zeros_like(any_t[ops.b_key(m)][:, :1]).float()
+            out[ops.a_key(m)] = torch.zeros_like(any_t[ops.a_key(m)][:1]).float()
+            ranks[m] = 1
+            continue
         shape = dense[0].shape if dense else (bs[0].shape[0], as_[0].shape[1])
-        width = sum(b.shape[1] for b in bs)
-        if dense or width >= min(shape):
-            total = torch.zeros(shape, dtype=torch.float64)
-            for w in dense:
-                total += w
+        if dense or sum(b.shape[1] for b in bs) >= min(shape):
+            total = sum(dense, torch.zeros(shape))
             if bs:
-                total += torch.cat(bs, 1) @ torch.cat(as_, 0)
-            u, s, vh = torch.linalg.svd(total, full_matrices=False)
+                total = total + torch.cat(bs, 1) @ torch.cat(as_, 0)
+            u, sa = ops.dense_singular_form(total)
         else:
-            u, s, vh = ops.lowrank_svd(torch.cat(bs, 1), torch.cat(as_, 0))
-            u, s, vh = u.double(), s.double(), vh.double()
-        k = max(1, int((s > RELATIVE_CUTOFF * float(s.max())).sum())) if float(s.max()) > 0 else 1
-        root = s[:k].sqrt()
-        out[ops.b_key(m)] = (u[:, :k] * root).float().contiguous()
-        out[ops.a_key(m)] = (root[:, None] * vh[:k]).float().contiguous()
+            u, sa = ops.singular_form(torch.cat(bs, 1), torch.cat(as_, 0))
+        s = sa.double().norm(dim=1)  # (U, S Vᵀ): the singular values are the rows' norms
+        k = max(1, int((s > RELATIVE_CUTOFF * float(s.max())).sum()))
+        root = s[:k].clamp_min(1e-30).sqrt()
+        out[ops.b_key(m)] = (u[:, :k].double() * root).float().contiguous()
+        out[ops.a_key(m)] = (sa[:k].double() / root[:, None]).float().contiguous()
         ranks[m] = k
     top = max(ranks.values())
     patterns = {re.escape(m): r for m, r in ranks.items() if r != top}
     return ExportedAdapter(out, LoraSpec(rank=top, alpha=float(top)), rank_pattern=patterns,
                            alpha_pattern={p: float(r) for p, r in patterns.items()})
+
+
+def save_peft_adapter(adapter: ExportedAdapter, scenario: Scenario, path: Path) -> None:
+    """Write the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
+    ``PeftModel.from_pretrained(base, path)`` on the same base model."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    lora = adapter.lora
+    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
+                     rank_pattern=dict(adapter.rank_pattern), alpha_pattern=dict(adapter.alpha_pattern),
+                     target_modules=list(scenario.model.target_modules), lora_dropout=scenario.model.lora_dropout,
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=scenario.model.name)
+    cfg.save_pretrained(str(path))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.tensors.items()},
+              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def dense_totals(adapters: Sequence[tuple[Tensors, float]]) -> dict[str, torch.Tensor]:
@@ -126,7 +139,7 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     from fedsim import checkpoint
     from fedsim.client.store import ClientStateStore
     from fedsim.config import load_scenario
-    from fedsim.driver import prepare, save_peft_adapter
+    from fedsim.driver import prepare
     from fedsim.errors import ScenarioError
     from fedsim.models.quant import FULL
     from fedsim.runtime.worker import Worker

@@ -165,6 +165,11 @@ def scale_b(tensors: Tensors, factor: float) -> Tensors:
     return {k: (t * factor if factor_of(k) == "B" else t) for k, t in tensors.items()}
 
 
+def delta_modules(delta: Tensors) -> list[str]:
+    """The modules a base update names (keys ``<module>.delta_B`` / ``.delta_A`` / ``.delta_W``)."""
+    return sorted({k.rsplit(".delta_", 1)[0] for k in delta})
+
+
 def stack(factors: Sequence[tuple[Tensors, float]], module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FLoRA stacking for one module: given (adapter, c_k) pairs, return B_s (d_out, Σr) and A_s (Σr, d_in) with
     B_s @ A_s = Σ_k c_k B_k A_k exactly (c_k is folded into B_k's block). Float32."""

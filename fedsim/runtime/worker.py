@@ -63,10 +63,6 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _delta_modules(delta: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".delta_", 1)[0] for k in delta})
-
-
 def pick_device(num_gpus: float) -> torch.device:
     """CUDA when the worker was given GPU resources and CUDA is present, else CPU."""
     if num_gpus > 0 and torch.cuda.is_available():
@@ -167,10 +163,10 @@ class Worker:
             if self._master is None:
                 self._master = build_base_model(self.scenario.model, "cpu")
                 self.num_builds += 1
-            weights = {m: self._master.get_submodule(m).weight for m in _delta_modules(delta)}
+            weights = {m: self._master.get_submodule(m).weight for m in ops.delta_modules(delta)}
         else:
             host = self.host(self._base_version)
-            weights = {m: host.base_weight(m) for m in _delta_modules(delta)}
+            weights = {m: host.base_weight(m) for m in ops.delta_modules(delta)}
         with torch.no_grad():
             for module, weight in weights.items():
                 if f"{module}.delta_W" in delta:

@@ -9,8 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import numpy as np  # noqa: E402
-
 import warm_base  # noqa: E402
+
 from fedsim.data.synthetic import TASKS  # noqa: E402
 
 
