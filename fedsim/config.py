@@ -305,6 +305,10 @@ class QuantConfig(_Frozen):
     def is_quantized(self) -> bool:
         return any(s.quantized or s.bits != 32 for s in self.choices())
 
+    def backends(self) -> set[str]:
+        """The quantization backends this section's clients use (``none`` for 16/32 bits)."""
+        return {s.backend for s in self.choices()}
+
     def assign(self, num_clients: int, seed: int) -> list:
         """The QuantSpec of each client id."""
         if self.per_client is not None:
@@ -404,9 +408,11 @@ class EvalConfig(_Frozen):
 
 
 class ServerResources(_Frozen):
-    """Resources of the server (driver) actor that holds the global state and aggregates."""
+    """Resources of the server, which holds the global state and aggregates. None (the default): it runs in the
+    driver process (Ray backend: no process of its own to start or keep in memory). Any CPU or GPU: a Ray actor of
+    its own, isolated from the driver and placed where those resources are (e.g. a GPU for a heavy aggregation)."""
 
-    num_cpus: float = Field(1.0, ge=0.0, le=1024)
+    num_cpus: float = Field(0.0, ge=0.0, le=1024)
     num_gpus: float = Field(0.0, ge=0.0, le=64)
 
 

@@ -283,7 +283,9 @@ class Driver:
         """
         lock = RunLock(self.run_dir)
         try:
-            return self._run()
+            t_start = time.perf_counter()
+            self.backend.launch(self.scenario)  # Ray's workers start up while the data is prepared
+            return self._run(t_start)
         except ServerLostError as e:
             last = checkpoint.last_round(self.run_dir)
             then = (f"the checkpoint of round {last} is intact in {self.run_dir / checkpoint.DIRNAME}: continue with "
@@ -293,11 +295,11 @@ class Driver:
             raise BackendError(f"{e}. {then[0].upper()}{then[1:]} (if it was killed for memory, sample fewer clients "
                                "per round or give the node more memory)") from None
         finally:
+            self.backend.shutdown()
             lock.release()
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self, t_start: float) -> dict[str, Any]:
         sc = self.scenario
-        t_start = time.perf_counter()
         prep = prepare(sc)
         provenance = checkpoint.provenance(sc)
         start_round, restored, used = 0, None, None  # used: the checkpoint directory resumed from
@@ -316,10 +318,11 @@ class Driver:
         else:
             (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
             hist, names = partition_table(prep)
-            from fedsim.plots import partition_heatmap
+            from fedsim.plots import partition_heatmap_in_background
 
-            partition_heatmap(hist, names, self.run_dir / "partition.png",
-                              f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
+            heatmap_done = partition_heatmap_in_background(  # drawn while the workers start, outside the driver
+                hist, names, self.run_dir / "partition.png",
+                f"{sc.name}: {sc.partition.method} split over {len(prep.parts)} clients")
         store = None
         if get_strategy_class(sc.strategy.name).has_personal_state:
             store_dir = client_state_dir(sc, self.run_dir)
@@ -331,10 +334,11 @@ class Driver:
         personal_table: list[dict[str, Any]] = []
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
         tracker = Tracker(sc, self.run_dir, resume=self.resume)
-        if not self.resume:
-            tracker.image("partition", self.run_dir / "partition.png")
         try:
             server = self.backend.start(sc, prep.data, prep.spec)
+            if not self.resume:
+                heatmap_done()
+                tracker.image("partition", self.run_dir / "partition.png")
             batches = self._eval_batches(prep.data)
             totals = {"comm/up_params": 0.0, "comm/down_params": 0.0, "comm/up_bytes": 0.0, "comm/down_bytes": 0.0}
             base_version = 0
@@ -444,8 +448,10 @@ class Driver:
                     checkpoint.save(self.run_dir, r, *server.get_state(),
                                     client_state=store.directory if store is not None else None,
                                     provenance=provenance)
-            save_peft_adapter(server.global_adapter(), sc, self.run_dir / "adapter")
-            summary = self._summary(time.perf_counter() - t_start, totals)
+            adapter = server.global_adapter()
+            summary = self._summary(time.perf_counter() - t_start, totals)  # reads the workers' statistics
+            self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
+            save_peft_adapter(adapter, sc, self.run_dir / "adapter")
             base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items()
                        if k.startswith("memory/base_mb/")}
             if personal_table:
@@ -468,7 +474,6 @@ class Driver:
         finally:
             progress.close()
             tracker.close()
-            self.backend.shutdown()
 
     def _round_row(self, r: int, ok: list, failed: list, up: dict, down: dict, sampled: list[int]) -> dict[str, Any]:
         n_ok = sum(res.num_examples for res, _ in ok)

@@ -94,19 +94,28 @@ def combine(adapters: Sequence[tuple[Tensors, float]], deltas: Sequence[Tensors]
 
 def save_peft_adapter(adapter: ExportedAdapter, scenario: Scenario, path: Path) -> None:
     """Write the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable with
-    ``PeftModel.from_pretrained(base, path)`` on the same base model."""
-    from peft import LoraConfig
+    ``PeftModel.from_pretrained(base, path)`` on the same base model. The config is written without importing PEFT
+    (with transformers, 3 s at the end of every run): the settings that differ from ``LoraConfig``'s defaults, which
+    PEFT fills in when it loads the file (a test reads it back with PEFT and compares)."""
+    import json
+
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    lora = adapter.lora
-    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
-                     rank_pattern=dict(adapter.rank_pattern), alpha_pattern=dict(adapter.alpha_pattern),
-                     target_modules=list(scenario.model.target_modules), lora_dropout=scenario.model.lora_dropout,
-                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=scenario.model.name)
-    cfg.save_pretrained(str(path))
+    (path / "adapter_config.json").write_text(json.dumps(peft_config_dict(adapter, scenario), indent=2) + "\n",
+                                               encoding="utf-8")
     save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.tensors.items()},
               str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def peft_config_dict(adapter: ExportedAdapter, scenario: Scenario) -> dict:
+    """The adapter's ``peft.LoraConfig`` settings, as its ``adapter_config.json`` holds them."""
+    lora = adapter.lora
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": scenario.model.name,
+            "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
+            "rank_pattern": dict(adapter.rank_pattern), "alpha_pattern": dict(adapter.alpha_pattern),
+            "target_modules": sorted(scenario.model.target_modules), "lora_dropout": scenario.model.lora_dropout,
+            "bias": "none", "inference_mode": False}
 
 
 def dense_totals(adapters: Sequence[tuple[Tensors, float]]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,16 @@
-"""Figures written into run directories (matplotlib, Agg backend, imported lazily)."""
+"""Figures written into run directories (matplotlib, Agg backend, imported lazily).
+
+This file runs on its own too (``python fedsim/plots.py INPUT.npz``, without importing the fedsim package): a run's
+driver draws its partition heatmap in such a child process, so that matplotlib and the rendered figure (~45 MB)
+never sit in the driver's memory while the workers train.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +38,37 @@ def partition_heatmap(hist: np.ndarray, group_names: list[str], path: Path, titl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def partition_heatmap_in_background(hist: np.ndarray, group_names: list[str], path: Path,
+                                    title: str) -> Callable[[], None]:
+    """Start drawing :func:`partition_heatmap` in a child process; return a function that waits for it.
+
+    Raises (from the returned function):
+        OSError: the child could not write ``path`` (its last line of error output is the message).
+    """
+    spec = path.with_name(path.name + ".input.npz")
+    meta = json.dumps({"names": list(group_names), "path": str(path), "title": title}).encode()
+    np.savez(spec, hist=hist, meta=np.frombuffer(meta, dtype=np.uint8))
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+
+    def wait() -> None:
+        _, err = child.communicate()
+        spec.unlink(missing_ok=True)
+        if child.returncode != 0:
+            lines = [x for x in (err or "").strip().splitlines() if x.strip()]
+            raise OSError(f"drawing {path} failed: {lines[-1] if lines else f'exit status {child.returncode}'}")
+
+    return wait
+
+
+def _draw_from_file(spec: str) -> None:
+    with np.load(spec, allow_pickle=False) as z:
+        hist, meta = z["hist"], json.loads(bytes(z["meta"]).decode())
+    Path(spec).unlink()
+    partition_heatmap(hist, meta["names"], Path(meta["path"]), meta["title"])
+
+
+if __name__ == "__main__":
+    _draw_from_file(sys.argv[1])

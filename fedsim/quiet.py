@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 ENV = "FEDSIM_VERBOSE"
@@ -14,6 +15,12 @@ QUIET = "FEDSIM_QUIET"  # set by the command line: worker processes started for 
 
 def verbose() -> bool:
     return os.environ.get(ENV, "0").lower() not in ("", "0", "false", "no")
+
+
+def worker_output_wanted() -> bool:
+    """Whether worker processes' output should reach the driver's console: always, except in a quiet command-line
+    run (``FEDSIM_QUIET=1`` without ``--verbose``), where all it would show is the libraries' chatter."""
+    return verbose() or os.environ.get(QUIET) != "1"
 
 
 def silence_libraries(mark: bool = False) -> None:
@@ -37,10 +44,8 @@ def silence_libraries(mark: bool = False) -> None:
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         for module in ("transformers", "peft", "bitsandbytes", "datasets", "hqq", "torch"):
             warnings.filterwarnings("ignore", category=category, module=module)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:  # imported already: the variables above came too late for it (importing it here
+        datasets.disable_progress_bars()  # would cost every process ~100 MB and a second)
         datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass

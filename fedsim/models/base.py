@@ -7,6 +7,7 @@ id or a local directory, loaded with ``from_pretrained``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -89,11 +90,65 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> to
 
 
 def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
-    """Module path → (d_in, d_out) of every linear layer LoRA adapts, computed on the meta device (no weights).
+    """Module path → (d_in, d_out) of every linear layer LoRA adapts (PEFT's matching rule for a list: the last
+    name component is in ``model.target_modules``).
 
     Raises:
-        ScenarioError: no module matches ``model.target_modules``.
+        ScenarioError: the model's config cannot be read, or no module matches ``model.target_modules``.
     """
+    shapes = {name: ModuleShape(d_in=d_in, d_out=d_out) for name, (d_in, d_out) in linear_shapes(cfg).items()
+              if name.split(".")[-1] in cfg.target_modules}
+    if not shapes:
+        raise ScenarioError("model.target_modules", f"no linear layer matches {list(cfg.target_modules)}",
+                            "use the model's projection names, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    return dict(sorted(shapes.items()))
+
+
+def decoder_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear layer inside the decoder blocks — the layers a quantized base quantizes (the
+    rule of :func:`fedsim.models.quant.quantizable_layers`)."""
+    return {n: (d_out, d_in) for n, (d_in, d_out) in linear_shapes(cfg).items() if ".layers." in f".{n}"}
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Module path → (d_in, d_out) of every ``nn.Linear`` of the model, from a build on the meta device (no weights),
+    remembered under ``cache_dir()/shapes`` by the model's identity: the driver needs only these numbers, and
+    importing transformers' modelling code to get them costs it ~3 s and ~110 MB on every run.
+
+    Raises:
+        ScenarioError: the model's config cannot be read.
+    """
+    import json
+    from importlib.metadata import version
+
+    from fedsim.data.datasets import cache_dir
+
+    if is_tiny(cfg):
+        ident: Any = cfg.tiny.model_dump(mode="json")
+    elif os.path.isfile(os.path.join(cfg.name, "config.json")):  # a local directory: its config's contents
+        with open(os.path.join(cfg.name, "config.json"), "rb") as f:
+            ident = hashlib.sha256(f.read()).hexdigest()
+    else:  # a hub id, at a revision (the tokenized cache keys it the same way)
+        ident = [cfg.name, cfg.revision]
+    blob = json.dumps({"model": ident, "transformers": version("transformers")}, sort_keys=True)
+    path = cache_dir() / "shapes" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+    try:
+        return {k: (int(v[0]), int(v[1])) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        pass  # not cached yet, or unreadable: build it
+    shapes = {n: (m.in_features, m.out_features) for n, m in _meta_model(cfg).named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(shapes))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run the build
+    return shapes
+
+
+def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if is_tiny(cfg):
@@ -105,35 +160,7 @@ def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
             raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
                                 "give a hub id you can reach or a local directory saved with save_pretrained") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg)
-    return module_shapes(model, cfg.target_modules)
-
-
-def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_cfg = tiny_config(cfg) if is_tiny(cfg) else AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
-    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_cfg)
-
-
-def decoder_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every linear layer inside the decoder blocks — the layers a quantized base quantizes."""
-    from fedsim.models.quant import quantizable_layers
-
-    return {n: (m.out_features, m.in_features) for n, m in quantizable_layers(_meta_model(cfg)).items()}
-
-
-def module_shapes(model: torch.nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, ModuleShape]:
-    """Linear layers whose last name component is in ``target_modules`` (PEFT's matching rule for a list)."""
-    shapes = {}
-    for name, mod in model.named_modules():
-        if name.split(".")[-1] in target_modules and isinstance(mod, torch.nn.Linear):
-            shapes[name] = ModuleShape(d_in=mod.in_features, d_out=mod.out_features)
-    if not shapes:
-        raise ScenarioError("model.target_modules", f"no linear layer matches {list(target_modules)}",
-                            "use the model's projection names, e.g. [q_proj, k_proj, v_proj, o_proj]")
-    return dict(sorted(shapes.items()))
 
 
 def configure_threads(num_threads: int) -> None:

@@ -87,6 +87,31 @@ def require_backend(backend: str) -> None:
                             f"pip install 'fedsim[{backend}]'") from None
 
 
+BACKEND_MODULES = {"hqq": "hqq", "bnb": "bitsandbytes"}
+
+
+def skip_unused_backends(backends_used: set[str]) -> list[str]:
+    """Keep the quantization libraries a run does not use out of this process, and return the ones kept out.
+
+    transformers and PEFT import HQQ and bitsandbytes whenever they are installed (HQQ's import alone compiles a
+    torch function: 2.6 s and ~45 MB with bitsandbytes, in every process that trains). Marking them absent in
+    ``sys.modules`` before transformers / PEFT are imported makes both see them as not installed. Only for processes
+    fedsim owns (Ray workers, the ``fedsim`` command): in a user's own session it would hide a library they may
+    import later. Does nothing once transformers or PEFT is imported (they would have cached the libraries as
+    available).
+    """
+    import sys
+
+    if "transformers" in sys.modules or "peft" in sys.modules:
+        return []
+    skipped = []
+    for backend, module in BACKEND_MODULES.items():
+        if backend not in backends_used and module not in sys.modules:
+            sys.modules[module] = None  # type: ignore[assignment]  # import → ImportError; find_spec → None
+            skipped.append(module)
+    return skipped
+
+
 def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The linear layers inside the decoder blocks (not the LM head)."""
     out = {}

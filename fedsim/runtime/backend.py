@@ -60,9 +60,13 @@ class Backend(ABC):
 
     num_replaced: int = 0  # workers replaced after dying or hanging, over the run
 
+    def launch(self, scenario: Scenario) -> None:  # noqa: B027 (optional hook; the default does nothing)
+        """Begin starting the workers, before the data is ready (the driver calls it before preparing the data, so
+        that process start-up overlaps the tokenization); :meth:`start` finishes the job. Optional."""
+
     @abstractmethod
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
-        """Start the workers and the server; return the server handle."""
+        """Start the workers (if :meth:`launch` has not) and the server; return the server handle."""
 
     @abstractmethod
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],

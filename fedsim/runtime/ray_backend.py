@@ -1,10 +1,14 @@
-"""Ray backend: a pool of long-lived worker actors multiplexing virtual clients, and a server actor.
+"""Ray backend: a pool of long-lived worker actors multiplexing virtual clients, and the server (in the driver, or a
+Ray actor of its own when ``resources.server`` asks for resources).
 
 - Workers are created once per run with fractional ``num_cpus``/``num_gpus``; each caches its base model and trains
   many clients in turn.
 - The tokenized data goes into the object store once (numpy arrays are read zero-copy by every worker).
-- The server actor ``ray.put``s each distinct payload once per round (FedIT's global adapter is one object for all
-  sampled clients) and receives client updates by object reference, so adapter tensors never pass through the driver.
+- The server ``ray.put``s each distinct payload once per round (FedIT's global adapter is one object for all
+  sampled clients) and receives client updates by object reference: with the server in an actor, adapter tensors
+  never pass through the driver.
+- Ray and the workers start before the driver prepares the data (:meth:`RayBackend.launch`), so that their imports
+  and model builds overlap the tokenization.
 - A worker that dies is replaced (Ray's own ActorPool would shrink silently) and its client retried.
 """
 
@@ -25,7 +29,9 @@ from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError, ServerLostError
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
+from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
 from fedsim.runtime.worker import ClientJob
+from fedsim.server import Server
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 
@@ -79,7 +85,31 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
     finally:
         if keep is not None:  # Ray's core worker replaces SIGTERM with a handler that dumps a native stack and aborts
             signal.signal(signal.SIGTERM, keep)
+    if not res.address:
+        stop_unused_ray_processes(res)
     return True
+
+
+def stop_unused_ray_processes(res: Any) -> list[str]:
+    """Stop what a local Ray head starts that a simulation does not use (~80 MB of memory each, a quarter of a
+    worker's): the autoscaler monitor (one machine: nothing to scale); the API server, unless ``resources.dashboard``
+    (without the dashboard it serves only usage statistics, which fedsim turns off); and the log monitor, which
+    forwards the workers' output to the driver, when the command line runs quiet (what the workers print is then
+    library chatter; ``--verbose`` keeps it). Returns the processes stopped; a Ray without these hooks keeps them.
+    """
+    from fedsim.quiet import worker_output_wanted
+
+    stop = ["monitor"] + ([] if res.dashboard else ["dashboard"]) + ([] if worker_output_wanted() else ["log_monitor"])
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        for name in stop:
+            getattr(node, f"kill_{name}")(check_alive=False)
+    except Exception as e:  # private hooks: a Ray release without them keeps its processes, nothing else changes
+        log.debug("could not stop Ray's unused processes (%s)", e)
+        return []
+    return stop
 
 
 def check_placement(res: Any) -> None:
@@ -115,14 +145,65 @@ def check_placement(res: Any) -> None:
             "resources.num_cpus / num_gpus, resources.pools or resources.server, or add nodes to the cluster")
 
 
+class ObjectStoreServer:
+    """The server behind Ray object references: ``ray.put`` of each distinct payload once per round (FedIT's global
+    adapter is one object for all sampled clients), updates read by reference, so adapter tensors never pass through
+    the driver's dispatch. Runs in the driver, or inside the server actor."""
+
+    def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
+        self.server = Server(strategy_name, params, spec)
+
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
+        import ray
+
+        payloads, down = self.server.configure(ctx, clients)
+        refs: dict[int, Any] = {}
+        by_object: dict[int, Any] = {}
+        for cid, p in payloads.items():
+            if id(p) not in by_object:  # one object-store copy per distinct payload
+                by_object[id(p)] = ray.put(pack_tensors_of(p))
+            refs[cid] = by_object[id(p)]
+        return refs, down
+
+    def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, float]:
+        import ray
+
+        return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
+
+    def base_deltas(self, since: int):
+        import ray
+
+        return [(v, ray.put(pack(d))) for v, d in self.server.base_deltas(since)]
+
+    def get_state(self):
+        return self.server.get_state()
+
+    def set_state(self, state, strategy_state):
+        self.server.set_state(state, strategy_state)
+
+    def eval_handle(self):
+        import ray
+
+        return [ray.put(pack_tensors_of(self.server.eval_payload()))]  # in a list: an actor's caller gets the ref
+
+    def global_adapter(self):
+        return self.server.global_adapter()
+
+
 def _actor_classes():
     import ray
 
-    from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
+    from fedsim.models.quant import skip_unused_backends
     from fedsim.runtime.worker import Worker
-    from fedsim.server import Server
 
     class WorkerActor(Worker):
+        def __init__(self, scenario: dict, data: Any, name: str, num_gpus: float):
+            from fedsim.config import scenario_from_dict
+
+            scenario = scenario_from_dict(scenario)
+            skip_unused_backends(scenario.clients.quant.backends())  # a process of ours, nothing imported yet
+            super().__init__(scenario, data, name, num_gpus)
+
         @ray.method(num_returns=2)
         def run_client(self, job, payload):
             result, update = super().run_client(job, unpack_tensors_of(payload))
@@ -150,42 +231,13 @@ def _actor_classes():
         def stats(self):
             return {**super().stats(), "node": ray.get_runtime_context().get_node_id()}
 
-    class ServerActor:
-        def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
-            self.server = Server(strategy_name, params, spec)
-
-        def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
-            payloads, down = self.server.configure(ctx, clients)
-            refs: dict[int, Any] = {}
-            by_object: dict[int, Any] = {}
-            for cid, p in payloads.items():
-                if id(p) not in by_object:  # one object-store copy per distinct payload
-                    by_object[id(p)] = ray.put(pack_tensors_of(p))
-                refs[cid] = by_object[id(p)]
-            return refs, down
-
-        def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, float]:
-            return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
-
-        def base_deltas(self, since: int):
-            return [(v, ray.put(pack(d))) for v, d in self.server.base_deltas(since)]
-
-        def get_state(self):
-            return self.server.get_state()
-
-        def set_state(self, state, strategy_state):
-            self.server.set_state(state, strategy_state)
-
-        def eval_handle(self):
-            return [ray.put(pack_tensors_of(self.server.eval_payload()))]
-
-        def global_adapter(self):
-            return self.server.global_adapter()
-
-    return ray.remote(WorkerActor), ray.remote(ServerActor)
+    return ray.remote(WorkerActor), ray.remote(ObjectStoreServer)
 
 
 class RayServerHandle(ServerHandle):
+    """The server as a Ray actor of its own (``resources.server`` asks for resources): isolated from the driver, and
+    placed where those resources are."""
+
     def __init__(self, actor: Any):
         self.actor = actor
 
@@ -223,8 +275,37 @@ class RayServerHandle(ServerHandle):
         return self._call("global_adapter")
 
 
+class DriverServerHandle(ServerHandle):
+    """The server in the driver process (``resources.server`` asks for no resources, the default): no process of its
+    own to start or to keep in memory; payloads and updates still travel through the object store."""
+
+    def __init__(self, server: ObjectStoreServer):
+        self.server = server
+
+    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
+        return self.server.configure(ctx, list(clients))
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
+        return self.server.aggregate(ctx, list(updates))
+
+    def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
+        return self.server.base_deltas(since)
+
+    def get_state(self) -> tuple[Any, dict]:
+        return self.server.get_state()
+
+    def set_state(self, state: Any, strategy_state: dict) -> None:
+        self.server.set_state(state, strategy_state)
+
+    def eval_handle(self) -> Handle:
+        return self.server.eval_handle()[0]
+
+    def global_adapter(self) -> Any:
+        return self.server.global_adapter()
+
+
 class RayBackend(Backend):
-    """A pool of ``resources.num_workers`` worker actors (plus those of ``resources.pools``) and one server actor."""
+    """A pool of ``resources.num_workers`` worker actors (plus those of ``resources.pools``) and the server."""
 
     def __init__(self) -> None:
         self.started_ray = False
@@ -236,31 +317,48 @@ class RayBackend(Backend):
         self.num_replaced = 0
         self._base_history: list[tuple[int, Any]] = []
         self._pack_size = 1
+        self._ready: list[Any] = []
+
+    def launch(self, scenario: Scenario) -> None:
+        """Start Ray and the worker actors; return at once. Each actor imports torch, transformers and PEFT and
+        builds its base model while the driver loads and tokenizes the data."""
+        if self.actors:
+            return
+        self.started_ray = init_ray(scenario)
+        check_placement(scenario.resources)
+        self._worker_cls, self._server_cls = _actor_classes()
+        self._resources = scenario.resources
+        self._slots = scenario.resources.slots()  # (pool, num_cpus, num_gpus) per worker
+        self._pack_size = scenario.pack_size()
+        self._args = (scenario.to_dict(), None)  # the data follows in start()
+        self.actors = [self._new_actor(i) for i in range(len(self._slots))]
+        self._ready = [a.ping.remote() for a in self.actors]  # builds each model as soon as its actor is up
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         import ray
 
-        self.started_ray = init_ray(scenario)
-        check_placement(scenario.resources)
-        worker_cls, server_cls = _actor_classes()
+        self.launch(scenario)
+        data_ref = ray.put(data)
+        self._args = (self._args[0], data_ref)  # replacements get the data when they are created
+        ready = self._ready + [a.attach.remote(data_ref) for a in self.actors]
         res = scenario.resources
-        self._resources = res
-        self._worker_cls = worker_cls
-        self._slots = res.slots()  # (pool, num_cpus, num_gpus) per worker
-        self._pack_size = scenario.pack_size()
-        self._args = (scenario.to_dict(), ray.put(data))
-        self.actors = [self._new_actor(i) for i in range(len(self._slots))]
-        self.server_actor = server_cls.options(num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(
-            scenario.strategy.name, scenario.strategy.params, spec)
+        if res.server.num_cpus > 0 or res.server.num_gpus > 0:
+            self.server_actor = self._server_cls.options(num_cpus=res.server.num_cpus,
+                                                         num_gpus=res.server.num_gpus).remote(
+                scenario.strategy.name, scenario.strategy.params, spec)
+            ready.append(self.server_actor.__ray_ready__.remote())
+            handle: ServerHandle = RayServerHandle(self.server_actor)
+        else:
+            handle = DriverServerHandle(ObjectStoreServer(scenario.strategy.name, scenario.strategy.params, spec))
         try:
-            ray.get([a.ping.remote() for a in self.actors] + [self.server_actor.__ray_ready__.remote()], timeout=600)
+            ray.get(ready, timeout=600)
         except ray.exceptions.GetTimeoutError:
             raise BackendError(
                 f"Ray could not place {len(self._slots)} workers (num_cpus/num_gpus per worker: "
                 f"{sorted({(c, g) for _, c, g in self._slots})}; cluster has {ray.cluster_resources()}); lower "
                 "resources.num_workers, resources.pools or the per-worker resources"
             ) from None
-        return RayServerHandle(self.server_actor)
+        return handle
 
     def _new_actor(self, i: int) -> Any:
         pool, cpus, gpus = self._slots[i]
@@ -308,8 +406,8 @@ class RayBackend(Backend):
             p = res.pool_of(job.spec.quant.bits)
             return p if p in queue_of else -1
 
-        for pack in make_packs(jobs, pack_size, res):  # units of work: lists of (pos, job, payload)
-            queue_of[pool_for(jobs[pack[0]][0])].append([(pos, *jobs[pos]) for pos in pack])
+        for unit in make_packs(jobs, pack_size, res):  # units of work: lists of (pos, job, payload)
+            queue_of[pool_for(jobs[unit[0]][0])].append([(pos, *jobs[pos]) for pos in unit])
         queues: list[deque] = [deque() for _ in self.actors]  # per actor: refs in submission order
         started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
         # meta ref → (slot, [(pos, job, payload)], [update ref per job])

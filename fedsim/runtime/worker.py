@@ -75,12 +75,13 @@ class Worker:
 
     Args:
         scenario: the resolved scenario.
-        data: tokenized data (shared read-only).
+        data: tokenized data (shared read-only); None until :meth:`attach` gives it (the Ray backend starts its
+            workers before the driver has tokenized the data).
         name: a label for metrics (e.g. ``worker-0``).
         num_gpus: this worker's GPU share (default: ``resources.num_gpus``; a worker pool's own otherwise).
     """
 
-    def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData, name: str = "worker-0",
+    def __init__(self, scenario: Scenario | dict[str, Any], data: TokenizedData | None, name: str = "worker-0",
                  num_gpus: float | None = None):
         from fedsim.quiet import silence_libraries
 
@@ -146,6 +147,10 @@ class Worker:
         host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
         self._hosts[quant] = (self._base_version, host)
         return host
+
+    def attach(self, data: TokenizedData) -> None:
+        """Give the worker its data (once, before its first job)."""
+        self.data = data
 
     def apply_base_delta(self, version: int, delta: dict[str, torch.Tensor]) -> int:
         """Merge base-model update ``version`` into the cached base, in place (once per version per worker); with

@@ -7,6 +7,7 @@ import pytest
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
+from fedsim.runtime.ray_backend import RayBackend
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -17,16 +18,44 @@ def _rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path):
+class _Recording(RayBackend):
+    """Records where the server went and when the backend was launched and started, relative to the data."""
+
+    events: list = []
+
+    def launch(self, scenario):
+        if not self.actors:  # start() calls it too; it starts the workers only once
+            _Recording.events.append("launch")
+        super().launch(scenario)
+
+    def start(self, scenario, data, spec):
+        _Recording.events.append("start")
+        handle = super().start(scenario, data, spec)
+        _Recording.events.append(type(handle).__name__)
+        return handle
+
+
+def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
+    import fedsim.driver
+
     local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
-    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray")
-    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
-    assert len(a) == len(b) == 3  # round 0 (initial eval) + 2 rounds
-    for ra, rb in zip(a, b):
+    real_prepare = fedsim.driver.prepare
+    monkeypatch.setattr(fedsim.driver, "prepare", lambda sc: _Recording.events.append("prepare") or real_prepare(sc))
+    _Recording.events = []
+    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray", _Recording())
+    # the workers start before the data is prepared; the server (asking no resources) lives in the driver
+    assert _Recording.events == ["launch", "prepare", "start", "DriverServerHandle"]
+    _Recording.events = []
+    actor = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.server.num_cpus=0.5"]),
+                         tmp_path / "actor", _Recording())
+    assert _Recording.events[-1] == "RayServerHandle"
+    a, b, c = _rows(tmp_path / "local"), _rows(tmp_path / "ray"), _rows(tmp_path / "actor")
+    assert len(a) == len(b) == len(c) == 3  # round 0 (initial eval) + 2 rounds
+    for ra, rb, rc in zip(a, b, c):
         for k in COMPARED:
-            assert ra.get(k) == rb.get(k), (ra["round"], k)
+            assert ra.get(k) == rb.get(k) == rc.get(k), (ra["round"], k)
         assert {k for k in ra if k.startswith("eval/task/")} == {k for k in rb if k.startswith("eval/task/")}
-    assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
+    assert local["final/eval/loss"] == ray_sum["final/eval/loss"] == actor["final/eval/loss"]
     # two long-lived actors, each built its model once and wrapped it with PEFT once, whatever it trained
     workers = ray_sum["workers"]
     assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
@@ -127,3 +156,42 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
         table = list(csv.DictReader(f))
     assert len(table) == 8 and {r["base"] for r in table} == labels  # every client's base, with its packed size
     assert all(float(r["base_mb"]) == ray_sum[f"memory/base_mb/{r['base']}"] for r in table)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_local_head_stops_the_ray_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
+    """Quiet (the command line's default): the autoscaler monitor, the API server and the log monitor are stopped
+    (~80 MB each); --verbose keeps the log monitor, so that the workers' output reaches the console. The run works."""
+    from ray._private import ray_constants
+
+    from fedsim.runtime import ray_backend
+
+    monkeypatch.setenv("FEDSIM_QUIET", "1")
+    monkeypatch.setenv("FEDSIM_VERBOSE", "1" if verbose else "0")
+    stopped, alive_after = [], {}
+    real = ray_backend.stop_unused_ray_processes
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def spy(res):
+        from ray._private import worker as ray_worker
+
+        processes = ray_worker._global_node.all_processes
+        pids = {name: processes[ptype][0].process.pid for name, ptype in (
+            ("monitor", ray_constants.PROCESS_TYPE_MONITOR), ("dashboard", ray_constants.PROCESS_TYPE_DASHBOARD),
+            ("log_monitor", ray_constants.PROCESS_TYPE_LOG_MONITOR))}
+        stopped.extend(real(res))
+        alive_after.update({name: alive(pid) for name, pid in pids.items()})
+        return stopped
+
+    monkeypatch.setattr(ray_backend, "stop_unused_ray_processes", spy)
+    tiny_raw["rounds"] = 1
+    summary = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "run")
+    assert summary["final/eval/loss"] is not None
+    assert stopped == ["monitor", "dashboard"] + ([] if verbose else ["log_monitor"])
+    assert alive_after == {"monitor": False, "dashboard": False, "log_monitor": verbose}

@@ -95,7 +95,7 @@ def test_a_killed_server_actor_is_named_and_the_run_resumes(tiny_raw, tmp_path):
             return super().train(jobs, on_done=on_done)
 
     tiny_raw.update(rounds=3)
-    tiny_raw["resources"].update(backend="ray")
+    tiny_raw["resources"].update(backend="ray", server={"num_cpus": 0.5})  # a server actor of its own
     out = tmp_path / "run"
     with pytest.raises(BackendError) as e:
         Driver(scenario_from_dict(tiny_raw), out, KillServerInRound2()).run()

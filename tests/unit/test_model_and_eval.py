@@ -44,10 +44,78 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_scenario):
     assert out["eval/accuracy"] == 0.5 and out["eval/task/kept/accuracy"] == 1.0
 
 
+@torch.no_grad()
+def test_scoring_only_labelled_positions_equals_scoring_every_position(tiny_scenario):
+    """The LM head runs only where some row has a label (logits_to_keep); the sums equal those of full logits."""
+    from fedsim.client import evaluate as ev
+    from fedsim.client.batching import IGNORE, collate
+
+    model = build_base_model(tiny_scenario.model)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, 300, size=n) for n in (9, 14, 6, 11)]  # different lengths: right padding
+    plens = [4, 10, 2, 7]
+    split = _split(seqs, plens, [0, 0, 0, 0])
+    batch = collate(split, np.arange(4), 0)
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    valid = target != IGNORE
+    full = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want_loss = float(full.masked_fill(~valid, 0).sum())
+    want_hit = ((logits.argmax(-1) == target.clamp(min=0)) | ~valid).all(1)
+    for forward_takes_it in (True, False):
+        model._fedsim_logits_to_keep = forward_takes_it
+        logp, hit = ev._token_logprobs(model, batch)
+        assert logp.shape[1] == int(valid.any(0).sum()) < target.shape[1]
+        assert abs(float(logp.sum()) - want_loss) <= 1e-5 * abs(want_loss)
+        assert torch.equal(hit.all(1), want_hit)
+
+
 def test_target_shapes_of_tiny_model(tiny_scenario):
     shapes = target_shapes(tiny_scenario.model)
     assert len(shapes) == 7  # one layer, seven projections
     assert shapes["model.layers.0.mlp.down_proj"].d_in == 64 and shapes["model.layers.0.mlp.down_proj"].d_out == 32
+
+
+def test_linear_shapes_are_remembered_and_match_the_model(tiny_scenario, tmp_path, monkeypatch):
+    from fedsim.models import base
+
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path))
+    built = []
+    real = base._meta_model
+    monkeypatch.setattr(base, "_meta_model", lambda cfg: built.append(cfg) or real(cfg))
+    cfg = tiny_scenario.model
+    first = base.linear_shapes(cfg)
+    model = build_base_model(cfg)
+    assert first == {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
+    assert base.linear_shapes(cfg) == first and len(built) == 1  # the second call reads the cache
+    from fedsim.models.quant import quantizable_layers
+
+    assert base.decoder_linear_shapes(cfg) == {n: (m.out_features, m.in_features)
+                                               for n, m in quantizable_layers(model).items()}
+    wider = cfg.model_copy(update={"tiny": cfg.tiny.model_copy(update={"intermediate_size": 160})})
+    assert base.target_shapes(wider)["model.layers.0.mlp.up_proj"].d_out == 160 and len(built) == 2
+    for f in (tmp_path / "shapes").glob("*.json"):
+        f.write_text("{not json")  # a damaged entry is rebuilt
+    assert base.linear_shapes(cfg) == first and len(built) == 3
+
+
+def test_adapter_config_written_without_peft_reads_back_as_peft_writes_it(tmp_path):
+    from peft import LoraConfig
+
+    from fedsim.config import scenario_from_dict
+    from fedsim.export import ExportedAdapter, save_peft_adapter
+
+    sc = scenario_from_dict({"model": {"name": "tiny", "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}})
+    adapter = ExportedAdapter(tensors={}, lora=LoraSpec(8, 16.0, rslora=True),
+                              rank_pattern={"model.layers.0.self_attn.q_proj": 3},
+                              alpha_pattern={"model.layers.0.self_attn.q_proj": 3.0})
+    save_peft_adapter(adapter, sc, tmp_path)
+    want = LoraConfig(r=8, lora_alpha=16.0, use_rslora=True, rank_pattern=dict(adapter.rank_pattern),
+                      alpha_pattern=dict(adapter.alpha_pattern), target_modules=["q_proj", "v_proj"],
+                      lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", base_model_name_or_path="tiny")
+    got = LoraConfig.from_pretrained(str(tmp_path)).to_dict()
+    assert got == want.to_dict()
 
 
 def test_worker_builds_and_wraps_once_and_swaps_weights(tiny_scenario, monkeypatch):

@@ -195,3 +195,29 @@ def test_group_size_must_divide_every_layer_and_backends_must_be_installed(tiny_
     monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)  # as if the extra were not installed
     with pytest.raises(ScenarioError, match=r"pip install 'fedsim\[hqq\]'"):
         prepare(_scenario(tiny_raw, {"bits": 2, "group_size": 32}))
+
+
+def test_unused_quantization_libraries_stay_out_of_a_process():
+    """A run without HQQ / bitsandbytes clients keeps both out of its processes (transformers and PEFT would import
+    them: seconds and ~45 MB each), LoRA still works, quiet mode imports no `datasets`; a run that uses one keeps
+    it; and once transformers is imported nothing is hidden any more."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from fedsim.models.quant import skip_unused_backends
+from fedsim.quiet import silence_libraries
+assert skip_unused_backends({"none", "bnb"}) == ["hqq"]
+silence_libraries(mark=True)
+import peft, torch
+from fedsim.config import ModelConfig
+from fedsim.models.base import build_base_model
+model = peft.get_peft_model(build_base_model(ModelConfig()), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+model(input_ids=torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
+loaded = {m for m in ("hqq", "bitsandbytes", "datasets") if sys.modules.get(m) is not None}
+print(sorted(loaded), skip_unused_backends(set()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "['bitsandbytes'] []"
