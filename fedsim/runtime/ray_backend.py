@@ -28,6 +28,7 @@ import numpy as np
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError, ServerLostError
+from fedsim.models.base import configure_threads
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
 from fedsim.runtime.worker import ClientJob
@@ -348,7 +349,8 @@ class RayBackend(Backend):
                 scenario.strategy.name, scenario.strategy.params, spec)
             ready.append(self.server_actor.__ray_ready__.remote())
             handle: ServerHandle = RayServerHandle(self.server_actor)
-        else:
+        else:  # torch threads as a worker's (and as the local backend's server): the same numbers on any machine
+            configure_threads(res.threads_per_worker())
             handle = DriverServerHandle(ObjectStoreServer(scenario.strategy.name, scenario.strategy.params, spec))
         try:
             ray.get(ready, timeout=600)
