@@ -17,6 +17,8 @@ from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 
 
 class LocalServerHandle(ServerHandle):
+    """The server in this process (the Ray backend's :class:`DriverServerHandle` too, over object references)."""
+
     def __init__(self, server: Server):
         self.server = server
 

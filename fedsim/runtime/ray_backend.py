@@ -30,6 +30,7 @@ from fedsim.data.datasets import TokenizedData
 from fedsim.errors import BackendError, ServerLostError
 from fedsim.models.base import configure_threads
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
+from fedsim.runtime.local import LocalServerHandle
 from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
 from fedsim.runtime.worker import ClientJob
 from fedsim.server import Server
@@ -276,33 +277,15 @@ class RayServerHandle(ServerHandle):
         return self._call("global_adapter")
 
 
-class DriverServerHandle(ServerHandle):
+class DriverServerHandle(LocalServerHandle):
     """The server in the driver process (``resources.server`` asks for no resources, the default): no process of its
     own to start or to keep in memory; payloads and updates still travel through the object store."""
 
     def __init__(self, server: ObjectStoreServer):
-        self.server = server
-
-    def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
-        return self.server.configure(ctx, list(clients))
-
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
-        return self.server.aggregate(ctx, list(updates))
-
-    def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
-        return self.server.base_deltas(since)
-
-    def get_state(self) -> tuple[Any, dict]:
-        return self.server.get_state()
-
-    def set_state(self, state: Any, strategy_state: dict) -> None:
-        self.server.set_state(state, strategy_state)
+        super().__init__(server)  # type: ignore[arg-type]  # Server's interface, with object references
 
     def eval_handle(self) -> Handle:
-        return self.server.eval_handle()[0]
-
-    def global_adapter(self) -> Any:
-        return self.server.global_adapter()
+        return self.server.eval_handle()[0]  # type: ignore[attr-defined]
 
 
 class RayBackend(Backend):
