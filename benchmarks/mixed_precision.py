@@ -62,7 +62,7 @@ def learned_update(run_dir: Path) -> dict:
     from fedsim import checkpoint
     from fedsim.lora import ops
 
-    _, state, _ = checkpoint.load(run_dir)
+    _, state, _, _ = checkpoint.load(run_dir)
     out = {m: ops.delta_w(state.tensors, m, state.lora.scaling) for m in ops.modules(state.tensors)}
     for delta in state.base_deltas:
         for m in {k.rsplit(".delta_", 1)[0] for k in delta}:
