@@ -296,8 +296,8 @@ class RayBackend(Backend):
         self.actors: list[Any] = []
         self.server_actor: Any = None
         self._worker_cls: Any = None
+        self._server_cls: Any = None
         self._args: tuple = ()
-        self._opts: dict[str, Any] = {}
         self.num_replaced = 0
         self._base_history: list[tuple[int, Any]] = []
         self._pack_size = 1
