@@ -17,8 +17,8 @@ Both train on the same tokenized samples and the same partition; the tokenizatio
 
 Printed and saved (medians over the repeats): the steady round (rounds 2.. : configure → train → aggregate), the
 whole run (from launching the command to its exit), the peak RSS and PSS summed over each process tree (the command
-and every process it starts: Ray's GCS, raylet, workers; sampled every 100 ms from /proc), and the ratios fedsim /
-Flower. Targets (issue #13): steady ≤ 0.75, whole run ≤ 0.6, peak RSS ≤ 0.75.
+and every process it starts: Ray's GCS, raylet, workers; RSS sampled every 100 ms from /proc/PID/statm, PSS once a
+second from smaps_rollup, whose page-table walk stalls the sampled process), and the ratios fedsim / Flower. Targets (issue #13): steady ≤ 0.75, whole run ≤ 0.6, peak RSS ≤ 0.75.
 
 Usage: python benchmarks/vs_flower.py [--repeats 3] [--clients 100] [--rounds 3] [--out benchmarks/results]
 """
@@ -100,49 +100,68 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
-def _proc_memory(pid: int) -> tuple[str, int, int] | None:
-    """(name, RSS kB, PSS kB) of one process, or None if it is gone."""
+def _proc_rss(pid: int) -> tuple[str, int] | None:
+    """(name, RSS kB) of one process, or None if it is gone: /proc/PID/statm, which costs the process nothing."""
     try:
         with open(f"/proc/{pid}/statm") as f:
             rss = int(f.read().split()[1]) * PAGE_KB
-        pss = 0
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-                    break
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return None
-    return cmd[:60], rss, pss
+    return cmd[:60], rss
+
+
+def _proc_pss(pid: int) -> int:
+    """PSS kB of one process (0 if it is gone): /proc/PID/smaps_rollup walks the process's page tables under its
+    memory lock, which stalls the process — read it sparingly."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 class TreeMemory(threading.Thread):
-    """Samples the summed RSS and PSS of a process and all its descendants until stopped; keeps the peaks and the
-    processes at each peak."""
+    """Samples the summed RSS of a process and all its descendants every ``every_s`` until stopped, and their summed
+    PSS every ``pss_every_s``; keeps the peaks and the processes at the RSS peak.
 
-    def __init__(self, root: int, every_s: float = 0.1):
+    RSS comes from statm (free for the sampled processes). PSS needs smaps_rollup, whose page-table walk stalls the
+    process it reads: sampled every 100 ms it slowed fedsim's rounds by ~20% (4.6 → 3.8 s) and its whole run by
+    ~3.5 s, and Flower's likewise, so PSS is read once a second (its peak may be missed by up to a second's growth).
+    """
+
+    def __init__(self, root: int, every_s: float = 0.1, pss_every_s: float = 1.0):
         super().__init__(daemon=True)
-        self.root, self.every_s = root, every_s
+        self.root, self.every_s, self.pss_every_s = root, every_s, pss_every_s
         self.peak_rss, self.peak_pss = 0, 0
         self.at_peak_rss: list[tuple[str, int, int]] = []
         self.stop = threading.Event()
 
+    def _tree(self) -> list[int]:
+        kids = _children()
+        todo, pids = [self.root], []
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(kids.get(pid, ()))
+        return pids
+
     def run(self) -> None:
+        next_pss = time.monotonic() + self.pss_every_s
         while not self.stop.is_set():
-            kids = _children()
-            todo, procs = [self.root], []
-            while todo:
-                pid = todo.pop()
-                m = _proc_memory(pid)
-                if m is not None:
-                    procs.append(m)
-                todo.extend(kids.get(pid, ()))
-            rss, pss = sum(p[1] for p in procs), sum(p[2] for p in procs)
+            pids = self._tree()
+            procs = [(pid, m) for pid in pids if (m := _proc_rss(pid)) is not None]
+            rss = sum(m[1] for _, m in procs)
             if rss > self.peak_rss:
-                self.peak_rss, self.at_peak_rss = rss, sorted(procs, key=lambda p: -p[1])
-            self.peak_pss = max(self.peak_pss, pss)
+                self.peak_rss, self.at_peak_rss = rss, sorted(((m[0], m[1], 0) for _, m in procs),
+                                                              key=lambda p: -p[1])
+            if time.monotonic() >= next_pss:
+                self.peak_pss = max(self.peak_pss, sum(_proc_pss(pid) for pid, _ in procs))
+                next_pss = time.monotonic() + self.pss_every_s
             self.stop.wait(self.every_s)
 
 
@@ -160,7 +179,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); its output is in {log}:\n{log.read_text()[-3000:]}")
     return {"whole_s": wall, "peak_rss_mb": mem.peak_rss / 1024, "peak_pss_mb": mem.peak_pss / 1024,
-            "at_peak": [(name, round(rss / 1024), round(pss / 1024)) for name, rss, pss in mem.at_peak_rss]}
+            "at_peak": [(name, round(rss / 1024)) for name, rss, _ in mem.at_peak_rss]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +311,7 @@ def main() -> int:
         return f"**{r:.2f}**{mark}" if k in target else f"{r:.2f}"
 
     def top(run: dict) -> str:
-        return "; ".join(f"{name or '?'} {rss} MB" for name, rss, _ in run["at_peak"][:7])
+        return "; ".join(f"{name or '?'} {rss} MB" for name, rss in run["at_peak"][:7])
 
     def per_run(name: str) -> str:
         return ", ".join(f"{r['whole_s']:.1f}/{statistics.median(r['round_s'][1:]):.2f}/{r['peak_rss_mb']:.0f}"
@@ -301,7 +320,7 @@ def main() -> int:
     rows = [("steady round, median of rounds 2.. (s)", "steady_s", ".2f"), ("round 1 (s)", "round1_s", ".2f"),
             ("whole run, launch to exit (s)", "whole_s", ".1f"),
             ("peak RSS of the process tree (MB)", "peak_rss_mb", ".0f"),
-            ("peak PSS of the process tree (MB)", "peak_pss_mb", ".0f")]
+            ("peak PSS of the process tree, sampled each second (MB)", "peak_pss_mb", ".0f")]
     lines = [
         "# fedsim vs Flower's simulation engine (benchmarks/vs_flower.py)",
         "",
@@ -323,7 +342,8 @@ def main() -> int:
         f"{w['eval_loss']:.4f} | | | |",
         "",
         "RSS counts shared pages (shared libraries, the Ray object store) once per process that maps them; PSS "
-        "splits them between those processes. The eval losses differ between fedsim and Flower because their "
+        "splits them between those processes (PSS is sampled once a second: reading it stalls the process read). "
+        "The eval losses differ between fedsim and Flower because their "
         "batch schedules differ (same data, same partition, same model and optimizer).",
         "",
         f"fedsim processes at its peak RSS (last run): {top(runs['fedsim'][-1])}",
