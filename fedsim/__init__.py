@@ -4,18 +4,47 @@ Public API::
 
     from fedsim import load_scenario, run_scenario
     summary = run_scenario(load_scenario("scenarios/quickstart.yaml"))
+
+The names below are imported on first use, so that ``import fedsim`` (and the ``fedsim`` command, which starts Ray
+before it imports torch) stays light.
 """
 
-from fedsim.config import Scenario, load_scenario, scenario_from_dict
-from fedsim.driver import run_scenario
-from fedsim.errors import AggregationError, BackendError, DataError, FedsimError, ScenarioError
-from fedsim.strategies import Strategy, available_strategies, make_strategy, register
-from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AggregationError", "BackendError", "ClientPayload", "ClientSpec", "ClientUpdate", "DataError", "FedsimError",
-    "GlobalState", "LoraSpec", "RoundContext", "Scenario", "ScenarioError", "Strategy", "available_strategies",
-    "load_scenario", "make_strategy", "register", "run_scenario", "scenario_from_dict",
-]
+_WHERE = {
+    "Scenario": "fedsim.config", "load_scenario": "fedsim.config", "scenario_from_dict": "fedsim.config",
+    "run_scenario": "fedsim.driver",
+    "AggregationError": "fedsim.errors", "BackendError": "fedsim.errors", "DataError": "fedsim.errors",
+    "FedsimError": "fedsim.errors", "ScenarioError": "fedsim.errors",
+    "Strategy": "fedsim.strategies", "available_strategies": "fedsim.strategies", "make_strategy": "fedsim.strategies",
+    "register": "fedsim.strategies",
+    "ClientPayload": "fedsim.types", "ClientSpec": "fedsim.types", "ClientUpdate": "fedsim.types",
+    "GlobalState": "fedsim.types", "LoraSpec": "fedsim.types", "RoundContext": "fedsim.types",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fedsim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+if TYPE_CHECKING:
+    from fedsim.config import Scenario, load_scenario, scenario_from_dict  # noqa: F401
+    from fedsim.driver import run_scenario  # noqa: F401
+    from fedsim.errors import AggregationError, BackendError, DataError, FedsimError, ScenarioError  # noqa: F401
+    from fedsim.strategies import Strategy, available_strategies, make_strategy, register  # noqa: F401
+    from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext  # noqa: F401

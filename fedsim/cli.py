@@ -60,10 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.config import load_scenario
-    from fedsim.driver import resume_run, run_scenario
-
     if args.resume:
+        from fedsim.driver import resume_run
+
         if args.scenario or args.overrides or args.out:
             raise FedsimError("--resume continues a run with its own saved scenario; "
                               "give only the run directory (no scenario file, --set or --out)")
@@ -73,17 +72,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif not args.scenario:
         raise FedsimError("fedsim run needs a scenario file (or --resume RUN_DIR)")
     else:
-        from fedsim.models.quant import skip_unused_backends
-
-        scenario = load_scenario(args.scenario, args.overrides)
-        skip_unused_backends(scenario.clients.quant.backends())  # this process is ours: keep unused imports out
-        summary = run_scenario(scenario, args.out)
+        summary = _run_new(args.scenario, args.overrides, args.out)
     acc0, acc = summary["initial/eval/accuracy"], summary["final/eval/accuracy"]
     line = f"done: {summary['run_dir']}  ({summary['time_s']:.1f}s)"
     if acc is not None:
         line += f"  eval accuracy {acc0:.3f} → {acc:.3f}" if acc0 is not None else f"  eval accuracy {acc:.3f}"
     print(line)
     return 0
+
+
+def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]:
+    """Validate, start the Ray pool before torch is imported here (the workers import theirs meanwhile), then run.
+
+    Everything but the strategy checks is validated without torch; on the Ray backend the worker actors are created
+    then, and the run's backend adopts them once the scenario has passed the strategy checks too (else they are shut
+    down and the error reported as ever).
+    """
+    from fedsim.config import load_scenario
+    from fedsim.models.quant_specs import skip_unused_backends
+
+    early = load_scenario(path, overrides, check_strategy=False)
+    skip_unused_backends(early.clients.quant.backends())  # this process is ours: keep unused imports out
+    if early.resources.backend != "ray":
+        from fedsim.driver import run_scenario
+
+        return run_scenario(load_scenario(path, overrides), out)
+    from fedsim.runtime.ray_pool import discard_early, launch_early
+
+    launch_early(early)
+    try:
+        scenario = load_scenario(path, overrides)  # the strategy checks: torch and every strategy are imported
+        from fedsim.driver import run_scenario
+
+        return run_scenario(scenario, out)
+    finally:
+        discard_early()  # a pool no run adopted
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedsim.errors import ScenarioError
 
@@ -277,14 +285,14 @@ class QuantConfig(_Frozen):
     @model_validator(mode="after")
     def _valid(self) -> QuantConfig:
         _check_mix(self.tiers, self.per_client)
-        from fedsim.models.quant import check_spec
+        from fedsim.models.quant_specs import check_spec
 
         for spec in self.choices():
             check_spec(spec)
         return self
 
     def _spec(self, bits: int, backend: str):
-        from fedsim.models.quant import QuantSpec, default_backend
+        from fedsim.models.quant_specs import QuantSpec, default_backend
 
         backend = default_backend(bits) if backend == "auto" else backend
         # only the settings of the spec's own backend, so that equal bases get equal keys
@@ -628,7 +636,9 @@ class Scenario(_Frozen):
         return self
 
     @model_validator(mode="after")
-    def _strategy_known(self) -> Scenario:
+    def _strategy_known(self, info: ValidationInfo) -> Scenario:
+        if info.context and info.context.get("strategy") is False:  # checked later (it imports every strategy)
+            return self
         from fedsim.strategies import available_strategies, get_strategy_class
 
         cls = get_strategy_class(self.strategy.name)  # raises ScenarioError naming the registered ones
@@ -729,8 +739,13 @@ def _check_size(raw: Any) -> None:
             stack.extend(node)
 
 
-def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
+                       ) -> Scenario:
     """Validate a raw mapping (plus overrides) into a :class:`Scenario`.
+
+    ``check_strategy=False`` leaves out the strategy checks (name, params, what it needs of the scenario), which
+    import every strategy and with them torch: what the command line validates before it starts Ray, then it
+    validates again in full.
 
     Raises:
         ScenarioError: naming every invalid field and the fix.
@@ -743,19 +758,21 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = ()) ->
     _check_size(raw)
     raw = apply_overrides(raw, overrides)
     try:
-        return Scenario.model_validate(raw)
+        return Scenario.model_validate(raw, context=None if check_strategy else {"strategy": False})
     except ValidationError as e:
         raise ScenarioError("", _format_validation(e)) from None
     except RecursionError:
         raise ScenarioError("", "the scenario is nested too deeply") from None
 
 
-def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
+                  ) -> Scenario:
     """Read a YAML scenario file and validate it.
 
     Args:
         path: the YAML file.
         overrides: ``a.b=c`` strings applied before validation.
+        check_strategy: False leaves the strategy checks out (see :func:`scenario_from_dict`).
 
     Returns:
         The frozen, validated scenario.
@@ -778,7 +795,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise ScenarioError("", f"{p.name}: {e}", "give each key once (the last one would silently win)") from None
     except yaml.YAMLError as e:
         raise ScenarioError("", f"{p.name} is not valid YAML: {e}", "fix the YAML syntax at the line shown") from None
-    return scenario_from_dict(raw, overrides)
+    return scenario_from_dict(raw, overrides, check_strategy)
 
 
 class _DuplicateKey(Exception):

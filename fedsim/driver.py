@@ -285,6 +285,7 @@ class Driver:
         try:
             t_start = time.perf_counter()
             self.backend.launch(self.scenario)  # Ray's workers start up while the data is prepared
+            t_start = min(t_start, getattr(self.backend, "launched_at", t_start))  # started early by `fedsim run`
             return self._run(t_start)
         except ServerLostError as e:
             last = checkpoint.last_round(self.run_dir)

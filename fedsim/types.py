@@ -7,11 +7,12 @@ path is the base model's (e.g. ``model.layers.0.self_attn.q_proj``); A has shape
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, "torch.Tensor"]  # torch stays out of scenario validation (the command line starts Ray first)
 
 
 @dataclass(frozen=True)

@@ -227,8 +227,18 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
+def _datasets_load() -> Any:
+    """``datasets.load_dataset``, in a process where pyarrow may have been kept out (:mod:`fedsim.runtime.boot`)."""
+    from fedsim.runtime.boot import allow_pyarrow
+
+    allow_pyarrow()
     from datasets import load_dataset
+
+    return load_dataset
+
+
+def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
+    load_dataset = _datasets_load()
 
     files = _local_files(source, field_name)
     builder = _EXT_BUILDERS[os.path.splitext(files[0])[1].lower()]  # _local_files allows one reader only
@@ -255,7 +265,7 @@ def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str,
 
 
 def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
+    load_dataset = _datasets_load()
 
     try:
         ds = load_dataset(name, subset, split=split)

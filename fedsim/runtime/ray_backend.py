@@ -15,8 +15,6 @@ Ray actor of its own when ``resources.server`` asks for resources).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,8 +29,15 @@ from fedsim.errors import BackendError, ServerLostError
 from fedsim.models.base import configure_threads
 from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
 from fedsim.runtime.local import LocalServerHandle
+from fedsim.runtime.ray_pool import (  # noqa: F401  # re-exported: sweeps and tests start Ray through here
+    Pool,
+    init_ray,
+    launch_pool,
+    ray_temp_dir,
+    take_early,
+)
 from fedsim.runtime.wire import pack, pack_tensors_of, unpack, unpack_tensors_of
-from fedsim.runtime.worker import ClientJob
+from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
@@ -40,111 +45,6 @@ from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
-
-
-def ray_temp_dir() -> str:
-    """Ray's session directory: ``$FEDSIM_RAY_TMPDIR`` or a short per-user path under the system temp dir (Ray's
-    socket paths must stay under ~107 characters)."""
-    return os.environ.get("FEDSIM_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"fedsim-ray-{os.getuid()}"))
-
-
-def init_ray(scenario: Scenario, runs: int = 1) -> bool:
-    """Connect to (``resources.address``) or start a local Ray instance with room for ``runs`` concurrent runs of
-    ``scenario``. Returns True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    res = scenario.resources
-    kwargs: dict[str, Any] = dict(include_dashboard=res.dashboard, logging_level=logging.WARNING,
-                                  configure_logging=True, log_to_driver=True)
-    if res.address:
-        kwargs["address"] = res.address
-    else:
-        import torch
-
-        # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
-        need_cpus = runs * (sum(c for _, c, _ in res.slots()) + res.server.num_cpus)
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(need_cpus)))
-        need_gpus = runs * (sum(g for _, _, g in res.slots()) + res.server.num_gpus)
-        if need_gpus > 0 and not torch.cuda.is_available():
-            log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU", need_gpus)
-            kwargs["num_gpus"] = int(np.ceil(need_gpus))
-        kwargs["_temp_dir"] = ray_temp_dir()
-    import signal
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    keep = signal.getsignal(signal.SIGTERM) if main_thread else None
-    try:
-        ray.init(**kwargs)
-    except Exception as e:
-        where = f"the Ray cluster at {res.address!r}" if res.address else "a local Ray instance"
-        raise BackendError(f"could not start {where}: {e.__class__.__name__}: {e}. "
-                           "Check resources.address, or use resources.backend: local") from None
-    finally:
-        if keep is not None:  # Ray's core worker replaces SIGTERM with a handler that dumps a native stack and aborts
-            signal.signal(signal.SIGTERM, keep)
-    if not res.address:
-        stop_unused_ray_processes(res)
-    return True
-
-
-def stop_unused_ray_processes(res: Any) -> list[str]:
-    """Stop what a local Ray head starts that a simulation does not use (~80 MB of memory each, a quarter of a
-    worker's): the autoscaler monitor (one machine: nothing to scale); the API server, unless ``resources.dashboard``
-    (without the dashboard it serves only usage statistics, which fedsim turns off); and the log monitor, which
-    forwards the workers' output to the driver, when the command line runs quiet (what the workers print is then
-    library chatter; ``--verbose`` keeps it). Returns the processes stopped; a Ray without these hooks keeps them.
-    """
-    from fedsim.quiet import worker_output_wanted
-
-    stop = ["monitor"] + ([] if res.dashboard else ["dashboard"]) + ([] if worker_output_wanted() else ["log_monitor"])
-    try:
-        from ray._private import worker as ray_worker
-
-        node = ray_worker._global_node
-        for name in stop:
-            getattr(node, f"kill_{name}")(check_alive=False)
-    except Exception as e:  # private hooks: a Ray release without them keeps its processes, nothing else changes
-        log.debug("could not stop Ray's unused processes (%s)", e)
-        return []
-    return stop
-
-
-def check_placement(res: Any) -> None:
-    """Fail now, not after a long wait, when the cluster cannot place the requested workers and server.
-
-    Raises:
-        BackendError: naming what is short and the fix.
-    """
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
-    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
-    slots = res.slots()
-    need_cpu = sum(c for _, c, _ in slots) + res.server.num_cpus
-    need_gpu = sum(g for _, _, g in slots) + res.server.num_gpus
-    biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-    biggest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    problems = []
-    one_cpu = max([c for _, c, _ in slots] + [res.server.num_cpus])
-    one_gpu = max([g for _, _, g in slots] + [res.server.num_gpus])
-    if one_cpu > biggest_cpu:
-        problems.append(f"no node has {one_cpu:g} CPUs (largest: {biggest_cpu:g})")
-    if one_gpu > biggest_gpu:
-        problems.append(f"no node has {one_gpu:g} GPUs (largest: {biggest_gpu:g})")
-    if need_cpu > total_cpu + 1e-9:
-        problems.append(f"{need_cpu:g} CPUs needed, the cluster has {total_cpu:g}")
-    if need_gpu > total_gpu + 1e-9:
-        problems.append(f"{need_gpu:g} GPUs needed, the cluster has {total_gpu:g}")
-    if problems:
-        raise BackendError(
-            "Ray cannot place the workers: " + "; ".join(problems) + ". Lower resources.num_workers, "
-            "resources.num_cpus / num_gpus, resources.pools or resources.server, or add nodes to the cluster")
 
 
 class ObjectStoreServer:
@@ -192,48 +92,32 @@ class ObjectStoreServer:
         return self.server.global_adapter()
 
 
-def _actor_classes():
-    import ray
+class RayWorker(Worker):
+    """A :class:`Worker` behind Ray: tensors cross the object store as packed byte buffers (:mod:`fedsim.runtime.wire`).
+    Runs inside :class:`~fedsim.runtime.ray_pool.WorkerActor`."""
 
-    from fedsim.models.quant import skip_unused_backends
-    from fedsim.runtime.worker import Worker
+    def run_client(self, job, payload):
+        result, update = super().run_client(job, unpack_tensors_of(payload))
+        return result, pack_tensors_of(update)
 
-    class WorkerActor(Worker):
-        def __init__(self, scenario: dict, data: Any, name: str, num_gpus: float):
-            from fedsim.config import scenario_from_dict
+    def run_pack(self, jobs, *payloads):
+        outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
+        results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
+        updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
+        return (results, *updates)  # one object per update, so that the server gets each by reference
 
-            scenario = scenario_from_dict(scenario)
-            skip_unused_backends(scenario.clients.quant.backends())  # a process of ours, nothing imported yet
-            super().__init__(scenario, data, name, num_gpus)
+    def evaluate(self, payload, batches):
+        return super().evaluate(unpack_tensors_of(payload), batches)
 
-        @ray.method(num_returns=2)
-        def run_client(self, job, payload):
-            result, update = super().run_client(job, unpack_tensors_of(payload))
-            return result, pack_tensors_of(update)
+    def evaluate_clients(self, payload, items):
+        return super().evaluate_clients(unpack_tensors_of(payload), items)
 
-        def run_pack(self, jobs, *payloads):
-            outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
-            results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
-            updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
-            return (results, *updates)  # one object per update, so that the server gets each by reference
+    def apply_base_delta(self, version, delta):
+        return super().apply_base_delta(version, unpack(delta))
 
-        def evaluate(self, payload, batches):
-            return super().evaluate(unpack_tensors_of(payload), batches)
-
-        def evaluate_clients(self, payload, items):
-            return super().evaluate_clients(unpack_tensors_of(payload), items)
-
-        def apply_base_delta(self, version, delta):
-            return super().apply_base_delta(version, unpack(delta))
-
-        def ping(self) -> str:
-            self.host(self._base_version)  # build the model now, so that no client's clock pays for it
-            return self.name
-
-        def stats(self):
-            return {**super().stats(), "node": ray.get_runtime_context().get_node_id()}
-
-    return ray.remote(WorkerActor), ray.remote(ObjectStoreServer)
+    def ping(self) -> str:
+        self.host(self._base_version)  # build the model now, so that no client's clock pays for it
+        return self.name
 
 
 class RayServerHandle(ServerHandle):
@@ -295,40 +179,34 @@ class RayBackend(Backend):
         self.started_ray = False
         self.actors: list[Any] = []
         self.server_actor: Any = None
-        self._worker_cls: Any = None
-        self._server_cls: Any = None
-        self._args: tuple = ()
+        self._pool: Pool | None = None
+        self._data_ref: Any = None
         self.num_replaced = 0
         self._base_history: list[tuple[int, Any]] = []
         self._pack_size = 1
-        self._ready: list[Any] = []
 
     def launch(self, scenario: Scenario) -> None:
-        """Start Ray and the worker actors; return at once. Each actor imports torch, transformers and PEFT and
-        builds its base model while the driver loads and tokenizes the data."""
-        if self.actors:
+        """Start Ray and the worker actors — or adopt those the ``fedsim`` command started for this scenario before
+        it imported torch (:func:`~fedsim.runtime.ray_pool.launch_early`); return at once. Each actor imports torch,
+        transformers and PEFT and builds its base model while the driver loads and tokenizes the data."""
+        if self._pool is not None:
             return
-        self.started_ray = init_ray(scenario)
-        check_placement(scenario.resources)
-        self._worker_cls, self._server_cls = _actor_classes()
+        self._pool = take_early(scenario.to_dict()) or launch_pool(scenario)
+        self.started_ray, self.actors, self._slots = self._pool.started_ray, self._pool.actors, self._pool.slots
+        self.launched_at = self._pool.started_at
         self._resources = scenario.resources
-        self._slots = scenario.resources.slots()  # (pool, num_cpus, num_gpus) per worker
         self._pack_size = scenario.pack_size()
-        self._args = (scenario.to_dict(), None)  # the data follows in start()
-        self.actors = [self._new_actor(i) for i in range(len(self._slots))]
-        self._ready = [a.ping.remote() for a in self.actors]  # builds each model as soon as its actor is up
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
         import ray
 
         self.launch(scenario)
-        data_ref = ray.put(data)
-        self._args = (self._args[0], data_ref)  # replacements get the data when they are created
-        ready = self._ready + [a.attach.remote(data_ref) for a in self.actors]
+        self._data_ref = ray.put(data)  # replacements get the data when they are created
+        ready = self._pool.ready + [a.attach.remote(self._data_ref) for a in self.actors]
         res = scenario.resources
         if res.server.num_cpus > 0 or res.server.num_gpus > 0:
-            self.server_actor = self._server_cls.options(num_cpus=res.server.num_cpus,
-                                                         num_gpus=res.server.num_gpus).remote(
+            self.server_actor = ray.remote(ObjectStoreServer).options(
+                num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(
                 scenario.strategy.name, scenario.strategy.params, spec)
             ready.append(self.server_actor.__ray_ready__.remote())
             handle: ServerHandle = RayServerHandle(self.server_actor)
@@ -346,11 +224,7 @@ class RayBackend(Backend):
         return handle
 
     def _new_actor(self, i: int) -> Any:
-        pool, cpus, gpus = self._slots[i]
-        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
-        actor = self._worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD"
-                                         ).remote(self._args[0], self._args[1],
-                                                  f"worker-{i}" + (f"-pool{pool}" if pool >= 0 else ""), gpus)
+        actor = self._pool.new_actor(i, self._data_ref)
         for version, delta in self._base_history:  # a replacement catches up with the merged base
             actor.apply_base_delta.remote(version, delta)
         return actor
@@ -456,7 +330,7 @@ class RayBackend(Backend):
         def submit(slot: int, unit: list) -> Any:
             actor = self.actors[slot]
             if len(unit) == 1:
-                meta_ref, update_ref = actor.run_client.remote(unit[0][1], unit[0][2])
+                meta_ref, update_ref = actor.run_client.options(num_returns=2).remote(unit[0][1], unit[0][2])
                 return meta_ref, [update_ref]
             refs = actor.run_pack.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit],
                                                                             *[p for _, _, p in unit])
@@ -544,12 +418,13 @@ class RayBackend(Backend):
     def shutdown(self) -> None:
         import ray
 
-        for a in self.actors + ([self.server_actor] if self.server_actor is not None else []):
+        if self.server_actor is not None:
             try:
-                ray.kill(a)
+                ray.kill(self.server_actor)
             except Exception:
                 pass
-        self.actors, self.server_actor = [], None
-        if self.started_ray and ray.is_initialized():
-            ray.shutdown()
-        self.started_ray = False
+            self.server_actor = None
+        if self._pool is not None:
+            self._pool.actors = self.actors  # replacements included
+            self._pool.shutdown()
+        self._pool, self.actors, self.started_ray = None, [], False

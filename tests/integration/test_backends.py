@@ -159,39 +159,60 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_a_local_head_stops_the_ray_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
-    """Quiet (the command line's default): the autoscaler monitor, the API server and the log monitor are stopped
-    (~80 MB each); --verbose keeps the log monitor, so that the workers' output reaches the console. The run works."""
-    from ray._private import ray_constants
+def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
+    """Quiet (the command line's default): no autoscaler monitor, no API server, no log monitor (~80 MB each);
+    --verbose keeps the log monitor, so that the workers' output reaches the console. pyarrow (which Ray's
+    serialization imports for Ray Data, ~36 MB a process) stays out of the workers and out of the driver's start,
+    and the driver can still import it (datasets needs it). A run on that head works."""
+    import sys
 
-    from fedsim.runtime import ray_backend
+    import ray
+    from ray._private import ray_constants
+    from ray._private import worker as ray_worker
+
+    from fedsim.runtime import ray_pool
 
     monkeypatch.setenv("FEDSIM_QUIET", "1")
     monkeypatch.setenv("FEDSIM_VERBOSE", "1" if verbose else "0")
-    stopped, alive_after = [], {}
-    real = ray_backend.stop_unused_ray_processes
-
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    def spy(res):
-        from ray._private import worker as ray_worker
-
-        processes = ray_worker._global_node.all_processes
-        pids = {name: processes[ptype][0].process.pid for name, ptype in (
-            ("monitor", ray_constants.PROCESS_TYPE_MONITOR), ("dashboard", ray_constants.PROCESS_TYPE_DASHBOARD),
-            ("log_monitor", ray_constants.PROCESS_TYPE_LOG_MONITOR))}
-        stopped.extend(real(res))
-        alive_after.update({name: alive(pid) for name, pid in pids.items()})
-        return stopped
-
-    monkeypatch.setattr(ray_backend, "stop_unused_ray_processes", spy)
+    had_pyarrow = "pyarrow" in sys.modules
     tiny_raw["rounds"] = 1
-    summary = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "run")
-    assert summary["final/eval/loss"] is not None
-    assert stopped == ["monitor", "dashboard"] + ([] if verbose else ["log_monitor"])
-    assert alive_after == {"monitor": False, "dashboard": False, "log_monitor": verbose}
+    scenario = scenario_from_dict(tiny_raw, ["resources.backend=ray"])
+    assert ray_pool.init_ray(scenario)
+
+    def alive(ptype):
+        procs = ray_worker._global_node.all_processes.get(ptype, [])
+        return any(p.process.poll() is None for p in procs)
+
+    assert not alive(ray_constants.PROCESS_TYPE_MONITOR)
+    assert not alive(ray_constants.PROCESS_TYPE_DASHBOARD)
+    assert alive(ray_constants.PROCESS_TYPE_LOG_MONITOR) == verbose
+    assert alive(ray_constants.PROCESS_TYPE_GCS_SERVER) and alive(ray_constants.PROCESS_TYPE_RAYLET)
+
+    @ray.remote(num_cpus=0)
+    def modules():
+        return sys.modules.get("pyarrow", "absent") is None, "fedsim.runtime.boot" in sys.modules
+
+    assert ray.get(modules.remote()) == (True, True)  # preloaded, and pyarrow marked absent before anything ran
+    if not had_pyarrow:
+        assert "pyarrow" not in sys.modules  # the mark was lifted in the driver, pyarrow not imported
+    import pyarrow  # noqa: F401  # datasets can still use it here
+
+    summary = run_scenario(scenario, tmp_path / "run")  # on this head (not started by the run: it stays up)
+    assert summary["final/eval/loss"] is not None and ray.is_initialized()
+
+
+def test_lean_start_falls_back_to_stopping_what_ray_started(tiny_raw, monkeypatch):
+    """A Ray without the start-up hooks starts in full; the unused processes are then stopped once it is up."""
+    from ray._private import ray_constants
+    from ray._private import worker as ray_worker
+
+    from fedsim.runtime import ray_pool
+
+    monkeypatch.setenv("FEDSIM_QUIET", "1")
+    monkeypatch.setenv("FEDSIM_VERBOSE", "0")
+    monkeypatch.setattr(ray_pool, "_lean_head", lambda skip: __import__("contextlib").nullcontext())
+    assert ray_pool.init_ray(scenario_from_dict(tiny_raw, ["resources.backend=ray"]))
+    procs = ray_worker._global_node.all_processes
+    for ptype in (ray_constants.PROCESS_TYPE_MONITOR, ray_constants.PROCESS_TYPE_DASHBOARD,
+                  ray_constants.PROCESS_TYPE_LOG_MONITOR):
+        assert all(p.process.poll() is not None for p in procs.get(ptype, []))

@@ -220,3 +220,50 @@ def test_output_is_quiet_unless_verbose(tiny_raw, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(path), "--verbose"], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0 and "Generating train split" in r.stderr
+
+
+_EARLY_PROBE = """
+import json, sys
+from fedsim.runtime import ray_pool
+calls = []
+real = ray_pool.launch_pool
+def spy(scenario):
+    calls.append("torch" in sys.modules)
+    return real(scenario)
+ray_pool.launch_pool = spy
+from fedsim.cli import main
+rc = main(sys.argv[1:])
+import ray
+print(json.dumps({"rc": rc, "torch_at_launch": calls, "ray_up": ray.is_initialized()}))
+"""
+
+
+def test_run_on_ray_starts_the_workers_before_torch_is_imported(tiny_yaml, tmp_path):
+    """`fedsim run` on the Ray backend creates the worker actors once, before the driver imports torch (the
+    workers import theirs meanwhile); the run adopts them and gives the local backend's numbers."""
+    out = tmp_path / "ray"
+    code = subprocess.run([sys.executable, "-c", _EARLY_PROBE, "run", str(tiny_yaml), "--out", str(out),
+                           "--set", "resources.backend=ray", "--set", "rounds=1"], capture_output=True, text=True,
+                          timeout=600)
+    assert code.returncode == 0, code.stderr
+    probe = json.loads(code.stdout.strip().splitlines()[-1])
+    assert probe == {"rc": 0, "torch_at_launch": [False], "ray_up": False}  # one pool, started torch-free
+    r = _fedsim("run", str(tiny_yaml), "--out", str(tmp_path / "local"), "--set", "rounds=1")
+    assert r.returncode == 0, r.stderr
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    local = [json.loads(x) for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["eval/loss"] == local["eval/loss"] and last["train/loss"] == local["train/loss"]
+
+
+def test_a_strategy_error_after_the_early_start_is_one_line_and_stops_ray(tiny_yaml, tmp_path):
+    """The strategy checks come after the workers are started: their error is the usual one line, and the pool and
+    the Ray instance it started are shut down."""
+    code = subprocess.run([sys.executable, "-c", _EARLY_PROBE, "run", str(tiny_yaml), "--out", str(tmp_path / "r"),
+                           "--set", "resources.backend=ray", "--set", "strategy.params.bogus=1"],
+                          capture_output=True, text=True, timeout=600)
+    assert code.returncode == 0, code.stderr
+    probe = json.loads(code.stdout.strip().splitlines()[-1])
+    assert probe == {"rc": 2, "torch_at_launch": [False], "ray_up": False}
+    assert code.stderr.startswith("error: ") and "strategy.params" in code.stderr and "bogus" in code.stderr
+    assert len(code.stderr.strip().splitlines()) == 1 and "Traceback" not in code.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,322 @@
+"""Start Ray and the pool of worker actors — without importing torch in the driver.
+
+The ``fedsim`` command starts the pool as soon as the scenario is validated (:func:`launch_early`, with the strategy
+checks left for later), so that the workers import torch, transformers and PEFT while the driver imports torch and
+validates and prepares in its turn; :class:`~fedsim.runtime.ray_backend.RayBackend` adopts that pool
+(:func:`take_early`) or starts its own (:func:`launch_pool`).
+
+A local Ray head is started lean: without the autoscaler monitor (one machine: nothing to scale), without the API
+server unless ``resources.dashboard`` (without the dashboard it serves only usage statistics, which fedsim turns
+off), and in a quiet command-line run without the log monitor (what the workers print is then library chatter;
+``--verbose`` keeps it). Each holds ~80 MB, and starting them costs ~1 s of the start-up on two cores. This uses Ray's
+private start-up classes; a Ray without them starts in full and :func:`stop_unused_ray_processes` stops the three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedsim.errors import BackendError
+
+if TYPE_CHECKING:
+    from fedsim.config import Scenario
+
+log = logging.getLogger(__name__)
+
+
+def ray_temp_dir() -> str:
+    """Ray's session directory: ``$FEDSIM_RAY_TMPDIR`` or a short per-user path under the system temp dir (Ray's
+    socket paths must stay under ~107 characters)."""
+    return os.environ.get("FEDSIM_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"fedsim-ray-{os.getuid()}"))
+
+
+def unused_ray_processes(res: Any) -> list[str]:
+    """What a local head would start that this run does not use (see the module's docstring)."""
+    from fedsim.quiet import worker_output_wanted
+
+    return ["monitor"] + ([] if res.dashboard else ["dashboard"]) + ([] if worker_output_wanted() else ["log_monitor"])
+
+
+@contextlib.contextmanager
+def _lean_head(skip: list[str]) -> Iterator[None]:
+    """While Ray starts a local head, leave out the processes in ``skip``; a Ray without these hooks starts in full."""
+    try:
+        from ray._private.node import Node
+        from ray._private.parameter import RayParams
+
+        init0, api0 = RayParams.__init__, Node.start_api_server
+    except (ImportError, AttributeError) as e:
+        log.debug("Ray starts in full (%s)", e)
+        yield
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init0(self, *args, **kwargs)
+        if "monitor" in skip:
+            self.no_monitor = True
+        if "log_monitor" in skip:
+            self.include_log_monitor = False
+
+    def start_api_server(self: Any, *, include_dashboard: Any, raise_on_failure: bool) -> None:
+        if "dashboard" not in skip:
+            return api0(self, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
+        self._webui_url = None  # as Ray's minimal install: no API server, no dashboard URL
+
+    RayParams.__init__, Node.start_api_server = init, start_api_server
+    try:
+        yield
+    finally:
+        RayParams.__init__, Node.start_api_server = init0, api0
+
+
+@contextlib.contextmanager
+def _without_pyarrow() -> Iterator[None]:
+    """Ray's serialization context imports pyarrow (for Ray Data, which fedsim does not use: ~36 MB): keep it out of
+    this process while Ray connects; ``datasets`` can still import it later."""
+    from fedsim.runtime.boot import allow_pyarrow, hide_pyarrow
+
+    hidden = hide_pyarrow()
+    try:
+        yield
+    finally:
+        if hidden:
+            allow_pyarrow()
+
+
+def init_ray(scenario: Scenario, runs: int = 1) -> bool:
+    """Connect to (``resources.address``) or start a local Ray instance with room for ``runs`` concurrent runs of
+    ``scenario``. Returns True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    res = scenario.resources
+    kwargs: dict[str, Any] = dict(include_dashboard=res.dashboard, logging_level=logging.WARNING,
+                                  configure_logging=True, log_to_driver=True)
+    skip: list[str] = []
+    if res.address:
+        kwargs["address"] = res.address
+    else:
+        # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
+        need_cpus = runs * (sum(c for _, c, _ in res.slots()) + res.server.num_cpus)
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(-(-need_cpus // 1)))
+        need_gpus = runs * (sum(g for _, _, g in res.slots()) + res.server.num_gpus)
+        if need_gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU",
+                            need_gpus)
+                kwargs["num_gpus"] = int(-(-need_gpus // 1))
+        kwargs["_temp_dir"] = ray_temp_dir()
+        kwargs["_system_config"] = {"preload_python_modules": ["fedsim.runtime.boot"]}  # pyarrow stays out
+        skip = unused_ray_processes(res)
+    main_thread = threading.current_thread() is threading.main_thread()
+    keep = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        with _lean_head(skip), _without_pyarrow():
+            ray.init(**kwargs)
+            ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
+    except Exception as e:
+        where = f"the Ray cluster at {res.address!r}" if res.address else "a local Ray instance"
+        raise BackendError(f"could not start {where}: {e.__class__.__name__}: {e}. "
+                           "Check resources.address, or use resources.backend: local") from None
+    finally:
+        if keep is not None:  # Ray's core worker replaces SIGTERM with a handler that dumps a native stack and aborts
+            signal.signal(signal.SIGTERM, keep)
+    if skip:
+        stop_unused_ray_processes(skip)
+    return True
+
+
+def stop_unused_ray_processes(names: list[str]) -> list[str]:
+    """Stop those of a local head's processes ``names`` that are running (none, when it started lean); return the
+    ones stopped."""
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        kinds = {"monitor": "PROCESS_TYPE_MONITOR", "dashboard": "PROCESS_TYPE_DASHBOARD",
+                 "log_monitor": "PROCESS_TYPE_LOG_MONITOR"}
+        from ray._private import ray_constants
+
+        running = [n for n in names if getattr(ray_constants, kinds[n]) in node.all_processes]
+        for name in running:
+            getattr(node, f"kill_{name}")(check_alive=False)
+    except Exception as e:  # private hooks: a Ray release without them keeps its processes, nothing else changes
+        log.debug("could not stop Ray's unused processes (%s)", e)
+        return []
+    return running
+
+
+def check_placement(res: Any) -> None:
+    """Fail now, not after a long wait, when the cluster cannot place the requested workers and server.
+
+    Raises:
+        BackendError: naming what is short and the fix.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    slots = res.slots()
+    need_cpu = sum(c for _, c, _ in slots) + res.server.num_cpus
+    need_gpu = sum(g for _, _, g in slots) + res.server.num_gpus
+    biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    biggest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    problems = []
+    one_cpu = max([c for _, c, _ in slots] + [res.server.num_cpus])
+    one_gpu = max([g for _, _, g in slots] + [res.server.num_gpus])
+    if one_cpu > biggest_cpu:
+        problems.append(f"no node has {one_cpu:g} CPUs (largest: {biggest_cpu:g})")
+    if one_gpu > biggest_gpu:
+        problems.append(f"no node has {one_gpu:g} GPUs (largest: {biggest_gpu:g})")
+    if need_cpu > total_cpu + 1e-9:
+        problems.append(f"{need_cpu:g} CPUs needed, the cluster has {total_cpu:g}")
+    if need_gpu > total_gpu + 1e-9:
+        problems.append(f"{need_gpu:g} GPUs needed, the cluster has {total_gpu:g}")
+    if problems:
+        raise BackendError(
+            "Ray cannot place the workers: " + "; ".join(problems) + ". Lower resources.num_workers, "
+            "resources.num_cpus / num_gpus, resources.pools or resources.server, or add nodes to the cluster")
+
+
+class WorkerActor:
+    """The body of a worker actor, defined without torch so that the driver can create the pool before it imports
+    torch. The actor's process imports torch, transformers and PEFT here, after keeping the quantization libraries
+    the scenario does not use out of it; the work is :class:`~fedsim.runtime.ray_backend.RayWorker`'s."""
+
+    def __init__(self, scenario: dict, data: Any, name: str, num_gpus: float):
+        from fedsim.config import scenario_from_dict
+        from fedsim.models.quant_specs import skip_unused_backends
+
+        sc = scenario_from_dict(scenario)
+        skip_unused_backends(sc.clients.quant.backends())  # a process of ours, nothing imported yet
+        from fedsim.runtime.ray_backend import RayWorker
+
+        self.worker = RayWorker(sc, data, name, num_gpus)
+
+    def attach(self, data: Any) -> None:
+        self.worker.attach(data)
+
+    def run_client(self, job: Any, payload: Any) -> tuple[Any, Any]:
+        return self.worker.run_client(job, payload)
+
+    def run_pack(self, jobs: Any, *payloads: Any) -> tuple:
+        return self.worker.run_pack(jobs, *payloads)
+
+    def evaluate(self, payload: Any, batches: Any) -> Any:
+        return self.worker.evaluate(payload, batches)
+
+    def evaluate_clients(self, payload: Any, items: Any) -> Any:
+        return self.worker.evaluate_clients(payload, items)
+
+    def apply_base_delta(self, version: int, delta: Any) -> int:
+        return self.worker.apply_base_delta(version, delta)
+
+    def ping(self) -> str:
+        return self.worker.ping()
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        return {**self.worker.stats(), "node": ray.get_runtime_context().get_node_id()}
+
+
+def remote_worker_class() -> Any:
+    """The Ray actor class of :class:`WorkerActor` (``run_client`` is called with ``num_returns=2``: the result's
+    metadata and the update, as two objects)."""
+    import ray
+
+    return ray.remote(WorkerActor)
+
+
+@dataclass
+class Pool:
+    """Ray (started by this process or not) and the worker actors of one run, created for ``scenario``."""
+
+    scenario: dict
+    started_ray: bool
+    slots: list[tuple[int, float, float]]
+    worker_cls: Any
+    actors: list[Any] = field(default_factory=list)
+    ready: list[Any] = field(default_factory=list)  # each actor's ping: its model built
+    started_at: float = 0.0  # time.perf_counter() when the launch began (a run's time counts from it)
+
+    def new_actor(self, i: int, data: Any = None) -> Any:
+        pool, cpus, gpus = self.slots[i]
+        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
+        return self.worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD"
+                                       ).remote(self.scenario, data, f"worker-{i}" + (f"-pool{pool}" if pool >= 0
+                                                                                      else ""), gpus)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        self.actors = []
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+        self.started_ray = False
+
+
+def launch_pool(scenario: Scenario) -> Pool:
+    """Start (or connect to) Ray and create the worker actors; return at once: each actor imports and builds its
+    model while the caller goes on."""
+    t0 = time.perf_counter()
+    started = init_ray(scenario)
+    try:
+        check_placement(scenario.resources)
+    except BackendError:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    pool = Pool(scenario.to_dict(), started, scenario.resources.slots(), remote_worker_class(), started_at=t0)
+    pool.actors = [pool.new_actor(i) for i in range(len(pool.slots))]
+    pool.ready = [a.ping.remote() for a in pool.actors]
+    return pool
+
+
+_early: Pool | None = None
+
+
+def launch_early(scenario: Scenario) -> None:
+    """Start the pool for ``scenario`` now (the ``fedsim`` command, before it imports torch); the run's backend
+    adopts it."""
+    global _early
+    discard_early()
+    _early = launch_pool(scenario)
+
+
+def take_early(scenario: dict) -> Pool | None:
+    """The pool :func:`launch_early` started, if it was for this scenario (else it is shut down); only once."""
+    global _early
+    pool, _early = _early, None
+    if pool is not None and pool.scenario != scenario:
+        pool.shutdown()
+        return None
+    return pool
+
+
+def discard_early() -> None:
+    """Shut down a pool that no run adopted (e.g. the scenario failed its strategy checks)."""
+    global _early
+    pool, _early = _early, None
+    if pool is not None:
+        pool.shutdown()
