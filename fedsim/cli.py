@@ -210,5 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``fedsim`` console script: :func:`main`, then a quick exit.
+
+    Once the command is done, its non-daemon threads are joined and the exit handlers run (Ray's, W&B's,
+    logging's flush), as at a normal exit; then the process ends without the interpreter's own teardown — tearing
+    down torch, transformers and Ray's ~1,800 modules takes ~0.7 s on two cores and changes nothing on disk.
+    """
+    import atexit
+    import threading
+
+    rc = main()
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
