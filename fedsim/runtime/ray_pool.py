@@ -127,7 +127,8 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
     try:
         with _lean_head(skip), _without_pyarrow():
             ray.init(**kwargs)
-            ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
+            with contextlib.suppress(Exception):  # private: a Ray without it makes the context later, with pyarrow
+                ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
     except Exception as e:
         where = f"the Ray cluster at {res.address!r}" if res.address else "a local Ray instance"
         raise BackendError(f"could not start {where}: {e.__class__.__name__}: {e}. "
