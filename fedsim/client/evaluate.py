@@ -14,38 +14,22 @@ import numpy as np
 import torch
 
 from fedsim.client.batching import IGNORE, collate
+from fedsim.client.lm_loss import labelled_logits
 from fedsim.data.datasets import TokenizedData, TokenizedSplit
 
 
 def _token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-likelihood of the labels and whether the argmax hit them, at the positions where some row has a
-    label (B, P), masked where a row has none. The LM head runs at those positions only (``logits_to_keep``): the
-    logits of a whole batch, (B, T, vocabulary) in float32, are most of an evaluation's memory, and a prompt's
+    label (B, P), masked where a row has none. The LM head runs at those positions only (:func:`labelled_logits`):
+    the logits of a whole batch, (B, T, vocabulary) in float32, are most of an evaluation's memory, and a prompt's
     positions have no label to score."""
-    target = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # (P,)
-    if _takes_logits_to_keep(model):
-        logits = model(input_ids=batch["input_ids"], logits_to_keep=keep).logits.float()  # right padding: collate()
-    else:
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1][:, keep].float()
-    target = target[:, keep]
+    logits, target = labelled_logits(model, batch["input_ids"], batch["labels"])
+    logits = logits.float()
     valid = target != IGNORE
     safe = target.clamp(min=0)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     hit = logits.argmax(dim=-1) == safe
     return logp.masked_fill(~valid, 0.0), hit | ~valid
-
-
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (PEFT-wrapped) causal LM's forward accepts ``logits_to_keep`` (transformers' models do)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cached = getattr(inner, "_fedsim_logits_to_keep", None)
-    if cached is None:
-        cached = "logits_to_keep" in inspect.signature(inner.forward).parameters
-        inner._fedsim_logits_to_keep = cached
-    return cached
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedsim.client.batching import IGNORE
+from fedsim.client.lm_loss import labelled_logits
 from fedsim.client.trainer import batch_schedule
 from fedsim.config import TrainingConfig
 from fedsim.data.datasets import TokenizedSplit
@@ -221,15 +222,14 @@ def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: i
     return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
 
-def _client_losses(logits: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+def _client_losses(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     """Each client's mean next-token loss over its own labelled tokens, as transformers' causal-LM loss computes it
-    for one client's batch (logits upcast to float32, labels shifted by one). Returns (n,)."""
-    logits = logits.float()
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
-    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+    for one client's batch (logits upcast to float32), from :func:`~fedsim.client.lm_loss.labelled_logits`'
+    (logits, targets) at the pack's labelled positions. Returns (n,)."""
+    tok = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             ignore_index=IGNORE, reduction="none")
     tok = tok.view(n, -1)
-    count = (shifted != IGNORE).view(n, -1).sum(dim=1)
+    count = (target != IGNORE).view(n, -1).sum(dim=1)
     return tok.sum(dim=1) / count  # 0/0 = nan for a batch without labels, as for one client alone
 
 
@@ -283,8 +283,8 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
                 break
             packed.select(None if len(active) == k else torch.tensor(active, device=device))
             ids, labels = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
-            logits = model(input_ids=ids).logits  # right padding: no mask needed
-            losses = _client_losses(logits, labels, len(active))
+            logits, target = labelled_logits(model, ids, labels)  # the LM head at labelled positions only
+            losses = _client_losses(logits, target, len(active))
             values = losses.detach().cpu().tolist()
             labelled = (labels != IGNORE).view(len(active), -1).sum(dim=1).tolist()  # tokens per client this step
             objective = []

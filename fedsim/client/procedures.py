@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedsim.client.batching import collate
+from fedsim.client.lm_loss import causal_lm_loss
 from fedsim.client.trainer import Regularizer, batch_schedule, make_optimizer, train_local
 from fedsim.config import TrainingConfig
 from fedsim.data.datasets import TokenizedSplit
@@ -170,8 +171,8 @@ def bilevel(job: LocalJob) -> dict[str, float]:
 
         def f(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch=batch) -> torch.Tensor:
             override = dict(zip(x_names, xs)) | dict(zip(y_names, ys))
-            return functional_call(model, override, args=(),
-                                   kwargs={"input_ids": batch["input_ids"], "labels": batch["labels"]}).loss
+            return causal_lm_loss(model, batch["input_ids"], batch["labels"],
+                                  lambda **kw: functional_call(model, override, args=(), kwargs=kw))
 
         if mode == "simultaneous":  # ablation: both from ∇f(x, y) at the same point
             loss = f(x, y)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fedsim.client.batching import collate
+from fedsim.client.lm_loss import causal_lm_loss
 from fedsim.config import TrainingConfig
 from fedsim.data.datasets import TokenizedSplit
 from fedsim.lora import ops
@@ -81,7 +82,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
             reg_start = float(regularizer())
     for batch_idx in batch_schedule(indices, steps, cfg.batch_size, rng):
         batch = collate(split, batch_idx, pad_id, device)
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # right padding: no mask needed
+        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"])  # the LM head at labelled positions only
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
         objective = loss + regularizer() if regularizer is not None else loss

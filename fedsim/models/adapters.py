@@ -18,6 +18,43 @@ from fedsim.types import LoraSpec, ModuleShape, Tensors
 MAX_ADAPTERS = 8  # named adapters kept per worker (one per distinct rank/alpha in use)
 
 
+def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` for vanilla LoRA, with the scaling and the residual add folded into the second
+    GEMM: ``addmm(W0 x, A x, Bᵀ, alpha=s)`` = W0 x + s · B A x in one kernel, where PEFT runs B(A x), then a multiply
+    and an add over the (tokens × d_out) output, forward and backward. The same function up to float rounding
+    (~1e-7 relative); ~10% of a small model's training step on CPU, a kernel launch or two per layer on GPU.
+
+    Everything else — adapters off or merged, DoRA and other variants, a bias on B, mixed-batch ``adapter_names``,
+    an input in another dtype than the adapter — goes to PEFT's own forward."""
+    lora_a_keys = self.lora_A.keys()
+    active = [n for n in self.active_adapters if n in lora_a_keys]
+    if (args or kwargs or self.disable_adapters or self.merged or self.lora_variant
+            or any(self.lora_B[n].bias is not None or self.lora_A[n].weight.dtype != x.dtype for n in active)):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    if result.dtype != x.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    shape = result.shape
+    out = result.reshape(-1, shape[-1])
+    for n in active:
+        h = self.lora_A[n](self.lora_dropout[n](x))
+        out = torch.addmm(out, h.reshape(-1, h.shape[-1]), self.lora_B[n].weight.t(), alpha=self.scaling[n])
+    return out.view(shape)
+
+
+def _install_fused_forward(model: torch.nn.Module) -> int:
+    """Give every plain PEFT ``lora.Linear`` (not the HQQ / bitsandbytes ones) :func:`fused_lora_forward`; return
+    how many."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for mod in model.modules():
+        if type(mod) is Linear and "forward" not in mod.__dict__:
+            mod.forward = fused_lora_forward.__get__(mod)
+            count += 1
+    return count
+
+
 def adapter_name(lora: LoraSpec, personal: bool = False) -> str:
     a = f"{lora.alpha:g}".replace(".", "p").replace("-", "m")
     return ("p_" if personal else "") + f"r{lora.rank}_a{a}" + ("_rs" if lora.rslora else "")
@@ -78,6 +115,7 @@ class AdapterHost:
             from peft import get_peft_model
 
             self.model = get_peft_model(self.base, self._config(lora), adapter_name=name)
+            _install_fused_forward(self.model)
             self.num_wraps += 1
         elif name not in self._params:
             if len(self._params) >= MAX_ADAPTERS:  # evict the least recently used adapter

@@ -70,6 +70,76 @@ def test_scoring_only_labelled_positions_equals_scoring_every_position(tiny_scen
         assert torch.equal(hit.all(1), want_hit)
 
 
+def test_training_loss_at_labelled_positions_equals_transformers_loss(tiny_scenario):
+    """causal_lm_loss (the LM head only where a label is scored) is transformers' causal-LM loss, value and
+    gradients, with and without logits_to_keep; a batch without labels gives NaN, as transformers'."""
+    from fedsim.client.batching import collate
+    from fedsim.client.lm_loss import causal_lm_loss
+
+    model = build_base_model(tiny_scenario.model)
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, 300, size=n) for n in (9, 14, 6, 11)]
+    batch = collate(_split(seqs, [4, 10, 2, 7], [0, 0, 0, 0]), np.arange(4), 0)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    want = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    want_grads = torch.autograd.grad(want, params)
+    for forward_takes_it in (True, False):
+        model._fedsim_logits_to_keep = forward_takes_it
+        got = causal_lm_loss(model, batch["input_ids"], batch["labels"])
+        assert abs(float(got) - float(want)) <= 1e-6 * float(want)
+        for g, w in zip(torch.autograd.grad(got, params), want_grads):
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+    empty = torch.full_like(batch["labels"], -100)
+    assert torch.isnan(causal_lm_loss(model, batch["input_ids"], empty))
+
+
+def test_fused_lora_forward_equals_peft(tiny_scenario):
+    """The fused LoRA forward (scaling and residual add inside one addmm) gives PEFT's outputs and gradients — one
+    adapter, two active adapters with mixing weights, dropout — and hands what it does not cover (adapters off or
+    merged) to PEFT's own forward."""
+    from peft.tuners.lora.layer import Linear
+
+    from fedsim.models.adapters import AdapterHost, fused_lora_forward
+
+    host = AdapterHost(build_base_model(tiny_scenario.model), tiny_scenario.model.target_modules, lora_dropout=0.1)
+    main, personal = LoraSpec(4, 8.0), LoraSpec(2, 4.0)
+    host.activate(main, personal, (0.3, 0.7))
+    mods = [m for m in host.model.modules() if type(m) is Linear]
+    assert mods and all("forward" in m.__dict__ for m in mods)  # installed on every plain LoRA layer
+    torch.manual_seed(0)
+    params = host.set_trainable(main, ("A", "B")) + host.set_trainable(personal, ("A", "B"), personal=True)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(3, 300, (3, 12))
+    host.model.train()
+
+    def run(fused):
+        for m in mods:
+            if fused:
+                m.forward = fused_lora_forward.__get__(m)
+            else:
+                m.__dict__.pop("forward", None)
+        torch.manual_seed(5)  # the same dropout masks
+        out = host.model(input_ids=ids).logits
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    def close(a, b):  # float rounding only: relative to the tensor's scale
+        return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    (out_f, g_f), (out_p, g_p) = run(True), run(False)
+    assert close(out_f, out_p) and all(close(a, b) for a, b in zip(g_f, g_p))
+    assert float(g_p[0].abs().max()) > 0
+    host.model.eval()
+    with torch.no_grad():
+        on = host.model(input_ids=ids).logits
+        with host.model.disable_adapter():  # handed to PEFT: the base alone
+            off = host.model(input_ids=ids).logits
+        base = build_base_model(tiny_scenario.model)(input_ids=ids).logits  # the same seeded weights
+    assert torch.equal(off, base) and not torch.allclose(on, base)
+
+
 def test_target_shapes_of_tiny_model(tiny_scenario):
     shapes = target_shapes(tiny_scenario.model)
     assert len(shapes) == 7  # one layer, seven projections
