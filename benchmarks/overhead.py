@@ -3,7 +3,7 @@
 Workload (issue #2): each round trains 100 clients × 5 local steps (batch 8 × 64 tokens, LoRA r=8 on all seven
 projections of the tiny model) with 2 Ray workers (1 CPU, 1 thread each).
 
-Floor (measured before and after fedsim, in the same run): the same training steps — same model, same batch shapes, same optimizer, same number of steps per client —
+Floor (measured before and after fedsim, in the same run): the same training steps — same model, same batch shapes, same loss, same optimizer, same number of steps per client —
 with the model built and wrapped once, split over 2 plain processes with one thread each, nothing else (no adapter
 swaps, no data collation, no communication, no aggregation). The floor's round time is the slower process's time.
 
@@ -62,6 +62,7 @@ def _floor_worker(num_clients: int, rounds: int, queue: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from fedsim.client.lm_loss import causal_lm_loss
     from fedsim.config import ModelConfig
     from fedsim.models.adapters import AdapterHost
     from fedsim.models.base import build_base_model
@@ -84,7 +85,7 @@ def _floor_worker(num_clients: int, rounds: int, queue: mp.Queue) -> None:
         for _ in range(num_clients):
             opt = torch.optim.AdamW(params, lr=1e-3)
             for _ in range(STEPS):
-                loss = model(input_ids=ids, labels=labels).loss
+                loss = causal_lm_loss(model, ids, labels)  # the loss a fedsim client computes
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
