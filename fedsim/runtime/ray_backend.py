@@ -7,8 +7,9 @@ Ray actor of its own when ``resources.server`` asks for resources).
 - The server ``ray.put``s each distinct payload once per round (FedIT's global adapter is one object for all
   sampled clients) and receives client updates by object reference: with the server in an actor, adapter tensors
   never pass through the driver.
-- Ray and the workers start before the driver prepares the data (:meth:`RayBackend.launch`), so that their imports
-  and model builds overlap the tokenization.
+- Ray and the workers start before the driver prepares the data (:meth:`RayBackend.launch`; the ``fedsim`` command
+  starts them even before it imports torch, and the backend adopts them: :mod:`fedsim.runtime.ray_pool`), so that
+  their imports and model builds overlap the driver's.
 - A worker that dies is replaced (Ray's own ActorPool would shrink silently) and its client retried.
 """
 
