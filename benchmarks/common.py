@@ -41,7 +41,7 @@ MODEL_ENV = "FEDSIM_BENCH_MODEL"  # the base model of a benchmark's runs (inheri
 
 def add_base_argument(ap) -> None:
     ap.add_argument("--base", choices=["random", "warm"], default="random",
-                    help="random: the built-in randomly initialised tiny model; warm: the pretrained small Llama of "
+                    help="random: the built-in randomly initialised tiny model; warm: the same architecture pretrained by "
                          "benchmarks/warm_base.py (built once, cached), loaded through from_pretrained")
 
 
@@ -52,7 +52,10 @@ def use_base(args) -> str:
     if args.base == "warm":
         import warm_base
 
-        os.environ[MODEL_ENV] = str(warm_base.ensure())
+        try:
+            os.environ[MODEL_ENV] = str(warm_base.ensure())
+        except warm_base.CorpusError as e:
+            raise SystemExit(f"error: {e}") from None
         return "_warm"
     os.environ.pop(MODEL_ENV, None)
     return ""

@@ -117,6 +117,10 @@ def main() -> int:
     add_base_argument(ap)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    if args.base == "warm" and "ag_news" in args.settings:
+        print("error: the warm base was pretrained on AG News text (benchmarks/warm_base.py), so it cannot be compared "
+              "on the ag_news setting: pass --settings synthetic, or --base random", file=sys.stderr)
+        return 2
     base_tag = use_base(args)
     if "ag_news" in args.settings and not AG_NEWS.is_file():
         print(f"skipping ag_news: {AG_NEWS} not found", file=sys.stderr)
