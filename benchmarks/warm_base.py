@@ -1,7 +1,7 @@
 """A warm base: the built-in tiny model's architecture, pretrained, so that federated fine-tuning starts from a model
 with useful representations instead of random features.
 
-Same size as ``model.name: tiny`` (Llama, hidden 64, 2 layers, 0.26M parameters, ByT5's byte-level vocabulary), so
+Same size as ``model.name: tiny`` (Llama, hidden 64, 2 layers, 0.13M parameters, ByT5's byte-level vocabulary), so
 that a benchmark's random-base and warm-base runs differ only in the pretraining and cost the same. Pretraining
 (all weights, next-token loss on every token) draws each sequence, with equal odds, from
 
@@ -14,7 +14,7 @@ that a benchmark's random-base and warm-base runs differ only in the pretraining
 Because the text is AG News, a benchmark refuses the warm base on its AG News setting (the base has read that text).
 The result is written with ``save_pretrained`` (model and tokenizer) and loads through the real hub path:
 ``model: {name: <dir>}``. The directory is a deterministic function of the settings (seeded), cached under
-``$FEDSIM_CACHE_DIR/warm_base/<hash>`` (default ``~/.cache/fedsim``); ``ensure()`` builds it once (~3 min on 2 cores).
+``$FEDSIM_CACHE_DIR/warm_base/<hash>`` (default ``~/.cache/fedsim``); ``ensure()`` builds it once (~2 min on 2 cores).
 
 Usage: python benchmarks/warm_base.py [--steps 3000] [--corpus CSV] [--out DIR]
 """
@@ -209,7 +209,7 @@ def ensure(steps: int = STEPS, log=print, corpus: Path = CORPUS) -> Path:
     """The warm base's directory, pretrained on first use."""
     out = default_dir(steps, corpus)
     if not (out / "warm_base.json").is_file():
-        log(f"pretraining the warm base into {out} (once, ~3 min) ...")
+        log(f"pretraining the warm base into {out} (once, ~2 min) ...")
         pretrain(out, steps, log, corpus)
     return out
 
