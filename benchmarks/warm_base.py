@@ -33,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.config import ModelConfig, TinyModelConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
-# the built-in tiny model's defaults (fedsim.config.TinyModelConfig)
-SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+# the built-in tiny model's architecture, with Llama's initialisation for training from scratch
+TINY = TinyModelConfig(init_std=0.02)
+SIZE = {"hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size,
+        "num_hidden_layers": TINY.num_layers, "num_attention_heads": TINY.num_heads}
 STEPS, BATCH, LR, SEED, MAX_LEN, TEXT_SHARE, WINDOW = 3000, 32, 3e-3, 0, 32, 0.5, 48
 LETTERS = "abcdefgh"
 
@@ -162,7 +166,9 @@ def _pad(seqs: list[list[int]], pad_id: int):
 def pretrain(out: Path, steps: int = STEPS, log=print, corpus: Path = CORPUS) -> dict:
     """Pretrain and ``save_pretrained`` to ``out``; returns what was measured (also in ``out/warm_base.json``)."""
     import torch
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import ByT5Tokenizer, LlamaForCausalLM
+
+    from fedsim.models.base import tiny_config
 
     text = read_corpus(corpus)
     torch.manual_seed(SEED)
@@ -170,9 +176,7 @@ def pretrain(out: Path, steps: int = STEPS, log=print, corpus: Path = CORPUS) ->
     cut = max(1, len(text) // 20)  # the last 5% of the corpus: held-out text
     train_text = [tok(t, add_special_tokens=False)["input_ids"] for t in text[:-cut] or text]
     held_text = [tok(t, add_special_tokens=False)["input_ids"] for t in text[-cut:]]
-    cfg = LlamaConfig(vocab_size=384, num_key_value_heads=SIZE["num_attention_heads"], max_position_embeddings=512,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False, **SIZE)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(tiny_config(ModelConfig(name="tiny", tiny=TINY)))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
