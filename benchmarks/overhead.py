@@ -62,10 +62,10 @@ def _floor_worker(num_clients: int, rounds: int, queue: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from fedsim.client.lm_loss import causal_lm_loss
     from fedsim.config import ModelConfig
     from fedsim.models.adapters import AdapterHost
     from fedsim.models.base import build_base_model
+    from fedsim.models.lm_loss import causal_lm_loss
     from fedsim.types import LoraSpec
 
     cfg = ModelConfig()

@@ -1,6 +1,6 @@
 """One local training step, four ways, measured side by side in one run: PEFT's LoRA forward or fedsim's fused one
 (scaling and residual add inside one ``addmm``), and the LM head at every position (transformers' ``.loss``) or at
-the labelled positions only (``fedsim.client.lm_loss``).
+the labelled positions only (``fedsim.models.lm_loss``).
 
 Workload: overhead.py's — the tiny model, LoRA r = 8 on its seven projections, batches of 8 × 64 tokens whose last 7
 tokens are labelled, AdamW with clipping, one thread; per repeat 20 clients × 5 steps in each way, interleaved so
@@ -31,10 +31,10 @@ def main() -> int:
     import torch
     from peft.tuners.lora.layer import Linear
 
-    from fedsim.client.lm_loss import causal_lm_loss
     from fedsim.config import ModelConfig
     from fedsim.models.adapters import AdapterHost, fused_lora_forward
     from fedsim.models.base import build_base_model
+    from fedsim.models.lm_loss import causal_lm_loss
     from fedsim.types import LoraSpec
 
     torch.set_num_threads(1)

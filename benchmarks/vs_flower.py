@@ -49,7 +49,7 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def flower_venv() -> Path:
-    from fedsim.data.datasets import cache_dir
+    from fedsim.paths import cache_dir
 
     return Path(os.environ.get("FEDSIM_FLOWER_VENV", cache_dir() / "flower-venv"))
 

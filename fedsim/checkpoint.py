@@ -269,7 +269,7 @@ def _json(obj: Any) -> Any:
 
 def provenance(scenario: Any) -> dict[str, Any]:
     """The resolved scenario and the SHA-256 of every local data file it reads."""
-    from fedsim.data.datasets import data_files, file_digest
+    from fedsim.data.sources import data_files, file_digest
 
     return {"scenario": _json(scenario.model_dump(mode="json")),
             "data_files": {f: file_digest(f) for f in data_files(scenario.data)}}

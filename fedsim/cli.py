@@ -88,8 +88,8 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
     then, and the run's backend adopts them once the scenario has passed the strategy checks too (else they are shut
     down and the error reported as ever).
     """
+    from fedsim.boot import skip_unused_backends
     from fedsim.config import load_scenario
-    from fedsim.models.quant_specs import skip_unused_backends
 
     early = load_scenario(path, overrides, check_strategy=False)
     skip_unused_backends(early.clients.quant.backends())  # this process is ours: keep unused imports out
@@ -97,7 +97,7 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
         from fedsim.driver import run_scenario
 
         return run_scenario(load_scenario(path, overrides), out)
-    from fedsim.runtime.ray_pool import discard_early, launch_early
+    from fedsim.runtime.ray.pool import discard_early, launch_early
 
     launch_early(early)
     try:
@@ -111,7 +111,7 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenario
-    from fedsim.driver import prepare
+    from fedsim.federation.prepare import prepare
 
     scenario = load_scenario(args.scenario, args.overrides)
     prep = prepare(scenario)
@@ -127,7 +127,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedsim.config import load_scenario
-    from fedsim.driver import partition_table, prepare
+    from fedsim.federation.prepare import partition_table, prepare
     from fedsim.plots import partition_heatmap
 
     scenario = load_scenario(args.scenario, args.overrides)

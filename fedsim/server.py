@@ -1,54 +1,44 @@
-"""The server: global state + strategy. In-process with the local backend; wrapped in a Ray actor with the Ray
-backend (see :mod:`fedsim.runtime.ray_backend`). No Ray imports here."""
+"""The server: the global state, the strategy and the server-side stages of the update pipeline. In-process with the
+local backend and in the driver by default with Ray; inside a Ray actor of its own when ``resources.server`` asks
+for resources (:mod:`fedsim.runtime.ray.server_host`). No Ray imports here."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 from fedsim.errors import AggregationError
-from fedsim.export import ExportedAdapter, complete_adapter
-from fedsim.lora import ops
-from fedsim.strategies import StrategySpec, make_strategy
+from fedsim.lora.merge import ExportedAdapter, complete_adapter
+from fedsim.pipeline import ServerStage, ValidateUpdates
+from fedsim.strategies import Strategy, StrategySpec, make_strategy
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
+
+STAGES_KEY = "__stages__"  # the stages' own state, inside the server's checkpointed state (only when they have one)
 
 
 class Server:
-    """Holds the strategy and the global state and runs the strategy's steps.
+    """Holds the strategy and the global state and runs a round's server steps.
 
     Args:
-        strategy_name: a registered strategy.
-        params: its hyperparameters.
+        strategy: the strategy (an instance; or a registered name, with ``params``).
+        params: the strategy's hyperparameters, when ``strategy`` is a name.
         spec: shapes, global LoRA spec and seed for :meth:`Strategy.init_state`.
+        stages: server-side stages around aggregation, in order, after the built-in update validation.
     """
 
-    def __init__(self, strategy_name: str, params: dict, spec: StrategySpec):
-        self.strategy = make_strategy(strategy_name, params)
+    def __init__(self, strategy: Strategy | str, params: dict | None = None, spec: StrategySpec | None = None,
+                 stages: Sequence[ServerStage] = ()):
+        if spec is None:
+            raise TypeError("Server needs the strategy spec (spec=StrategySpec(...))")
+        self.strategy = make_strategy(strategy, params) if isinstance(strategy, str) else strategy
         self.shapes = spec.shapes
+        self.validation = ValidateUpdates(spec.shapes, self.strategy.is_shared)
+        self.stages: list[ServerStage] = [self.validation, *stages]
         self.state: GlobalState = self.strategy.init_state(spec)
 
     def invalid_reason(self, update: ClientUpdate) -> str | None:
         """Why ``update`` must not be aggregated (missing/unexpected keys, wrong shapes, NaN/Inf), or None."""
-        r = update.lora.rank
-        expected = {}
-        for m, shape in self.shapes.items():
-            for key, dims in ((ops.a_key(m), (r, shape.d_in)), (ops.b_key(m), (shape.d_out, r))):
-                if self.strategy.is_shared(key):
-                    expected[key] = dims
-        missing = sorted(set(expected) - set(update.tensors))
-        if missing:
-            return f"missing {len(missing)} tensor(s), e.g. {missing[0]}"
-        unexpected = sorted(set(update.tensors) - set(expected))
-        if unexpected:
-            return f"unexpected tensor(s), e.g. {unexpected[0]}"
-        for key, dims in expected.items():
-            t = update.tensors[key]
-            if tuple(t.shape) != dims:
-                return f"{key} has shape {tuple(t.shape)}, expected {dims} for rank {r}"
-            if not torch.isfinite(t).all():
-                return f"{key} holds NaN or Inf values"
-        return None
+        return self.validation.invalid_reason(update)
 
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]
                   ) -> tuple[dict[int, ClientPayload], dict[int, tuple[int, int]]]:
@@ -60,35 +50,49 @@ class Server:
         down = {cid: self.strategy.download_cost(p) for cid, p in payloads.items()}
         return payloads, down
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict:
-        """Aggregate (updates sorted by client id for a deterministic order); return upload accounting, in total
-        and per client (``per_client_up``: client id → [params, bytes])."""
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        """Run the stages and the strategy on the round's updates (sorted by client id: a deterministic order).
+
+        Returns upload accounting — in total and per client (``per_client_up``: client id → [params, bytes]), every
+        update counted, rejected or not —, ``aggregated`` (how many went in), ``rejected`` (client id → reason) and
+        the stages' metrics (``stage_metrics``).
+        """
         updates = sorted(updates, key=lambda u: u.client_id)
         costs = [self.strategy.upload_cost(u) for u in updates]
-        up_params = sum(c[0] for c in costs)
-        up_bytes = sum(c[1] for c in costs)
-        rejected = {}
-        valid = []
-        for u in updates:
-            reason = self.invalid_reason(u)
-            if reason is None:
-                valid.append(u)
-            else:
-                rejected[u.client_id] = f"update rejected: {reason}"
-        if valid:  # a round in which every update failed or was rejected leaves the global state unchanged
-            self.state = self.strategy.aggregate(ctx, self.state, valid)
-        return {"comm/up_params": float(up_params), "comm/up_bytes": float(up_bytes),
-                "aggregated": float(len(valid)), "rejected": rejected,
+        kept: list[ClientUpdate] = list(updates)
+        rejected: dict[int, str] = {}
+        for stage in self.stages:
+            result = stage.before(ctx, self.state, kept)
+            kept, rejected = result.updates, {**rejected, **result.rejected}
+        metrics: dict[str, float] = {}
+        if kept:  # a round in which every update failed or was rejected leaves the global state unchanged
+            old = self.state
+            new = self.strategy.aggregate(ctx, old, kept)
+            for stage in self.stages:
+                new, m = stage.after(ctx, old, new)
+                metrics.update(m)
+            self.state = new
+        return {"comm/up_params": float(sum(c[0] for c in costs)), "comm/up_bytes": float(sum(c[1] for c in costs)),
+                "aggregated": float(len(kept)), "rejected": rejected, "stage_metrics": metrics,
                 "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}
 
     def get_state(self) -> tuple[GlobalState, dict]:
-        """The global state and the strategy's own state, for checkpoints."""
-        return self.state, self.strategy.state_dict()
+        """The global state and the server's own state (the strategy's, plus the stages' under ``__stages__`` when
+        any has one), for checkpoints."""
+        extra = self.strategy.state_dict()
+        stages = {str(i): s.state_dict() for i, s in enumerate(self.stages)}
+        stages = {i: s for i, s in stages.items() if s}
+        return self.state, ({**extra, STAGES_KEY: stages} if stages else extra)
 
     def set_state(self, state: GlobalState, strategy_state: dict) -> None:
         """Restore what :meth:`get_state` returned."""
+        own = dict(strategy_state)
+        stages = own.pop(STAGES_KEY, {})
         self.state = state
-        self.strategy.load_state_dict(strategy_state)
+        self.strategy.load_state_dict(own)
+        for i, stage in enumerate(self.stages):
+            if str(i) in stages:
+                stage.load_state_dict(stages[str(i)])
 
     def base_deltas(self, since: int) -> list[tuple[int, Tensors]]:
         """(version, delta) for every base version after ``since``."""

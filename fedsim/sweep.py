@@ -88,7 +88,7 @@ def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = ()
     ``parallel`` > 1 runs that many points at once: with the Ray backend each point's driver is a Ray task on the
     cluster (its workers and server are actors there, placed like any run's), otherwise a process of its own.
     """
-    from fedsim.driver import new_run_dir
+    from fedsim.federation.rundir import new_run_dir
 
     base, points = plan(path, grid_specs, overrides)
     out_dir = Path(out) if out is not None else Path("runs") / f"{base.name}-sweep"
@@ -123,7 +123,7 @@ def _run_on_ray(jobs: list[tuple], parallel: int, base: Scenario, done: Any) -> 
     """Each point's driver as a Ray task (no CPU of its own: its workers and server hold the resources)."""
     import ray
 
-    from fedsim.runtime.ray_backend import init_ray
+    from fedsim.runtime.ray.pool import init_ray
 
     started = init_ray(base, runs=parallel)
     try:

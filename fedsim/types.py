@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,6 +60,9 @@ class QuantSpec:
         return f"{self.bits}bit-{self.backend}{extra}"
 
 
+FULL = QuantSpec()  # the full-precision base
+
+
 @dataclass(frozen=True)
 class ClientSpec:
     """A virtual client: its id, its data size and its own settings (LoRA rank/alpha, how it stores the base)."""
@@ -102,9 +107,44 @@ class GlobalState:
     base_deltas: list[Tensors] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class AlternateOptions:
+    """The ``alternate`` local procedure (FedDPA-T, iterative FedQLoRA): the personal adapter first, then the main one.
+
+    Args:
+        personal_phase: run the personal phase (FedDPA skips it in round 1, when the global adapter is untrained).
+        personal_in_main_phase: keep the frozen personal adapter active while the main one trains (FedQLoRA: it
+            corrects the base the LoRA adapter trains on); else the main adapter trains alone (FedDPA).
+    """
+
+    personal_phase: bool = True
+    personal_in_main_phase: bool = False
+
+
+@dataclass(frozen=True)
+class BilevelOptions:
+    """The ``bilevel`` local procedure (PF2LoRA): lower-level step size α and the mode (``bilevel``,
+    ``first_order`` or ``simultaneous``: the ablations)."""
+
+    inner_lr: float = 0.5
+    mode: str = "bilevel"
+
+
+@dataclass(frozen=True)
+class DynamicMix:
+    """FedDPA-D's instance-wise weighting of the two adapters at evaluation (see :mod:`fedsim.strategies.feddpa`)."""
+
+    instances: int = 5
+    max_weight: float = 0.5
+    embedding: str = "last"
+    weights: str = "global"
+
+
 @dataclass
 class ClientPayload:
     """What the server sends one client: adapter weights to load and what to train.
+
+    Every field a worker acts on is typed here; nothing travels as a string key in a loose mapping.
 
     Args:
         tensors: adapter weights to load before training (keys as in :mod:`fedsim.types`).
@@ -115,20 +155,31 @@ class ClientPayload:
         base_update_params: size of the base-model updates the client downloads to reach ``base_version``.
         personal_lora: rank/alpha of the client's second, personal adapter (two-level methods), else None.
         mix: (w_main, w_personal): weights of the two adapters' outputs when both are active.
-        procedure: the local training procedure (a name in :data:`fedsim.client.procedures.PROCEDURES`), its
-            hyperparameters in ``extras["procedure"]``.
+        procedure: the local training procedure (a registered ``procedure``: ``joint``, ``alternate``, ``bilevel``)
+            and ``procedure_options`` its settings (:class:`AlternateOptions`, :class:`BilevelOptions`).
+        personal_init: how a client's personal adapter starts on its first visit: ``peft`` (B = 0, A random) or
+            ``loftq`` (the rank-r truncated SVD of its quantization error, FedQLoRA).
+        objectives: client objectives added to the local loss (:mod:`fedsim.objectives`, e.g. HETLoRA's tail).
+        measure_qa: evaluation measures how well the personal adapter estimates the quantization error (FedQLoRA).
+        no_personal_for: base labels (e.g. ``"16bit"``) whose clients are evaluated without the personal adapter.
+        dynamic_mix: FedDPA-D's instance-wise weights at evaluation, else None.
     """
 
     tensors: Tensors
     lora: LoraSpec
     trainable: tuple[str, ...] = ("A", "B")
     base_version: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
     fresh: bool = False  # the client starts a new adapter itself (seeded PEFT init), ``tensors`` is empty
     base_update_params: int = 0  # parameters of base-model updates this client must download (FLoRA, FedEx-LoRA)
     personal_lora: LoraSpec | None = None
     mix: tuple[float, float] = (1.0, 1.0)
     procedure: str = "joint"
+    procedure_options: AlternateOptions | BilevelOptions | None = None
+    personal_init: str = "peft"
+    objectives: tuple[Any, ...] = ()
+    measure_qa: bool = False
+    no_personal_for: tuple[str, ...] = ()
+    dynamic_mix: DynamicMix | None = None
 
 
 @dataclass
@@ -140,6 +191,17 @@ class ClientUpdate:
     lora: LoraSpec
     tensors: Tensors
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in one round (``attempt`` counts retries from 1)."""
+
+    spec: ClientSpec
+    indices: np.ndarray
+    server_round: int
+    attempt: int = 1
+    personal: Tensors | None = None  # the client's private tensors from earlier rounds
 
 
 @dataclass(frozen=True)
@@ -165,3 +227,4 @@ class ClientResult:
     worker: str
     personal: Tensors | None = None  # the client's private tensors (never given to the server)
     note: str | None = None  # something the run's log should say once (e.g. why a client was not packed)
+    logged: tuple[str, ...] = ()  # the keys of ``metrics`` the round's row reports (example-weighted means)

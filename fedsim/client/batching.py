@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedsim.data.datasets import TokenizedSplit
-
-IGNORE = -100
+from fedsim.data.tokenized import TokenizedSplit
+from fedsim.models.lm_loss import IGNORE
 
 
 def collate(split: TokenizedSplit, indices: Sequence[int] | np.ndarray, pad_id: int,

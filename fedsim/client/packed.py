@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.client.batching import IGNORE
-from fedsim.client.lm_loss import labelled_logits
 from fedsim.client.trainer import batch_schedule
 from fedsim.config import TrainingConfig
-from fedsim.data.datasets import TokenizedSplit
+from fedsim.data.tokenized import TokenizedSplit
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.models.lm_loss import IGNORE, labelled_logits
+from fedsim.objectives import BoundObjective, ClientObjective
 from fedsim.types import LoraSpec, ModuleShape, Tensors
 
 
@@ -51,14 +51,14 @@ class PackMember:
         tensors: the adapter to start from (every key of every adapted module), float32.
         indices: the client's training sample indices.
         seed: (scenario seed, round, client id), as for sequential training.
-        tail: HETLoRA's rank self-pruning term ``{"start": int, "lambda": float}``, or None.
+        objectives: the client's objectives (packable ones: e.g. HETLoRA's rank self-pruning term).
     """
 
     lora: LoraSpec
     tensors: Tensors
     indices: np.ndarray
     seed: tuple[int, ...]
-    tail: dict | None = None
+    objectives: tuple[ClientObjective, ...] = ()
 
 
 class _PackedOptimizer:
@@ -177,11 +177,18 @@ class _PackedLora:
             out[ops.b_key(mod)] = full_b[mod][i, :, :r].to("cpu", torch.float32, copy=True)
         return out
 
-    def tail_norm(self, i: int, tail: dict) -> torch.Tensor:
-        """HETLoRA's ``λ Σ_modules ‖s · B[:, start:r] @ A[start:r, :]‖_F`` for client i (differentiable)."""
-        start, r, s = tail["start"], self.ranks[i], float(self.scaling[i])
-        return tail["lambda"] * sum(torch.linalg.matrix_norm(s * self.full_b[m][i, :, start:r] @
-                                                             self.full_a[m][i, start:r, :]) for m in self.modules)
+    def client_views(self, i: int) -> Tensors:
+        """Client i's adapter at its own rank, as views of the packed factors (differentiable, current)."""
+        r = self.ranks[i]
+        out = {}
+        for mod in self.modules:
+            out[ops.a_key(mod)] = self.full_a[mod][i, :r]  # (r, d_in)
+            out[ops.b_key(mod)] = self.full_b[mod][i, :, :r]  # (d_out, r)
+        return out
+
+    def bind(self, i: int, member: PackMember) -> list[BoundObjective]:
+        """Client i's objectives bound to its views (made anew at every call, as :meth:`select` remakes them)."""
+        return [o.bind(lambda: self.client_views(i), member.lora, float(self.scaling[i])) for o in member.objectives]
 
 
 @contextlib.contextmanager
@@ -224,7 +231,7 @@ def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: i
 
 def _client_losses(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     """Each client's mean next-token loss over its own labelled tokens, as transformers' causal-LM loss computes it
-    for one client's batch (logits upcast to float32), from :func:`~fedsim.client.lm_loss.labelled_logits`'
+    for one client's batch (logits upcast to float32), from :func:`~fedsim.models.lm_loss.labelled_logits`'
     (logits, targets) at the pack's labelled positions. Returns (n,)."""
     tok = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             ignore_index=IGNORE, reduction="none")
@@ -256,75 +263,97 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
     ``train/clients_per_pass``) or the exception that ended that client (e.g. a non-finite loss); the others go on.
     """
     t0 = time.perf_counter()
-    k = len(members)
-    packed = _PackedLora(members, shapes, device, trainable)
-    schedules, steps = [], []
-    for m in members:
-        rng = np.random.default_rng(list(m.seed))
-        rng.integers(2**62)  # the sequential path seeds torch (dropout) from this draw: keep the stream aligned
-        n_steps = cfg.steps_for(len(m.indices))
-        steps.append(n_steps)
-        schedules.append(batch_schedule(m.indices, n_steps, cfg.batch_size, rng))
-    opt = _PackedOptimizer(packed.trainable, cfg)
-    failed: dict[int, Exception] = {}
-    totals = [0.0] * k
-    tokens = [0] * k
-    reg_start: dict[int, float] = {}
-    with torch.no_grad():
-        for i, m in enumerate(members):
-            if m.tail is not None:
-                reg_start[i] = float(packed.tail_norm(i, m.tail))
+    run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device)
     if not model.training:
         model.train()
-    with _packed_forward(model, packed):
-        for step in range(max(steps)):
-            active = [i for i in range(k) if step < steps[i] and i not in failed]
-            if not active:
+    with _packed_forward(model, run.packed):
+        for step in range(max(run.steps)):
+            if not run.step(step):
                 break
-            packed.select(None if len(active) == k else torch.tensor(active, device=device))
-            ids, labels = collate_pack(split, [schedules[i][step] for i in active], pad_id, device)
-            logits, target = labelled_logits(model, ids, labels)  # the LM head at labelled positions only
-            losses = _client_losses(logits, target, len(active))
-            values = losses.detach().cpu().tolist()
-            labelled = (labels != IGNORE).view(len(active), -1).sum(dim=1).tolist()  # tokens per client this step
-            objective = []
-            for j, i in enumerate(active):
-                if not math.isfinite(values[j]):
-                    failed[i] = FloatingPointError(f"non-finite training loss {values[j]}")
-                    continue
-                term = losses[j]
-                if members[i].tail is not None:
-                    term = term + packed.tail_norm(i, members[i].tail)
-                objective.append(term)
-                totals[i] += values[j]
-                tokens[i] += int(labelled[j])
-            stepping = [i for i in active if i not in failed]
-            if not stepping:
+    return run.results(time.perf_counter() - t0)
+
+
+class _PackRun:
+    """The state of one packed training run: each client's batch schedule, running loss and tokens, failures."""
+
+    def __init__(self, model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
+                 trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
+                 device: torch.device):
+        self.model, self.split, self.cfg, self.pad_id, self.device = model, split, cfg, pad_id, device
+        self.k = len(members)
+        self.packed = _PackedLora(members, shapes, device, trainable)
+        self.schedules, self.steps = [], []
+        for m in members:
+            rng = np.random.default_rng(list(m.seed))
+            rng.integers(2**62)  # the sequential path seeds torch (dropout) from this draw: keep the stream aligned
+            n_steps = cfg.steps_for(len(m.indices))
+            self.steps.append(n_steps)
+            self.schedules.append(batch_schedule(m.indices, n_steps, cfg.batch_size, rng))
+        self.opt = _PackedOptimizer(self.packed.trainable, cfg)
+        self.failed: dict[int, Exception] = {}
+        self.totals = [0.0] * self.k
+        self.tokens = [0] * self.k
+        self.bound = [self.packed.bind(i, m) for i, m in enumerate(members)]
+
+    def step(self, step: int) -> bool:
+        """One pass for the clients with a batch left at ``step``; False when none is left."""
+        k, device, packed = self.k, self.device, self.packed
+        active = [i for i in range(k) if step < self.steps[i] and i not in self.failed]
+        if not active:
+            return False
+        packed.select(None if len(active) == k else torch.tensor(active, device=device))
+        ids, labels = collate_pack(self.split, [self.schedules[i][step] for i in active], self.pad_id, device)
+        logits, target = labelled_logits(self.model, ids, labels)  # the LM head at labelled positions only
+        losses = _client_losses(logits, target, len(active))
+        objective = self._objective(active, losses, labels)
+        stepping = [i for i in active if i not in self.failed]
+        if not stepping:
+            return True
+        torch.stack(objective).sum().backward()
+        mask = None
+        if len(stepping) < k:
+            mask = torch.zeros(k, dtype=torch.bool, device=device)
+            mask[stepping] = True
+        if self.cfg.max_grad_norm is not None:
+            _clip_per_client(packed.trainable, self.cfg.max_grad_norm)
+        self.opt.step(mask)
+        for p in packed.trainable:
+            p.grad = None
+        return True
+
+    def _objective(self, active: list[int], losses: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Each active client's loss plus its objectives' penalties (a client with a non-finite loss fails)."""
+        values = losses.detach().cpu().tolist()
+        labelled = (labels != IGNORE).view(len(active), -1).sum(dim=1).tolist()  # tokens per client this step
+        objective = []
+        for j, i in enumerate(active):
+            if not math.isfinite(values[j]):
+                self.failed[i] = FloatingPointError(f"non-finite training loss {values[j]}")
                 continue
-            torch.stack(objective).sum().backward()
-            mask = None
-            if len(stepping) < k:
-                mask = torch.zeros(k, dtype=torch.bool, device=device)
-                mask[stepping] = True
-            if cfg.max_grad_norm is not None:
-                _clip_per_client(packed.trainable, cfg.max_grad_norm)
-            opt.step(mask)
-            for p in packed.trainable:
-                p.grad = None
-    elapsed = time.perf_counter() - t0
-    out: list[tuple[Tensors, dict[str, float]] | Exception] = []
-    for i, m in enumerate(members):
-        if i in failed:
-            out.append(failed[i])
-            continue
-        metrics = {"train/loss": totals[i] / steps[i], "train/steps": float(steps[i]),
-                   "train/tokens": float(tokens[i]), "train/time_s": elapsed / k, "train/clients_per_pass": float(k)}
-        if m.tail is not None:
-            with torch.no_grad():
-                metrics["reg/tail_norm_start"], metrics["reg/tail_norm_end"] = (reg_start[i],
-                                                                                float(packed.tail_norm(i, m.tail)))
-        out.append((packed.client_tensors(i), metrics))
-    return out
+            term = losses[j]
+            for b in self.bound[i]:
+                extra = b.penalty()
+                if extra is not None:
+                    term = term + extra
+            objective.append(term)
+            self.totals[i] += values[j]
+            self.tokens[i] += int(labelled[j])
+        return objective
+
+    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float]] | Exception]:
+        out: list[tuple[Tensors, dict[str, float]] | Exception] = []
+        for i in range(self.k):
+            if i in self.failed:
+                out.append(self.failed[i])
+                continue
+            metrics = {"train/loss": self.totals[i] / self.steps[i], "train/steps": float(self.steps[i]),
+                       "train/tokens": float(self.tokens[i]), "train/time_s": elapsed / self.k,
+                       "train/clients_per_pass": float(self.k)}
+            self.packed.select(None)  # each client's views over the final values
+            for b in self.bound[i]:
+                metrics.update(b.finish())
+            out.append((self.packed.client_tensors(i), metrics))
+        return out
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Local training procedures: how one client trains its adapter(s) in one round.
 
-A strategy picks one per payload (``ClientPayload.procedure``) and passes its hyperparameters in
-``payload.extras["procedure"]``:
+A strategy picks one per payload (``ClientPayload.procedure``, a registered ``procedure``) and gives its settings in
+``ClientPayload.procedure_options``:
 
 - ``joint``: every trainable tensor, one optimizer (FedIT and most baselines).
 - ``alternate``: FedDPA-T — the personal adapter first, with the main (global) adapter frozen and both active, mixed
@@ -23,13 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsim import registry
 from fedsim.client.batching import collate
-from fedsim.client.lm_loss import causal_lm_loss
-from fedsim.client.trainer import Regularizer, batch_schedule, make_optimizer, train_local
+from fedsim.client.trainer import batch_schedule, make_optimizer, train_local
 from fedsim.config import TrainingConfig
-from fedsim.data.datasets import TokenizedSplit
+from fedsim.data.tokenized import TokenizedSplit
 from fedsim.models.adapters import AdapterHost
-from fedsim.types import ClientPayload
+from fedsim.models.tasks import ModelTask
+from fedsim.objectives import BoundObjective
+from fedsim.types import AlternateOptions, BilevelOptions, ClientPayload
+
+procedure = registry.decorator("procedure")
 
 
 @dataclass
@@ -44,46 +48,59 @@ class LocalJob:
     pad_id: int
     seed: tuple[int, ...]
     device: torch.device
-    regularizer: Regularizer | None = None
+    task: ModelTask
+    objectives: Sequence[BoundObjective] = ()
+
+    def train(self, params: list[torch.nn.Parameter], seed: tuple[int, ...] | None = None,
+              objectives: Sequence[BoundObjective] = ()) -> dict[str, float]:
+        """:func:`~fedsim.client.trainer.train_local` of ``params`` on this client's data."""
+        return train_local(self.host.model, params, self.split, self.indices, self.cfg, self.pad_id,
+                           self.seed if seed is None else seed, self.device, self.task, objectives)
 
 
+@procedure("joint")
 def joint(job: LocalJob) -> dict[str, float]:
+    """Every trainable tensor (and the personal adapter's, if any), one optimizer (FedIT and most baselines)."""
     p = job.payload
     params = job.host.set_trainable(p.lora, p.trainable)
     if p.personal_lora is not None:
         params += job.host.set_trainable(p.personal_lora, ("A", "B"), personal=True)
-    return train_local(job.host.model, params, job.split, job.indices, job.cfg, job.pad_id, job.seed, job.device,
-                       regularizer=job.regularizer)
+    return job.train(params, objectives=job.objectives)
 
 
+joint.metric_keys = joint.round_metrics = ()
+
+
+@procedure("alternate")
 def alternate(job: LocalJob) -> dict[str, float]:
     """The personal adapter first (main frozen, both active, mixed), then the main adapter (personal frozen).
 
-    ``extras["procedure"]``: ``personal_phase`` (default True) runs the first phase — FedDPA skips it in round 1,
-    when the global adapter is still untrained; ``personal_in_main_phase`` (default False) keeps the frozen personal
-    adapter active while the main one trains — FedDPA trains its global adapter alone, FedQLoRA keeps the
-    quantization-aware adapter in place, since it corrects the base the LoRA adapter trains on."""
+    :class:`~fedsim.types.AlternateOptions`: ``personal_phase`` (default True) runs the first phase — FedDPA skips it
+    in round 1, when the global adapter is still untrained; ``personal_in_main_phase`` (default False) keeps the
+    frozen personal adapter active while the main one trains — FedDPA trains its global adapter alone, FedQLoRA keeps
+    the quantization-aware adapter in place, since it corrects the base the LoRA adapter trains on."""
     p, host = job.payload, job.host
-    opts = p.extras.get("procedure", {})
+    opts = p.procedure_options if isinstance(p.procedure_options, AlternateOptions) else AlternateOptions()
     out: dict[str, float] = {}
     if p.personal_lora is None:
         raise ValueError("the alternate procedure needs a personal adapter (payload.personal_lora)")
-    if opts.get("personal_phase", True):
+    if opts.personal_phase:
         host.activate(p.lora, p.personal_lora, p.mix)
         host.set_trainable(p.lora, ())
         personal = host.set_trainable(p.personal_lora, ("A", "B"), personal=True)
-        m = train_local(host.model, personal, job.split, job.indices, job.cfg, job.pad_id, job.seed + (1,),
-                        job.device)
+        m = job.train(personal, seed=job.seed + (1,))
         out.update({"personal/loss": m["train/loss"], "personal/time_s": m["train/time_s"]})
-    if opts.get("personal_in_main_phase", False):
+    if opts.personal_in_main_phase:
         host.activate(p.lora, p.personal_lora, p.mix)
     else:
         host.activate(p.lora)  # the global adapter alone, as it is aggregated
     host.set_trainable(p.personal_lora, (), personal=True)
     params = host.set_trainable(p.lora, p.trainable)
-    m = train_local(host.model, params, job.split, job.indices, job.cfg, job.pad_id, job.seed, job.device,
-                    regularizer=job.regularizer)
+    m = job.train(params, objectives=job.objectives)
     return {**m, **out}
+
+
+alternate.metric_keys = alternate.round_metrics = ("personal/loss", "personal/time_s")
 
 
 Loss = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
@@ -134,8 +151,10 @@ def hypergradient(f: Loss, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor],
 MODES = ("bilevel", "first_order", "simultaneous")
 
 
+@procedure("bilevel")
 def bilevel(job: LocalJob) -> dict[str, float]:
-    """PF2LoRA local training. ``extras["procedure"]``: ``inner_lr`` (α), ``mode`` (one of :data:`MODES`).
+    """PF2LoRA local training. :class:`~fedsim.types.BilevelOptions`: ``inner_lr`` (α), ``mode`` (one of
+    :data:`MODES`).
 
     The lower level is plain gradient descent (the hypergradient formula differentiates through exactly that
     step); the upper level applies the hypergradient with the scenario's optimizer at ``training.lr`` (η). With
@@ -145,12 +164,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
     from torch.func import functional_call
 
     p, host, cfg = job.payload, job.host, job.cfg
-    opts = p.extras.get("procedure", {})
-    alpha, mode = float(opts.get("inner_lr", 0.5)), opts.get("mode", "bilevel")
-    if mode not in MODES:
-        raise ValueError(f"unknown bilevel mode {mode!r}; choose one of {MODES}")
-    if p.personal_lora is None:
-        raise ValueError("the bilevel procedure needs a personal adapter (payload.personal_lora)")
+    alpha, mode = _bilevel_options(job)
     t0 = time.perf_counter()
     host.activate(p.lora, p.personal_lora, p.mix)
     x = host.set_trainable(p.lora, p.trainable)
@@ -171,20 +185,9 @@ def bilevel(job: LocalJob) -> dict[str, float]:
 
         def f(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch=batch) -> torch.Tensor:
             override = dict(zip(x_names, xs)) | dict(zip(y_names, ys))
-            return causal_lm_loss(model, batch["input_ids"], batch["labels"],
-                                  lambda **kw: functional_call(model, override, args=(), kwargs=kw))
+            return job.task.loss(model, batch, lambda **kw: functional_call(model, override, args=(), kwargs=kw))
 
-        if mode == "simultaneous":  # ablation: both from ∇f(x, y) at the same point
-            loss = f(x, y)
-            grads = torch.autograd.grad(loss, x + y)
-            g_x, g_y = list(grads[: len(x)]), list(grads[len(x):])
-            step = {"loss": float(loss.detach()), "loss_plus": math.nan, "hvp_norm": 0.0}
-            c = _clip_factor(g_y, cfg.max_grad_norm)
-            y_new = [(yi.detach() - c * alpha * gi) for yi, gi in zip(y, g_y)]
-        else:
-            with _twice_differentiable(mode == "bilevel"):
-                g_x, y_new, step = hypergradient(f, x, y, alpha, second_order=(mode == "bilevel"),
-                                                 max_norm=cfg.max_grad_norm)
+        g_x, y_new, step = _bilevel_step(f, x, y, alpha, mode, cfg.max_grad_norm)
         if not math.isfinite(step["loss"]):
             raise FloatingPointError(f"non-finite training loss {step['loss']}")
         with torch.no_grad():
@@ -204,6 +207,40 @@ def bilevel(job: LocalJob) -> dict[str, float]:
             "train/time_s": time.perf_counter() - t0}
 
 
+def _bilevel_options(job: LocalJob) -> tuple[float, str]:
+    """(α, mode) of a bilevel job, once the job is checked.
+
+    Raises:
+        ValueError: an unknown mode, no personal adapter, or client objectives (the hypergradient differentiates
+            the task loss alone).
+    """
+    p = job.payload
+    opts = p.procedure_options if isinstance(p.procedure_options, BilevelOptions) else BilevelOptions()
+    if opts.mode not in MODES:
+        raise ValueError(f"unknown bilevel mode {opts.mode!r}; choose one of {MODES}")
+    if p.personal_lora is None:
+        raise ValueError("the bilevel procedure needs a personal adapter (payload.personal_lora)")
+    if job.objectives:
+        raise ValueError("the bilevel procedure takes no client objectives (its hypergradient differentiates the "
+                         "task loss alone)")
+    return float(opts.inner_lr), opts.mode
+
+
+def _bilevel_step(f: Loss, x: list[torch.Tensor], y: list[torch.Tensor], alpha: float, mode: str,
+                  max_norm: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, float]]:
+    """One step's (upper-level gradient, new lower-level values, metrics) in ``mode``: the hypergradient (with or
+    without its Hessian-vector term), or the simultaneous ablation — both from ∇f(x, y) at the same point."""
+    if mode == "simultaneous":
+        loss = f(x, y)
+        grads = torch.autograd.grad(loss, x + y)
+        g_x, g_y = list(grads[: len(x)]), list(grads[len(x):])
+        c = _clip_factor(g_y, max_norm)
+        y_new = [(yi.detach() - c * alpha * gi) for yi, gi in zip(y, g_y)]
+        return g_x, y_new, {"loss": float(loss.detach()), "loss_plus": math.nan, "hvp_norm": 0.0}
+    with _twice_differentiable(mode == "bilevel"):
+        return hypergradient(f, x, y, alpha, second_order=(mode == "bilevel"), max_norm=max_norm)
+
+
 def _twice_differentiable(on: bool):
     """Fused attention kernels (flash, memory-efficient; on CPU and CUDA) have no double backward: the
     Hessian-vector product needs PyTorch's math implementation of scaled-dot-product attention."""
@@ -220,6 +257,8 @@ def _clip_factor(grads: Sequence[torch.Tensor], max_norm: float | None) -> float
     norm = float(torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads)))
     return min(1.0, max_norm / (norm + 1e-6))
 
+
+bilevel.metric_keys = bilevel.round_metrics = ("train/loss_after_inner", "pf2lora/hvp_norm")
 
 PROCEDURES: dict[str, Callable[[LocalJob], dict[str, float]]] = {
     "joint": joint, "alternate": alternate, "bilevel": bilevel,

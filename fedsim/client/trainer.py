@@ -1,19 +1,27 @@
-"""Local training of one client's LoRA adapter."""
+"""fedsim's local training recipe: how one client trains its adapter tensors for one round.
+
+Seeded batches drawn epoch by epoch, the model task's loss, the client objectives' penalties and gradient hooks,
+gradient-norm clipping, AdamW or SGD. Every local procedure (:mod:`fedsim.client.procedures`) trains through
+:func:`train_local`; the packed trainer (:mod:`fedsim.client.packed`) follows the same recipe over a client axis.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.client.batching import collate
-from fedsim.client.lm_loss import causal_lm_loss
 from fedsim.config import TrainingConfig
-from fedsim.data.datasets import TokenizedSplit
-from fedsim.lora import ops
+from fedsim.data.tokenized import TokenizedSplit
+from fedsim.objectives import BoundObjective
+
+METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s")  # what train_local reports
+ROUND_METRICS = ("train/loss", "train/steps", "train/tokens")  # those the round's row averages over its clients
 
 
 def batch_schedule(indices: np.ndarray, num_steps: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -35,22 +43,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig) -> tor
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-Regularizer = Callable[[], torch.Tensor]
-
-
-def tail_regularizer(params: dict[str, torch.nn.Parameter], scaling: float, start: int, lam: float) -> Regularizer:
-    """HETLoRA's rank self-pruning term: ``λ Σ_modules ‖s · B[:, start:] @ A[start:, :]‖_F`` (differentiable)."""
-    pairs = [(params[ops.a_key(m)], params[ops.b_key(m)]) for m in ops.modules(params)]
-
-    def term() -> torch.Tensor:
-        return lam * sum(torch.linalg.matrix_norm(scaling * b[:, start:] @ a[start:, :]) for a, b in pairs)
-
-    return term
+def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], lora: Any) -> list[BoundObjective]:
+    """The payload's client objectives bound to the client's trainable adapter tensors (``params``, by key)."""
+    return [o.bind(lambda: params, lora, lora.scaling) for o in objectives]
 
 
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split: TokenizedSplit, indices: np.ndarray,
-                cfg: TrainingConfig, pad_id: int, seed: tuple[int, ...], device: torch.device,
-                regularizer: Regularizer | None = None) -> dict[str, float]:
+                cfg: TrainingConfig, pad_id: int, seed: tuple[int, ...], device: torch.device, task: Any,
+                objectives: Sequence[BoundObjective] = ()) -> dict[str, float]:
     """Train ``params`` (already loaded and set trainable) on the client's samples.
 
     Args:
@@ -62,11 +62,13 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
         pad_id: padding token id.
         seed: (scenario seed, round, client id): all randomness of the job derives from it.
         device: where the model lives.
-        regularizer: an extra differentiable loss term (e.g. HETLoRA's tail norm); its value before and after
-            training is reported as ``reg/tail_norm_start`` / ``reg/tail_norm_end``.
+        task: the model task (:class:`fedsim.models.tasks.ModelTask`): its loss is what the client minimises.
+        objectives: client objectives bound to the adapter (e.g. HETLoRA's tail norm): their penalties join the
+            loss, their gradient hooks run after each backward pass, their metrics join the result.
 
     Returns:
-        ``train/loss`` (mean over steps), ``train/steps``, ``train/tokens``, ``train/time_s``.
+        ``train/loss`` (mean over steps), ``train/steps``, ``train/tokens``, ``train/time_s``, and the objectives'
+        metrics.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(list(seed))
@@ -76,17 +78,19 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     if not model.training:  # Module.train() walks every submodule: only switch when needed
         model.train()
     total, tokens = 0.0, 0
-    reg_start = None
-    if regularizer is not None:
-        with torch.no_grad():
-            reg_start = float(regularizer())
     for batch_idx in batch_schedule(indices, steps, cfg.batch_size, rng):
         batch = collate(split, batch_idx, pad_id, device)
-        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"])  # the LM head at labelled positions only
+        loss = task.loss(model, batch)  # causal LM: the LM head at labelled positions only
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
-        objective = loss + regularizer() if regularizer is not None else loss
+        objective = loss
+        for term in objectives:
+            extra = term.penalty()
+            if extra is not None:
+                objective = objective + extra
         objective.backward()
+        for term in objectives:
+            term.after_backward()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -95,7 +99,13 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
         tokens += int((batch["labels"] != -100).sum())
     out = {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
            "train/time_s": time.perf_counter() - t0}
-    if regularizer is not None:
-        with torch.no_grad():
-            out["reg/tail_norm_start"], out["reg/tail_norm_end"] = reg_start, float(regularizer())
+    for term in objectives:
+        out.update(term.finish())
     return out
+
+
+def objective_keys(objectives: Sequence[Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every metric key, the round's metric keys) the payload's objectives report."""
+    keys = tuple(k for o in objectives for k in o.metric_keys)
+    return keys, tuple(k for o in objectives for k in o.round_metrics)
+

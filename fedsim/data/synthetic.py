@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedsim import registry
+
 _LETTERS = "abcdefgh"
 
 
@@ -68,6 +70,8 @@ TASKS: dict[str, Callable[[np.random.Generator], tuple[str, str]]] = {
     "last": _last,
     "max": _max,
 }
+for _name, _task in TASKS.items():  # a task of your own: registry.register("synthetic_task", "name", fn(rng))
+    registry.register("synthetic_task", _name, _task)
 
 
 def generate(tasks: tuple[str, ...] | list[str], num_rows: int, seed: int) -> list[dict[str, str]]:
@@ -77,9 +81,10 @@ def generate(tasks: tuple[str, ...] | list[str], num_rows: int, seed: int) -> li
         A list of ``{"instruction", "output", "task"}`` dicts.
     """
     rng = np.random.default_rng(seed)
+    known = registry.entries("synthetic_task")
     rows = []
     for i in range(num_rows):
         task = tasks[i % len(tasks)]
-        prompt, answer = TASKS[task](rng)
+        prompt, answer = known[task](rng)
         rows.append({"instruction": prompt, "output": answer, "task": task})
     return rows

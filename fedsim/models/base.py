@@ -1,8 +1,9 @@
-"""Build or load the base model and its tokenizer.
+"""Build or load the base model and its tokenizer, and read the shapes of its layers.
 
 ``model.name: tiny`` builds a small Llama-architecture model from config with a byte-level tokenizer that needs no
 files (transformers' ByT5Tokenizer), so tests and the quickstart download nothing. Any other name is a Hugging Face hub
-id or a local directory, loaded with ``from_pretrained``.
+id or a local directory, loaded with ``from_pretrained``. Which transformers class a model is built as is the model
+task's choice (:mod:`fedsim.models.tasks`); the functions here take it by name.
 """
 
 from __future__ import annotations
@@ -64,22 +65,28 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build (tiny, seeded) or load (hub/local) the base model, frozen, in eval mode, on ``device``."""
+CAUSAL_LM = ("AutoModelForCausalLM", "LlamaForCausalLM")  # (auto class, tiny model's class) of a causal LM
+
+
+def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", classes: tuple[str, str] = CAUSAL_LM
+                     ) -> torch.nn.Module:
+    """Build (tiny, seeded) or load (hub/local) the base model, frozen, in eval mode, on ``device``.
+
+    ``classes``: the transformers auto class a hub or local model loads with, and the class the tiny model is built
+    as (default: a causal LM)."""
+    import transformers
+
+    auto_class, tiny_class = classes
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
     if is_tiny(cfg):
-        from transformers import LlamaForCausalLM
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny.init_seed)
-            model = LlamaForCausalLM(tiny_config(cfg))
+            model = getattr(transformers, tiny_class)(tiny_config(cfg))
         model = model.to(device=device, dtype=dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
+            model = getattr(transformers, auto_class).from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
         except Exception as e:
             raise ScenarioError("model.name", f"cannot load {cfg.name!r}: {e.__class__.__name__}: {e}",
                                 "give a hub id you can reach or a local directory saved with save_pretrained") from None
@@ -121,7 +128,7 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     import json
     from importlib.metadata import version
 
-    from fedsim.data.datasets import cache_dir
+    from fedsim.paths import cache_dir
 
     if is_tiny(cfg):
         ident: Any = cfg.tiny.model_dump(mode="json")

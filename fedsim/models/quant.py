@@ -20,19 +20,17 @@ import logging
 
 import torch
 
-from fedsim.errors import ScenarioError
-from fedsim.models.quant_specs import (  # noqa: F401  # re-exported: the public names of quantization
+from fedsim.boot import BACKEND_MODULES, skip_unused_backends  # noqa: F401  # re-exported
+from fedsim.config.quant import (  # noqa: F401  # re-exported: the public names of quantization
     ALLOWED_BITS,
     BACKEND_BITS,
-    BACKEND_MODULES,
     BNB_BLOCKSIZES,
-    FULL,
     check_shapes,
     check_spec,
     default_backend,
-    skip_unused_backends,
 )
-from fedsim.types import QuantSpec
+from fedsim.errors import ScenarioError
+from fedsim.types import FULL, QuantSpec  # noqa: F401
 
 
 def require_backend(backend: str) -> None:

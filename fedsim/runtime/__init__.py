@@ -1,20 +1,3 @@
-"""Backends that run client jobs: in-process (local.py) or on a pool of Ray actors (ray_backend.py); ray_pool.py
-starts Ray and the worker actors without importing torch."""
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-__all__ = ["Backend", "make_backend"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from fedsim.runtime import backend
-
-        return getattr(backend, name)
-    raise AttributeError(f"module 'fedsim.runtime' has no attribute {name!r}")
-
-
-if TYPE_CHECKING:
-    from fedsim.runtime.backend import Backend, make_backend
+"""Where the work runs: the backend interface (:mod:`~fedsim.runtime.interfaces`), the in-process backend
+(:mod:`~fedsim.runtime.local`), the Ray backend (:mod:`fedsim.runtime.ray`), and the worker that trains clients on a
+cached base model (:mod:`~fedsim.runtime.worker`). The only layer that touches Ray, devices and processes."""

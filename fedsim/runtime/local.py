@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.components import Components
 from fedsim.config import Scenario
-from fedsim.data.datasets import TokenizedData
-from fedsim.runtime.backend import Backend, Handle, JobOutcome, ServerHandle, make_packs
-from fedsim.runtime.worker import ClientJob, Worker
+from fedsim.data.tokenized import TokenizedData
+from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.packs import make_packs
+from fedsim.runtime.worker import Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext
 
 
 class LocalServerHandle(ServerHandle):
@@ -25,7 +27,7 @@ class LocalServerHandle(ServerHandle):
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
         return self.server.configure(ctx, clients)
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         return self.server.aggregate(ctx, list(updates))
 
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
@@ -52,11 +54,12 @@ class LocalBackend(Backend):
         self.pack_size = 1
         self.resources = None
 
-    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
-        self.worker = Worker(scenario, data, name="local")
+    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
+              ) -> ServerHandle:
+        self.worker = Worker(scenario, data, name="local", components=components)
         self.pack_size = scenario.pack_size()
         self.resources = scenario.resources  # packs as the Ray backend cuts them: same packs, same numbers
-        return LocalServerHandle(Server(scenario.strategy.name, scenario.strategy.params, spec))
+        return LocalServerHandle(Server(components.strategy, spec=spec, stages=components.stages))
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:

@@ -1,40 +1,24 @@
-"""Aggregation strategies, registered by name.
+"""Aggregation strategies, registered by name in :mod:`fedsim.registry`.
 
-Every module in this package is imported on first use, so adding a strategy means adding one file. Third-party
-strategies register through the ``fedsim.strategies`` entry-point group.
+Every module in this package registers its strategy when imported (the registry imports them all on the first
+lookup), so adding a strategy means adding one file. Third-party strategies register through the ``fedsim.strategies``
+entry-point group, or by being defined with :func:`register` in the user's own code.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
+from pydantic import BaseModel
 
-from fedsim.errors import ScenarioError
+from fedsim import registry as _registry
 from fedsim.strategies.base import NoParams, Strategy, StrategySpec, register, registry
 
 __all__ = ["NoParams", "Strategy", "StrategySpec", "available_strategies", "get_strategy_class", "make_strategy",
-           "register"]
-
-_loaded = False
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
-    for ep in entry_points(group="fedsim.strategies"):
-        ep.load()
-    _loaded = True
+           "register", "registry"]
 
 
 def available_strategies() -> dict[str, type[Strategy]]:
     """Registered strategy classes by name."""
-    _load_all()
-    return dict(sorted(registry().items()))
+    return _registry.entries("strategy")
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
@@ -43,14 +27,9 @@ def get_strategy_class(name: str) -> type[Strategy]:
     Raises:
         ScenarioError: no such strategy (the message lists the registered ones).
     """
-    strategies = available_strategies()
-    key = str(name).lower()
-    if key not in strategies:
-        raise ScenarioError("strategy.name", f"unknown strategy {name!r}",
-                            f"use one of {', '.join(strategies)} (see `fedsim strategies`)")
-    return strategies[key]
+    return _registry.get("strategy", name)
 
 
-def make_strategy(name: str, params: dict | None = None) -> Strategy:
+def make_strategy(name: str, params: BaseModel | dict | None = None) -> Strategy:
     """Instantiate a registered strategy with validated params."""
     return get_strategy_class(name)(params)

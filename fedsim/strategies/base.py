@@ -1,10 +1,12 @@
 """The strategy extension point.
 
 A strategy is pure tensor code: payloads in, state out — no Ray, no CUDA calls, no files, no logging — so that it can
-be tested with 3×2 tensors and reused outside the engine. The round loop lives in :mod:`fedsim.driver`.
+be tested with 3×2 tensors and reused outside the engine. The round loop lives in :mod:`fedsim.federation`.
 
-To add an algorithm, write one file in ``fedsim/strategies/`` (or your own package, registered through the
-``fedsim.strategies`` entry-point group) with a subclass decorated by :func:`register`.
+To add an algorithm, write one file in ``fedsim/strategies/`` (or your own module — a script or a notebook will do —,
+or a package registered through the ``fedsim.strategies`` entry-point group) with a subclass decorated by
+:func:`register`. The driver resolves the scenario's strategy once and ships the instance to the server and the
+workers, so a strategy defined in a notebook runs on Ray too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedsim import registry as _registry
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.types import (
@@ -75,25 +78,21 @@ class StrategySpec:
     seed: int
 
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-
-
 def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator that registers a strategy under ``name`` (lower case)."""
+    """Class decorator that registers a strategy under ``name`` (lower case) in :mod:`fedsim.registry`."""
 
     def deco(cls: type[Strategy]) -> type[Strategy]:
         key = name.lower()
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise ValueError(f"strategy {key!r} is registered twice ({_REGISTRY[key].__module__}, {cls.__module__})")
+        _registry.register("strategy", key, cls)
         cls.name = key
-        _REGISTRY[key] = cls
         return cls
 
     return deco
 
 
 def registry() -> dict[str, type[Strategy]]:
-    return dict(_REGISTRY)
+    """Every registered strategy class by name."""
+    return _registry.entries("strategy")
 
 
 class Strategy(ABC):

@@ -22,6 +22,7 @@ rank), ``personal_alpha`` (None: the global scaling).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -30,7 +31,15 @@ from pydantic import Field
 from fedsim.lora import ops
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
-from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
+from fedsim.types import (
+    AlternateOptions,
+    ClientPayload,
+    ClientSpec,
+    ClientUpdate,
+    DynamicMix,
+    GlobalState,
+    RoundContext,
+)
 
 
 class FedDPAParams(PersonalAdapterParams):
@@ -65,7 +74,7 @@ class FedDPA(FedIT):
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
                              personal_lora=self.params.spec(state.lora, state.lora.rank),
                              mix=self.mix(), procedure="alternate",
-                             extras={"procedure": {"personal_phase": personal_phase}})
+                             procedure_options=AlternateOptions(personal_phase=personal_phase))
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)
@@ -76,6 +85,6 @@ class FedDPA(FedIT):
         payload = self._payload(state, personal_phase=True)
         if self.params.inference == "dynamic":
             q = self.params
-            payload.extras["dynamic"] = {"instances": q.instances, "max_weight": q.max_weight,
-                                         "embedding": q.embedding, "weights": q.dynamic_weights}
+            payload = replace(payload, dynamic_mix=DynamicMix(instances=q.instances, max_weight=q.max_weight,
+                                                              embedding=q.embedding, weights=q.dynamic_weights))
         return payload

@@ -22,13 +22,14 @@ Params: ``qa_rank`` (4), ``qa_alpha`` (None: the global scaling), ``qa_init`` (`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
-from fedsim.types import ClientPayload, ClientSpec, GlobalState, QuantSpec, RoundContext
+from fedsim.types import AlternateOptions, ClientPayload, ClientSpec, GlobalState, QuantSpec, RoundContext
 
 
 class FedQLoRAParams(BaseModel):
@@ -62,10 +63,11 @@ class FedQLoRA(FedIT):
             return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
         qa = PersonalAdapterParams(personal_rank=self.params.qa_rank,
                                    personal_alpha=self.params.qa_alpha).spec(state.lora, self.params.qa_rank)
-        opts = {"personal_init": self.params.qa_init, "personal_in_main_phase": True}
+        iterative = self.params.iterative
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
-                             personal_lora=qa, procedure="alternate" if self.params.iterative else "joint",
-                             extras={"procedure": opts, "measure_qa": True})
+                             personal_lora=qa, procedure="alternate" if iterative else "joint",
+                             procedure_options=AlternateOptions(personal_in_main_phase=True) if iterative else None,
+                             personal_init="loftq" if self.params.qa_init == "loftq" else "peft", measure_qa=True)
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)
@@ -75,6 +77,4 @@ class FedQLoRA(FedIT):
     def eval_payload(self, state: GlobalState) -> ClientPayload:
         """The global model is the LoRA adapter alone; each quantized client adds its own quantization-aware
         adapter (full-precision clients have none)."""
-        payload = self._payload(state, True)
-        payload.extras["no_personal_for"] = ["16bit", "32bit"]
-        return payload
+        return replace(self._payload(state, True), no_personal_for=("16bit", "32bit"))

@@ -5,7 +5,7 @@
 - Aggregation zero-pads every update to r_max and weights client k by ``‖s_k B_k A_k‖_F`` (summed over modules),
   normalised — "sparsity-weighted": clients whose update carries more energy count more.
 - Rank self-pruning: the local loss adds ``λ Σ_modules ‖s_k B_k[:, t:] A_k[t:, :]‖_F`` on the tail components
-  t = ⌊γ r_k⌋ … r_k − 1 (0-based; a real gradient term), as the paper defines it: with γ = 0.9 the tail is the last
+  t = ⌊γ r_k⌋ … r_k − 1 (0-based; a real gradient term: :class:`fedsim.objectives.tail.TailRegularizer`), as the paper defines it: with γ = 0.9 the tail is the last
   component for every rank from 2 to 10 (⌈γ r_k⌉ would leave it empty for every rank ≤ 9). If the tail norm shrank
   during local training, the client's rank drops to ⌊γ r_k⌋ (at least 1) from the next round on (``hetlora/rank``).
 - Components beyond the largest rank that took part in a round: the paper's aggregation averages the zero-padded
@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.lora import ops
+from fedsim.objectives.tail import TailRegularizer
 from fedsim.strategies.base import Strategy, StrategySpec, register
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext
 
@@ -58,12 +59,12 @@ class HetLoRA(Strategy):
             r = self.client_rank(state, c)
             lora = LoraSpec(rank=r, alpha=c.lora.alpha, rslora=c.lora.rslora)
             tensors = ops.scale_b(ops.truncate_rank(state.tensors, r), 1.0 / lora.scaling)
-            extras = {}
+            objectives = ()
             if self.params.prune_lambda > 0 and r > 1:
-                extras["tail_regularizer"] = {"lambda": self.params.prune_lambda,
-                                              "start": max(1, math.floor(self.params.prune_gamma * r))}
+                objectives = (TailRegularizer(lam=self.params.prune_lambda,
+                                              start=max(1, math.floor(self.params.prune_gamma * r))),)
             out[c.client_id] = ClientPayload(tensors=tensors, lora=lora, base_version=state.base_version,
-                                             extras=extras)
+                                             objectives=objectives)
         return out
 
     def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:

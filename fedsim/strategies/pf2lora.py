@@ -23,7 +23,7 @@ from pydantic import Field
 
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
-from fedsim.types import ClientPayload, ClientSpec, GlobalState, RoundContext
+from fedsim.types import BilevelOptions, ClientPayload, ClientSpec, GlobalState, RoundContext
 
 
 class PF2LoRAParams(PersonalAdapterParams):
@@ -41,7 +41,7 @@ class PF2LoRA(FedIT):
     def _payload(self, state: GlobalState) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,
                              personal_lora=self.params.spec(state.lora, 2), procedure="bilevel",
-                             extras={"procedure": {"inner_lr": self.params.inner_lr, "mode": self.params.mode}})
+                             procedure_options=BilevelOptions(inner_lr=self.params.inner_lr, mode=self.params.mode))
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)

@@ -7,7 +7,7 @@ import pytest
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
-from fedsim.runtime.ray_backend import RayBackend
+from fedsim.runtime.ray.backend import RayBackend
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,9 +28,9 @@ class _Recording(RayBackend):
             _Recording.events.append("launch")
         super().launch(scenario)
 
-    def start(self, scenario, data, spec):
+    def start(self, scenario, data, spec, components):
         _Recording.events.append("start")
-        handle = super().start(scenario, data, spec)
+        handle = super().start(scenario, data, spec, components)
         _Recording.events.append(type(handle).__name__)
         return handle
 
@@ -170,7 +170,7 @@ def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, 
     from ray._private import ray_constants
     from ray._private import worker as ray_worker
 
-    from fedsim.runtime import ray_pool
+    from fedsim.runtime.ray import pool as ray_pool
 
     monkeypatch.setenv("FEDSIM_QUIET", "1")
     monkeypatch.setenv("FEDSIM_VERBOSE", "1" if verbose else "0")
@@ -190,7 +190,7 @@ def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, 
 
     @ray.remote(num_cpus=0)
     def modules():
-        return sys.modules.get("pyarrow", "absent") is None, "fedsim.runtime.boot" in sys.modules
+        return sys.modules.get("pyarrow", "absent") is None, "fedsim.boot" in sys.modules
 
     assert ray.get(modules.remote()) == (True, True)  # preloaded, and pyarrow marked absent before anything ran
     if not had_pyarrow:
@@ -206,7 +206,7 @@ def test_lean_start_falls_back_to_stopping_what_ray_started(tiny_raw, monkeypatc
     from ray._private import ray_constants
     from ray._private import worker as ray_worker
 
-    from fedsim.runtime import ray_pool
+    from fedsim.runtime.ray import pool as ray_pool
 
     monkeypatch.setenv("FEDSIM_QUIET", "1")
     monkeypatch.setenv("FEDSIM_VERBOSE", "0")

@@ -70,7 +70,8 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     sc = scenario_from_dict(yaml.safe_load(tiny_yaml.read_text()))
     model = PeftModel.from_pretrained(build_base_model(sc.model), str(out / "adapter"))
     data = load_data(sc)
-    from fedsim.client.evaluate import evaluate_batch, reduce_eval
+    from fedsim.eval.metrics import reduce_eval
+    from fedsim.eval.scoring import evaluate_batch
 
     bs = sc.eval.batch_size
     import numpy as np
@@ -224,7 +225,7 @@ def test_output_is_quiet_unless_verbose(tiny_raw, tmp_path):
 
 _EARLY_PROBE = """
 import json, sys
-from fedsim.runtime import ray_pool
+from fedsim.runtime.ray import pool as ray_pool
 calls = []
 real = ray_pool.launch_pool
 def spy(scenario):

@@ -45,8 +45,9 @@ def _reference_logits(sc, run_dir, ids):
 def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, lora):
     from peft import PeftModel
 
-    from fedsim.client.evaluate import evaluate_batch, reduce_eval
     from fedsim.data.datasets import load_data
+    from fedsim.eval.metrics import reduce_eval
+    from fedsim.eval.scoring import evaluate_batch
     from fedsim.models.base import build_base_model
 
     tiny_raw.update(rounds=3, strategy={"name": strategy})
@@ -83,8 +84,8 @@ def _personal_rows(out):
 
 
 def _local_eval(model, sc, client):
-    from fedsim.client.evaluate import evaluate_batch
     from fedsim.driver import prepare
+    from fedsim.eval.scoring import evaluate_batch
 
     prep = prepare(sc)
     r = evaluate_batch(model, prep.data, prep.local_test[client], torch.device("cpu"), split=prep.data.train)
@@ -151,8 +152,9 @@ def test_merged_export_of_a_hub_style_model_directory(tiny_raw, tmp_path):
     that from_pretrained loads, with the tokenizer, reproducing the run's final evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedsim.client.evaluate import evaluate_batch, reduce_eval
     from fedsim.data.datasets import load_data
+    from fedsim.eval.metrics import reduce_eval
+    from fedsim.eval.scoring import evaluate_batch
     from fedsim.export import export_client
     from fedsim.models.base import build_base_model, load_tokenizer
 

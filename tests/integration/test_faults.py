@@ -83,7 +83,7 @@ def test_a_killed_server_actor_is_named_and_the_run_resumes(tiny_raw, tmp_path):
 
     from fedsim.driver import Driver, resume_run
     from fedsim.errors import BackendError
-    from fedsim.runtime.ray_backend import RayBackend
+    from fedsim.runtime.ray.backend import RayBackend
 
     class KillServerInRound2(RayBackend):
         calls = 0

@@ -1,10 +1,11 @@
 import numpy as np
 import torch
 
-from fedsim.client.evaluate import evaluate_batch, reduce_eval
 from fedsim.data.datasets import TokenizedData, TokenizedSplit, load_data
+from fedsim.eval.metrics import reduce_eval
+from fedsim.eval.scoring import evaluate_batch
+from fedsim.models import base as base_mod
 from fedsim.models.base import build_base_model, target_shapes
-from fedsim.runtime import worker as worker_mod
 from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.strategies import StrategySpec, make_strategy
 from fedsim.types import ClientPayload, ClientSpec, LoraSpec
@@ -47,8 +48,8 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(tiny_scenario):
 @torch.no_grad()
 def test_scoring_only_labelled_positions_equals_scoring_every_position(tiny_scenario):
     """The LM head runs only where some row has a label (logits_to_keep); the sums equal those of full logits."""
-    from fedsim.client import evaluate as ev
     from fedsim.client.batching import IGNORE, collate
+    from fedsim.models.tasks.causal_lm import CausalLM
 
     model = build_base_model(tiny_scenario.model)
     rng = np.random.default_rng(1)
@@ -64,7 +65,7 @@ def test_scoring_only_labelled_positions_equals_scoring_every_position(tiny_scen
     want_hit = ((logits.argmax(-1) == target.clamp(min=0)) | ~valid).all(1)
     for forward_takes_it in (True, False):
         model._fedsim_logits_to_keep = forward_takes_it
-        logp, hit = ev._token_logprobs(model, batch)
+        logp, hit = CausalLM().token_scores(model, batch)
         assert logp.shape[1] == int(valid.any(0).sum()) < target.shape[1]
         assert abs(float(logp.sum()) - want_loss) <= 1e-5 * abs(want_loss)
         assert torch.equal(hit.all(1), want_hit)
@@ -74,7 +75,7 @@ def test_training_loss_at_labelled_positions_equals_transformers_loss(tiny_scena
     """causal_lm_loss (the LM head only where a label is scored) is transformers' causal-LM loss, value and
     gradients, with and without logits_to_keep; a batch without labels gives NaN, as transformers'."""
     from fedsim.client.batching import collate
-    from fedsim.client.lm_loss import causal_lm_loss
+    from fedsim.models.lm_loss import causal_lm_loss
 
     model = build_base_model(tiny_scenario.model)
     rng = np.random.default_rng(2)
@@ -174,7 +175,8 @@ def test_adapter_config_written_without_peft_reads_back_as_peft_writes_it(tmp_pa
     from peft import LoraConfig
 
     from fedsim.config import scenario_from_dict
-    from fedsim.export import ExportedAdapter, save_peft_adapter
+    from fedsim.lora.merge import ExportedAdapter
+    from fedsim.models.adapter_io import save_peft_adapter
 
     sc = scenario_from_dict({"model": {"name": "tiny", "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}})
     adapter = ExportedAdapter(tensors={}, lora=LoraSpec(8, 16.0, rslora=True),
@@ -190,8 +192,8 @@ def test_adapter_config_written_without_peft_reads_back_as_peft_writes_it(tmp_pa
 
 def test_worker_builds_and_wraps_once_and_swaps_weights(tiny_scenario, monkeypatch):
     builds = []
-    real_build = worker_mod.build_base_model
-    monkeypatch.setattr(worker_mod, "build_base_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    real_build = base_mod.build_base_model
+    monkeypatch.setattr(base_mod, "build_base_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
     import peft
 
     wraps = []

@@ -12,7 +12,7 @@ import torch
 from fedsim.config import scenario_from_dict
 from fedsim.driver import prepare
 from fedsim.errors import ScenarioError
-from fedsim.runtime.backend import make_packs
+from fedsim.runtime.packs import make_packs
 from fedsim.runtime.worker import ClientJob, Worker
 from fedsim.strategies import make_strategy
 from fedsim.types import ClientFailure, LoraSpec, RoundContext

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.client.evaluate import evaluate_batch
 from fedsim.config import scenario_from_dict
 from fedsim.data.datasets import load_data
 from fedsim.driver import personal_metrics, prepare
 from fedsim.errors import ScenarioError
+from fedsim.eval.scoring import evaluate_batch
 from fedsim.lora import ops
 from fedsim.models.base import build_base_model, target_shapes
 from fedsim.models.quant import (

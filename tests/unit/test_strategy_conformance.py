@@ -9,6 +9,7 @@ import torch
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.objectives.tail import TailRegularizer
 from fedsim.strategies import StrategySpec, available_strategies, make_strategy
 from fedsim.types import ClientSpec, ClientUpdate, LoraSpec, ModuleShape, RoundContext
 
@@ -240,7 +241,7 @@ def test_hetlora_truncation_padding_and_norm_weights():
 def test_hetlora_pruning_lowers_the_rank_next_round():
     specs = [ClientSpec(0, 10, LoraSpec(4, 8.0)), ClientSpec(1, 10, LoraSpec(2, 4.0))]
     strategy, state, payloads, updates = _round("hetlora", specs, params={"prune_lambda": 0.1, "prune_gamma": 0.5})
-    assert payloads[0].extras["tail_regularizer"] == {"lambda": 0.1, "start": 2}
+    assert payloads[0].objectives == (TailRegularizer(lam=0.1, start=2),)
     updates[0].metrics["hetlora/rank"] = 2.0  # the client's tail norm shrank during training
     new = strategy.aggregate(CTX, state, updates)
     nxt = strategy.configure(RoundContext(2, 3, 0), new, specs)
@@ -252,9 +253,9 @@ def test_hetlora_default_gamma_prunes_every_rank_from_two():
     (⌈γ r⌉ left it empty for every rank ≤ 9, so nothing could prune)."""
     specs = [ClientSpec(i, 10, LoraSpec(r, 2.0 * r)) for i, r in enumerate([1, 2, 3, 4, 5])]
     strategy, _, payloads, _ = _round("hetlora", specs, params={"prune_lambda": 0.1})
-    assert "tail_regularizer" not in payloads[0].extras  # rank 1 cannot shrink
+    assert payloads[0].objectives == ()  # rank 1 cannot shrink
     for c in specs[1:]:
-        start = payloads[c.client_id].extras["tail_regularizer"]["start"]
+        start = payloads[c.client_id].objectives[0].start
         assert 1 <= start < c.lora.rank and start == int(0.9 * c.lora.rank)
 
 

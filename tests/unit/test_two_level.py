@@ -227,7 +227,7 @@ def test_feddpa_a_weights_the_local_adapter_and_global_adapters_average_equally(
 
 
 def test_similarity_weights_are_max_weight_times_the_mean_cosine():
-    from fedsim.client.evaluate import similarity_weights
+    from fedsim.eval.embeddings import similarity_weights
 
     test, ref = torch.randn(3, 8), torch.randn(6, 8)
     refs = [np.array([0, 1]), np.array([2, 3, 4]), np.array([5])]

@@ -2,8 +2,8 @@
 
 The ``fedsim`` command starts the pool as soon as the scenario is validated (:func:`launch_early`, with the strategy
 checks left for later), so that the workers import torch, transformers and PEFT while the driver imports torch and
-validates and prepares in its turn; :class:`~fedsim.runtime.ray_backend.RayBackend` adopts that pool
-(:func:`take_early`) or starts its own (:func:`launch_pool`).
+validates and prepares in its turn; :class:`~fedsim.runtime.ray.backend.RayBackend` adopts that pool
+(:func:`take_early`) or starts its own (:func:`launch_pool`). The actors' class is :mod:`fedsim.runtime.ray.actors`.
 
 A local Ray head is started lean: without the autoscaler monitor (one machine: nothing to scale), without the API
 server unless ``resources.dashboard`` (without the dashboard it serves only usage statistics, which fedsim turns
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedsim.errors import BackendError
+from fedsim.runtime.ray.actors import remote_worker_class
 
 if TYPE_CHECKING:
     from fedsim.config import Scenario
@@ -82,7 +83,7 @@ def _lean_head(skip: list[str]) -> Iterator[None]:
 def _without_pyarrow() -> Iterator[None]:
     """Ray's serialization context imports pyarrow (for Ray Data, which fedsim does not use: ~36 MB): keep it out of
     this process while Ray connects; ``datasets`` can still import it later."""
-    from fedsim.runtime.boot import allow_pyarrow, hide_pyarrow
+    from fedsim.boot import allow_pyarrow, hide_pyarrow
 
     hidden = hide_pyarrow()
     try:
@@ -120,7 +121,7 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
                             need_gpus)
                 kwargs["num_gpus"] = int(-(-need_gpus // 1))
         kwargs["_temp_dir"] = ray_temp_dir()
-        kwargs["_system_config"] = {"preload_python_modules": ["fedsim.runtime.boot"]}  # pyarrow stays out
+        kwargs["_system_config"] = {"preload_python_modules": ["fedsim.boot"]}  # pyarrow stays out
         skip = unused_ray_processes(res)
     main_thread = threading.current_thread() is threading.main_thread()
     keep = signal.getsignal(signal.SIGTERM) if main_thread else None
@@ -192,56 +193,6 @@ def check_placement(res: Any) -> None:
         raise BackendError(
             "Ray cannot place the workers: " + "; ".join(problems) + ". Lower resources.num_workers, "
             "resources.num_cpus / num_gpus, resources.pools or resources.server, or add nodes to the cluster")
-
-
-class WorkerActor:
-    """The body of a worker actor, defined without torch so that the driver can create the pool before it imports
-    torch. The actor's process imports torch, transformers and PEFT here, after keeping the quantization libraries
-    the scenario does not use out of it; the work is :class:`~fedsim.runtime.ray_backend.RayWorker`'s."""
-
-    def __init__(self, scenario: dict, data: Any, name: str, num_gpus: float):
-        from fedsim.config import scenario_from_dict
-        from fedsim.models.quant_specs import skip_unused_backends
-
-        sc = scenario_from_dict(scenario)
-        skip_unused_backends(sc.clients.quant.backends())  # a process of ours, nothing imported yet
-        from fedsim.runtime.ray_backend import RayWorker
-
-        self.worker = RayWorker(sc, data, name, num_gpus)
-
-    def attach(self, data: Any) -> None:
-        self.worker.attach(data)
-
-    def run_client(self, job: Any, payload: Any) -> tuple[Any, Any]:
-        return self.worker.run_client(job, payload)
-
-    def run_pack(self, jobs: Any, *payloads: Any) -> tuple:
-        return self.worker.run_pack(jobs, *payloads)
-
-    def evaluate(self, payload: Any, batches: Any) -> Any:
-        return self.worker.evaluate(payload, batches)
-
-    def evaluate_clients(self, payload: Any, items: Any) -> Any:
-        return self.worker.evaluate_clients(payload, items)
-
-    def apply_base_delta(self, version: int, delta: Any) -> int:
-        return self.worker.apply_base_delta(version, delta)
-
-    def ping(self) -> str:
-        return self.worker.ping()
-
-    def stats(self) -> dict[str, Any]:
-        import ray
-
-        return {**self.worker.stats(), "node": ray.get_runtime_context().get_node_id()}
-
-
-def remote_worker_class() -> Any:
-    """The Ray actor class of :class:`WorkerActor` (``run_client`` is called with ``num_returns=2``: the result's
-    metadata and the update, as two objects)."""
-    import ray
-
-    return ray.remote(WorkerActor)
 
 
 @dataclass

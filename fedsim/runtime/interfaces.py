@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.components import Components
 from fedsim.config import Scenario
-from fedsim.data.datasets import TokenizedData
-from fedsim.runtime.worker import ClientJob
+from fedsim.data.tokenized import TokenizedData
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientResult, ClientSpec, RoundContext
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext
 
 Handle = Any
 JobOutcome = tuple[ClientResult | ClientFailure, Handle | None]
@@ -31,8 +31,8 @@ class ServerHandle(ABC):
         """Payload handles per client, and (params, bytes) each client downloads."""
 
     @abstractmethod
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, float]:
-        """Aggregate the update handles; return upload accounting."""
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
+        """Aggregate the update handles; return upload accounting, rejections and the stages' metrics."""
 
     @abstractmethod
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
@@ -40,7 +40,7 @@ class ServerHandle(ABC):
 
     @abstractmethod
     def get_state(self) -> tuple[Any, dict]:
-        """(GlobalState, strategy state) for a checkpoint."""
+        """(GlobalState, the server's own state) for a checkpoint."""
 
     @abstractmethod
     def set_state(self, state: Any, strategy_state: dict) -> None:
@@ -52,7 +52,7 @@ class ServerHandle(ABC):
 
     @abstractmethod
     def global_adapter(self) -> Any:
-        """The run's whole model as one adapter (:class:`fedsim.export.ExportedAdapter`), for saving."""
+        """The run's whole model as one adapter (:class:`fedsim.lora.merge.ExportedAdapter`), for saving."""
 
 
 class Backend(ABC):
@@ -65,8 +65,10 @@ class Backend(ABC):
         that process start-up overlaps the tokenization); :meth:`start` finishes the job. Optional."""
 
     @abstractmethod
-    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec) -> ServerHandle:
-        """Start the workers (if :meth:`launch` has not) and the server; return the server handle."""
+    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
+              ) -> ServerHandle:
+        """Start the workers (if :meth:`launch` has not) and the server, handing both the run's resolved
+        ``components``; return the server handle."""
 
     @abstractmethod
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
@@ -79,7 +81,7 @@ class Backend(ABC):
 
     @abstractmethod
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        """Evaluate the payload on test batches; one dict of sums per batch, in order."""
+        """Evaluate the payload on test batches; one dict of metric sums per batch, in order."""
 
     @abstractmethod
     def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]
@@ -94,38 +96,3 @@ class Backend(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release workers (and Ray, if this backend started it)."""
-
-
-def make_packs(jobs: Sequence[tuple[ClientJob, Handle]], size: int, resources: Any = None) -> list[list[int]]:
-    """Positions of ``jobs`` in packs of at most ``size`` clients that share a worker pool and a base bit width.
-
-    The packs depend on the job list alone, never on timing, so that both backends (and every run) train the same
-    clients together and so compute the same numbers. Each group of n jobs is cut into nearly equal, consecutive
-    packs — as many as ``size`` needs, rounded up to a multiple of the pool's workers when there are enough jobs, so
-    that the last wave of packs keeps every worker busy.
-    """
-    groups: dict[Any, list[int]] = {}
-    for pos, (job, _) in enumerate(jobs):
-        pool = resources.pool_of(job.spec.quant.bits) if resources is not None else -1
-        groups.setdefault((pool, job.spec.quant), []).append(pos)
-    pools = [p for p, _, _ in resources.slots()] if resources is not None else []
-    packs = []
-    for (pool, _), positions in groups.items():
-        n = len(positions)
-        workers = max(1, pools.count(pool))
-        count = -(-n // size)
-        count = min(n, -(-count // workers) * workers)
-        edges = np.linspace(0, n, count + 1).round().astype(int)
-        packs += [positions[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    return sorted(packs)
-
-
-def make_backend(scenario: Scenario) -> Backend:
-    """The backend the scenario asks for."""
-    if scenario.resources.backend == "local":
-        from fedsim.runtime.local import LocalBackend
-
-        return LocalBackend()
-    from fedsim.runtime.ray_backend import RayBackend
-
-    return RayBackend()

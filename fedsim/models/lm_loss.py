@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from fedsim.client.batching import IGNORE
-
+IGNORE = -100  # the label of a position that is not scored (prompt, padding), as transformers' losses take it
 Forward = Callable[..., Any]  # model(**kwargs) -> an output with .logits
 
 

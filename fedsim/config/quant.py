@@ -1,6 +1,5 @@
-"""Quantization specs without torch: the bits each backend can do, the checks a scenario's quant section needs,
-and keeping unused backends out of a process. Scenario validation and the command line's start read these before
-torch is imported (:mod:`fedsim.models.quant` holds the quantization itself and re-exports these names)."""
+"""What the quantization backends can do, checked while a scenario is validated (before torch is imported): the bits
+each backend stores, the default backend per bit width, block and group sizes that fit the layers."""
 
 from __future__ import annotations
 
@@ -10,9 +9,6 @@ from fedsim.types import QuantSpec
 BACKEND_BITS = {"hqq": (1, 2, 3, 4, 8), "bnb": (4, 8), "none": (16, 32)}
 ALLOWED_BITS = (1, 2, 3, 4, 8, 16, 32)
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-
-
-FULL = QuantSpec()
 
 
 def default_backend(bits: int) -> str:
@@ -57,28 +53,3 @@ def check_shapes(spec: QuantSpec, shapes: dict[str, tuple[int, int]], where: str
         if spec.backend == "bnb" and (d_out * d_in) % spec.blocksize:
             raise ScenarioError(where, f"blocksize {spec.blocksize} does not divide layer {name} ({d_out}×{d_in})",
                                 "choose a smaller bitsandbytes blocksize, e.g. 64")
-
-
-BACKEND_MODULES = {"hqq": "hqq", "bnb": "bitsandbytes"}
-
-
-def skip_unused_backends(backends_used: set[str]) -> list[str]:
-    """Keep the quantization libraries a run does not use out of this process, and return the ones kept out.
-
-    transformers and PEFT import HQQ and bitsandbytes whenever they are installed (HQQ's import alone compiles a
-    torch function: 2.6 s and ~45 MB with bitsandbytes, in every process that trains). Marking them absent in
-    ``sys.modules`` before transformers / PEFT are imported makes both see them as not installed. Only for processes
-    fedsim owns (Ray workers, the ``fedsim`` command): in a user's own session it would hide a library they may
-    import later. Does nothing once transformers or PEFT is imported (they would have cached the libraries as
-    available).
-    """
-    import sys
-
-    if "transformers" in sys.modules or "peft" in sys.modules:
-        return []
-    skipped = []
-    for backend, module in BACKEND_MODULES.items():
-        if backend not in backends_used and module not in sys.modules:
-            sys.modules[module] = None  # type: ignore[assignment]  # import → ImportError; find_spec → None
-            skipped.append(module)
-    return skipped

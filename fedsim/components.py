@@ -1,0 +1,56 @@
+"""Every named component of a run, resolved once.
+
+The driver resolves the scenario's names — strategy, model task, row format, metrics, client-side transforms,
+server-side stages — into objects here, once, and hands those objects to the server and to every worker (with Ray,
+pickled by cloudpickle, which ships a class defined in a user's script or notebook by value). Nothing downstream
+looks a name up again, so a component registered only in the user's process works on every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedsim import registry
+from fedsim.config import Scenario
+from fedsim.data.formats import RowFormat
+from fedsim.eval.metrics import Metric, default_metrics
+from fedsim.models.tasks import ModelTask, task_for
+from fedsim.pipeline import NanFault, ServerStage, UpdateTransform
+from fedsim.strategies import Strategy
+
+
+@dataclass
+class Components:
+    """The objects a run is made of.
+
+    Attributes:
+        strategy: the aggregation strategy, with its validated params.
+        task: the model task (how the model is built, its loss and its token scores).
+        row_format: how data rows become examples (used where data is tokenized: the driver).
+        metrics: what evaluation reports.
+        transforms: client-side update transforms, applied in order on the workers after local training.
+        stages: server-side stages around aggregation (after the built-in validation), in order.
+    """
+
+    strategy: Strategy
+    task: ModelTask
+    row_format: RowFormat
+    metrics: tuple[Metric, ...] = field(default_factory=default_metrics)
+    transforms: tuple[UpdateTransform, ...] = ()
+    stages: tuple[ServerStage, ...] = ()
+
+
+def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
+    """The scenario's components (``strategy``: an instance to use instead of the one ``strategy.name`` names).
+
+    Raises:
+        ScenarioError: a name that nothing is registered under (naming the registered ones).
+    """
+    if strategy is None:
+        strategy = registry.get("strategy", scenario.strategy.name)(scenario.strategy.params)
+    transforms: tuple[UpdateTransform, ...] = ()
+    if scenario.faults.nan_update_prob > 0:
+        transforms = (NanFault(scenario.faults.nan_update_prob),)
+    return Components(strategy=strategy, task=task_for(scenario.model),
+                      row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(),
+                      transforms=transforms)

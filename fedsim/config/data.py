@@ -1,0 +1,97 @@
+"""The ``data`` and ``partition`` sections: where rows come from, how they are formatted, how clients split them."""
+
+from __future__ import annotations
+
+import string
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from fedsim import registry
+from fedsim.config.base import Frozen
+
+
+class SyntheticConfig(Frozen):
+    """Built-in procedurally generated multi-task instruction data (see :mod:`fedsim.data.synthetic`)."""
+
+    tasks: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count")
+    num_train: int = Field(2000, ge=1, le=10_000_000)
+    num_test: int = Field(400, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        known = registry.names("synthetic_task")
+        unknown = [t for t in v if t not in known]
+        if unknown:
+            raise ValueError(f"unknown synthetic task(s) {unknown}; choose from {known}")
+        if not v:
+            raise ValueError(f"needs at least one task; choose from {known}")
+        return v
+
+
+class TestSplitConfig(Frozen):
+    """Where the global test set comes from: a separate source (file or hub split) or a held-out fraction."""
+
+    source: str | None = None
+    split: str | None = None
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    max_samples: int | None = Field(None, ge=1)
+
+
+class DataConfig(Frozen):
+    """Training data: source, format and field names."""
+
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    format: str = "instruction"  # a registered row format (fedsim.data.formats)
+    split: str = "train"
+    subset: str | None = None
+    columns: tuple[str, ...] | None = None
+    prompt_template: str | None = None
+    response_field: str = "output"
+    label_field: str = "label"
+    label_names: dict[int | str, str] | None = None
+    task_field: str | None = "task"
+    test: TestSplitConfig = TestSplitConfig()
+    max_seq_len: int = Field(64, ge=8, le=65536)
+    max_train_samples: int | None = Field(None, ge=1)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        known = registry.names("row_format")
+        if v.lower() not in known:
+            raise ValueError(f"unknown data format {v!r}; choose from {', '.join(known)}")
+        return v.lower()
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _plain_placeholders(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        for _, name, spec, conv in string.Formatter().parse(v):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conv:
+                raise ValueError(
+                    f"placeholder {{{name}}} is not a plain field name; use {{field}} with the column name only"
+                )
+        return v
+
+    def template(self) -> str:
+        """The prompt template in force: ``prompt_template``, else the format's own default."""
+        if self.prompt_template is not None:
+            return self.prompt_template
+        return registry.get("row_format", self.format).default_template
+
+
+class PartitionConfig(Frozen):
+    """How training samples are split over clients (non-IID)."""
+
+    method: Literal["iid", "dirichlet", "shards", "natural", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, le=1e6)
+    by: str | None = None
+    shards_per_client: int = Field(2, ge=1, le=10_000)
+    min_samples: int = Field(1, ge=1)

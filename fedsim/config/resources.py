@@ -1,0 +1,109 @@
+"""The ``resources`` and ``logging`` sections: where the work runs and where results go."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fedsim.config.base import Frozen
+
+
+class ServerResources(Frozen):
+    """Resources of the server, which holds the global state and aggregates. None (the default): it runs in the
+    driver process (Ray backend: no process of its own to start or keep in memory). Any CPU or GPU: a Ray actor of
+    its own, isolated from the driver and placed where those resources are (e.g. a GPU for a heavy aggregation)."""
+
+    num_cpus: float = Field(0.0, ge=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+
+
+class WorkerPool(Frozen):
+    """Extra workers, sized for the clients whose base has one of ``bits`` (e.g. a GPU share for 16-bit clients)."""
+
+    bits: tuple[int, ...] = Field(min_length=1)
+    num_workers: int = Field(1, ge=1, le=4096)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+
+MAX_CLIENTS_PER_PASS = 256
+
+
+class ResourcesConfig(Frozen):
+    backend: Literal["local", "ray"] = "ray"
+    num_workers: int = Field(2, ge=1, le=4096)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    num_gpus: float = Field(0.0, ge=0.0, le=64)
+    num_threads: int | None = Field(None, ge=1, le=1024)
+    address: str | None = None
+    server: ServerResources = ServerResources()
+    dashboard: bool = False
+    max_retries: int = Field(1, ge=0, le=100)
+    # consecutive rounds in which every sampled client fails before the run stops with their reason; 0 = never
+    max_failed_rounds: int = Field(3, ge=0, le=1_000_000)
+    client_timeout_s: float | None = Field(None, gt=0.0)
+    # clients whose base has one of a pool's bits are trained by that pool's workers; the rest by the main pool
+    pools: tuple[WorkerPool, ...] = ()
+    # clients trained together in one pass over one base (fedsim.client.packed): 1 = one at a time; auto = as many
+    # as fit pack_tokens tokens per pass (batch_size × max_seq_len each)
+    clients_per_pass: int | Literal["auto"] = 1
+    # the token budget of one packed pass for clients_per_pass: auto (None: 4096 on CPU workers, 32768 with GPUs)
+    pack_tokens: int | None = Field(None, ge=1, le=2**24)
+
+    @field_validator("clients_per_pass")
+    @classmethod
+    def _per_pass(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= MAX_CLIENTS_PER_PASS:
+            raise ValueError(f"clients_per_pass must be between 1 and {MAX_CLIENTS_PER_PASS} or 'auto', got {v}")
+        return v
+
+    def pack_size(self, tokens_per_client: int) -> int:
+        """Clients per packed pass: ``clients_per_pass``, or for ``auto`` as many as fit the token budget
+        (``pack_tokens``; default 4096 tokens on CPU workers — where a pass gains little beyond that — and 32768 on
+        GPU workers), at least 1 and at most MAX_CLIENTS_PER_PASS."""
+        if self.clients_per_pass != "auto":
+            return int(self.clients_per_pass)
+        budget = self.pack_tokens or (32768 if self.num_gpus > 0 else 4096)
+        return max(1, min(MAX_CLIENTS_PER_PASS, budget // max(1, tokens_per_client)))
+
+    @model_validator(mode="after")
+    def _pools_disjoint(self) -> ResourcesConfig:
+        seen: dict[int, int] = {}
+        for i, pool in enumerate(self.pools):
+            for b in pool.bits:
+                if b in seen:
+                    raise ValueError(f"pools {seen[b]} and {i} both claim {b}-bit clients; give each bit width to "
+                                     "one pool")
+                seen[b] = i
+        return self
+
+    def pool_of(self, bits: int) -> int:
+        """Index of the pool that trains ``bits``-bit clients (-1: the main pool)."""
+        return next((i for i, p in enumerate(self.pools) if bits in p.bits), -1)
+
+    def slots(self) -> list[tuple[int, float, float]]:
+        """(pool index, num_cpus, num_gpus) of every worker: the main pool (-1) first."""
+        out = [(-1, self.num_cpus, self.num_gpus)] * self.num_workers
+        for i, p in enumerate(self.pools):
+            out += [(i, p.num_cpus, p.num_gpus)] * p.num_workers
+        return out
+
+    def threads_per_worker(self) -> int:
+        """torch intra-op threads per worker — every worker, pools included, so that a client's result does not depend
+        on which worker (or backend) trains it."""
+        return self.num_threads or max(1, int(self.num_cpus))
+
+
+class WandbConfig(Frozen):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "fedsim"
+    group: str | None = None
+    entity: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+class LoggingConfig(Frozen):
+    console: bool = True
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    jsonl: bool = True
+    wandb: WandbConfig = WandbConfig()

@@ -1,0 +1,90 @@
+"""The whole scenario: every section, and the checks that span sections (names resolved through the registry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from fedsim import registry
+from fedsim.config.base import Frozen, format_validation
+from fedsim.config.clients import ClientsConfig
+from fedsim.config.data import DataConfig, PartitionConfig
+from fedsim.config.model import ModelConfig
+from fedsim.config.resources import LoggingConfig, ResourcesConfig
+from fedsim.config.training import CheckpointConfig, ClockConfig, EvalConfig, FaultsConfig, TrainingConfig
+from fedsim.errors import ScenarioError
+
+
+class StrategyConfig(Frozen):
+    name: str = "fedit"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Scenario(Frozen):
+    """A whole federated fine-tuning experiment. Build one with :func:`load_scenario` or :func:`scenario_from_dict`."""
+
+    name: str = Field("run", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    rounds: int = Field(10, ge=1, le=1_000_000)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    clients: ClientsConfig = ClientsConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    clock: ClockConfig = ClockConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+    def pack_size(self) -> int:
+        """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's
+        batch_size × max_seq_len)."""
+        return self.resources.pack_size(self.training.batch_size * self.data.max_seq_len)
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_runs(cls, v: str) -> str:
+        if set(v) == {"."} and len(v) <= 2:  # "." is runs/ itself, ".." its parent
+            raise ValueError(f"name {v!r} would put the run outside its own directory under runs/; use a name "
+                             "with a letter or digit, e.g. quickstart")
+        return v
+
+    @model_validator(mode="after")
+    def _faults_need_ray(self) -> Scenario:
+        f = self.faults
+        if self.resources.backend == "local" and (f.kill_worker_prob > 0 or f.hang_prob > 0):
+            raise ScenarioError("faults", "worker kills and hangs need the Ray backend (a local client runs inside "
+                                "the driver process)", "set resources.backend: ray, or use only nan_update_prob")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_known(self, info: ValidationInfo) -> Scenario:
+        if info.context and info.context.get("strategy") is False:  # checked later (it imports every strategy)
+            return self
+        cls = registry.get("strategy", self.strategy.name)  # raises ScenarioError naming the registered ones
+        if cls.has_personal_state and self.eval.local_test_fraction <= 0:
+            raise ScenarioError("eval.local_test_fraction", f"strategy {cls.name!r} keeps personal adapters, which "
+                                "are evaluated on each client's local test split, but none is held out",
+                                "set eval.local_test_fraction, e.g. 0.2")
+        if self.clients.lora.is_mixed() and not cls.supports_mixed_ranks:
+            mixed = [n for n, c in registry.entries("strategy").items() if c.supports_mixed_ranks]
+            raise ScenarioError("clients.lora", f"strategy {cls.name!r} needs every client at one rank and alpha, "
+                                "but the scenario mixes them", f"use one of {', '.join(mixed)} or a single rank")
+        try:
+            cls.Params(**self.strategy.params)
+        except ValidationError as e:
+            raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params"), None) from None
+        return self
+
+    def strategy_params(self) -> BaseModel:
+        """The strategy's own validated hyperparameters."""
+        return registry.get("strategy", self.strategy.name).Params(**self.strategy.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved scenario (all defaults filled in) as plain YAML-able data."""
+        return self.model_dump(mode="json")
+

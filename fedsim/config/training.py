@@ -1,0 +1,104 @@
+"""The ``training``, ``eval``, ``checkpoint``, ``clock`` and ``faults`` sections: what a client and a round do."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fedsim.config.base import Frozen
+
+
+class TrainingConfig(Frozen):
+    local_steps: int | None = Field(None, ge=1, le=1_000_000)
+    local_epochs: float | None = Field(None, gt=0.0, le=10_000)
+    batch_size: int = Field(8, ge=1, le=65536)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingConfig:
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set either local_steps or local_epochs, not both")
+        return self
+
+    def steps_for(self, num_examples: int) -> int:
+        """Local optimizer steps for a client holding ``num_examples`` samples."""
+        if self.local_epochs is not None:
+            per_epoch = -(-num_examples // self.batch_size)
+            return max(1, int(round(self.local_epochs * per_epoch)))
+        return self.local_steps if self.local_steps is not None else 10
+
+
+class EvalConfig(Frozen):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    at_start: bool = True
+    # share of each client's shard held out as its local test split (personalized evaluation); 0 = none
+    local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # how many clients (a fixed, seeded subset) are scored on their local test splits; None = all
+    local_clients: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(Frozen):
+    """How often the server state is saved for ``fedsim run --resume`` (always after the last round too)."""
+
+    every: int = Field(1, ge=1)
+
+
+class FaultsConfig(Frozen):
+    """Fault injection, a testing aid: each client attempt draws its faults from (seed, round, client, attempt).
+
+    ``kill_worker_prob``: the worker process exits mid-job (Ray backend); ``nan_update_prob``: the update is filled
+    with NaN (rejected by the server); ``hang_prob``: the job sleeps ``hang_s`` (Ray backend; pair it with
+    ``resources.client_timeout_s``).
+    """
+
+    kill_worker_prob: float = Field(0.0, ge=0.0, le=1.0)
+    nan_update_prob: float = Field(0.0, ge=0.0, le=1.0)
+    hang_prob: float = Field(0.0, ge=0.0, le=1.0)
+    hang_s: float = Field(3600.0, gt=0.0)
+
+    def any(self) -> bool:
+        return self.kill_worker_prob > 0 or self.nan_update_prob > 0 or self.hang_prob > 0
+
+
+class SpeedTier(Frozen):
+    """A share of the clients with one compute speed."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    steps_per_s: float = Field(gt=0.0, le=1e9)
+
+
+class ClockConfig(Frozen):
+    """The simulated clock: how long each client would take on its own hardware and network, so that rounds have a
+    simulated duration (reported next to wall time) and an optional deadline drops stragglers.
+
+    A client's time = local steps / its speed + download and upload bytes at the configured bandwidths + 2 × latency;
+    a round lasts as long as its slowest client (capped at the deadline). Speed: ``steps_per_s`` for everyone, or
+    ``tiers`` (shares, dealt by a seeded permutation), times ``by_bits[bits]`` for a client whose base has those bits.
+    :mod:`fedsim.federation.clock` does the arithmetic.
+    """
+
+    steps_per_s: float = Field(10.0, gt=0.0, le=1e9)
+    tiers: tuple[SpeedTier, ...] | None = None
+    by_bits: dict[int, float] | None = None
+    down_mbps: float = Field(100.0, gt=0.0, le=1e9)
+    up_mbps: float = Field(20.0, gt=0.0, le=1e9)
+    latency_s: float = Field(0.05, ge=0.0, le=1e6)
+    deadline_s: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ClockConfig:
+        if self.tiers is not None:
+            total = sum(t.fraction for t in self.tiers)
+            if not self.tiers or abs(total - 1.0) > 1e-6:
+                raise ValueError(f"speed tier fractions sum to {total:g}; they must sum to 1")
+        for bits, factor in (self.by_bits or {}).items():
+            if factor <= 0:
+                raise ValueError(f"by_bits[{bits}] must be a positive speed multiplier, got {factor}")
+        return self
+

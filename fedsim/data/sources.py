@@ -1,0 +1,254 @@
+"""Raw rows: the built-in synthetic tasks, local files (JSON/JSONL, CSV/TSV, Parquet: a file, a directory or a glob)
+or a Hugging Face hub data set; and the digests that tie a run to the contents of the files it read."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Any
+
+from fedsim.config import DataConfig
+from fedsim.errors import DataError, ScenarioError
+
+_EXT_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def _is_local(source: str) -> bool:
+    return (
+        source.startswith((".", "/", "~"))
+        or os.path.splitext(source)[1].lower() in _EXT_BUILDERS
+        or any(ch in source for ch in "*?[")
+        or os.path.exists(source)
+    )
+
+
+def _local_files(source: str, field_name: str) -> list[str]:
+    """The files a local data source names (a file, a directory's data files, or a glob), sorted.
+
+    Raises:
+        ScenarioError: none exist, or their formats cannot be read together.
+    """
+    path = os.path.expanduser(source)
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+    elif os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if os.path.splitext(f)[1].lower() in _EXT_BUILDERS)
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise ScenarioError(field_name, f"no data file found at {source!r}",
+                            "give an existing .json/.jsonl/.csv/.tsv/.parquet file, a directory or a glob")
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    builders = {_EXT_BUILDERS.get(e) for e in exts}
+    if None in builders or len(builders) != 1:
+        raise ScenarioError(field_name, f"cannot read files with extensions {sorted(exts)} together",
+                            "use one of .json, .jsonl, .csv, .tsv, .parquet")
+    return files
+
+
+def data_files(cfg: DataConfig) -> list[str]:
+    """Every local file the data settings read (none for synthetic or hub data)."""
+    files: list[str] = []
+    for source, name in ((cfg.source, "data.source"), (cfg.test.source, "data.test.source")):
+        if source is not None and source != "synthetic" and _is_local(source):
+            files += _local_files(source, name)
+    return files
+
+
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (path, inode, size, mtime, ctime) -> SHA-256
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's contents (remembered for this process while its inode, size, mtime and ctime stay the
+    same; ctime changes with every write, even one that puts the mtime back)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def data_digests(cfg: DataConfig) -> dict[str, str]:
+    """{absolute path: SHA-256} of every local data file the settings read."""
+    return {os.path.abspath(f): file_digest(f) for f in data_files(cfg)}
+
+
+def _check_text_file(path: str, kind: str) -> None:
+    """A data file a text reader will parse: not empty, UTF-8, no NUL bytes.
+
+    Raises:
+        DataError: naming the file and what is wrong with it.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if b"\x00" in chunk:
+                at = offset + chunk.index(b"\x00")
+                raise DataError(f"{path} is not a {kind} (it holds binary data: a NUL byte at offset {at}); "
+                                f"give a text {kind} file")
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {offset + e.start});"
+                                " convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (it ends inside a multi-byte character at offset {offset})") \
+            from None
+    if blank:
+        raise DataError(f"{path}: the file is empty; give a file with at least one row")
+
+
+def _check_jsonl(path: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); "
+                                "every line of a .jsonl file must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_csv_columns(path: str, columns: tuple[str, ...], delimiter: str) -> None:
+    """With ``data.columns`` (a header-less file): the file's width matches and its first line is not a header."""
+    import csv
+    import itertools
+
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [row for row in itertools.islice(csv.reader(f, delimiter=delimiter), 50) if row]
+    first = lines[0]
+    if len(first) != len(columns):
+        raise DataError(f"{path} has {len(first)} column(s) per row but data.columns names {len(columns)} "
+                        f"({list(columns)}); name one column per field")
+    rest = lines[1:]
+    looks_like_header = [c.strip().lower() for c in first] == [c.lower() for c in columns] or any(
+        rest and not _is_number(first[j]) and all(len(r) > j and _is_number(r[j]) for r in rest)
+        for j in range(len(first)))
+    if looks_like_header:
+        raise DataError(f"{path} starts with a header row ({', '.join(first)}) but data.columns says it has none; "
+                        "remove data.columns to use the file's own header, or delete the header line")
+
+
+def _check_file(path: str, builder: str, cfg: DataConfig) -> None:
+    """Say what is wrong with a data file in words, before a reader fails on it with its own exception."""
+    kind = {"json": "JSON file", "csv": "CSV table", "parquet": "Parquet file"}[builder]
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty; give a file with at least one row")
+    if builder == "parquet":
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{path} is not a Parquet file (it does not start with PAR1)")
+        return
+    _check_text_file(path, kind)
+    if builder == "json" and path.lower().endswith(".jsonl"):
+        _check_jsonl(path)
+    if builder == "csv" and cfg.columns:
+        _check_csv_columns(path, cfg.columns, "\t" if path.lower().endswith(".tsv") else ",")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _datasets_load() -> Any:
+    """``datasets.load_dataset``, in a process where pyarrow may have been kept out (:mod:`fedsim.boot`)."""
+    from fedsim.boot import allow_pyarrow
+
+    allow_pyarrow()
+    from datasets import load_dataset
+
+    return load_dataset
+
+
+def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
+    load_dataset = _datasets_load()
+
+    files = _local_files(source, field_name)
+    builder = _EXT_BUILDERS[os.path.splitext(files[0])[1].lower()]  # _local_files allows one reader only
+    for f in files:
+        _check_file(f, builder, cfg)
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        if any(f.lower().endswith(".tsv") for f in files):
+            kwargs["delimiter"] = "\t"
+        if cfg.columns:
+            kwargs["column_names"] = list(cfg.columns)
+    import tempfile
+
+    # a private, throw-away datasets cache: its own is keyed on path and mtime, and would serve an edited file's
+    # old rows (ours, keyed on the contents, is the one that persists)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedsim-read-") as tmp:
+            return load_dataset(builder, data_files=files, split="train", cache_dir=tmp, **kwargs).to_list()
+    except Exception as e:  # datasets raises many types for malformed files; say what the reader itself said
+        root = _root_cause(e)
+        what = {"json": "JSON", "csv": "a CSV table", "parquet": "Parquet"}[builder]
+        raise DataError(f"{field_name}: cannot load {source!r}: it is not {what} that can be read "
+                        f"({root.__class__.__name__}: {str(root) or 'no message'})") from None
+
+
+def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> list[dict[str, Any]]:
+    load_dataset = _datasets_load()
+
+    try:
+        ds = load_dataset(name, subset, split=split)
+    except Exception as e:
+        raise DataError(
+            f"{field_name}: cannot load {name!r} (split {split!r}) from the Hugging Face hub: "
+            f"{e.__class__.__name__}: {e}. Check the name and your network, or point {field_name} at a local file."
+        ) from None
+    return ds.to_list()
+
+
+def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Raw train rows and, when a separate test source or split exists, raw test rows (else None)."""
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        train = _synthetic(s.tasks, s.num_train, s.seed)
+        test = _synthetic(s.tasks, s.num_test, s.seed + 1_000_003)
+        return train, test
+    train = (_load_local(cfg.source, cfg, "data.source") if _is_local(cfg.source)
+             else _load_hub(cfg.source, cfg.subset, cfg.split, "data.source"))
+    test = None
+    if cfg.test.source is not None:
+        src = cfg.test.source
+        test = (_load_local(src, cfg, "data.test.source") if _is_local(src)
+                else _load_hub(src, cfg.subset, cfg.test.split or "test", "data.test.source"))
+    elif cfg.test.split is not None:
+        if _is_local(cfg.source):
+            raise ScenarioError("data.test.split", "a split name only applies to hub data sets",
+                                "use data.test.source (a file) or data.test.fraction for local data")
+        test = _load_hub(cfg.source, cfg.subset, cfg.test.split, "data.test.split")
+    return train, test
+
+
+def _synthetic(tasks: tuple[str, ...], n: int, seed: int) -> list[dict[str, Any]]:
+    from fedsim.data.synthetic import generate
+
+    return generate(tasks, n, seed)

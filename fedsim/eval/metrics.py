@@ -1,0 +1,127 @@
+"""The metric extension point: what evaluation reports, computed from additive sums.
+
+A metric reads a batch's :class:`~fedsim.eval.scoring.EvalOutputs` on a worker and returns sums (additive across
+batches and workers, so that the driver combines them exactly whatever the split of the work); the driver adds the
+sums of every batch and calls :meth:`Metric.reduce` once. Each metric declares the keys it reports (``keys``;
+``*`` stands for a task name). Built-ins: ``loss`` (mean token negative log-likelihood), ``accuracy`` (exact match
+of the response under greedy decoding, or the most likely label option for classification) and ``task_accuracy``
+(the same per task). A new metric is a subclass registered with ``@metric("name")`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from fedsim import registry
+from fedsim.eval.scoring import EvalOutputs
+
+metric = registry.decorator("metric")
+
+
+class Metric:
+    """A metric: per-batch sums on the workers, one reduction in the driver.
+
+    Attributes:
+        keys: the keys :meth:`reduce` returns (``*``: any task name).
+    """
+
+    name: ClassVar[str] = ""
+    keys: ClassVar[tuple[str, ...]] = ()
+
+    def sums(self, out: EvalOutputs) -> dict[str, float]:
+        """Additive sums over one batch."""
+        raise NotImplementedError
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        """The metric's values from the sums of every batch."""
+        raise NotImplementedError
+
+
+@metric("loss")
+class Loss(Metric):
+    """Mean negative log-likelihood per scored token (``eval/loss``)."""
+
+    name = "loss"
+    keys = ("eval/loss",)
+
+    def sums(self, out: EvalOutputs) -> dict[str, float]:
+        return {"loss_sum": float(-out.logp.sum().double()), "tokens": float(out.valid.sum())}
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"eval/loss": sums["loss_sum"] / max(sums["tokens"], 1.0)}
+
+
+@metric("accuracy")
+class Accuracy(Metric):
+    """Share of samples answered correctly (``eval/accuracy``) and how many were scored (``eval/num_samples``).
+
+    Exact match under greedy decoding is computed in the one teacher-forced pass: greedy decoding reproduces the
+    reference answer (and stops with EOS) if and only if, at every answer position, the argmax given the reference
+    prefix is the reference token — so the check is exact, not an approximation."""
+
+    name = "accuracy"
+    keys = ("eval/accuracy", "eval/num_samples")
+
+    def sums(self, out: EvalOutputs) -> dict[str, float]:
+        return {"count": float(len(out.correct)), "correct": float(out.correct.sum())}
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"eval/accuracy": sums["correct"] / max(sums["count"], 1.0), "eval/num_samples": sums["count"]}
+
+
+@metric("task_accuracy")
+class TaskAccuracy(Metric):
+    """Accuracy per task of the data's task field (``eval/task/<task>/accuracy``)."""
+
+    name = "task_accuracy"
+    keys = ("eval/task/*/accuracy",)
+
+    def sums(self, out: EvalOutputs) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        if not out.task_names:
+            return sums
+        tasks = out.tasks
+        for t in sorted({int(x) for x in tasks if x >= 0}):
+            sel = torch.as_tensor(tasks == t)
+            name = out.task_names[t]
+            sums[f"task/{name}/correct"] = float(out.correct[sel].sum())
+            sums[f"task/{name}/count"] = float(sel.sum())
+        return sums
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for k in sorted(sums):
+            if k.startswith("task/") and k.endswith("/correct"):
+                name = k[len("task/") : -len("/correct")]
+                out[f"eval/task/{name}/accuracy"] = sums[k] / max(sums[f"task/{name}/count"], 1.0)
+        return out
+
+
+DEFAULT_METRICS = ("loss", "accuracy", "task_accuracy")
+
+
+def default_metrics() -> tuple[Metric, ...]:
+    """The metrics every run reports (the per-client tables read ``loss`` and ``accuracy``'s sums)."""
+    return tuple(registry.get("metric", name)() for name in DEFAULT_METRICS)
+
+
+def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-batch sums added up, in the given order."""
+    sums: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+
+def reduce_eval(parts: Sequence[dict[str, float]], metrics: Sequence[Metric] | None = None) -> dict[str, float]:
+    """Combine per-batch sums (in the given order) and reduce them with each metric: ``eval/loss``,
+    ``eval/accuracy``, ``eval/num_samples``, ``eval/task/<t>/accuracy`` with the defaults."""
+    sums = combine(parts)
+    out: dict[str, float] = {}
+    for m in metrics if metrics is not None else default_metrics():
+        out.update(m.reduce(sums))
+    return out

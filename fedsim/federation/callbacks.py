@@ -1,0 +1,96 @@
+"""Round callbacks: what happens around each round besides the round itself.
+
+The built-ins — the metrics log and W&B (:class:`TrackerCallback`), the progress display (:class:`ProgressCallback`)
+and checkpoints (:class:`CheckpointCallback`) — use the same interface as a user's callback:
+``run_scenario(scenario, callbacks=[MyCallback()])``. Subclass :class:`RoundCallback` and override what you need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class RoundCallback:
+    """Hooks of a run, called in the driver process. Every method is optional (the defaults do nothing)."""
+
+    def on_round_start(self, server_round: int, num_clients: int) -> None:
+        """A round begins: ``num_clients`` clients are about to train."""
+
+    def on_client_done(self, failed: bool) -> None:
+        """One client of the round finished (or failed)."""
+
+    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        """A round ended (round 0: the evaluation before training); ``row`` is its line of ``metrics.jsonl``
+        (read it, do not change it)."""
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        """The run ended; ``summary`` is what ``summary.json`` holds."""
+
+
+class CallbackList(RoundCallback):
+    """Several callbacks, called in order."""
+
+    def __init__(self, callbacks: Sequence[RoundCallback] = ()):
+        self.callbacks = list(callbacks)
+
+    def on_round_start(self, server_round: int, num_clients: int) -> None:
+        for cb in self.callbacks:
+            cb.on_round_start(server_round, num_clients)
+
+    def on_client_done(self, failed: bool) -> None:
+        for cb in self.callbacks:
+            cb.on_client_done(failed)
+
+    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_round_end(server_round, row)
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_run_end(summary)
+
+
+class TrackerCallback(RoundCallback):
+    """Each round's row to ``metrics.jsonl`` and Weights & Biases (:class:`fedsim.tracking.Tracker`)."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        self.tracker.log(row)
+
+
+class ProgressCallback(RoundCallback):
+    """The console's progress: clients done per round, a line per round (:class:`fedsim.progress.Progress`)."""
+
+    def __init__(self, progress: Any):
+        self.progress = progress
+
+    def on_round_start(self, server_round: int, num_clients: int) -> None:
+        self.progress.start_round(server_round, num_clients)
+
+    def on_client_done(self, failed: bool) -> None:
+        self.progress.client_done(failed)
+
+    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        self.progress.end_round(row)
+
+
+class CheckpointCallback(RoundCallback):
+    """The server's state (and the client state store) to ``RUN_DIR/checkpoint`` after every ``checkpoint.every``
+    rounds and after the last one (:mod:`fedsim.checkpoint`).
+
+    Args:
+        save: writes one checkpoint for a round (the driver binds the run directory, the server and the store).
+        every: rounds between checkpoints.
+        num_rounds: the run's last round (always checkpointed).
+    """
+
+    def __init__(self, save: Callable[[int], Path], every: int, num_rounds: int):
+        self.save, self.every, self.num_rounds = save, every, num_rounds
+
+    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        if server_round >= 1 and (server_round % self.every == 0 or server_round == self.num_rounds):
+            self.save(server_round)

@@ -1,0 +1,138 @@
+"""One round as its named stages::
+
+    sample → configure → jobs (dropout; personal state in) → train → simulated clock → aggregate (validate,
+    stages, strategy) → keep personal state → sync base
+
+Each stage is a function of a few lines over a :class:`Federation` (the run's fixed parts) and the backend's
+interfaces; the driver (:mod:`fedsim.driver`) runs them round after round, then evaluates, logs and checkpoints
+through callbacks. The driver never holds a tensor: payloads and updates are the backend's handles.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedsim.client.store import ClientStateStore
+from fedsim.config import Scenario
+from fedsim.federation.callbacks import CallbackList
+from fedsim.federation.clock import admit
+from fedsim.federation.prepare import Prepared
+from fedsim.runtime.interfaces import Backend, Handle, ServerHandle
+from fedsim.sampling import dropped_out, sample_clients
+from fedsim.types import ClientFailure, ClientJob, ClientResult, RoundContext
+
+DROPPED = "dropped out during the round (clients.dropout)"
+
+
+@dataclass
+class Federation:
+    """What the round stages read: the scenario, the prepared clients and data, the client state store, and the
+    base version the workers hold."""
+
+    scenario: Scenario
+    prep: Prepared
+    store: ClientStateStore | None
+    base_version: int = 0
+
+    def context(self, server_round: int) -> RoundContext:
+        sc = self.scenario
+        return RoundContext(server_round=server_round, num_rounds=sc.rounds, seed=sc.seed)
+
+    def sample(self, server_round: int) -> list[int]:
+        """The round's clients: ``clients.per_round`` of the available ones (uniformly or by size), seeded."""
+        sc = self.scenario
+        sizes = [c.num_examples for c in self.prep.clients] if sc.clients.sampling == "size" else None
+        return sample_clients(sc.clients.num_clients, sc.clients.num_per_round(), sc.seed, server_round, sizes=sizes,
+                              availability=sc.clients.availability)
+
+    def jobs(self, server_round: int, sampled: list[int], handles: dict[int, Handle]
+             ) -> tuple[list[tuple[ClientJob, Handle]], set[int]]:
+        """The jobs of the clients that stay for the round (with their personal state), and those that drop out
+        after downloading their payload (``clients.dropout``)."""
+        gone = dropped_out(sampled, self.scenario.clients.dropout, self.scenario.seed, server_round)
+        store, prep = self.store, self.prep
+        jobs = [(ClientJob(prep.clients[c], prep.parts[c], server_round, personal=store.get(c) if store else None),
+                 handles[c]) for c in sampled if c not in gone]
+        return jobs, gone
+
+    def keep_personal(self, ok: list[tuple[ClientResult, Handle]]) -> None:
+        """Personal tensors stay with their client, in the client state store (never given to the server)."""
+        if self.store is not None:
+            for res, _ in ok:
+                if res.personal is not None:
+                    self.store.put(res.client_id, res.personal)
+
+
+@dataclass
+class RoundResult:
+    """What one round did (before evaluation): who trained and who failed, with why, and what moved."""
+
+    server_round: int
+    sampled: list[int]
+    ok: list[tuple[ClientResult, Handle]]
+    failed: list[ClientFailure]
+    gone: set[int]
+    late: int
+    attempted: int
+    up: dict[str, Any]
+    down: dict[int, tuple[int, int]]
+    sim_round_s: float
+    replaced: int
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: CallbackList
+          ) -> tuple[list[tuple[ClientResult, Handle]], list[ClientFailure]]:
+    """The backend trains every job; (results with their update handles, failures)."""
+    outcomes = backend.train(jobs, on_done=lambda res: events.on_client_done(isinstance(res, ClientFailure)))
+    ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
+    return ok, [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+
+
+def aggregate(server: ServerHandle, ctx: RoundContext, ok: list[tuple[ClientResult, Handle]],
+              failed: list[ClientFailure]) -> tuple[dict[str, Any], list, list[ClientFailure]]:
+    """The server validates and aggregates the updates; a rejected update counts as a failed client, with its
+    reason. Returns (upload accounting, the clients aggregated, every failure)."""
+    up = server.aggregate(ctx, [h for _, h in ok])
+    if up["rejected"]:
+        failed = failed + [ClientFailure(cid, why) for cid, why in sorted(up["rejected"].items())]
+        ok = [(res, h) for res, h in ok if res.client_id not in up["rejected"]]
+    return up, ok, failed
+
+
+def sync_base(server: ServerHandle, backend: Backend, since: int) -> int:
+    """Strategies that merge into the base (FLoRA, FedEx-LoRA): every worker applies each new base update once.
+    Returns the base version the workers hold now."""
+    deltas = server.base_deltas(since=since)
+    if deltas:
+        backend.sync_base(deltas)
+        return deltas[-1][0]
+    return since
+
+
+def run_round(server_round: int, fed: Federation, server: ServerHandle, backend: Backend,
+              events: CallbackList) -> RoundResult:
+    """One round's stages, from sampling to the base sync (evaluation and logging are the driver's)."""
+    ctx, sampled = fed.context(server_round), fed.sample(server_round)  # sample
+    handles, down = server.configure(ctx, [fed.prep.clients[c] for c in sampled])  # configure
+    jobs, gone = fed.jobs(server_round, sampled, handles)  # they downloaded, then some vanished
+    events.on_round_start(server_round, len(jobs))
+    t_train, replaced = time.perf_counter(), backend.num_replaced
+    ok, failed = train(backend, jobs, events)  # train
+    failed += [ClientFailure(c, DROPPED) for c in sorted(gone)]
+    clock = admit(fed.scenario.clock, ok, fed.prep.clients, down)  # the simulated clock: stragglers out
+    t_agg = time.perf_counter()
+    up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late)  # validate → stages → aggregate
+    fed.keep_personal(ok)
+    fed.base_version = sync_base(server, backend, fed.base_version)
+    return RoundResult(server_round, sampled, ok, failed, gone, len(clock.late), len(jobs), up, down, clock.round_s,
+                       backend.num_replaced - replaced, {"train_s": t_agg - t_train, "t_agg": t_agg})
+
+
+def eval_batches(num_test: int, batch_size: int) -> list[np.ndarray]:
+    """The global test set in batches of ``eval.batch_size`` (the same batches every time, for exact sums)."""
+    return [np.arange(s, min(s + batch_size, num_test)) for s in range(0, num_test, batch_size)]

@@ -1,0 +1,69 @@
+"""A round's row of ``metrics.jsonl``: what trained and failed, communication (per round and cumulative), the
+clients' declared metrics as example-weighted means, the simulated clock, and the time spent."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from fedsim.federation.rounds import RoundResult
+
+COMM = ("comm/up_params", "comm/down_params", "comm/up_bytes", "comm/down_bytes")
+
+
+def round_row(result: RoundResult) -> dict[str, Any]:
+    """The row's training part (the driver adds notes, totals, evaluation and timings)."""
+    ok, failed, up, down, sampled = result.ok, result.failed, result.up, result.down, result.sampled
+    n_ok = sum(res.num_examples for res, _ in ok)
+    loss = (sum(res.metrics["train/loss"] * res.num_examples for res, _ in ok) / n_ok) if n_ok else math.nan
+    row: dict[str, Any] = {
+        "round": result.server_round, "train/loss": loss,
+        "clients/sampled": len(sampled), "clients/succeeded": len(ok), "clients/failed": len(failed),
+        "comm/up_params": up["comm/up_params"], "comm/up_bytes": up["comm/up_bytes"],
+        # a client that failed still downloaded its payload
+        "comm/down_params": float(sum(down[c][0] for c in sampled)),
+        "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
+        "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
+        # clients trained together in one pass over the base (resources.clients_per_pass), mean over clients
+        "train/clients_per_pass": float(np.mean([res.metrics.get("train/clients_per_pass", 1.0)
+                                                 for res, _ in ok])) if ok else math.nan,
+    }
+    row.update(client_means(ok, n_ok, exclude=set(row)))
+    row.update(up.get("stage_metrics", {}))
+    # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
+    row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
+    if failed:
+        row["clients/failures"] = [f"{f.client_id}: {f.reason}" for f in failed]
+    if not sampled:
+        row["note"] = "no client was available this round (clients.availability); the global state is unchanged"
+    elif not ok:
+        row["note"] = "every sampled client failed; the global state is unchanged"
+    return row
+
+
+def client_means(ok: list, n_ok: int, exclude: set[str]) -> dict[str, float]:
+    """Example-weighted means of the metrics every aggregated client logged (each component declares which of its
+    metrics are logged: the recipe's ``train/*``, a procedure's ``personal/*`` or ``pf2lora/*``, an objective's
+    ``reg/*``)."""
+    if not n_ok:
+        return {}
+    keys = set.intersection(*(set(res.logged) & set(res.metrics) for res, _ in ok)) - exclude
+    return {k: sum(res.metrics[k] * res.num_examples for res, _ in ok) / n_ok for k in sorted(keys)}
+
+
+def add_totals(row: dict[str, Any], totals: dict[str, float]) -> None:
+    """Cumulative communication (``comm/total_*``), carried in ``totals`` from round to round."""
+    for key in totals:
+        totals[key] += row[key]
+        row[key.replace("comm/", "comm/total_")] = totals[key]
+
+
+def totals_from(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The cumulative communication after the last of ``rows`` (zero without rows)."""
+    totals = dict.fromkeys(COMM, 0.0)
+    for row in rows:
+        for key in totals:
+            totals[key] = row.get(key.replace("comm/", "comm/total_"), totals[key])
+    return totals

@@ -1,0 +1,64 @@
+"""The model task extension point: what kind of model a run fine-tunes, and what it computes.
+
+A model task builds the base model and its tokenizer, names the PEFT task type and the modules PEFT trains in full
+beside the adapters (``modules_to_save``: a classification head, say), and computes the training loss and the
+token-level scores that evaluation reduces into metrics. Today's task is ``causal_lm``
+(:mod:`fedsim.models.tasks.causal_lm`); a new one is a subclass of :class:`ModelTask` registered with
+``@model_task("name")`` in a module of this package or of a user's own (see docs/architecture.md, "How to add").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from fedsim import registry
+from fedsim.config import ModelConfig
+
+model_task = registry.decorator("model_task")
+
+Forward = Callable[..., Any]  # model(**kwargs) -> an output with .logits
+
+
+class ModelTask(ABC):
+    """What a run fine-tunes. Instances are small and picklable: the driver resolves one and ships it to every worker.
+
+    Attributes:
+        name: the registered name.
+        peft_task_type: PEFT's ``task_type`` for the exported adapter (``CAUSAL_LM``, ``SEQ_CLS``, ...).
+        packable: whether clients of this task can be trained together in one pass (:mod:`fedsim.client.packed`).
+    """
+
+    name: ClassVar[str] = ""
+    peft_task_type: ClassVar[str] = ""
+    packable: ClassVar[bool] = False
+
+    @abstractmethod
+    def build(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The frozen base model, in eval mode, on ``device``."""
+
+    @abstractmethod
+    def tokenizer(self, cfg: ModelConfig) -> Any:
+        """The model's tokenizer (with a pad token)."""
+
+    def modules_to_save(self, model: torch.nn.Module) -> list[str]:
+        """Modules trained in full beside the adapters (PEFT's ``modules_to_save``); none by default."""
+        return []
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Forward | None = None
+             ) -> torch.Tensor:
+        """The training loss of a collated batch (``forward``: how to call the model, default ``model(**kw)``)."""
+
+    @abstractmethod
+    def token_scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-likelihood of each labelled token, whether the argmax hit it), both (B, P), for evaluation."""
+
+
+def task_for(cfg: ModelConfig) -> ModelTask:
+    """The model task of a model section (today every model is a causal LM)."""
+    return registry.get("model_task", "causal_lm")()

@@ -1,0 +1,90 @@
+"""Server-side stages around ``Strategy.aggregate``: before it on the round's updates, after it on the new state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fedsim.lora import ops
+from fedsim.types import ClientUpdate, GlobalState, ModuleShape, RoundContext
+
+
+@dataclass
+class StageResult:
+    """What a stage's :meth:`ServerStage.before` leaves: the updates that go on, and those it rejected, with why."""
+
+    updates: list[ClientUpdate]
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class ServerStage:
+    """A step of the server's aggregation. The defaults pass everything through unchanged.
+
+    Attributes:
+        metric_keys: the keys :meth:`after` may return (they join the round's row).
+    """
+
+    metric_keys: ClassVar[tuple[str, ...]] = ()
+
+    def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
+        """The updates to aggregate (a filter, a reweighting, a robust selection), and those rejected."""
+        return StageResult(list(updates))
+
+    def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
+        """The state to keep after aggregation (e.g. a server optimizer's step from ``old`` towards ``new``)."""
+        return new, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume (JSON data; tensors under keys of their own). Empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class ValidateUpdates(ServerStage):
+    """Rejects an update whose tensors the strategy cannot aggregate: missing or unexpected keys, wrong shapes for
+    the client's rank, NaN or Inf values. Always the first stage; a rejected client counts as failed, with its reason.
+
+    Args:
+        shapes: the adapted modules' shapes.
+        is_shared: which adapter keys a client uploads (the strategy's :meth:`~fedsim.strategies.Strategy.is_shared`).
+    """
+
+    def __init__(self, shapes: dict[str, ModuleShape], is_shared: Callable[[str], bool]):
+        self.shapes, self.is_shared = shapes, is_shared
+
+    def invalid_reason(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` must not be aggregated, or None."""
+        r = update.lora.rank
+        expected = {}
+        for m, shape in self.shapes.items():
+            for key, dims in ((ops.a_key(m), (r, shape.d_in)), (ops.b_key(m), (shape.d_out, r))):
+                if self.is_shared(key):
+                    expected[key] = dims
+        missing = sorted(set(expected) - set(update.tensors))
+        if missing:
+            return f"missing {len(missing)} tensor(s), e.g. {missing[0]}"
+        unexpected = sorted(set(update.tensors) - set(expected))
+        if unexpected:
+            return f"unexpected tensor(s), e.g. {unexpected[0]}"
+        for key, dims in expected.items():
+            t = update.tensors[key]
+            if tuple(t.shape) != dims:
+                return f"{key} has shape {tuple(t.shape)}, expected {dims} for rank {r}"
+            if not torch.isfinite(t).all():
+                return f"{key} holds NaN or Inf values"
+        return None
+
+    def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
+        out = StageResult([])
+        for u in updates:
+            reason = self.invalid_reason(u)
+            if reason is None:
+                out.updates.append(u)
+            else:
+                out.rejected[u.client_id] = f"update rejected: {reason}"
+        return out

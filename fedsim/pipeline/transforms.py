@@ -1,0 +1,54 @@
+"""Client-side transforms of an update, applied on the worker after local training, before the update is sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from fedsim.types import Tensors
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    """Where an update comes from: all randomness of a transform derives from (seed, round, client, attempt)."""
+
+    seed: int
+    server_round: int
+    client_id: int
+    attempt: int = 1
+
+
+class UpdateTransform:
+    """Maps the tensors a client uploads (its shared tensors after local training) to the ones it sends.
+
+    Attributes:
+        metric_keys: the metric keys :meth:`__call__` returns (they join the client's metrics).
+        round_metrics: those of them the round's row reports (example-weighted means).
+    """
+
+    metric_keys: ClassVar[tuple[str, ...]] = ()
+    round_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, tensors: Tensors, ctx: TransformContext) -> tuple[Tensors, dict[str, float]]:
+        raise NotImplementedError
+
+
+def fault_draws(seed: int, server_round: int, client_id: int, attempt: int) -> np.ndarray:
+    """The three uniform draws of one client attempt's injected faults: (kill the worker, NaN update, hang)."""
+    return np.random.default_rng([seed, server_round, client_id, attempt, 13]).random(3)
+
+
+@dataclass(frozen=True)
+class NanFault(UpdateTransform):
+    """Fault injection (``faults.nan_update_prob``): with probability ``prob`` per client attempt, every tensor of
+    the update is NaN — a corrupt update that the server's validation must reject."""
+
+    prob: float
+
+    def __call__(self, tensors: Tensors, ctx: TransformContext) -> tuple[Tensors, dict[str, float]]:
+        if fault_draws(ctx.seed, ctx.server_round, ctx.client_id, ctx.attempt)[1] < self.prob:
+            return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, {}
+        return tensors, {}

@@ -1,0 +1,166 @@
+"""Ray backend: a pool of long-lived worker actors multiplexing virtual clients, and the server (in the driver, or a
+Ray actor of its own when ``resources.server`` asks for resources: :mod:`fedsim.runtime.ray.server_host`).
+
+- Workers are created once per run with fractional ``num_cpus``/``num_gpus``; each caches its base model and trains
+  many clients in turn (:mod:`fedsim.runtime.ray.actors`).
+- The tokenized data and the run's resolved components go into the object store once (numpy arrays are read
+  zero-copy by every worker; a strategy defined in the user's notebook travels by value).
+- Ray and the workers start before the driver prepares the data (:meth:`RayBackend.launch`; the ``fedsim`` command
+  starts them even before it imports torch, and the backend adopts them: :mod:`fedsim.runtime.ray.pool`), so that
+  their imports and model builds overlap the driver's.
+- A round's jobs are dispatched, and lost workers replaced and their clients retried, by
+  :mod:`fedsim.runtime.ray.dispatch` (Ray's own ActorPool would shrink silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedsim.components import Components
+from fedsim.config import Scenario
+from fedsim.data.tokenized import TokenizedData
+from fedsim.errors import BackendError
+from fedsim.models.base import configure_threads
+from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.ray.dispatch import Dispatch, RetryPolicy
+from fedsim.runtime.ray.pool import Pool, launch_pool, take_early
+from fedsim.runtime.ray.server_host import DriverServerHandle, ObjectStoreServer, RayServerHandle
+from fedsim.strategies import StrategySpec
+from fedsim.types import ClientFailure, ClientJob, ClientResult
+
+
+class RayBackend(Backend):
+    """A pool of ``resources.num_workers`` worker actors (plus those of ``resources.pools``) and the server."""
+
+    def __init__(self) -> None:
+        self.started_ray = False
+        self.actors: list[Any] = []
+        self.server_actor: Any = None
+        self._pool: Pool | None = None
+        self._data_ref: Any = None
+        self._components_ref: Any = None
+        self.num_replaced = 0
+        self._base_history: list[tuple[int, Any]] = []
+        self.pack_size = 1
+        self.slots: list[tuple[int, float, float]] = []
+        self.resources: Any = None
+
+    def launch(self, scenario: Scenario) -> None:
+        """Start Ray and the worker actors — or adopt those the ``fedsim`` command started for this scenario before
+        it imported torch (:func:`~fedsim.runtime.ray.pool.launch_early`); return at once. Each actor imports torch,
+        transformers and PEFT and builds its base model while the driver loads and tokenizes the data."""
+        if self._pool is not None:
+            return
+        self._pool = take_early(scenario.to_dict()) or launch_pool(scenario)
+        self.started_ray, self.actors, self.slots = self._pool.started_ray, self._pool.actors, self._pool.slots
+        self.launched_at = self._pool.started_at
+        self.resources = scenario.resources
+        self.pack_size = scenario.pack_size()
+
+    def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
+              ) -> ServerHandle:
+        import ray
+
+        self.launch(scenario)
+        self._data_ref = ray.put(data)  # replacements get the data and the components when they are created
+        self._components_ref = ray.put(components)
+        ready = self._pool.ready + [a.attach.remote(self._data_ref, self._components_ref) for a in self.actors]
+        res = scenario.resources
+        if res.server.num_cpus > 0 or res.server.num_gpus > 0:
+            self.server_actor = ray.remote(ObjectStoreServer).options(
+                num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(self._components_ref, spec)
+            ready.append(self.server_actor.__ray_ready__.remote())
+            handle: ServerHandle = RayServerHandle(self.server_actor)
+        else:  # torch threads as a worker's (and as the local backend's server): the same numbers on any machine
+            configure_threads(res.threads_per_worker())
+            handle = DriverServerHandle(ObjectStoreServer(components, spec))
+        try:
+            ray.get(ready, timeout=600)
+        except ray.exceptions.GetTimeoutError:
+            raise BackendError(
+                f"Ray could not place {len(self.slots)} workers (num_cpus/num_gpus per worker: "
+                f"{sorted({(c, g) for _, c, g in self.slots})}; cluster has {ray.cluster_resources()}); lower "
+                "resources.num_workers, resources.pools or the per-worker resources"
+            ) from None
+        return handle
+
+    def _new_actor(self, i: int) -> Any:
+        actor = self._pool.new_actor(i, self._data_ref)
+        actor.attach.remote(self._data_ref, self._components_ref)
+        for version, delta in self._base_history:  # a replacement catches up with the merged base
+            actor.apply_base_delta.remote(version, delta)
+        return actor
+
+    def replace_worker(self, slot: int) -> None:
+        """Kill the worker in ``slot`` (dead or hung) and start a new one there, ready (model built, base caught up)
+        before this returns, so that no client's clock pays for it."""
+        import ray
+
+        try:
+            ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.actors[slot] = self._new_actor(slot)
+        self.num_replaced += 1
+        ray.get(self.actors[slot].ping.remote())
+
+    def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
+        """Queue the updates on every actor: actor calls run in order, so each applies them before its next job."""
+        import ray
+
+        self._base_history.extend(deltas)
+        acks = [a.apply_base_delta.remote(v, d) for v, d in deltas for a in self.actors]
+        ray.get(acks)  # surface a failed merge now rather than as a confusing client failure
+
+    def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+        """Dispatch the jobs to the pool (:class:`~fedsim.runtime.ray.dispatch.Dispatch`): a worker that dies, or a
+        call running longer than ``resources.client_timeout_s`` per client in it, is replaced and its clients
+        retried up to ``resources.max_retries`` times (:class:`~fedsim.runtime.ray.dispatch.RetryPolicy`)."""
+        policy = RetryPolicy(max_attempts=1 + self.resources.max_retries, timeout_s=self.resources.client_timeout_s)
+        return Dispatch(self, jobs, on_done, policy).run()
+
+    def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        import ray
+
+        n = len(self.actors)
+        chunks = [list(range(i, len(batches), n)) for i in range(n)]
+        refs = [self.actors[i].evaluate.remote(payload, [batches[j] for j in chunk])
+                for i, chunk in enumerate(chunks) if chunk]
+        out: list[dict[str, float] | None] = [None] * len(batches)
+        for chunk, part in zip([c for c in chunks if c], ray.get(refs)):
+            for j, r in zip(chunk, part):
+                out[j] = r
+        return out  # type: ignore[return-value]
+
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
+        import ray
+
+        n = len(self.actors)
+        parts = [list(items[i::n]) for i in range(n)]
+        out: dict = {}
+        for part in ray.get([self.actors[i].evaluate_clients.remote(payload, p) for i, p in enumerate(parts) if p]):
+            out.update(part)
+        return out
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.server_actor is not None:
+            try:
+                ray.kill(self.server_actor)
+            except Exception:
+                pass
+            self.server_actor = None
+        if self._pool is not None:
+            self._pool.actors = self.actors  # replacements included
+            self._pool.shutdown()
+        self._pool, self.actors, self.started_ray = None, [], False

@@ -1,0 +1,200 @@
+"""Dispatching a round's client jobs to the Ray worker pool, and what a lost worker costs its clients.
+
+Each actor keeps ``PIPELINE_DEPTH`` calls queued (one call: a client, or with ``resources.clients_per_pass`` K > 1 a
+pack of up to K clients from :func:`~fedsim.runtime.packs.make_packs`, cut from the job list alone so that the
+numbers never depend on timing); actor calls run in submission order, so no actor idles while the driver hands it
+the next client.
+
+The policy (:class:`RetryPolicy`), when a worker dies or a call outlives ``resources.client_timeout_s`` per client
+in it: the worker is replaced; calls it had finished keep their results; the first unfinished one — the clients it
+was running — is *charged* an attempt and retried (in the same pack) until ``resources.max_retries`` is spent; the
+calls queued behind it are resubmitted uncharged. A client that raises (e.g. a non-finite loss) is not retried: it
+would fail the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedsim.runtime.interfaces import Handle, JobOutcome
+from fedsim.runtime.packs import make_packs
+from fedsim.types import ClientFailure, ClientJob, ClientResult
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
+
+Unit = list[tuple[int, ClientJob, Handle]]  # a call's clients: (position in the job list, job, payload handle)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a client whose worker was lost is tried, and how long a call may run per client in it."""
+
+    max_attempts: int
+    timeout_s: float | None = None
+
+    def charge(self, unit: Unit, reason: str) -> tuple[Unit, list[tuple[int, ClientFailure]]]:
+        """The clients of a lost call: (those tried again, one attempt more; those out of attempts, failed)."""
+        again, failed = [], []
+        for pos, job, payload in unit:
+            if job.attempt < self.max_attempts:
+                again.append((pos, replace(job, attempt=job.attempt + 1), payload))
+            else:
+                failed.append((pos, ClientFailure(job.spec.client_id, f"{reason} (after {job.attempt} attempts)")))
+        return again, failed
+
+    def limit_s(self, unit: Unit) -> float:
+        """How long the call may run before its worker is replaced."""
+        return self.timeout_s * len(unit) if self.timeout_s is not None else float("inf")
+
+
+class Dispatch:
+    """One round's jobs on the pool of ``backend`` (a :class:`~fedsim.runtime.ray.backend.RayBackend`: its
+    ``actors``, slots, resources, pack size and :meth:`replace_worker`)."""
+
+    def __init__(self, backend: Any, jobs: Sequence[tuple[ClientJob, Handle]],
+                 on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy):
+        self.backend, self.jobs, self.on_done, self.policy = backend, jobs, on_done, policy
+        res = backend.resources
+        self.depth = PIPELINE_DEPTH if backend.pack_size == 1 else 1  # a pack hides the dispatch latency itself
+        self.waiting = {p: deque() for p in sorted({p for p, _, _ in backend.slots})}  # units per worker pool
+        for unit in make_packs(jobs, backend.pack_size, res):
+            self.waiting[self._pool(jobs[unit[0]][0])].append([(pos, *jobs[pos]) for pos in unit])
+        self.queues: list[deque] = [deque() for _ in backend.actors]  # per actor: refs in submission order
+        self.started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
+        self.inflight: dict[Any, tuple[int, Unit, list]] = {}  # meta ref → (slot, unit, update ref per client)
+        self.outcomes: list[JobOutcome | None] = [None] * len(jobs)
+
+    def _pool(self, job: ClientJob) -> int:
+        p = self.backend.resources.pool_of(job.spec.quant.bits)
+        return p if p in self.waiting else -1
+
+    def run(self) -> list[JobOutcome]:
+        """Every job's outcome, in the order of the jobs."""
+        import ray
+
+        while any(self.waiting.values()) or self.inflight:
+            for slot in range(len(self.backend.actors)):
+                self._fill(slot)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
+            for ref in ready:
+                if ref in self.inflight:  # else dropped together with its worker
+                    self._collect(ref)
+            self._enforce_timeouts()
+        return [o for o in self.outcomes if o is not None]
+
+    # -- submitting ------------------------------------------------------------------------------------------
+    def _fill(self, slot: int) -> None:
+        pending = self.waiting[self.backend.slots[slot][0]]
+        while pending and len(self.queues[slot]) < self.depth:
+            unit = pending.popleft()
+            meta_ref, update_refs = self._submit(slot, unit)
+            self.inflight[meta_ref] = (slot, unit, update_refs)
+            if not self.queues[slot]:
+                self.started[meta_ref] = time.monotonic()
+            self.queues[slot].append(meta_ref)
+
+    def _submit(self, slot: int, unit: Unit) -> tuple[Any, list]:
+        actor = self.backend.actors[slot]
+        if len(unit) == 1:
+            meta_ref, update_ref = actor.run_client.options(num_returns=2).remote(unit[0][1], unit[0][2])
+            return meta_ref, [update_ref]
+        refs = actor.run_pack.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit],
+                                                                        *[p for _, _, p in unit])
+        return refs[0], list(refs[1:])
+
+    def _wait_s(self) -> float | None:
+        if self.policy.timeout_s is None or not self.started:
+            return None
+        deadline = min(t + self.policy.limit_s(self.inflight[r][1]) for r, t in self.started.items())
+        return max(0.01, deadline - time.monotonic())
+
+    # -- results ------------------------------------------------------------------------------------------------
+    def _finish(self, pos: int, outcome: JobOutcome) -> None:
+        self.outcomes[pos] = outcome
+        if self.on_done is not None:
+            self.on_done(outcome[0])
+
+    def _finish_unit(self, unit: Unit, metas: Any, update_refs: list) -> None:
+        metas = metas if isinstance(metas, list) else [metas]
+        for (pos, _, _), meta, update_ref in zip(unit, metas, update_refs):
+            self._finish(pos, (meta, None if isinstance(meta, ClientFailure) else update_ref))
+
+    def _fail_unit(self, unit: Unit, cause: BaseException) -> None:
+        for pos, job, _ in unit:
+            self._finish(pos, (ClientFailure.of(job.spec.client_id, cause), None))
+
+    def _collect(self, ref: Any) -> None:
+        import ray
+
+        slot, unit, update_refs = self.inflight[ref]
+        metas, cause = None, None
+        try:
+            metas = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            log.warning("worker-%d died while training client(s) %s (%s); replacing it", slot,
+                        [j.spec.client_id for _, j, _ in unit], e.__class__.__name__)
+            self._lose_worker(slot, f"worker died: {e.__class__.__name__}")
+            return
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+        del self.inflight[ref]
+        self.started.pop(ref, None)
+        self.queues[slot].remove(ref)
+        if self.queues[slot]:
+            self.started.setdefault(self.queues[slot][0], time.monotonic())
+        if cause is not None:
+            self._fail_unit(unit, cause)
+        else:
+            self._finish_unit(unit, metas, update_refs)
+
+    # -- faults -------------------------------------------------------------------------------------------------
+    def _requeue(self, unit: Unit, charged: bool, reason: str) -> None:
+        """Put a lost call's clients back in line — charged an attempt (the call that was running) or not."""
+        if charged:
+            unit, failed = self.policy.charge(unit, reason)
+            for pos, failure in failed:
+                self._finish(pos, (failure, None))
+        if unit:
+            self.waiting[self._pool(unit[0][1])].appendleft(unit)
+
+    def _lose_worker(self, slot: int, reason: str) -> None:
+        """Replace a dead or hung worker. Calls it finished keep their results; the first unfinished one (the
+        clients it was running) is charged an attempt; the ones queued behind it are resubmitted uncharged."""
+        import ray
+
+        charged = False
+        for ref in list(self.queues[slot]):
+            _, unit, update_refs = self.inflight.pop(ref)
+            self.started.pop(ref, None)
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    self._finish_unit(unit, ray.get(ref), update_refs)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    self._fail_unit(unit, e.cause if getattr(e, "cause", None) is not None else e)
+                    continue
+                except ray.exceptions.RayActorError:
+                    pass
+            self._requeue(unit, charged=not charged, reason=reason)
+            charged = True
+        self.queues[slot].clear()
+        self.backend.replace_worker(slot)
+
+    def _enforce_timeouts(self) -> None:
+        if self.policy.timeout_s is None:
+            return
+        now = time.monotonic()
+        for slot in range(len(self.backend.actors)):
+            head = self.queues[slot][0] if self.queues[slot] else None
+            if head is not None and now - self.started.get(head, now) > self.policy.limit_s(self.inflight[head][1]):
+                clients = [j.spec.client_id for _, j, _ in self.inflight[head][1]]
+                log.warning("client(s) %s exceeded client_timeout_s=%g on worker-%d; replacing the worker",
+                            clients, self.policy.timeout_s, slot)
+                self._lose_worker(slot, f"timed out after {self.policy.timeout_s:g}s")

@@ -1,0 +1,35 @@
+"""A :class:`~fedsim.runtime.worker.Worker` behind Ray: tensors cross the object store as packed byte buffers
+(:mod:`fedsim.runtime.wire`). Runs inside :class:`~fedsim.runtime.ray.actors.WorkerActor`."""
+
+from __future__ import annotations
+
+from fedsim.runtime.wire import pack_tensors_of, unpack, unpack_tensors_of
+from fedsim.runtime.worker import Worker
+from fedsim.types import ClientFailure
+
+
+class RayWorker(Worker):
+    def run_client(self, job, payload):
+        result, update = super().run_client(job, unpack_tensors_of(payload))
+        return result, pack_tensors_of(update)
+
+    def run_pack(self, jobs, *payloads):
+        outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
+        results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
+        updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
+        return (results, *updates)  # one object per update, so that the server gets each by reference
+
+    def evaluate(self, payload, batches):
+        return super().evaluate(unpack_tensors_of(payload), batches)
+
+    def evaluate_clients(self, payload, items):
+        return super().evaluate_clients(unpack_tensors_of(payload), items)
+
+    def apply_base_delta(self, version, delta):
+        return super().apply_base_delta(version, unpack(delta))
+
+    def ping(self) -> str:
+        """Build the model now (the built-in model task's, until :meth:`attach` brings the run's), so that no
+        client's clock pays for it."""
+        self.host(self._base_version)
+        return self.name
