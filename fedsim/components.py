@@ -39,6 +39,12 @@ class Components:
     transforms: tuple[UpdateTransform, ...] = ()
     stages: tuple[ServerStage, ...] = ()
 
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep state between rounds (personal tensors, objectives' state): the run opens a client
+        state store."""
+        return self.strategy.has_personal_state or self.strategy.keeps_client_state
+
 
 def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     """The scenario's components (``strategy``: an instance to use instead of the one ``strategy.name`` names).

@@ -4,8 +4,6 @@ server and the workers run, and the driver only ever holds their handles."""
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,6 +16,7 @@ from fedsim.components import Components, resolve
 from fedsim.config import Scenario, dump_scenario
 from fedsim.errors import BackendError, ScenarioError, ServerLostError
 from fedsim.eval.personal import personal_metrics  # noqa: F401  # re-exported (fedsim.driver.personal_metrics)
+from fedsim.federation.artifacts import run_summary, write_artifacts
 from fedsim.federation.callbacks import (
     CallbackList,
     CheckpointCallback,
@@ -31,7 +30,6 @@ from fedsim.federation.prepare import Prepared, partition_table, prepare, split_
 from fedsim.federation.rounds import Federation, RoundResult, eval_batches, run_round
 from fedsim.federation.rows import add_totals, round_row, totals_from
 from fedsim.federation.rundir import RunLock, client_state_dir, new_run_dir, rows_until, write_csv  # noqa: F401
-from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.progress import Progress
 from fedsim.runtime.factory import make_backend
 from fedsim.runtime.interfaces import Backend, ServerHandle
@@ -131,7 +129,7 @@ class Driver:
                 self._log(row, events)
                 failures.observe(r, result.attempted, len(result.ok), result.late, result.failed, result.gone)
                 checkpoints.on_round_end(r, row)
-            summary = self._finish(server, prep, evaluation, tracker, totals, t_start)
+            summary = self._finish(server, prep, evaluation, tracker, totals, t_start, components.task.peft_task_type)
             events.on_run_end(summary)
             return summary
         finally:
@@ -168,8 +166,8 @@ class Driver:
         return 0, None, None, heatmap_done
 
     def _open_store(self, components: Components, used: Path | None) -> ClientStateStore | None:
-        """The client state store of a strategy with personal state (restored from the checkpoint on resume)."""
-        if not components.strategy.has_personal_state:
+        """The client state store of a run whose clients keep state (restored from the checkpoint on resume)."""
+        if not components.keeps_client_state:
             return None
         sc = self.scenario
         store_dir = client_state_dir(sc, self.run_dir)
@@ -221,52 +219,17 @@ class Driver:
 
     # -- the end -----------------------------------------------------------------------------------------------------
     def _finish(self, server: ServerHandle, prep: Prepared, evaluation: Evaluation, tracker: Tracker,
-                totals: dict[str, float], t_start: float) -> dict[str, Any]:
-        """The run's artifacts: the adapter, the per-client tables, W&B's summary, ``summary.json``."""
-        sc = self.scenario
+                totals: dict[str, float], t_start: float, task_type: str) -> dict[str, Any]:
+        """The run's artifacts (:mod:`fedsim.federation.artifacts`); returns the summary."""
         adapter = server.global_adapter()
-        summary = self._summary(time.perf_counter() - t_start, totals)  # reads the workers' statistics
+        summary = run_summary(self.scenario, self.run_dir, self.rows, time.perf_counter() - t_start, totals,
+                              self.backend.worker_stats())
         self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
-        save_peft_adapter(adapter, sc, self.run_dir / "adapter")
-        base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items()
-                   if k.startswith("memory/base_mb/")}
-        personal_table = evaluation.table
-        if personal_table:
-            for row in personal_table:
-                row["base_mb"] = base_mb.get(row.get("base"))
-            write_csv(self.run_dir / "personalized.csv", personal_table)
-        clients_table = [
-            {"client_id": c.client_id, "num_examples": c.num_examples, "rank": c.lora.rank,
-             "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
-            for c in prep.clients]
-        write_csv(self.run_dir / "clients.csv", clients_table)
-        tracker.summary(summary)
-        tracker.tables({"clients": clients_table, "personalized": personal_table})
-        tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{sc.name}-adapter"), "model", self.run_dir / "adapter",
-                         {"strategy": sc.strategy.name, "base_model": sc.model.name, "rounds": sc.rounds})
         if self.notes:
             summary["notes"] = sorted(self.notes)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_artifacts(self.scenario, self.run_dir, summary, adapter, prep.clients, evaluation.table, tracker,
+                        task_type)
         return summary
-
-    def _summary(self, total_s: float, totals: dict[str, float]) -> dict[str, Any]:
-        evals = [r for r in self.rows if "eval/accuracy" in r]
-        final = evals[-1] if evals else {}
-        workers = self.backend.worker_stats()
-        return {
-            "name": self.scenario.name, "rounds": self.scenario.rounds, "run_dir": str(self.run_dir),
-            "time_s": total_s,
-            "initial/eval/accuracy": evals[0]["eval/accuracy"] if evals else None,
-            "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
-            "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
-            **{f"final/{k}": v for k, v in final.items()
-               if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))},
-            **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
-            "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(self.rows) if "time/sim_total_s" in r),
-                                     0.0),
-            **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
-            "workers": workers,
-        }
 
 
 def run_scenario(scenario: Scenario, out: str | Path | None = None, backend: Backend | None = None,

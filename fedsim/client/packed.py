@@ -38,7 +38,7 @@ from fedsim.data.tokenized import TokenizedSplit
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.models.lm_loss import IGNORE, labelled_logits
-from fedsim.objectives import BoundObjective, ClientObjective
+from fedsim.objectives import BoundObjective, ClientObjective, bind, state_out
 from fedsim.types import LoraSpec, ModuleShape, Tensors
 
 
@@ -52,6 +52,7 @@ class PackMember:
         indices: the client's training sample indices.
         seed: (scenario seed, round, client id), as for sequential training.
         objectives: the client's objectives (packable ones: e.g. HETLoRA's rank self-pruning term).
+        personal: the client's private tensors (where its objectives keep their state).
     """
 
     lora: LoraSpec
@@ -59,6 +60,7 @@ class PackMember:
     indices: np.ndarray
     seed: tuple[int, ...]
     objectives: tuple[ClientObjective, ...] = ()
+    personal: Tensors | None = None
 
 
 class _PackedOptimizer:
@@ -188,7 +190,8 @@ class _PackedLora:
 
     def bind(self, i: int, member: PackMember) -> list[BoundObjective]:
         """Client i's objectives bound to its views (made anew at every call, as :meth:`select` remakes them)."""
-        return [o.bind(lambda: self.client_views(i), member.lora, float(self.scaling[i])) for o in member.objectives]
+        return [bind(o, lambda: self.client_views(i), member.lora, float(self.scaling[i]), member.personal)
+                for o in member.objectives]
 
 
 @contextlib.contextmanager
@@ -256,11 +259,12 @@ def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
 
 def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
-                 device: torch.device) -> list[tuple[Tensors, dict[str, float]] | Exception]:
+                 device: torch.device) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
     """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model).
 
     Returns, per member in order, (trained adapter tensors, metrics as :func:`train_local` reports them plus
-    ``train/clients_per_pass``) or the exception that ended that client (e.g. a non-finite loss); the others go on.
+    ``train/clients_per_pass``, the state its objectives keep) or the exception that ended that client (e.g. a
+    non-finite loss); the others go on.
     """
     t0 = time.perf_counter()
     run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device)
@@ -280,7 +284,7 @@ class _PackRun:
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
                  device: torch.device):
         self.model, self.split, self.cfg, self.pad_id, self.device = model, split, cfg, pad_id, device
-        self.k = len(members)
+        self.k, self.members = len(members), members
         self.packed = _PackedLora(members, shapes, device, trainable)
         self.schedules, self.steps = [], []
         for m in members:
@@ -340,8 +344,8 @@ class _PackRun:
             self.tokens[i] += int(labelled[j])
         return objective
 
-    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float]] | Exception]:
-        out: list[tuple[Tensors, dict[str, float]] | Exception] = []
+    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
+        out: list[tuple[Tensors, dict[str, float], Tensors] | Exception] = []
         for i in range(self.k):
             if i in self.failed:
                 out.append(self.failed[i])
@@ -352,7 +356,8 @@ class _PackRun:
             self.packed.select(None)  # each client's views over the final values
             for b in self.bound[i]:
                 metrics.update(b.finish())
-            out.append((self.packed.client_tensors(i), metrics))
+            state = state_out(list(self.members[i].objectives), self.bound[i])
+            out.append((self.packed.client_tensors(i), metrics, state))
         return out
 
 

@@ -18,7 +18,7 @@ import torch
 from fedsim.client.batching import collate
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
-from fedsim.objectives import BoundObjective
+from fedsim.objectives import BoundObjective, bind
 
 METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s")  # what train_local reports
 ROUND_METRICS = ("train/loss", "train/steps", "train/tokens")  # those the round's row averages over its clients
@@ -43,9 +43,11 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig) -> tor
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], lora: Any) -> list[BoundObjective]:
-    """The payload's client objectives bound to the client's trainable adapter tensors (``params``, by key)."""
-    return [o.bind(lambda: params, lora, lora.scaling) for o in objectives]
+def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], lora: Any,
+                    personal: dict[str, torch.Tensor] | None = None) -> list[BoundObjective]:
+    """The payload's client objectives bound to the client's trainable adapter tensors (``params``, by key), each with
+    the state it kept in the client's ``personal`` tensors."""
+    return [bind(o, lambda: params, lora, lora.scaling, personal) for o in objectives]
 
 
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split: TokenizedSplit, indices: np.ndarray,

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedsim.client.store import ClientStateStore
 from fedsim.config import Scenario
+from fedsim.errors import BackendError
 from fedsim.federation.callbacks import CallbackList
 from fedsim.federation.clock import admit
 from fedsim.federation.prepare import Prepared
@@ -60,11 +61,19 @@ class Federation:
         return jobs, gone
 
     def keep_personal(self, ok: list[tuple[ClientResult, Handle]]) -> None:
-        """Personal tensors stay with their client, in the client state store (never given to the server)."""
-        if self.store is not None:
-            for res, _ in ok:
-                if res.personal is not None:
-                    self.store.put(res.client_id, res.personal)
+        """Personal tensors stay with their client, in the client state store (never given to the server).
+
+        Raises:
+            BackendError: a client returned state to keep, but the strategy declared none (no store is open).
+        """
+        for res, _ in ok:
+            if res.personal is None:
+                continue
+            if self.store is None:
+                raise BackendError(f"client {res.client_id} returned state to keep between rounds "
+                                   f"({sorted(res.personal)[:2]}...), but the strategy declares none: set "
+                                   "keeps_client_state = True on a strategy whose client objectives keep state")
+            self.store.put(res.client_id, res.personal)
 
 
 @dataclass

@@ -19,6 +19,8 @@ B_SUFFIX = ".lora_B.weight"
 # Keys of a client's second, personal adapter (PF2LoRA's (D_k, C_k), FedDPA's local adapter) carry this prefix in
 # client results and in the client state store; they never appear in a payload or an update.
 PERSONAL_PREFIX = "personal."
+# Keys of a client objective's own state (fedsim.objectives: objective.<state_key>.<key>): neither adapter's.
+OBJECTIVE_PREFIX = "objective."
 
 
 def a_key(module: str) -> str:
@@ -49,8 +51,9 @@ def personal_key(key: str) -> str:
 
 
 def split_personal(tensors: Tensors) -> tuple[Tensors, Tensors]:
-    """(keys of the main adapter, keys of the personal adapter with the prefix removed)."""
-    main = {k: v for k, v in tensors.items() if not k.startswith(PERSONAL_PREFIX)}
+    """(keys of the main adapter, keys of the personal adapter with the prefix removed); a client objective's state
+    is in neither."""
+    main = {k: v for k, v in tensors.items() if not k.startswith((PERSONAL_PREFIX, OBJECTIVE_PREFIX))}
     personal = {k[len(PERSONAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(PERSONAL_PREFIX)}
     return main, personal
 

@@ -10,7 +10,7 @@ import torch
 
 from fedsim.lora import ops
 from fedsim.objectives import BoundObjective, ClientObjective, Params, objective
-from fedsim.types import LoraSpec
+from fedsim.types import LoraSpec, Tensors
 
 
 @objective("hetlora_tail")
@@ -24,7 +24,7 @@ class TailRegularizer(ClientObjective):
     metric_keys = ("reg/tail_norm_start", "reg/tail_norm_end", "hetlora/rank")
     round_metrics = ("reg/tail_norm_start", "reg/tail_norm_end")
 
-    def bind(self, params: Params, lora: LoraSpec, scaling: float) -> BoundObjective:
+    def bind(self, params: Params, lora: LoraSpec, scaling: float, state: Tensors | None = None) -> BoundObjective:
         return _BoundTail(self, params, lora, scaling)
 
 

@@ -87,7 +87,7 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             tensors = worker.starts.fresh(shapes, payload, job) if payload.fresh else \
                 worker.starts.initial(shapes, payload, job.spec.client_id, job.personal)
             member = PackMember(payload.lora, tensors, job.indices, (seed, job.server_round, job.spec.client_id),
-                                tuple(payload.objectives))
+                                tuple(payload.objectives), job.personal)
             check_member(member, shapes)
             members.append(member)
         except Exception as e:
@@ -104,6 +104,7 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             if isinstance(res, Exception):
                 out[i] = ClientFailure.of(job.spec.client_id, res)
                 continue
-            tensors, metrics = res
-            out[i] = worker.finish(job, payload, tensors, None, metrics, elapsed, procedure=joint)
+            tensors, metrics, state = res
+            out[i] = worker.finish(job, payload, tensors, None, metrics, elapsed, procedure=joint,
+                                   objective_state=state)
     return out

@@ -30,6 +30,7 @@ from fedsim.lora.ops import personal_key
 from fedsim.models.adapters import AdapterHost
 from fedsim.models.base import configure_threads
 from fedsim.models.tasks import task_for
+from fedsim.objectives import state_out
 from fedsim.pipeline import TransformContext, fault_draws
 from fedsim.runtime import pack_runner, personal_eval
 from fedsim.runtime.bases import BaseCache
@@ -174,7 +175,7 @@ class Worker:
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         procedure = registry.get("procedure", payload.procedure)
-        objectives = bind_objectives(payload.objectives, host.params(payload.lora), payload.lora)
+        objectives = bind_objectives(payload.objectives, host.params(payload.lora), payload.lora, job.personal)
         seed = (self.scenario.seed, job.server_round, job.spec.client_id)
         metrics = procedure(LocalJob(host, payload, self.data.train, job.indices, self.scenario.training,
                                      self.data.pad_id, seed, self.device, self.components.task, objectives))
@@ -182,13 +183,14 @@ class Worker:
         trained = host.read(payload.lora)
         personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None
         return self.finish(job, payload, trained, personal_adapter, metrics, time.perf_counter() - t0,
-                           procedure=procedure)
+                           procedure=procedure, objective_state=state_out(list(payload.objectives), objectives))
 
     def finish(self, job: ClientJob, payload: ClientPayload, trained: Tensors, personal_adapter: Tensors | None,
-               metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None
-               ) -> tuple[ClientResult, ClientUpdate]:
+               metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None,
+               objective_state: Tensors | None = None) -> tuple[ClientResult, ClientUpdate]:
         """The client's result and update from its trained tensors: the shared ones through the client-side
-        transforms, the private ones (and the personal adapter) into the result for the client state store."""
+        transforms, the private ones (the personal adapter, the objectives' state) into the result for the client
+        state store."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt)
         for transform in self.components.transforms:
@@ -205,6 +207,8 @@ class Worker:
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
             if personal_adapter is not None:
                 personal.update({personal_key(k): v for k, v in personal_adapter.items()})
+        if objective_state:
+            personal = {**(personal or {}), **objective_state}
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
                               worker=self.name, personal=personal, note=note, logged=logged)
         return result, update

@@ -107,6 +107,8 @@ class Strategy(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     supports_mixed_ranks: ClassVar[bool] = False
     has_personal_state: ClassVar[bool] = False  # some adapter tensors stay with their client (is_shared False)
+    # per-client state beyond adapter tensors stays with the client (a client objective's: fedsim.objectives)
+    keeps_client_state: ClassVar[bool] = False
     aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):

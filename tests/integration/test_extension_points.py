@@ -231,3 +231,59 @@ def test_the_registry_names_what_is_registered_and_refuses_a_second_owner():
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("metric", "test_owner", B)
     assert "test_owner" in registry.names("metric")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Visits(ClientObjective):
+    """Keeps per-client state: how many rounds the client has trained (reported as ``visits/count``)."""
+
+    metric_keys = round_metrics = ("visits/count",)
+    state_key = "visits"
+
+    def bind(self, params, lora, scaling, state=None):
+        before = 0.0 if state is None else float(state["n"])
+
+        class Bound(BoundObjective):
+            def finish(self):
+                return {"visits/count": before + 1}
+
+            def state(self):
+                return {"n": torch.tensor([before + 1])}
+
+        return Bound()
+
+
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_an_objective_keeps_per_client_state_in_the_client_state_store(tiny_raw, tmp_path, per_pass):
+    from safetensors.torch import load_file
+
+    @register("visits_fedit")
+    class VisitsFedIT(FedIT):
+        keeps_client_state = True
+
+        def configure(self, ctx, state, clients):
+            payloads = super().configure(ctx, state, clients)
+            shared = dataclasses.replace(next(iter(payloads.values())), objectives=(_Visits(),))
+            return {cid: shared for cid in payloads}
+
+    tiny_raw.update(rounds=4, strategy={"name": "visits_fedit"})
+    tiny_raw["clients"].update(per_round=4)
+    tiny_raw["resources"]["clients_per_pass"] = per_pass
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    rows = _rows(tmp_path / "run")[1:]
+    times = {}
+    for row in rows:
+        for c in row["comm/per_client"]:
+            times[int(c)] = times.get(int(c), 0) + 1
+    store = tmp_path / "run" / "checkpoint" / "client_state"
+    kept = {int(f.stem.split("_")[1]): float(load_file(str(f))["objective.visits.n"]) for f in store.iterdir()}
+    assert kept == {c: float(n) for c, n in times.items()} and max(times.values()) > 1
+    assert rows[-1]["visits/count"] >= 1.0
+
+    @register("visits_undeclared")
+    class Undeclared(VisitsFedIT):
+        keeps_client_state = False
+
+    tiny_raw.update(rounds=1, strategy={"name": "visits_undeclared"})
+    with pytest.raises(Exception, match="keeps_client_state"):
+        run_scenario(scenario_from_dict(tiny_raw), tmp_path / "undeclared")

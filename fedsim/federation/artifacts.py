@@ -1,0 +1,57 @@
+"""What a run leaves behind when it ends: the summary, the global adapter in PEFT's format, the per-client tables
+(``clients.csv``, ``personalized.csv``), W&B's summary, tables and adapter artifact, and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import Scenario
+from fedsim.federation.rundir import write_csv
+from fedsim.models.adapter_io import save_peft_adapter
+from fedsim.types import ClientSpec
+
+
+def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], total_s: float,
+                totals: dict[str, float], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run in one mapping: initial, final and best accuracy, the final per-task and personalized metrics,
+    communication totals, the simulated time, the bases' sizes and the workers' counters."""
+    evals = [r for r in rows if "eval/accuracy" in r]
+    final = evals[-1] if evals else {}
+    return {
+        "name": scenario.name, "rounds": scenario.rounds, "run_dir": str(run_dir), "time_s": total_s,
+        "initial/eval/accuracy": evals[0]["eval/accuracy"] if evals else None,
+        "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
+        "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
+        **{f"final/{k}": v for k, v in final.items()
+           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))},
+        **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
+        "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(rows) if "time/sim_total_s" in r), 0.0),
+        **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
+        "workers": workers,
+    }
+
+
+def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], adapter: Any,
+                    clients: list[ClientSpec], personal_table: list[dict[str, Any]], tracker: Any,
+                    task_type: str) -> None:
+    """The adapter, the tables, W&B's summary, tables and artifact, then ``summary.json`` (last: its presence says
+    the run finished)."""
+    save_peft_adapter(adapter, scenario, run_dir / "adapter", task_type)
+    base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items() if k.startswith("memory/base_mb/")}
+    if personal_table:
+        for row in personal_table:
+            row["base_mb"] = base_mb.get(row.get("base"))
+        write_csv(run_dir / "personalized.csv", personal_table)
+    clients_table = [{"client_id": c.client_id, "num_examples": c.num_examples, "rank": c.lora.rank,
+                      "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
+                     for c in clients]
+    write_csv(run_dir / "clients.csv", clients_table)
+    tracker.summary(summary)
+    tracker.tables({"clients": clients_table, "personalized": personal_table})
+    tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario.name}-adapter"), "model", run_dir / "adapter",
+                     {"strategy": scenario.strategy.name, "base_model": scenario.model.name,
+                      "rounds": scenario.rounds})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
