@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedsim.errors import FedsimError, ScenarioError
+from fedsim.errors import FedsimError, ScenarioError, write_failure
 from fedsim.types import GlobalState, LoraSpec
 
 FORMAT = 1
@@ -79,16 +79,18 @@ def save(run_dir: Path, server_round: int, state: GlobalState, strategy_state: d
         CheckpointError: the write failed (e.g. a full disk); nothing half-written is left, the last good
             checkpoint is intact.
     """
+    from safetensors import SafetensorError
+
     tmp = run_dir / f".{DIRNAME}.tmp"
     try:
         return _save(run_dir, tmp, server_round, state, strategy_state, client_state, provenance)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not an OSError
         shutil.rmtree(tmp, ignore_errors=True)
         last = last_round(run_dir)
         kept = (f"the last good checkpoint (round {last}) is intact in {run_dir / DIRNAME}" if last else
                 "no earlier checkpoint exists")
         raise CheckpointError(
-            f"could not write the checkpoint of round {server_round} in {run_dir}: {e.strerror or e}; {kept}. "
+            f"could not write the checkpoint of round {server_round} in {run_dir}: {write_failure(e)}; {kept}. "
             f"Free space (or fix the directory), then continue with `fedsim run --resume {run_dir}`") from None
 
 
@@ -161,7 +163,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} is corrupt (not a JSON object)")
     digest = meta.pop("meta_digest", None)
-    if digest is not None and hashlib.sha256(json.dumps(meta, indent=1).encode()).hexdigest() != digest:
+    if digest is None:
+        raise CheckpointError(f"{file} carries no digest of its own (it was edited, or not written by fedsim)")
+    if hashlib.sha256(json.dumps(meta, indent=1).encode()).hexdigest() != digest:
         raise CheckpointError(f"{file} was changed after it was written (its digest does not match)")
     if meta.get("format") != FORMAT:
         raise ScenarioError("--resume", f"checkpoint format {meta.get('format')} is not {FORMAT}",
@@ -244,6 +248,22 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
             from None
 
 
+DAMAGED = f".{DIRNAME}.damaged"  # a newest checkpoint set aside by a resume from the previous one
+
+
+def set_aside_newest(run_dir: Path) -> Path | None:
+    """Before a run resumed from the previous checkpoint writes its next one: move the (damaged) newest out of the
+    rotation, to ``.checkpoint.damaged``, so that the next save does not push it into ``.checkpoint.prev`` over the
+    good checkpoint the run resumed from. Returns where it went (None: there was none)."""
+    final = Path(run_dir) / DIRNAME
+    if not final.exists():
+        return None
+    target = Path(run_dir) / DAMAGED
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(final, target)
+    return target
+
+
 def restore_client_state(checkpoint_dir: Path | None, target: Path) -> None:
     """Replace ``target`` with the client state snapshot of ``checkpoint_dir`` (the one :func:`load` read; None, or
     one without a snapshot: an empty store)."""
@@ -288,10 +308,12 @@ def _covered(key: str, by: tuple[str, ...]) -> bool:
     return any(key == b or key.startswith(b + ".") for b in by)
 
 
-def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, ...] = ()) -> None:
-    """Refuse to continue a checkpoint with a scenario or data files other than those it was computed from.
+def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, ...] = (),
+                 field: str = "--resume") -> None:
+    """Refuse to continue (or export) a checkpoint with a scenario or data files other than those it was computed
+    from, or one without the record to tell.
 
-    ``allow_changed``: keys or sections (within :data:`CHANGEABLE`) that may differ.
+    ``allow_changed``: keys or sections (within :data:`CHANGEABLE`) that may differ; ``field``: what the errors name.
 
     Raises:
         ScenarioError: naming every key that differs (old → new) and every data file whose contents changed.
@@ -304,8 +326,10 @@ def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, 
         was = json.loads((Path(checkpoint_dir) / "meta.json").read_text(encoding="utf-8")).get("provenance")
     except (OSError, json.JSONDecodeError):
         return  # load() has verified this file already
-    if was is None:
-        return  # written before checkpoints recorded their provenance
+    if not isinstance(was, dict) or not isinstance(was.get("scenario"), dict):
+        raise ScenarioError(field, f"{Path(checkpoint_dir) / 'meta.json'} holds no record of the scenario it was "
+                            "computed from, so a changed scenario.yaml could not be told apart",
+                            "start the run anew")
     now = provenance(scenario)
     old, new = _flat(was["scenario"]), _flat(now["scenario"])
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _covered(k, allow_changed)]
@@ -322,5 +346,5 @@ def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, 
         can = [k for k in changed if _covered(k, CHANGEABLE)]
         fix = ("restore them in scenario.yaml and the data files, or start a new run"
                + (f"; to keep the new {', '.join(can)} pass --allow-changed {' '.join(can)}" if can else ""))
-        raise ScenarioError("--resume", f"the scenario or its data changed since the checkpoint of "
+        raise ScenarioError(field, f"the scenario or its data changed since the checkpoint of "
                             f"{Path(checkpoint_dir).parent}: " + "; ".join(problems), fix)

@@ -143,6 +143,10 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         table.add_row(str(c), str(int(row.sum())), *[str(int(v)) for v in row[: len(show)]])
     Console(width=200).print(table)
     png = Path(args.png or f"{scenario.name}_partition.png")
+    if png.is_dir():  # a folder: the heatmap goes inside it, under its default name
+        png = png / f"{scenario.name}_partition.png"
+    if png.suffix.lower() != ".png":
+        raise FedsimError(f"--png: {png} does not end in .png (fix: give a .png file or a folder)")
     try:
         partition_heatmap(hist, names, png, f"{scenario.name}: {scenario.partition.method} split")
     except OSError as e:

@@ -14,7 +14,14 @@ from fedsim import checkpoint
 from fedsim.client.store import ClientStateStore
 from fedsim.components import Components, resolve
 from fedsim.config import Scenario, dump_scenario
-from fedsim.errors import BackendError, ScenarioError, ServerLostError
+from fedsim.errors import (
+    BackendError,
+    FedsimError,
+    ScenarioError,
+    ServerLostError,
+    is_write_failure,
+    write_failure,
+)
 from fedsim.eval.personal import personal_metrics  # noqa: F401  # re-exported (fedsim.driver.personal_metrics)
 from fedsim.federation.artifacts import run_summary, write_artifacts
 from fedsim.federation.callbacks import (
@@ -29,7 +36,16 @@ from fedsim.federation.failures import FailurePolicy
 from fedsim.federation.prepare import Prepared, partition_table, prepare, split_local_test  # noqa: F401
 from fedsim.federation.rounds import Federation, RoundResult, eval_batches, run_round
 from fedsim.federation.rows import add_totals, round_row, totals_from
-from fedsim.federation.rundir import RunLock, client_state_dir, new_run_dir, rows_until, write_csv  # noqa: F401
+from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, write_csv
+    RunLock,
+    check_no_links,
+    client_state_dir,
+    describe_unreadable,
+    new_run_dir,
+    rows_until,
+    write_csv,
+    write_text,
+)
 from fedsim.progress import Progress
 from fedsim.runtime.factory import make_backend
 from fedsim.runtime.interfaces import Backend, ServerHandle
@@ -63,6 +79,7 @@ class Driver:
         self.components = components
         self.rows: list[dict[str, Any]] = []
         self.notes: set[str] = set()  # what the run's log has said once (e.g. why clients were not packed)
+        self.unreadable: list[str] = []  # on resume: the lines of metrics.jsonl that could not be read
 
     def run(self) -> dict[str, Any]:
         """Run every round; return the summary (also written to ``summary.json``).
@@ -71,13 +88,16 @@ class Driver:
             ScenarioError: another run holds the run directory (its pid is named), or the checkpoint is unusable.
             BackendError: the runtime failed, e.g. the server actor died (saying which checkpoint to resume from).
         """
-        lock = RunLock(self.run_dir)
+        lock = self.lock = RunLock(self.run_dir)
         try:
+            check_no_links(self.run_dir)
             t_start = time.perf_counter()
             self.backend.launch(self.scenario)  # Ray's workers start up while the data is prepared
             t_start = min(t_start, getattr(self.backend, "launched_at", t_start))  # started early by `fedsim run`
             return self._run(t_start)
-        except ServerLostError as e:
+        except FedsimError as e:
+            if not isinstance(e, ServerLostError):
+                raise
             last = checkpoint.last_round(self.run_dir)
             then = (f"the checkpoint of round {last} is intact in {self.run_dir / checkpoint.DIRNAME}: continue with "
                     f"`fedsim run --resume {self.run_dir}`" if last else
@@ -85,9 +105,21 @@ class Driver:
                     f"{self.run_dir / 'metrics.jsonl'})")
             raise BackendError(f"{e}. {then[0].upper()}{then[1:]} (if it was killed for memory, sample fewer clients "
                                "per round or give the node more memory)") from None
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            raise FedsimError(self._write_failed(e)) from None
         finally:
             self.backend.shutdown()
             lock.release()
+
+    def _write_failed(self, e: BaseException) -> str:
+        """What a refused write (a full disk, say) cost: where the results so far are, and how to go on."""
+        last = checkpoint.last_round(self.run_dir)
+        then = (f"the checkpoint of round {last} is intact: free space, then `fedsim run --resume {self.run_dir}`"
+                if last else "no checkpoint was written yet: free space and run the scenario again")
+        return (f"a write to {self.run_dir} failed: {write_failure(e)}; the metrics so far are in "
+                f"{self.run_dir / 'metrics.jsonl'} and {then}")
 
     # -- the lifecycle -------------------------------------------------------------------------------------------
     def _run(self, t_start: float) -> dict[str, Any]:
@@ -107,10 +139,14 @@ class Driver:
             fed = Federation(sc, prep, store)
             evaluation = Evaluation(fed, eval_batches(len(prep.data.test), sc.eval.batch_size), components.metrics)
             events = CallbackList([TrackerCallback(tracker), ProgressCallback(progress), *self.callbacks])
-            checkpoints = CheckpointCallback(
-                lambda r: checkpoint.save(self.run_dir, r, *server.get_state(), provenance=provenance,
-                                          client_state=self._flushed(store)), sc.checkpoint.every, sc.rounds)
+            checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
+                                             sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
+            if self.unreadable:
+                self.notes.add(describe_unreadable(self.unreadable))
+                progress.message(describe_unreadable(self.unreadable))
+            if self.resume:
+                tracker.replay(self.rows)  # what W&B lost (or never got) before the interruption
             if restored is not None:
                 self._restore(server, fed, restored)
                 progress.message(f"resumed {self.run_dir} after round {start_round}")
@@ -146,17 +182,20 @@ class Driver:
         if self.resume and checkpoint.exists(self.run_dir):
             start_round, state, strategy_state, used = checkpoint.load(self.run_dir, previous=self.previous)
             checkpoint.check_resume(used, sc, self.allow_changed)
+            if self.previous:  # the damaged newest must not rotate into the place of the one resumed from
+                checkpoint.set_aside_newest(self.run_dir)
             if not 1 <= start_round <= sc.rounds:
                 raise ScenarioError("--resume", f"{used / 'meta.json'} says round "
                                     f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
                                     "belong to this run", "resume the run directory that wrote it, or start anew")
-            self.rows = rows_until(self.run_dir, start_round)
-            self.notes = {n for row in self.rows for n in row.get("notes", ())}
+            self.rows, self.unreadable = rows_until(self.run_dir, start_round)
+            self.notes = {n for row in self.rows if isinstance(row.get("notes"), list) for n in row["notes"]
+                          if isinstance(n, str)}
             return start_round, (state, strategy_state), used, None
         if self.resume:  # killed before its first checkpoint: nothing to keep but the scenario
-            rows_until(self.run_dir, -1)
+            _, self.unreadable = rows_until(self.run_dir, -1)
             return 0, None, None, None
-        (self.run_dir / "scenario.yaml").write_text(dump_scenario(sc), encoding="utf-8")
+        write_text(self.run_dir / "scenario.yaml", dump_scenario(sc))
         hist, names = partition_table(prep)
         from fedsim.plots import partition_heatmap_in_background
 
@@ -177,13 +216,14 @@ class Driver:
             shutil.rmtree(store_dir, ignore_errors=True)
         return ClientStateStore.open(store_dir, int(sc.clients.state_budget_mb * 2**20))
 
-    @staticmethod
-    def _flushed(store: ClientStateStore | None) -> Path | None:
-        """The store's directory, every state written to it (for a checkpoint's snapshot)."""
-        if store is None:
-            return None
-        store.flush()
-        return store.directory
+    def _checkpoint(self, server_round: int, server: ServerHandle, store: ClientStateStore | None,
+                    provenance: dict[str, Any]) -> Path:
+        """The server's state (and the client state store, flushed) as the checkpoint of ``server_round``."""
+        self.lock.check()
+        if store is not None:
+            store.flush()
+        return checkpoint.save(self.run_dir, server_round, *server.get_state(), provenance=provenance,
+                               client_state=store.directory if store is not None else None)
 
     def _restore(self, server: ServerHandle, fed: Federation, restored: tuple) -> None:
         """The checkpointed state into the server; fresh workers rebuild the merged base."""
@@ -214,6 +254,7 @@ class Driver:
         return row
 
     def _log(self, row: dict[str, Any], events: CallbackList) -> None:
+        self.lock.check()  # the run directory is still this run's
         self.rows.append(row)
         events.on_round_end(int(row["round"]), row)
 
@@ -225,6 +266,7 @@ class Driver:
         summary = run_summary(self.scenario, self.run_dir, self.rows, time.perf_counter() - t_start, totals,
                               self.backend.worker_stats())
         self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
+        self.lock.check()
         if self.notes:
             summary["notes"] = sorted(self.notes)
         write_artifacts(self.scenario, self.run_dir, summary, adapter, prep.clients, evaluation.table, tracker,

@@ -41,3 +41,30 @@ class BackendError(FedsimError):
 
 class ServerLostError(BackendError):
     """The process holding the server (the global model and the strategy's state) died mid-run."""
+
+
+_DISK_MARKERS = (("os error 28", "No space left on device"), ("StorageFull", "No space left on device"),
+                 ("No space left", "No space left on device"), ("os error 122", "Disk quota exceeded"),
+                 ("QuotaExceeded", "Disk quota exceeded"), ("Read-only file system", "Read-only file system"))
+
+
+def _disk_reason(text: str) -> str | None:
+    return next((reason for marker, reason in _DISK_MARKERS if marker in text), None)
+
+
+def write_failure(e: BaseException) -> str:
+    """What a failed write says, in a few words: the OS's reason (``No space left on device``), also when a library
+    wraps it in its own exception (safetensors' ``SafetensorError``: ``... StorageFull ... os error 28``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    return _disk_reason(text) or (text.splitlines()[0] if text else e.__class__.__name__)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a write the disk refused (full, over quota, read-only, an I/O error), however it is raised."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+    return _disk_reason(str(e)) is not None

@@ -46,6 +46,7 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     run_dir, out = Path(run_dir), Path(out)
     sc = _checked(run_dir, client_id, out)
     last, state, strategy_state, used = checkpoint.load(run_dir)
+    checkpoint.check_resume(used, sc, field="RUN_DIR")  # the model merged into the base the run actually used
     prep = prepare(sc)
     components = resolve(sc)
     quant = prep.clients[client_id].quant if client_id is not None else FULL

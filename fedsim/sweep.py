@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from fedsim.config import Scenario, load_scenario, scenario_from_dict
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -61,11 +61,27 @@ def plan(path: str | Path, grid_specs: list[str], overrides: list[str] = ()) -> 
         except ScenarioError as e:
             raise ScenarioError("--grid", f"point {label}: {e}") from None
         points.append({"values": dict(zip([k for k, _ in grid], combo)), "name": name, "scenario": scenario})
+    seen: dict[str, str] = {}
+    for p in points:  # two points that resolve to one scenario would run it twice under two names
+        key = json.dumps({k: v for k, v in p["scenario"].to_dict().items() if k != "name"}, sort_keys=True)
+        if key in seen:
+            raise ScenarioError("--grid", f"points {seen[key]} and {p['name']} are the same scenario",
+                                "give each value once")
+        seen[key] = p["name"]
     return base, points
 
 
 def _run_point(scenario: Scenario, run_dir: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Run one point and summarise it as a row of ``sweep.csv``."""
+    """Run one point and summarise it as a row of ``sweep.csv``; a point that fails is a row too, with its error
+    (one line: no traceback crosses into the sweep, from a process or a Ray task)."""
+    try:
+        return _summarise(scenario, run_dir, values)
+    except Exception as e:  # noqa: BLE001 - every failure of one point is that point's row, the others go on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {**values, "run_dir": str(run_dir), "error": f"{e.__class__.__name__}: {msg}"}
+
+
+def _summarise(scenario: Scenario, run_dir: str, values: dict[str, Any]) -> dict[str, Any]:
     from fedsim.driver import run_scenario
 
     run_dir = Path(run_dir)
@@ -78,7 +94,7 @@ def _run_point(scenario: Scenario, run_dir: str, values: dict[str, Any]) -> dict
             "round_time_s": statistics.median(m["time/fit_s"] for m in steady),
             "sim_time_s": summary.get("time/sim_total_s", 0.0),
             "comm_params": summary["comm/total_up_params"] + summary["comm/total_down_params"],
-            "time_s": summary["time_s"]}
+            "time_s": summary["time_s"], "error": ""}
 
 
 def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = (), out: str | Path | None = None,
@@ -87,6 +103,10 @@ def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = ()
 
     ``parallel`` > 1 runs that many points at once: with the Ray backend each point's driver is a Ray task on the
     cluster (its workers and server are actors there, placed like any run's), otherwise a process of its own.
+    Every point runs, whatever another one does; a failed point is a row of ``sweep.csv`` with its ``error``.
+
+    Raises:
+        FedsimError: after every point ran and the table is written, when some point failed (naming it).
     """
     from fedsim.federation.rundir import new_run_dir
 
@@ -98,7 +118,8 @@ def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = ()
 
     def done(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
-        print(f"[sweep {sum(r is not None for r in rows)}/{len(jobs)}] {points[i]['name']} done", flush=True)
+        status = f"failed: {row['error']}" if row.get("error") else "done"
+        print(f"[sweep {sum(r is not None for r in rows)}/{len(jobs)}] {points[i]['name']} {status}", flush=True)
         _write(out_dir, [r for r in rows if r is not None])
 
     if parallel <= 1:
@@ -115,7 +136,11 @@ def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = ()
             futures = {pool.submit(_run_point, *job): i for i, job in enumerate(jobs)}
             for f in cf.as_completed(futures):
                 done(futures[f], f.result())
-    _plot(out_dir, rows, [k for k in points[0]["values"]])
+    _plot(out_dir, [r for r in rows if r is not None and not r.get("error")], [k for k in points[0]["values"]])
+    failed = [(points[i]["name"], r["error"]) for i, r in enumerate(rows) if r is not None and r.get("error")]
+    if failed:
+        raise FedsimError(f"{len(failed)} of {len(rows)} sweep points failed (their rows in {out_dir / 'sweep.csv'} "
+                          f"say why), e.g. {failed[0][0]}: {failed[0][1]}")
     return rows
 
 
@@ -145,8 +170,9 @@ def _run_on_ray(jobs: list[tuple], parallel: int, base: Scenario, done: Any) -> 
 def _write(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # failed points' rows have fewer columns
     with open(out_dir / "sweep.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 

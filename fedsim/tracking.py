@@ -11,12 +11,36 @@ from typing import Any
 
 from fedsim.config import Scenario
 from fedsim.errors import FedsimError
+from fedsim.federation.rundir import write_text
 
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN/Inf
     return v
+
+
+def check_wandb_dirs() -> None:
+    """Fail before round 1, not after the last, when W&B could not write where it keeps its data: its data, cache
+    and config directories (an unwritable ``HOME`` makes all three unwritable).
+
+    Raises:
+        FedsimError: naming the directory and the variable that moves it.
+    """
+    from wandb import env
+
+    home = Path.home()
+    dirs = [("WANDB_DATA_DIR", Path(env.get_data_dir())), ("WANDB_CACHE_DIR", Path(env.get_cache_dir())),
+            ("WANDB_CONFIG_DIR", Path(os.environ.get("WANDB_CONFIG_DIR", home / ".config" / "wandb")))]
+    for var, path in dirs:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".fedsim-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise FedsimError(f"Weights & Biases would write to {path}, which is not writable ({e.strerror}); set "
+                              f"{var} to a writable directory, or logging.wandb.mode=disabled") from None
 
 
 class Tracker:
@@ -45,10 +69,16 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
+        check_wandb_dirs()
         w = self.cfg.wandb
         id_file, step_file = self.run_dir / self.ID_FILE, self.run_dir / self.STEP_FILE
         run_id = id_file.read_text(encoding="utf-8").strip() if resume and id_file.is_file() else None
-        if run_id is not None and step_file.is_file():
+        if run_id is not None and w.mode == "offline":
+            # what the offline files hold, not what was logged: a kill -9 can lose what wandb had not yet written
+            from fedsim.wandb_files import durable_step
+
+            self._sent = durable_step(self.run_dir)
+        elif run_id is not None and step_file.is_file():
             try:
                 self._sent = int(step_file.read_text(encoding="utf-8").strip())
             except ValueError:
@@ -58,7 +88,7 @@ class Tracker:
         except Exception as e:  # wandb raises many types (bad env, network, auth)
             raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
                               "check the WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
-        (self.run_dir / self.ID_FILE).write_text(self._wandb.id, encoding="utf-8")
+        write_text(self.run_dir / self.ID_FILE, self._wandb.id)
 
     def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None) -> Any:
         return wandb.init(
@@ -73,13 +103,21 @@ class Tracker:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        self._send(row)
+
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """On resume: send W&B the rows it does not hold yet (the metrics log has them already)."""
+        for row in rows:
+            self._send({k: _clean(v) for k, v in row.items()})
+
+    def _send(self, row: dict[str, Any]) -> None:
         step = int(row["round"])
         if self._wandb is not None and step > self._sent:  # a round re-run after a resume was already sent
             numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
             self._wandb.log({**numeric, **self._pending}, step=step)
             self._pending = {}
             self._sent = step
-            (self.run_dir / self.STEP_FILE).write_text(str(step), encoding="utf-8")
+            write_text(self.run_dir / self.STEP_FILE, str(step))
 
     def image(self, key: str, path: Path) -> None:
         """An image (e.g. the partition heatmap), logged with the next row."""
@@ -117,9 +155,19 @@ class Tracker:
                     self._wandb.summary[k] = v
 
     def close(self) -> None:
+        """Close the log and finish the W&B run. Never raises: every row was flushed when it was logged, and a
+        failure here (a full disk, W&B's own) must not hide why the run ended; it is logged instead."""
+        import logging
+
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                logging.getLogger(__name__).warning("closing %s failed: %s", self.path, e)
             self._file = None
         if self._wandb is not None:
-            self._wandb.finish()
+            try:
+                self._wandb.finish()
+            except Exception as e:  # noqa: BLE001 - wandb raises many types
+                logging.getLogger(__name__).warning("finishing the W&B run failed: %s", e)
             self._wandb = None

@@ -26,6 +26,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ScenarioError(key, f"override value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    except RecursionError:
+        raise ScenarioError(key, "override value is nested too deeply", TOO_DEEP) from None
     return path, value
 
 
@@ -49,22 +51,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 MAX_NODES = 100_000
+MAX_DEPTH = 64  # levels of sections and lists; the schema's deepest setting is a handful of levels down
+TOO_DEEP = "a scenario is a few levels of sections and settings; flatten it"
 
 
 def _check_size(raw: Any) -> None:
-    """Refuse pathological documents (e.g. YAML alias bombs) before validation walks them."""
+    """Refuse pathological documents (YAML alias bombs, nesting hundreds of levels deep) before anything walks them
+    recursively."""
     count = 0
-    stack = [raw]
+    stack = [(raw, 1)]
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         count += 1
         if count > MAX_NODES:
             raise ScenarioError("", f"the scenario has more than {MAX_NODES} values",
                                 "scenario files hold settings, not data; point data.source at a file instead")
+        if depth > MAX_DEPTH:
+            raise ScenarioError("", "the scenario is nested too deeply", TOO_DEEP)
         if isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((v, depth + 1) for v in node)
 
 
 def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
@@ -83,14 +90,15 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), ch
     if not isinstance(raw, dict):
         raise ScenarioError("", f"a scenario must be a mapping of sections, got {type(raw).__name__}",
                             "start from scenarios/quickstart.yaml")
-    _check_size(raw)
-    raw = apply_overrides(raw, overrides)
     try:
+        _check_size(raw)
+        raw = apply_overrides(raw, overrides)
+        _check_size(raw)  # and the overrides' values
         return Scenario.model_validate(raw, context=None if check_strategy else {"strategy": False})
     except ValidationError as e:
         raise ScenarioError("", format_validation(e)) from None
     except RecursionError:
-        raise ScenarioError("", "the scenario is nested too deeply") from None
+        raise ScenarioError("", "the scenario is nested too deeply", TOO_DEEP) from None
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
@@ -123,6 +131,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise ScenarioError("", f"{p.name}: {e}", "give each key once (the last one would silently win)") from None
     except yaml.YAMLError as e:
         raise ScenarioError("", f"{p.name} is not valid YAML: {e}", "fix the YAML syntax at the line shown") from None
+    except RecursionError:
+        raise ScenarioError("", f"{p.name} is nested too deeply", TOO_DEEP) from None
     return scenario_from_dict(raw, overrides, check_strategy)
 
 
@@ -136,6 +146,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` (standard YAML): merged keys may be overridden by the explicit ones
             key = self.construct_object(key_node, deep=deep)
             try:
                 hash(key)

@@ -44,8 +44,8 @@ def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool 
     if use_cache and path.is_file():
         try:
             return cache.load(path)
-        except (OSError, ValueError, KeyError):
-            pass  # a corrupt cache entry is rebuilt below
+        except Exception:  # noqa: BLE001 - a damaged entry (truncated, not a zip, wrong arrays) is rebuilt below
+            pass
     if tokenizer is None:
         from fedsim.models.tasks import task_for
 

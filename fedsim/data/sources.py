@@ -35,8 +35,14 @@ def _local_files(source: str, field_name: str) -> list[str]:
         files = sorted(glob.glob(path))
     elif os.path.isdir(path):
         files = sorted(f for f in glob.glob(os.path.join(path, "*")) if os.path.splitext(f)[1].lower() in _EXT_BUILDERS)
+    elif os.path.exists(path):
+        files = [path]
     else:
-        files = [path] if os.path.isfile(path) else []
+        files = []
+    odd = [f for f in files if not os.path.isfile(f)]  # a directory, a FIFO (whose read would block), a socket
+    if odd:
+        raise ScenarioError(field_name, f"{odd[0]!r} is not a regular file (a directory, a pipe or a device)",
+                            "point the data source at data files only")
     if not files:
         raise ScenarioError(field_name, f"no data file found at {source!r}",
                             "give an existing .json/.jsonl/.csv/.tsv/.parquet file, a directory or a glob")

@@ -1,6 +1,6 @@
 """The metric extension point: what evaluation reports, computed from additive sums.
 
-A metric reads a batch's :class:`~fedsim.eval.scoring.EvalOutputs` on a worker and returns sums (additive across
+A metric reads a batch's :class:`~fedsim.eval.outputs.EvalOutputs` on a worker and returns sums (additive across
 batches and workers, so that the driver combines them exactly whatever the split of the work); the driver adds the
 sums of every batch and calls :meth:`Metric.reduce` once. Each metric declares the keys it reports (``keys``;
 ``*`` stands for a task name). Built-ins: ``loss`` (mean token negative log-likelihood), ``accuracy`` (exact match
@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from fedsim import registry
-from fedsim.eval.scoring import EvalOutputs
+from fedsim.eval.outputs import EvalOutputs
 
 metric = registry.decorator("metric")
 

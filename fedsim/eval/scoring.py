@@ -4,7 +4,6 @@ outputs the metrics turn into additive sums (:mod:`fedsim.eval.metrics`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,29 +11,9 @@ import torch
 
 from fedsim.client.batching import collate
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
+from fedsim.eval.metrics import default_metrics
+from fedsim.eval.outputs import EvalOutputs
 from fedsim.models.lm_loss import IGNORE
-
-
-@dataclass
-class EvalOutputs:
-    """What one batch's scoring gives the metrics.
-
-    Attributes:
-        logp: log-likelihood of each scored token (B, P), 0 where a row has no label.
-        valid: which of those positions are scored (B, P).
-        correct: whether each sample is answered correctly (B,): exact match of the response, or the most likely
-            label option being the right one.
-        tasks: each sample's task index (-1: none), numpy (B,); ``task_names`` the names they index.
-        indices: the samples (rows of ``split``).
-    """
-
-    logp: torch.Tensor
-    valid: torch.Tensor
-    correct: torch.Tensor
-    tasks: np.ndarray
-    task_names: list[str]
-    indices: np.ndarray
-    split: TokenizedSplit
 
 
 @torch.no_grad()
@@ -70,8 +49,6 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
 
         task = CausalLM()
     if metrics is None:
-        from fedsim.eval.metrics import default_metrics
-
         metrics = default_metrics()
     out = score_batch(model, data, indices, device, task, split)
     sums: dict[str, float] = {}

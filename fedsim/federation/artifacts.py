@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
-from fedsim.federation.rundir import write_csv
+from fedsim.federation.rundir import write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.types import ClientSpec
 
@@ -22,7 +22,8 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
     final = evals[-1] if evals else {}
     return {
         "name": scenario.name, "rounds": scenario.rounds, "run_dir": str(run_dir), "time_s": total_s,
-        "initial/eval/accuracy": evals[0]["eval/accuracy"] if evals else None,
+        # the evaluation before training (round 0); None without one (eval.at_start off, or its row lost)
+        "initial/eval/accuracy": next((r["eval/accuracy"] for r in evals if r["round"] == 0), None),
         "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
         "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
         **{f"final/{k}": v for k, v in final.items()
@@ -49,9 +50,13 @@ def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], 
                       "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
                      for c in clients]
     write_csv(run_dir / "clients.csv", clients_table)
-    tracker.summary(summary)
-    tracker.tables({"clients": clients_table, "personalized": personal_table})
-    tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario.name}-adapter"), "model", run_dir / "adapter",
-                     {"strategy": scenario.strategy.name, "base_model": scenario.model.name,
-                      "rounds": scenario.rounds})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    try:  # W&B's failure (a full disk, an unwritable directory) must not cost the run its summary
+        tracker.summary(summary)
+        tracker.tables({"clients": clients_table, "personalized": personal_table})
+        tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario.name}-adapter"), "model", run_dir / "adapter",
+                         {"strategy": scenario.strategy.name, "base_model": scenario.model.name,
+                          "rounds": scenario.rounds})
+    except Exception as e:  # noqa: BLE001 - wandb raises many types
+        note = f"W&B could not record the run's summary, tables and adapter ({e.__class__.__name__}: {e})"
+        summary["notes"] = sorted({*summary.get("notes", []), note.splitlines()[0]})
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

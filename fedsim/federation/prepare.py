@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
@@ -45,9 +46,11 @@ def prepare(scenario: Scenario) -> Prepared:
     lcfg = scenario.clients.lora
     shapes = target_shapes(scenario.model)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
-    if lcfg.max_rank() > smallest:
-        raise ScenarioError("clients.lora", f"rank {lcfg.max_rank()} exceeds the smallest adapted dimension {smallest}",
-                            f"use ranks ≤ {smallest}")
+    ranks = {"clients.lora": lcfg.max_rank(), **strategy_ranks(scenario)}
+    for key, rank in ranks.items():
+        if rank > smallest:
+            raise ScenarioError(key, f"rank {rank} exceeds the smallest adapted dimension {smallest}",
+                                f"use ranks ≤ {smallest}")
     assigned = lcfg.assign(len(parts), scenario.seed)
     qcfg = scenario.clients.quant
     if qcfg.is_quantized():
@@ -64,6 +67,13 @@ def prepare(scenario: Scenario) -> Prepared:
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
     return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),
                     local_test)
+
+
+def strategy_ranks(scenario: Scenario) -> dict[str, int]:
+    """The ranks the scenario's strategy params set (HETLoRA's ``max_rank``, a personal or quantization-aware
+    adapter's rank), by scenario key."""
+    strategy = registry.get("strategy", scenario.strategy.name)(scenario.strategy.params)
+    return strategy.param_ranks()
 
 
 def split_local_test(parts: Partition, fraction: float, seed: int) -> tuple[Partition, list[np.ndarray]]:

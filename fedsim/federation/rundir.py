@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 
 
 def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
@@ -22,14 +22,31 @@ def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
     return Path(scenario.clients.state_dir).expanduser() / f"{Path(run_dir).name}-{tag}"
 
 
+# what fedsim writes in a run directory (a run killed early may leave some of them behind, e.g. its scenario)
+RUN_FILES = frozenset({
+    "scenario.yaml", "metrics.jsonl", "metrics.tmp", "summary.json", "partition.png", "partition.png.input.npz",
+    "clients.csv", "personalized.csv", "adapter", "checkpoint", ".checkpoint.prev", ".checkpoint.tmp",
+    ".checkpoint.old", ".checkpoint.damaged", "client_state", "wandb", ".wandb_run_id", ".wandb_last_step", ".lock", "export",
+})
+
+
+def _fedsims(name: str) -> bool:
+    return name in RUN_FILES or name.startswith("metrics.jsonl.orig")
+
+
 def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
-    """``out`` if given (it must not hold a finished run), else a fresh ``runs/<name>[-k]``."""
+    """``out`` if given — new, empty, or left by a run of fedsim's killed before its first round (never a finished
+    run, nor a directory holding anything else) —, else a fresh ``runs/<name>[-k]``."""
     if out is not None:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise ScenarioError("--out", f"{path} is a file, not a directory", "give a new or empty directory")
         if (path / "metrics.jsonl").exists():
             raise ScenarioError("--out", f"{path} already holds a run", "choose another --out directory")
+        foreign = sorted(p.name for p in path.iterdir() if not _fedsims(p.name)) if path.is_dir() else []
+        if foreign:
+            raise ScenarioError("--out", f"{path} holds files fedsim did not write (e.g. {foreign[0]!r})",
+                                "give a new or empty directory")
     else:
         base = Path("runs") / scenario.name  # the name's schema keeps it a single component other than . and ..
         path, k = base, 1
@@ -43,6 +60,28 @@ def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
     return path
 
 
+def check_no_links(run_dir: Path) -> None:
+    """Refuse a run directory where a file fedsim writes is a symbolic link (writing would change its target).
+
+    Raises:
+        ScenarioError: naming the link.
+    """
+    for name in sorted(RUN_FILES):
+        if (Path(run_dir) / name).is_symlink():
+            raise ScenarioError("run directory", f"{Path(run_dir) / name} is a symbolic link; fedsim writes its own "
+                                "files only, never through links", "remove the link, or choose another directory")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file of the run directory atomically, never through a link at ``path`` (the new file replaces the
+    directory entry, link or not)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 class RunLock:
     """An exclusive lock on a run directory (``RUN_DIR/.lock``, holding the owner's pid), so that two runs — or a
     run and a resume — never write one directory at once. Released when the process ends, however it ends."""
@@ -50,8 +89,15 @@ class RunLock:
     def __init__(self, run_dir: Path):
         import fcntl
 
-        self.path = Path(run_dir) / ".lock"
-        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        try:  # never through a symbolic link: a link planted as .lock would have its target truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            why = "is a symbolic link" if self.path.is_symlink() else f"cannot be opened ({e.strerror})"
+            raise ScenarioError("run directory", f"{self.path} {why}; fedsim writes its own files only",
+                                "remove it, or choose another directory") from None
+        self._file = os.fdopen(fd, "a+", encoding="utf-8")  # held for the run's lifetime
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -64,6 +110,22 @@ class RunLock:
         self._file.truncate()
         self._file.write(str(os.getpid()))
         self._file.flush()
+        self._inode = os.fstat(self._file.fileno()).st_ino
+
+    def check(self) -> None:
+        """That the run directory is still this run's: its ``.lock`` is the file this lock holds.
+
+        Raises:
+            FedsimError: the directory (or its lock) was deleted, moved or replaced while the run was writing it.
+        """
+        try:
+            same = os.stat(self.path, follow_symlinks=False).st_ino == self._inode
+        except OSError:
+            same = False
+        if not same:
+            raise FedsimError(f"the run directory {self.run_dir} was deleted, moved or replaced while this run was "
+                              "writing it; the run stops here rather than write a partial run elsewhere (restore the "
+                              "directory and resume with `fedsim run --resume`, or start the run again)")
 
     def release(self) -> None:
         import fcntl
@@ -75,28 +137,70 @@ class RunLock:
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
+    import io
 
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a ``metrics.jsonl`` that can be read — JSON objects with an integer ``round`` — and, for every
+    line that cannot, ``"line N: why"``.
+
+    Raises:
+        ScenarioError: the path is not a regular file (a directory in its place, say).
+    """
+    if not path.exists():
+        return [], []
+    if not path.is_file():
+        raise ScenarioError("--resume", f"{path} is not a file", "move it away, or remove it to resume without the "
+                            "metrics of the rounds before the checkpoint")
+    rows, bad = [], []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(f"line {n}: not UTF-8")
+            continue
+        except json.JSONDecodeError as e:
+            bad.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row["round"], bool):
+            bad.append(f"line {n}: not a round's row (a JSON object with an integer round)")
+            continue
+        rows.append(row)
+    return rows, bad
 
 
-def rows_until(run_dir: Path, last_round: int) -> list[dict[str, Any]]:
-    """Metrics rows up to ``last_round``; the file is rewritten without the rows of rounds that will re-run."""
+def rows_until(run_dir: Path, last_round: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The readable metrics rows of rounds up to ``last_round``, and what could not be read; the file is rewritten
+    with those rows only (the rounds after ``last_round`` run again). Nothing is lost: when some line could not be
+    read, the file as it was is kept beside it (``metrics.jsonl.orig``, or ``.orig.2``, ...) and the lines are
+    named in what is returned."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut short by the kill
-            if row.get("round", 1 << 30) <= last_round:
-                rows.append(row)
+    rows, bad = read_rows(path)
+    kept = [r for r in rows if r["round"] <= last_round]
+    if bad:
+        keep = path.with_name(path.name + ".orig")
+        k = 1
+        while keep.exists():
+            k += 1
+            keep = path.with_name(f"{path.name}.orig.{k}")
+        os.replace(path, keep)
+        bad = [*bad, f"the file as it was is kept in {keep}"]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
-    return rows
+    return kept, bad
+
+
+def describe_unreadable(bad: list[str]) -> str:
+    """One line about the lines :func:`rows_until` could not read (its last entry names where the file was kept)."""
+    lines, kept = bad[:-1], bad[-1]
+    shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
+    return f"resume: {len(lines)} line(s) of metrics.jsonl could not be read and are left out ({shown}); {kept}"

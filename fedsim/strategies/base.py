@@ -154,6 +154,11 @@ class Strategy(ABC):
         """Whether the adapter tensor ``key`` leaves the client (is uploaded). Default: every LoRA factor."""
         return True
 
+    def param_ranks(self) -> dict[str, int]:
+        """The LoRA ranks the strategy's own params set, by scenario key (e.g. HETLoRA's ``max_rank``): each must fit
+        the adapted layers, as ``clients.lora.rank`` must (checked before round 1)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy-internal state beyond :class:`GlobalState` (e.g. a server optimizer), for checkpoints."""
         return {}

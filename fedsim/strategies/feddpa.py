@@ -76,6 +76,9 @@ class FedDPA(FedIT):
                              mix=self.mix(), procedure="alternate",
                              procedure_options=AlternateOptions(personal_phase=personal_phase))
 
+    def param_ranks(self) -> dict[str, int]:
+        return {"strategy.params.personal_rank": self.params.personal_rank} if self.params.personal_rank else {}
+
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)
         payload = self._payload(state, personal_phase=ctx.server_round > 1)

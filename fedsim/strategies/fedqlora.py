@@ -58,6 +58,9 @@ class FedQLoRA(FedIT):
     Params = FedQLoRAParams
     has_personal_state = True
 
+    def param_ranks(self) -> dict[str, int]:
+        return {"strategy.params.qa_rank": self.params.qa_rank}
+
     def _payload(self, state: GlobalState, quantized: bool) -> ClientPayload:
         if not quantized:
             return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)

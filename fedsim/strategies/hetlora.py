@@ -50,6 +50,9 @@ class HetLoRA(Strategy):
         tensors = self._fresh_adapter(spec, r_max)  # B = 0: the product is 0 at any scaling
         return GlobalState(tensors=tensors, lora=LoraSpec(rank=r_max, alpha=float(r_max)), extras={"ranks": {}})
 
+    def param_ranks(self) -> dict[str, int]:
+        return {"strategy.params.max_rank": self.params.max_rank} if self.params.max_rank else {}
+
     def client_rank(self, state: GlobalState, client: ClientSpec) -> int:
         return min(state.extras["ranks"].get(client.client_id, client.lora.rank), state.lora.rank)
 

@@ -43,6 +43,9 @@ class PF2LoRA(FedIT):
                              personal_lora=self.params.spec(state.lora, 2), procedure="bilevel",
                              procedure_options=BilevelOptions(inner_lr=self.params.inner_lr, mode=self.params.mode))
 
+    def param_ranks(self) -> dict[str, int]:
+        return {"strategy.params.personal_rank": self.params.personal_rank} if self.params.personal_rank else {}
+
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)
         payload = self._payload(state)

@@ -86,8 +86,11 @@ def test_a_checkpoint_round_outside_the_run_is_refused(finished, tmp_path):
     out = _copy(finished, tmp_path)
     meta_path = out / "checkpoint" / "meta.json"
     meta = json.loads(meta_path.read_text())
+    import hashlib
+
     meta.pop("meta_digest")
-    meta["round"] = 99  # e.g. a checkpoint of another, longer run (digest-less, as older versions wrote them)
+    meta["round"] = 99  # e.g. a checkpoint of another, longer run, with a digest of its own (a digest-less one is
+    meta["meta_digest"] = hashlib.sha256(json.dumps(meta, indent=1).encode()).hexdigest()  # refused as edited)
     meta_path.write_text(json.dumps(meta, indent=1))
     with pytest.raises(ScenarioError, match="says round 99, but the run has rounds 1..2"):
         resume_run(out)

@@ -77,3 +77,37 @@ def test_sweep_points_share_a_group_and_carry_the_swept_keys(offline, tmp_path):
         clients = config["clients"].get("value", config["clients"])  # as wandb nests it, or not
         swept.append(clients["num_clients"])
     assert groups == {"tiny-sweep"} and swept == [4, 6]
+
+
+def test_wandb_history_survives_sigkill(offline, tmp_path):
+    """kill -9 can leave W&B's offline file without the last rows (even without any: only its header), although
+    wandb.log was called for them: the resume sends exactly what the files lack — no gap, no step twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    offline.update(rounds=4)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(offline))
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and (checkpoint.last_round(out) or 0) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--resume", str(out)], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    steps = sorted(row["_step"] for row in W.history(out))
+    assert steps == [0, 1, 2, 3, 4], steps
+    metrics = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for row in W.history(out):
+        assert row["eval/accuracy"] == pytest.approx(metrics[row["_step"]]["eval/accuracy"])

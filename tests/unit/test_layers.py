@@ -15,15 +15,15 @@ MAX_FUNCTION_LINES = 60
 
 def test_import_linter_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
-    out = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "0 broken" in out.stdout
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), and modules importing themselves."""
-    modules = sorted(m for m in graph.modules if m.startswith("fedsim"))
+    # the package's own __init__ only names its public API for lazy import; every other module counts
+    modules = sorted(m for m in graph.modules if m.startswith("fedsim."))
     index, low, stack, on, out = {}, {}, [], set(), []
 
     def visit(v: str) -> None:
@@ -31,7 +31,7 @@ def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
         stack.append(v)
         on.add(v)
         for w in sorted(graph.find_modules_directly_imported_by(v)):
-            if not w.startswith("fedsim"):
+            if not w.startswith("fedsim."):
                 continue
             if w not in index:
                 visit(w)
@@ -49,17 +49,20 @@ def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
             if len(comp) > 1 or v in graph.find_modules_directly_imported_by(v):
                 out.append(sorted(comp))
 
-    sys.setrecursionlimit(10_000)
-    for m in modules:
-        if m not in index:
-            visit(m)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+        for m in modules:
+            if m not in index:
+                visit(m)
+    finally:
+        sys.setrecursionlimit(limit)  # other tests rely on the default (deep YAML must still raise)
     return out
 
 
 def test_no_import_cycles():
-    graph = grimp.build_graph("fedsim", exclude_type_checking_imports=True)
-    # the package's own __init__ only names its public API for lazy import; every other module counts
-    graph.remove_module("fedsim")
+    graph = grimp.build_graph("fedsim", exclude_type_checking_imports=True, cache_dir=None)
+    assert len([m for m in graph.modules if m.startswith("fedsim.")]) > 100  # the whole package was read
     assert _cycles(graph) == []
 
 

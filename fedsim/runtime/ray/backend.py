@@ -14,6 +14,7 @@ Ray actor of its own when ``resources.server`` asks for resources: :mod:`fedsim.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from fedsim.runtime.ray.pool import Pool, launch_pool, take_early
 from fedsim.runtime.ray.server_host import DriverServerHandle, ObjectStoreServer, RayServerHandle
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientJob, ClientResult
+
+log = logging.getLogger(__name__)
 
 
 class RayBackend(Backend):
@@ -109,11 +112,40 @@ class RayBackend(Backend):
 
     def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
         """Queue the updates on every actor: actor calls run in order, so each applies them before its next job."""
+        self._base_history.extend(deltas)  # a replacement replays the whole history when it is created
+        self._on_workers([(slot, "apply_base_delta", (v, d)) for v, d in deltas for slot in range(len(self.actors))])
+
+    def _on_workers(self, calls: Sequence[tuple[int, str, tuple]]) -> list[Any]:
+        """Run ``(slot, method, args)`` calls on the workers and return their results in order, with training's
+        policy for a worker that dies meanwhile: it is replaced and its calls run again, up to
+        ``resources.max_retries`` times (evaluation, base updates and statistics are the same on any worker).
+
+        Raises:
+            BackendError: a worker died more often than that.
+        """
         import ray
 
-        self._base_history.extend(deltas)
-        acks = [a.apply_base_delta.remote(v, d) for v, d in deltas for a in self.actors]
-        ray.get(acks)  # surface a failed merge now rather than as a confusing client failure
+        results: list[Any] = [None] * len(calls)
+        pending, attempt = list(range(len(calls))), 0
+        while pending:
+            refs = [(i, getattr(self.actors[calls[i][0]], calls[i][1]).remote(*calls[i][2])) for i in pending]
+            pending = []
+            for i, ref in refs:
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    pending.append(i)
+            if not pending:
+                break
+            attempt += 1
+            lost = sorted({calls[i][0] for i in pending})
+            if attempt > self.resources.max_retries:
+                raise BackendError(f"worker(s) {lost} died during {calls[pending[0]][1]} {attempt} time(s) in a row; "
+                                   "raise resources.max_retries, or give the workers more memory")
+            for slot in lost:
+                log.warning("worker-%d died during %s; replacing it", slot, calls[pending[0]][1])
+                self.replace_worker(slot)
+        return results
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
@@ -124,32 +156,25 @@ class RayBackend(Backend):
         return Dispatch(self, jobs, on_done, policy).run()
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        import ray
-
         n = len(self.actors)
         chunks = [list(range(i, len(batches), n)) for i in range(n)]
-        refs = [self.actors[i].evaluate.remote(payload, [batches[j] for j in chunk])
-                for i, chunk in enumerate(chunks) if chunk]
+        calls = [(i, "evaluate", (payload, [batches[j] for j in chunk])) for i, chunk in enumerate(chunks) if chunk]
         out: list[dict[str, float] | None] = [None] * len(batches)
-        for chunk, part in zip([c for c in chunks if c], ray.get(refs)):
+        for chunk, part in zip([c for c in chunks if c], self._on_workers(calls)):
             for j, r in zip(chunk, part):
                 out[j] = r
         return out  # type: ignore[return-value]
 
     def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
-        import ray
-
         n = len(self.actors)
         parts = [list(items[i::n]) for i in range(n)]
         out: dict = {}
-        for part in ray.get([self.actors[i].evaluate_clients.remote(payload, p) for i, p in enumerate(parts) if p]):
+        for part in self._on_workers([(i, "evaluate_clients", (payload, p)) for i, p in enumerate(parts) if p]):
             out.update(part)
         return out
 
     def worker_stats(self) -> list[dict[str, Any]]:
-        import ray
-
-        return ray.get([a.stats.remote() for a in self.actors])
+        return self._on_workers([(i, "stats", ()) for i in range(len(self.actors))])
 
     def shutdown(self) -> None:
         import ray

@@ -107,6 +107,7 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
                                   configure_logging=True, log_to_driver=True)
     skip: list[str] = []
     if res.address:
+        check_reachable(res.address)
         kwargs["address"] = res.address
     else:
         # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
@@ -140,6 +141,30 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
     if skip:
         stop_unused_ray_processes(skip)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after minutes of Ray's retries, when nothing listens at ``resources.address``
+    (``host:port`` of the head's GCS, or ``ray://host:port`` of its Ray Client server; ``auto`` is Ray's to find).
+
+    Raises:
+        BackendError: naming the address and what to check.
+    """
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return  # `auto`, or a form Ray resolves itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise BackendError(
+            f"cannot reach the Ray cluster at {address!r} ({e.strerror or e.__class__.__name__} within "
+            f"{timeout_s:g} s). Check that the head runs (`ray start --head --port={port}`), the host and port in "
+            "resources.address, firewalls, and — with Ray's token authentication — RAY_AUTH_MODE=token and the "
+            "cluster's token in this environment") from None
 
 
 def stop_unused_ray_processes(names: list[str]) -> list[str]:
