@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,10 @@ class Tracker:
         w = self.cfg.wandb
         id_file, step_file = self.run_dir / self.ID_FILE, self.run_dir / self.STEP_FILE
         run_id = id_file.read_text(encoding="utf-8").strip() if resume and id_file.is_file() else None
+        self._wandb = self._init_with_retries(wandb, scenario, w, run_id)
         if run_id is not None and w.mode == "offline":
-            # what the offline files hold, not what was logged: a kill -9 can lose what wandb had not yet written
+            # what the offline files hold, not what was logged: a kill -9 can lose what wandb had not yet written.
+            # Read once the run is ours again: the killed run's W&B service has then written all it ever will.
             from fedsim.wandb_files import durable_step
 
             self._sent = durable_step(self.run_dir)
@@ -83,12 +86,28 @@ class Tracker:
                 self._sent = int(step_file.read_text(encoding="utf-8").strip())
             except ValueError:
                 self._sent = -1
-        try:
-            self._wandb = self._init_wandb(wandb, scenario, w, run_id)
-        except Exception as e:  # wandb raises many types (bad env, network, auth)
-            raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
-                              "check the WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
         write_text(self.run_dir / self.ID_FILE, self._wandb.id)
+
+    def _init_with_retries(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None,
+                           wait_s: float = 90.0) -> Any:
+        """``wandb.init``; on resume after a kill, the killed process's W&B service may still hold the run ("run ID
+        ... is in use") for a few seconds until it notices and exits: wait for it (up to ``wait_s``).
+
+        Raises:
+            FedsimError: W&B could not start (naming why and what to check).
+        """
+        deadline, pause = time.monotonic() + wait_s, 0.5
+        while True:
+            try:
+                return self._init_wandb(wandb, scenario, w, run_id)
+            except Exception as e:  # noqa: BLE001 - wandb raises many types (bad env, network, auth)
+                first = str(e).splitlines()[0] if str(e) else ""
+                if run_id is not None and "in use" in first and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(2 * pause, 5.0)
+                    continue
+                raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {first}); check the "
+                                  "WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
 
     def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None) -> Any:
         return wandb.init(
