@@ -438,3 +438,51 @@ def test_an_unreachable_cluster_is_one_line_in_seconds(tiny_raw, tmp_path):
         run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.address=127.0.0.1:1"]),
                      tmp_path / "run")
     assert time.perf_counter() - t0 < 60
+
+
+# -- 13. SIGTERM while Ray starts: "interrupted", 130, nothing left -------------------------------------------------
+def test_sigterm_while_ray_starts_is_an_interruption(tiny_raw, tmp_path):
+    """Ray installs SIGTERM handlers of its own while it starts (``sys.exit(15)``, ``sys.exit(1)``): a scheduler's
+    SIGTERM in that window ends the command as Ctrl-C does, after Ray's clean-up of what it had started."""
+    import signal
+    import tempfile
+    import time
+
+    import yaml
+
+    tiny_raw["resources"]["backend"] = "ray"
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(tiny_raw))
+    ray_tmp = tempfile.mkdtemp(prefix="fsu-")  # short: Ray's socket paths must stay short
+    env = {**os.environ, "FEDSIM_RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # Ray's GCS is up: the head is starting
+        if subprocess.run(["pgrep", "-f", f"gcs_server.*{ray_tmp}"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, "Ray processes outlived the interrupted start"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_wandb_failure_at_the_end_never_costs_the_summary(tiny_raw, tmp_path, monkeypatch):
+    from fedsim.tracking import Tracker
+
+    def broken(self, tables):
+        raise RuntimeError("wandb: could not stage the table (Permission denied)")
+
+    monkeypatch.setattr(Tracker, "tables", broken)
+    summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["final/eval/accuracy"] == summary["final/eval/accuracy"] is not None
+    assert any("W&B could not record" in n for n in written["notes"])

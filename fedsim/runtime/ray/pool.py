@@ -127,7 +127,7 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
     main_thread = threading.current_thread() is threading.main_thread()
     keep = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
-        with _lean_head(skip), _without_pyarrow():
+        with _lean_head(skip), _without_pyarrow(), _sigterm_interrupts(keep is not None):
             ray.init(**kwargs)
             with contextlib.suppress(Exception):  # private: a Ray without it makes the context later, with pyarrow
                 ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
@@ -165,6 +165,43 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"{timeout_s:g} s). Check that the head runs (`ray start --head --port={port}`), the host and port in "
             "resources.address, firewalls, and — with Ray's token authentication — RAY_AUTH_MODE=token and the "
             "cluster's token in this environment") from None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(on: bool) -> Iterator[None]:
+    """While Ray starts, a SIGTERM ends the start-up as Ctrl-C does (``KeyboardInterrupt``: the command says
+    ``interrupted`` and exits with 130) instead of ``sys.exit(15)`` or ``sys.exit(1)`` from the handlers Ray installs
+    meanwhile; their own clean-up (stopping the processes started so far) still runs first. Private hook: a Ray
+    without it keeps its handlers."""
+    if not on:
+        yield
+        return
+    try:
+        from ray._private import utils as ray_utils
+
+        install = ray_utils.set_sigterm_handler
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def wrapped(handler: Any) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            try:
+                handler(signum, frame)
+            except SystemExit:
+                raise KeyboardInterrupt from None
+
+        install(on_sigterm)
+
+    ray_utils.set_sigterm_handler = wrapped
+    try:
+        yield
+    except SystemExit as e:  # a handler installed around the hook (a Ray release that calls signal.signal itself)
+        if e.code in (signal.SIGTERM, int(signal.SIGTERM)):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        ray_utils.set_sigterm_handler = install
 
 
 def stop_unused_ray_processes(names: list[str]) -> list[str]:
