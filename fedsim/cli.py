@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = _parser().parse_args(argv)
+    # A W&B service inherited from the parent process (wandb exports WANDB_SERVICE to its children) would hold this
+    # command's W&B run: killed with `kill -9`, the run would stay open there, and its resume be refused ("run ID ...
+    # is in use"). The command starts a service of its own, which ends with it.
+    os.environ.pop("WANDB_SERVICE", None)
     if getattr(args, "verbose", False):
         os.environ["FEDSIM_VERBOSE"] = "1"
     from fedsim.quiet import silence_libraries

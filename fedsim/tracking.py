@@ -89,9 +89,11 @@ class Tracker:
         write_text(self.run_dir / self.ID_FILE, self._wandb.id)
 
     def _init_with_retries(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None,
-                           wait_s: float = 90.0) -> Any:
+                           wait_s: float = 30.0) -> Any:
         """``wandb.init``; on resume after a kill, the killed process's W&B service may still hold the run ("run ID
-        ... is in use") for a few seconds until it notices and exits: wait for it (up to ``wait_s``).
+        ... is in use") for a few seconds until it notices and exits: wait for it (up to ``wait_s``). A service that
+        outlives the kill — one shared through ``WANDB_SERVICE``, which the ``fedsim`` command never inherits — holds
+        it for good: the error says so.
 
         Raises:
             FedsimError: W&B could not start (naming why and what to check).
@@ -102,10 +104,15 @@ class Tracker:
                 return self._init_wandb(wandb, scenario, w, run_id)
             except Exception as e:  # noqa: BLE001 - wandb raises many types (bad env, network, auth)
                 first = str(e).splitlines()[0] if str(e) else ""
-                if run_id is not None and "in use" in first and time.monotonic() < deadline:
-                    time.sleep(pause)
-                    pause = min(2 * pause, 5.0)
-                    continue
+                if run_id is not None and "in use" in first:
+                    if time.monotonic() < deadline:
+                        time.sleep(pause)
+                        pause = min(2 * pause, 5.0)
+                        continue
+                    raise FedsimError(f"Weights & Biases run {run_id} is still held by the W&B service of the run "
+                                      "that was stopped (a service shared through WANDB_SERVICE outlives it): unset "
+                                      "WANDB_SERVICE, or stop that service (`wandb beta core stop`), then resume") \
+                        from None
                 raise FedsimError(f"Weights & Biases could not start ({e.__class__.__name__}: {first}); check the "
                                   "WANDB_* environment variables, or set logging.wandb.mode=disabled") from None
 
