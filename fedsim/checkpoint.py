@@ -23,30 +23,39 @@ FORMAT = 1
 DIRNAME = "checkpoint"
 
 
-def _encode(obj: Any) -> Any:
-    """JSON with non-string dict keys and tuples preserved (tagged)."""
+def _encode(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
+    """JSON with non-string dict keys and tuples preserved (tagged); tensors go to ``tensors`` (saved with the
+    state's safetensors file) and are referred to by name."""
+    if isinstance(obj, torch.Tensor):
+        if tensors is None:
+            raise TypeError("tensors in this part of a checkpoint are not supported")
+        name = f"state/{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": name}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _encode(v) for k, v in obj.items()}
-        return {"__pairs__": [[_encode(k), _encode(v)] for k, v in obj.items()]}
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__pairs__": [[_encode(k), _encode(v, tensors)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v) for v in obj]}
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
     if isinstance(obj, list):
-        return [_encode(v) for v in obj]
+        return [_encode(v, tensors) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} (strategy state must be JSON data or tensors)")
 
 
-def _decode(obj: Any) -> Any:
+def _decode(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> Any:
     if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"} and tensors is not None:
+            return tensors[obj["__tensor__"]]
         if set(obj) == {"__pairs__"}:
-            return {_decode(k): _decode(v) for k, v in obj["__pairs__"]}
+            return {_decode(k): _decode(v, tensors) for k, v in obj["__pairs__"]}
         if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v) for v in obj["__tuple__"])
-        return {k: _decode(v) for k, v in obj.items()}
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_decode(v) for v in obj]
+        return [_decode(v, tensors) for v in obj]
     return obj
 
 
@@ -102,7 +111,7 @@ def _save(run_dir: Path, tmp: Path, server_round: int, state: GlobalState, strat
     meta = {"format": FORMAT, "round": server_round, "base_version": state.base_version,
             "num_base_deltas": len(state.base_deltas),
             "lora": {"rank": state.lora.rank, "alpha": state.lora.alpha, "rslora": state.lora.rslora},
-            "extras": _encode(state.extras), "strategy_state": _encode(strategy_state)}
+            "extras": _encode(state.extras), "strategy_state": _encode(strategy_state, tensors)}
     if provenance is not None:
         meta["provenance"] = provenance
     shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +207,8 @@ def _read(path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
                 deltas[int(version) - 1][key] = v
         state = GlobalState(tensors=tensors, lora=LoraSpec(**meta["lora"]), base_version=meta["base_version"],
                             extras=_decode(meta["extras"]), base_deltas=deltas)
-        strategy_state = _decode(meta["strategy_state"])
+        saved = {k: v for k, v in flat.items() if k.startswith("state/")}
+        strategy_state = _decode(meta["strategy_state"], saved)
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"{path} is inconsistent ({e.__class__.__name__}: {e})") from None
     return meta["round"], state, strategy_state
@@ -295,6 +305,13 @@ def provenance(scenario: Any) -> dict[str, Any]:
             "data_files": {f: file_digest(f) for f in data_files(scenario.data)}}
 
 
+def _default_scenario() -> dict[str, Any]:
+    """Every key of a scenario at its default (the schema's; the strategy is not looked up)."""
+    from fedsim.config import scenario_from_dict
+
+    return scenario_from_dict({}, check_strategy=False).model_dump(mode="json")
+
+
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict) and obj:
         out: dict[str, Any] = {}
@@ -332,7 +349,12 @@ def check_resume(checkpoint_dir: Path, scenario: Any, allow_changed: tuple[str, 
                             "start the run anew")
     now = provenance(scenario)
     old, new = _flat(was["scenario"]), _flat(now["scenario"])
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _covered(k, allow_changed)]
+    defaults = _flat(_json(_default_scenario()))
+    absent = object()
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)
+               and not _covered(k, allow_changed)
+               # a key newer than the checkpoint, at its default: the run computed what the default computes
+               and not (k not in old and k in defaults and new.get(k) == defaults[k])]
     problems = [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}" for k in changed]
     files_old, files_new = was.get("data_files", {}), now["data_files"]
     for f in sorted(set(files_old) | set(files_new)):

@@ -9,13 +9,14 @@ looks a name up again, so a component registered only in the user's process work
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.data.formats import RowFormat
 from fedsim.eval.metrics import Metric, default_metrics
 from fedsim.models.tasks import ModelTask, task_for
-from fedsim.pipeline import NanFault, ServerStage, UpdateTransform
+from fedsim.pipeline import NanFault, ServerOptimizer, ServerStage, UpdateTransform
 from fedsim.strategies import Strategy
 
 
@@ -30,6 +31,7 @@ class Components:
         metrics: what evaluation reports.
         transforms: client-side update transforms, applied in order on the workers after local training.
         stages: server-side stages around aggregation (after the built-in validation), in order.
+        objectives: client objectives added to every payload (``strategy.client_objective``, e.g. FedProx).
     """
 
     strategy: Strategy
@@ -38,6 +40,7 @@ class Components:
     metrics: tuple[Metric, ...] = field(default_factory=default_metrics)
     transforms: tuple[UpdateTransform, ...] = ()
     stages: tuple[ServerStage, ...] = ()
+    objectives: tuple[Any, ...] = ()
 
     @property
     def keeps_client_state(self) -> bool:
@@ -57,6 +60,12 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     transforms: tuple[UpdateTransform, ...] = ()
     if scenario.faults.nan_update_prob > 0:
         transforms = (NanFault(scenario.faults.nan_update_prob),)
+    stages: tuple[ServerStage, ...] = ()
+    opt = scenario.strategy.server_optimizer
+    if opt is not None:
+        stages = (ServerOptimizer(opt.name, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, tau=opt.tau,
+                                  momentum=opt.momentum),)
+    objective = scenario.client_objective()
     return Components(strategy=strategy, task=task_for(scenario.model),
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(),
-                      transforms=transforms)
+                      transforms=transforms, stages=stages, objectives=(objective,) if objective else ())

@@ -50,7 +50,8 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     prep = prepare(sc)
     components = resolve(sc)
     quant = prep.clients[client_id].quant if client_id is not None else FULL
-    server = Server(components.strategy, spec=prep.spec, stages=components.stages)
+    server = Server(components.strategy, spec=prep.spec, stages=components.stages,
+                         objectives=components.objectives)
     server.set_state(state, strategy_state)
     personal = _personal_state(used, client_id) if client_id is not None else None
     worker = Worker(sc, prep.data, components=components)

@@ -5,6 +5,7 @@ for resources (:mod:`fedsim.runtime.ray.server_host`). No Ray imports here."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fedsim.errors import AggregationError
@@ -24,16 +25,18 @@ class Server:
         params: the strategy's hyperparameters, when ``strategy`` is a name.
         spec: shapes, global LoRA spec and seed for :meth:`Strategy.init_state`.
         stages: server-side stages around aggregation, in order, after the built-in update validation.
+        objectives: client objectives added to every payload, after the strategy's own (e.g. FedProx).
     """
 
     def __init__(self, strategy: Strategy | str, params: dict | None = None, spec: StrategySpec | None = None,
-                 stages: Sequence[ServerStage] = ()):
+                 stages: Sequence[ServerStage] = (), objectives: Sequence[Any] = ()):
         if spec is None:
             raise TypeError("Server needs the strategy spec (spec=StrategySpec(...))")
         self.strategy = make_strategy(strategy, params) if isinstance(strategy, str) else strategy
         self.shapes = spec.shapes
         self.validation = ValidateUpdates(spec.shapes, self.strategy.is_shared)
         self.stages: list[ServerStage] = [self.validation, *stages]
+        self.objectives = tuple(objectives)
         self.state: GlobalState = self.strategy.init_state(spec)
 
     def invalid_reason(self, update: ClientUpdate) -> str | None:
@@ -44,6 +47,9 @@ class Server:
                   ) -> tuple[dict[int, ClientPayload], dict[int, tuple[int, int]]]:
         """Payloads for the sampled clients and, per client, the (params, bytes) it downloads."""
         payloads = self.strategy.configure(ctx, self.state, clients)
+        if self.objectives:  # payloads shared between clients stay shared (one object-store copy each)
+            added = {id(p): replace(p, objectives=p.objectives + self.objectives) for p in payloads.values()}
+            payloads = {cid: added[id(p)] for cid, p in payloads.items()}
         missing = sorted({c.client_id for c in clients} - set(payloads))
         if missing:
             raise AggregationError(f"strategy {self.strategy.name} produced no payload for clients {missing[:5]}")

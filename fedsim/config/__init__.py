@@ -40,7 +40,7 @@ from fedsim.config.resources import (
     WandbConfig,
     WorkerPool,
 )
-from fedsim.config.scenario import Scenario, StrategyConfig
+from fedsim.config.scenario import ObjectiveConfig, Scenario, ServerOptimizerConfig, StrategyConfig
 from fedsim.config.training import (
     CheckpointConfig,
     ClockConfig,
@@ -52,9 +52,9 @@ from fedsim.config.training import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "DataConfig",
-    "EvalConfig", "FaultsConfig", "Frozen", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "PartitionConfig",
+    "EvalConfig", "FaultsConfig", "Frozen", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
     "QuantChoice", "QuantConfig", "QuantTier", "RankChoice", "RankTier", "ResourcesConfig", "Scenario",
-    "ServerResources", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",
+    "ServerOptimizerConfig", "ServerResources", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",
     "TrainingConfig", "WandbConfig", "WorkerPool", "apply_overrides", "deal_tiers", "dump_scenario", "load_scenario",
     "parse_override", "scenario_from_dict",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -16,9 +16,29 @@ from fedsim.config.training import CheckpointConfig, ClockConfig, EvalConfig, Fa
 from fedsim.errors import ScenarioError
 
 
+class ServerOptimizerConfig(Frozen):
+    """A server optimizer stepping on the aggregate (Reddi et al. 2021; :mod:`fedsim.pipeline.server_opt`)."""
+
+    name: Literal["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+    lr: float = Field(1.0, gt=0.0, le=1e3)  # η
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0, le=1e3)  # τ, the adaptivity
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # μ (fedavgm)
+
+
+class ObjectiveConfig(Frozen):
+    """A client objective every client adds to its local loss (:mod:`fedsim.objectives`), e.g. FedProx."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class StrategyConfig(Frozen):
     name: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
+    server_optimizer: ServerOptimizerConfig | None = None
+    client_objective: ObjectiveConfig | None = None
 
 
 class Scenario(Frozen):
@@ -74,11 +94,39 @@ class Scenario(Frozen):
             mixed = [n for n, c in registry.entries("strategy").items() if c.supports_mixed_ranks]
             raise ScenarioError("clients.lora", f"strategy {cls.name!r} needs every client at one rank and alpha, "
                                 "but the scenario mixes them", f"use one of {', '.join(mixed)} or a single rank")
+        if self.strategy.server_optimizer is not None and not cls.averages_factors:
+            fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
+            raise ScenarioError("strategy.server_optimizer", f"strategy {cls.name!r} does not keep averaged factors "
+                                "for a server optimizer to step on (it merges updates into the base, or keeps the "
+                                "update in singular form)", f"use it with one of {', '.join(fits)}")
         try:
             cls.Params(**self.strategy.params)
         except ValidationError as e:
             raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params"), None) from None
         return self
+
+    @model_validator(mode="after")
+    def _objective_known(self, info: ValidationInfo) -> Scenario:
+        if self.strategy.client_objective is None or (info.context and info.context.get("strategy") is False):
+            return self
+        self.client_objective()  # raises a ScenarioError naming the field
+        return self
+
+    def client_objective(self) -> Any:
+        """The client objective ``strategy.client_objective`` names, with its params (None without one).
+
+        Raises:
+            ScenarioError: an unknown objective, or params it does not take.
+        """
+        cfg = self.strategy.client_objective
+        if cfg is None:
+            return None
+        cls = registry.get("objective", cfg.name)
+        try:
+            return cls(**cfg.params)
+        except (TypeError, ValueError) as e:
+            raise ScenarioError("strategy.client_objective.params", str(e).splitlines()[0],
+                                f"give the params {cfg.name!r} takes") from None
 
     def strategy_params(self) -> BaseModel:
         """The strategy's own validated hyperparameters."""

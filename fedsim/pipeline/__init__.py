@@ -10,8 +10,9 @@
 Both are pure tensor code, like strategies: no Ray, no files, no logging.
 """
 
+from fedsim.pipeline.server_opt import OPTIMIZERS, ServerOptimizer
 from fedsim.pipeline.stages import ServerStage, StageResult, ValidateUpdates
 from fedsim.pipeline.transforms import NanFault, TransformContext, UpdateTransform, fault_draws
 
-__all__ = ["NanFault", "ServerStage", "StageResult", "TransformContext", "UpdateTransform", "ValidateUpdates",
+__all__ = ["OPTIMIZERS", "NanFault", "ServerOptimizer", "ServerStage", "StageResult", "TransformContext", "UpdateTransform", "ValidateUpdates",
            "fault_draws"]

@@ -59,7 +59,8 @@ class LocalBackend(Backend):
         self.worker = Worker(scenario, data, name="local", components=components)
         self.pack_size = scenario.pack_size()
         self.resources = scenario.resources  # packs as the Ray backend cuts them: same packs, same numbers
-        return LocalServerHandle(Server(components.strategy, spec=spec, stages=components.stages))
+        return LocalServerHandle(Server(components.strategy, spec=spec, stages=components.stages,
+                                          objectives=components.objectives))
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:

@@ -110,6 +110,8 @@ class Strategy(ABC):
     # per-client state beyond adapter tensors stays with the client (a client objective's: fedsim.objectives)
     keeps_client_state: ClassVar[bool] = False
     aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
+    # the global state is factors averaged over clients (FedIT and kin): a server optimizer can step on them
+    averages_factors: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):

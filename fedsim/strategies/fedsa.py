@@ -21,6 +21,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FedSALoRA(Strategy):
     summary = "A shared and averaged, B personal: it stays with its client (Guo et al. 2025)"
     has_personal_state = True
+    averages_factors = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         init = self._fresh_adapter(spec)

@@ -44,6 +44,7 @@ class HetLoRA(Strategy):
     summary = "zero-padding, sparsity-weighted aggregation, per-client truncation and rank self-pruning (Cho et al. 2024)"
     Params = HetLoRAParams
     supports_mixed_ranks = True
+    averages_factors = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         r_max = self.params.max_rank or spec.lora.rank

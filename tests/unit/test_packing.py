@@ -189,3 +189,24 @@ def test_clients_per_pass_config(tiny_raw):
     tiny_raw["resources"]["clients_per_pass"] = 0
     with pytest.raises(ScenarioError, match="clients_per_pass"):
         scenario_from_dict(tiny_raw)
+
+
+def test_fedprox_packs_exactly(tiny_raw):
+    """FedProx's proximal term over the packed clients' views equals each client's own (≤ 1e-5), in round 2 where
+    θ_global is a trained adapter."""
+    from fedsim.objectives.proximal import Proximal
+
+    sc, prep, clients, spec = _setup(tiny_raw, "fedit", local_steps=4)
+    strategy = make_strategy("fedit")
+    state = strategy.init_state(spec)
+    worker = Worker(sc, prep.data)
+    for r in (1, 2):
+        items, ctx = _round(worker, strategy, state, prep, clients, r)
+        items = [(j, replace(p, objectives=(Proximal(mu=5.0),))) for j, p in items]
+        sequential = [worker.run_client(j, p) for j, p in items]
+        if r == 2:
+            packed = worker.run_pack(items)
+            _assert_same(sequential, packed, len(items))
+            for (r1, _), (r2, _) in zip(sequential, packed):
+                assert r2.metrics["fedprox/distance"] == pytest.approx(r1.metrics["fedprox/distance"], rel=TOL)
+        state = strategy.aggregate(ctx, state, [u for _, u in sequential])

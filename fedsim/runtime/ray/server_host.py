@@ -24,7 +24,8 @@ class ObjectStoreServer:
     the driver's dispatch. Runs in the driver, or inside the server actor."""
 
     def __init__(self, components: Components, spec: StrategySpec):
-        self.server = Server(components.strategy, spec=spec, stages=components.stages)
+        self.server = Server(components.strategy, spec=spec, stages=components.stages,
+                             objectives=components.objectives)
 
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
         import ray
