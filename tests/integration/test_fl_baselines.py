@@ -69,3 +69,29 @@ def test_a_client_objective_is_checked_by_name_and_params(tiny_raw):
     tiny_raw["strategy"]["client_objective"] = {"name": "fedprox", "params": {"nu": 1}}
     with pytest.raises(ScenarioError, match="strategy.client_objective.params: .*nu"):
         scenario_from_dict(tiny_raw)
+
+
+def test_a_checkpoint_older_than_a_new_key_resumes_when_the_key_is_at_its_default(tiny_raw, tmp_path):
+    """A scenario key added after a checkpoint was written (server_optimizer, client_objective) does not make the
+    checkpoint's scenario 'changed' while it is at its default; set to anything else, it does."""
+    import hashlib
+
+    from fedsim.errors import ScenarioError
+
+    tiny_raw.update(rounds=2)
+    out = tmp_path / "run"
+    run_scenario(scenario_from_dict(tiny_raw), out)
+    (out / "summary.json").unlink()
+    meta_path = out / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("server_optimizer", "client_objective"):  # as a checkpoint written before these keys existed
+        del meta["provenance"]["scenario"]["strategy"][key]
+    meta.pop("meta_digest")
+    meta["meta_digest"] = hashlib.sha256(json.dumps(meta, indent=1).encode()).hexdigest()
+    meta_path.write_text(json.dumps(meta, indent=1))
+    assert resume_run(out)["final/eval/accuracy"] is not None  # nothing to run again: accepted
+    text = (out / "scenario.yaml").read_text()
+    (out / "scenario.yaml").write_text(text.replace("server_optimizer: null", "server_optimizer: {name: fedadam}"))
+    (out / "summary.json").unlink()
+    with pytest.raises(ScenarioError, match="strategy.server_optimizer"):
+        resume_run(out)
