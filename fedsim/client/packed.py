@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.client.trainer import batch_schedule
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
@@ -78,19 +79,24 @@ class _PackedOptimizer:
             self.buf: list[torch.Tensor | None] = [None for _ in params]
 
     @torch.no_grad()
-    def step(self, mask: torch.Tensor | None) -> None:
-        """One step for the clients in ``mask`` (K,) bool; None: every client."""
+    def step(self, mask: torch.Tensor | None, lr: torch.Tensor | None = None) -> None:
+        """One step for the clients in ``mask`` (K,) bool; None: every client. ``lr``: each client's learning rate
+        this step (K,) (a schedule); None: ``training.lr`` for all."""
         cfg = self.cfg
         self.t += 1
         for i, p in enumerate(self.params):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             keep = None if mask is None else mask.view(-1, *([1] * (p.dim() - 1)))
+            rate: float | torch.Tensor = cfg.lr if lr is None else lr.view(-1, *([1] * (p.dim() - 1)))
             if cfg.optimizer == "adamw":
                 b1, b2, eps = 0.9, 0.999, 1e-8
                 m = self.m[i].lerp(g, 1 - b1)
                 v = self.v[i].mul(b2).addcmul_(g, g, value=1 - b2)
                 denom = (v.sqrt() / math.sqrt(1 - b2**self.t)).add_(eps)
-                new_p = p.mul(1 - cfg.lr * cfg.weight_decay).addcdiv_(m, denom, value=-cfg.lr / (1 - b1**self.t))
+                if lr is None:
+                    new_p = p.mul(1 - cfg.lr * cfg.weight_decay).addcdiv_(m, denom, value=-cfg.lr / (1 - b1**self.t))
+                else:
+                    new_p = p.mul(1 - rate * cfg.weight_decay) - (rate / (1 - b1**self.t)) * (m / denom)
                 self.m[i] = m if keep is None else torch.where(keep, m, self.m[i])
                 self.v[i] = v if keep is None else torch.where(keep, v, self.v[i])
             else:
@@ -101,7 +107,7 @@ class _PackedOptimizer:
                     buf = d.clone() if self.buf[i] is None else self.buf[i] * cfg.momentum + d
                     self.buf[i] = buf if self.buf[i] is None or keep is None else torch.where(keep, buf, self.buf[i])
                     d = buf
-                new_p = p - cfg.lr * d
+                new_p = p - rate * d
             p.copy_(new_p if keep is None else torch.where(keep, new_p, p))
 
 
@@ -259,7 +265,8 @@ def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
 
 def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
-                 device: torch.device) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
+                 device: torch.device, lr: float | None = None
+                 ) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
     """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model).
 
     Returns, per member in order, (trained adapter tensors, metrics as :func:`train_local` reports them plus
@@ -267,7 +274,7 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
     non-finite loss); the others go on.
     """
     t0 = time.perf_counter()
-    run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device)
+    run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device, lr)
     if not model.training:
         model.train()
     with _packed_forward(model, run.packed):
@@ -282,8 +289,9 @@ class _PackRun:
 
     def __init__(self, model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
-                 device: torch.device):
+                 device: torch.device, lr: float | None = None):
         self.model, self.split, self.cfg, self.pad_id, self.device = model, split, cfg, pad_id, device
+        self.base_lr = cfg.lr if lr is None else lr
         self.k, self.members = len(members), members
         self.packed = _PackedLora(members, shapes, device, trainable)
         self.schedules, self.steps = [], []
@@ -320,10 +328,17 @@ class _PackRun:
             mask[stepping] = True
         if self.cfg.max_grad_norm is not None:
             _clip_per_client(packed.trainable, self.cfg.max_grad_norm)
-        self.opt.step(mask)
+        self.opt.step(mask, self._rates(step))
         for p in packed.trainable:
             p.grad = None
         return True
+
+    def _rates(self, step: int) -> torch.Tensor | None:
+        """Each client's learning rate at ``step`` of its own schedule (its own number of steps); None: constant."""
+        if not scheduled(self.cfg):
+            return None
+        rates = [self.base_lr * lr_factor(self.cfg, step, n) for n in self.steps]
+        return torch.tensor(rates, dtype=torch.float32, device=self.device)
 
     def _objective(self, active: list[int], losses: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         """Each active client's loss plus its objectives' penalties (a client with a non-finite loss fails)."""
@@ -352,7 +367,7 @@ class _PackRun:
                 continue
             metrics = {"train/loss": self.totals[i] / self.steps[i], "train/steps": float(self.steps[i]),
                        "train/tokens": float(self.tokens[i]), "train/time_s": elapsed / self.k,
-                       "train/clients_per_pass": float(self.k)}
+                       "train/clients_per_pass": float(self.k), **lr_metrics(self.cfg, self.base_lr, self.steps[i])}
             self.packed.select(None)  # each client's views over the final values
             for b in self.bound[i]:
                 metrics.update(b.finish())

@@ -25,6 +25,7 @@ import torch
 
 from fedsim import registry
 from fedsim.client.batching import collate
+from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.client.trainer import batch_schedule, make_optimizer, train_local
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
@@ -50,12 +51,13 @@ class LocalJob:
     device: torch.device
     task: ModelTask
     objectives: Sequence[BoundObjective] = ()
+    lr: float | None = None  # the round's learning rate (training.round_lr_schedule); None: training.lr
 
     def train(self, params: list[torch.nn.Parameter], seed: tuple[int, ...] | None = None,
               objectives: Sequence[BoundObjective] = ()) -> dict[str, float]:
         """:func:`~fedsim.client.trainer.train_local` of ``params`` on this client's data."""
         return train_local(self.host.model, params, self.split, self.indices, self.cfg, self.pad_id,
-                           self.seed if seed is None else seed, self.device, self.task, objectives)
+                           self.seed if seed is None else seed, self.device, self.task, objectives, self.lr)
 
 
 @procedure("joint")
@@ -175,12 +177,16 @@ def bilevel(job: LocalJob) -> dict[str, float]:
     rng = np.random.default_rng(list(job.seed))
     torch.manual_seed(int(rng.integers(2**62)))
     steps = cfg.steps_for(len(job.indices))
-    opt = make_optimizer(x, cfg)
+    base_lr = cfg.lr if job.lr is None else job.lr
+    opt = make_optimizer(x, cfg, base_lr)
     if not model.training:
         model.train()
     sums = {"loss": 0.0, "loss_plus": 0.0, "hvp_norm": 0.0}
     tokens = 0
-    for batch_idx in batch_schedule(job.indices, steps, cfg.batch_size, rng):
+    for step, batch_idx in enumerate(batch_schedule(job.indices, steps, cfg.batch_size, rng)):
+        if scheduled(cfg):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(cfg, step, steps)
         batch = collate(job.split, batch_idx, job.pad_id, job.device)
 
         def f(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch=batch) -> torch.Tensor:
@@ -204,7 +210,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
         tokens += int((batch["labels"] != -100).sum())
     return {"train/loss": sums["loss"] / steps, "train/loss_after_inner": sums["loss_plus"] / steps,
             "pf2lora/hvp_norm": sums["hvp_norm"] / steps, "train/steps": float(steps), "train/tokens": float(tokens),
-            "train/time_s": time.perf_counter() - t0}
+            "train/time_s": time.perf_counter() - t0, **lr_metrics(cfg, base_lr, steps)}
 
 
 def _bilevel_options(job: LocalJob) -> tuple[float, str]:
@@ -223,6 +229,9 @@ def _bilevel_options(job: LocalJob) -> tuple[float, str]:
     if job.objectives:
         raise ValueError("the bilevel procedure takes no client objectives (its hypergradient differentiates the "
                          "task loss alone)")
+    if job.cfg.grad_accum_steps > 1:
+        raise ValueError("the bilevel procedure differentiates through one batch per step: use a larger "
+                         "training.batch_size instead of training.grad_accum_steps")
     return float(opts.inner_lr), opts.mode
 
 

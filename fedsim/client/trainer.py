@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from fedsim.client.batching import collate
+from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.objectives import BoundObjective, bind
 
-METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s")  # what train_local reports
-ROUND_METRICS = ("train/loss", "train/steps", "train/tokens")  # those the round's row averages over its clients
+METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s", "train/lr")  # what train_local reports
+ROUND_METRICS = ("train/loss", "train/steps", "train/tokens", "train/lr")  # those the round's row averages over its clients
 
 
 def batch_schedule(indices: np.ndarray, num_steps: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -37,10 +38,26 @@ def batch_schedule(indices: np.ndarray, num_steps: int, batch_size: int, rng: np
     return batches
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, lr: float | None = None
+                   ) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` at ``lr`` (default ``training.lr``), its state in the parameters' dtype (fp32)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def autocast(cfg: TrainingConfig, device: torch.device) -> Any:
+    """``training.autocast``: the forward and backward in bfloat16 (float16 on a GPU without it), the adapters and
+    the optimizer state staying in float32; off, a no-op context."""
+    import contextlib
+
+    if not cfg.autocast:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], lora: Any,
@@ -52,7 +69,7 @@ def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], 
 
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split: TokenizedSplit, indices: np.ndarray,
                 cfg: TrainingConfig, pad_id: int, seed: tuple[int, ...], device: torch.device, task: Any,
-                objectives: Sequence[BoundObjective] = ()) -> dict[str, float]:
+                objectives: Sequence[BoundObjective] = (), lr: float | None = None) -> dict[str, float]:
     """Train ``params`` (already loaded and set trainable) on the client's samples.
 
     Args:
@@ -67,43 +84,83 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
         task: the model task (:class:`fedsim.models.tasks.ModelTask`): its loss is what the client minimises.
         objectives: client objectives bound to the adapter (e.g. HETLoRA's tail norm): their penalties join the
             loss, their gradient hooks run after each backward pass, their metrics join the result.
+        lr: the round's learning rate (``training.round_lr_schedule``; default ``training.lr``), which the schedule
+            within local training (``lr_schedule`` after its warmup) multiplies step by step.
+
+    With ``grad_accum_steps`` = k, each optimizer step takes k micro-batches of ``batch_size``, each micro-batch's
+    mean loss weighted by its share of the step's labelled tokens: the gradient of the k·batch_size batch's mean
+    loss, exactly.
 
     Returns:
         ``train/loss`` (mean over steps), ``train/steps``, ``train/tokens``, ``train/time_s``, and the objectives'
         metrics.
+
+    Raises:
+        ValueError: ``warmup_steps`` as long as the client's training (with ``local_epochs``, say).
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(list(seed))
     torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any, is a function of (seed, round, client)
     steps = cfg.steps_for(len(indices))
-    opt = make_optimizer(params, cfg)
+    base_lr = cfg.lr if lr is None else lr
+    opt = make_optimizer(params, cfg, base_lr)
+    moving = scheduled(cfg)
+    if cfg.warmup_steps and cfg.warmup_steps >= steps:
+        raise ValueError(f"training.warmup_steps {cfg.warmup_steps} leaves none of this client's {steps} steps; "
+                         "lower it, or use warmup_ratio")
     if not model.training:  # Module.train() walks every submodule: only switch when needed
         model.train()
     total, tokens = 0.0, 0
-    for batch_idx in batch_schedule(indices, steps, cfg.batch_size, rng):
-        batch = collate(split, batch_idx, pad_id, device)
-        loss = task.loss(model, batch)  # causal LM: the LM head at labelled positions only
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite training loss {loss.item()}")
-        objective = loss
-        for term in objectives:
-            extra = term.penalty()
-            if extra is not None:
-                objective = objective + extra
-        objective.backward()
-        for term in objectives:
-            term.after_backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        total += loss.item()
-        tokens += int((batch["labels"] != -100).sum())
+    k = cfg.grad_accum_steps
+    micro = batch_schedule(indices, steps * k, cfg.batch_size, rng)
+    for step in range(steps):
+        if moving:
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(cfg, step, steps)
+        with autocast(cfg, device):
+            loss, n = _step_loss(model, task, split, micro[step * k: (step + 1) * k], pad_id, device, objectives)
+        _optimizer_step(opt, params, cfg, objectives)
+        total += loss
+        tokens += n
     out = {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
-           "train/time_s": time.perf_counter() - t0}
+           "train/time_s": time.perf_counter() - t0, **lr_metrics(cfg, base_lr, steps)}
     for term in objectives:
         out.update(term.finish())
     return out
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], cfg: TrainingConfig,
+                    objectives: Sequence[BoundObjective]) -> None:
+    """The objectives' gradient hooks, clipping, one optimizer step, gradients cleared."""
+    for term in objectives:
+        term.after_backward()
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _step_loss(model: torch.nn.Module, task: Any, split: TokenizedSplit, micro: list[np.ndarray], pad_id: int,
+               device: torch.device, objectives: Sequence[BoundObjective]) -> tuple[float, int]:
+    """Backpropagate one optimizer step's loss (its micro-batches', token-weighted, plus the objectives' penalties);
+    return (the step's mean loss, its labelled tokens)."""
+    batches = [collate(split, idx, pad_id, device) for idx in micro]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches] if len(batches) > 1 else [0]
+    step_tokens, value = sum(counts), 0.0
+    for i, batch in enumerate(batches):
+        loss = task.loss(model, batch)  # causal LM: the LM head at labelled positions only
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite training loss {loss.item()}")
+        part = loss if len(batches) == 1 else loss * (counts[i] / max(step_tokens, 1))
+        value += part.item()
+        objective = part
+        if i == 0:
+            for term in objectives:
+                extra = term.penalty()
+                if extra is not None:
+                    objective = objective + extra
+        objective.backward()
+    return value, sum(int((b["labels"] != -100).sum()) for b in batches)
 
 
 def objective_keys(objectives: Sequence[Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -94,6 +94,9 @@ class Scenario(Frozen):
             mixed = [n for n, c in registry.entries("strategy").items() if c.supports_mixed_ranks]
             raise ScenarioError("clients.lora", f"strategy {cls.name!r} needs every client at one rank and alpha, "
                                 "but the scenario mixes them", f"use one of {', '.join(mixed)} or a single rank")
+        if self.training.grad_accum_steps > 1 and not cls.accumulates:
+            raise ScenarioError("training.grad_accum_steps", f"strategy {cls.name!r} differentiates through one "
+                                "batch per local step", "use a larger training.batch_size instead")
         if self.strategy.server_optimizer is not None and not cls.averages_factors:
             fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
             raise ScenarioError("strategy.server_optimizer", f"strategy {cls.name!r} does not keep averaged factors "

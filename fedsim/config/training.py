@@ -18,17 +18,35 @@ class TrainingConfig(Frozen):
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    # the learning rate within local training (transformers' schedules), after a warmup in steps or as a ratio
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    # the clients' learning rate across rounds (OpenFedLLM's cosine decay), from lr at round 1 towards min_lr
+    round_lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr: float = Field(0.0, ge=0.0, le=10.0)
+    grad_accum_steps: int = Field(1, ge=1, le=4096)  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute the base's activations in the backward pass: less memory
+    autocast: bool = False  # on CUDA: bf16 (fp16 where unsupported) compute, fp32 adapters and optimizer state
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set either local_steps or local_epochs, not both")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set either warmup_steps or warmup_ratio, not both")
+        if self.local_steps is not None and self.warmup_steps >= self.local_steps > 0 and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps {self.warmup_steps} is not below local_steps {self.local_steps}: the "
+                             "schedule would never leave its warmup; lower warmup_steps")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; the round schedule decays towards it")
         return self
 
     def steps_for(self, num_examples: int) -> int:
-        """Local optimizer steps for a client holding ``num_examples`` samples."""
+        """Local optimizer steps for a client holding ``num_examples`` samples (``grad_accum_steps`` micro-batches
+        each)."""
         if self.local_epochs is not None:
-            per_epoch = -(-num_examples // self.batch_size)
+            per_epoch = -(-num_examples // (self.batch_size * self.grad_accum_steps))
             return max(1, int(round(self.local_epochs * per_epoch)))
         return self.local_steps if self.local_steps is not None else 10
 

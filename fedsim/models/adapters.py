@@ -131,6 +131,14 @@ class AdapterHost:
             self._params[name] = self._params.pop(name)  # most recently used last
         return name
 
+    def enable_checkpointing(self) -> None:
+        """Gradient checkpointing of the base (recompute its activations in the backward pass; non-reentrant, so
+        the frozen base needs no input gradients), once."""
+        if not getattr(self, "_checkpointing", False):
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointing = True
+
     def _set_scales(self, weights: dict[str, float]) -> None:
         from peft.tuners.lora import LoraLayer
 

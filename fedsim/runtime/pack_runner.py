@@ -11,6 +11,7 @@ from typing import Any
 
 from fedsim import registry
 from fedsim.client.packed import PackMember, check_member, train_packed
+from fedsim.client.schedule import round_lr
 from fedsim.types import FULL, ClientFailure, ClientJob, ClientPayload
 
 Worker = Any  # a fedsim.runtime.worker.Worker
@@ -63,6 +64,12 @@ def unpackable(worker: Worker, payload: ClientPayload) -> str:
                 "quantization-aware adapter) train one by one")
     if worker.scenario.model.lora_dropout > 0:
         return "resources.clients_per_pass: model.lora_dropout > 0 trains clients one by one"
+    cfg = worker.scenario.training
+    for key, on in (("grad_accum_steps > 1", cfg.grad_accum_steps > 1), ("gradient_checkpointing",
+                                                                      cfg.gradient_checkpointing),
+                    ("autocast", cfg.autocast)):
+        if on:
+            return f"resources.clients_per_pass: training.{key} trains clients one by one"
     if not worker.components.task.packable:
         return f"resources.clients_per_pass: the {worker.components.task.name!r} model task trains clients one by one"
     unpacked = [type(o).__name__ for o in payload.objectives if not o.packable]
@@ -95,8 +102,10 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             out[i] = ClientFailure.of(job.spec.client_id, e)
     live = [i for i, m in enumerate(members) if m is not None]
     if live:
-        trained = train_packed(host.model, shapes, [members[i] for i in live], first.trainable,
-                               worker.data.train, worker.scenario.training, worker.data.pad_id, worker.device)
+        cfg = worker.scenario.training
+        trained = train_packed(host.model, shapes, [members[i] for i in live], first.trainable, worker.data.train,
+                               cfg, worker.data.pad_id, worker.device,
+                               round_lr(cfg, first_job.server_round, worker.scenario.rounds))
         elapsed = (time.perf_counter() - t0) / len(live)  # the pass's time, shared by its clients
         joint = registry.get("procedure", "joint")
         for i, res in zip(live, trained):

@@ -19,6 +19,7 @@ import torch
 
 from fedsim import registry
 from fedsim.client.procedures import LocalJob
+from fedsim.client.schedule import round_lr
 from fedsim.client.trainer import METRIC_KEYS, ROUND_METRICS, bind_objectives, objective_keys
 from fedsim.components import Components, resolve
 from fedsim.config import Scenario, scenario_from_dict
@@ -177,8 +178,12 @@ class Worker:
         procedure = registry.get("procedure", payload.procedure)
         objectives = bind_objectives(payload.objectives, host.params(payload.lora), payload.lora, job.personal)
         seed = (self.scenario.seed, job.server_round, job.spec.client_id)
-        metrics = procedure(LocalJob(host, payload, self.data.train, job.indices, self.scenario.training,
-                                     self.data.pad_id, seed, self.device, self.components.task, objectives))
+        cfg = self.scenario.training
+        if cfg.gradient_checkpointing:
+            host.enable_checkpointing()
+        metrics = procedure(LocalJob(host, payload, self.data.train, job.indices, cfg, self.data.pad_id, seed,
+                                     self.device, self.components.task, objectives,
+                                     round_lr(cfg, job.server_round, self.scenario.rounds)))
         metrics["train/clients_per_pass"] = 1.0
         trained = host.read(payload.lora)
         personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None

@@ -112,6 +112,8 @@ class Strategy(ABC):
     aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
     # the global state is factors averaged over clients (FedIT and kin): a server optimizer can step on them
     averages_factors: ClassVar[bool] = False
+    # its local procedure takes training.grad_accum_steps (PF2LoRA's bilevel step differentiates through one batch)
+    accumulates: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):

@@ -37,6 +37,7 @@ class PF2LoRA(FedIT):
     summary = "common adapter (averaged) + rank-r~ personal adapter, bilevel with a hypergradient (Hao et al. 2025)"
     Params = PF2LoRAParams
     has_personal_state = True
+    accumulates = False
 
     def _payload(self, state: GlobalState) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,

@@ -95,3 +95,24 @@ def test_a_checkpoint_older_than_a_new_key_resumes_when_the_key_is_at_its_defaul
     (out / "summary.json").unlink()
     with pytest.raises(ScenarioError, match="strategy.server_optimizer"):
         resume_run(out)
+
+
+def test_the_recipe_runs_from_a_scenario_and_logs_its_learning_rate(tiny_raw, tmp_path):
+    from fedsim.client.schedule import lr_factor, round_lr
+
+    tiny_raw.update(rounds=3)
+    tiny_raw["training"].update(local_steps=4, lr_schedule="cosine", warmup_ratio=0.25, round_lr_schedule="cosine",
+                                min_lr=0.0, grad_accum_steps=2, gradient_checkpointing=True)
+    sc = scenario_from_dict(tiny_raw)
+    run_scenario(sc, tmp_path / "recipe")
+    rows = [r for r in _rows(tmp_path / "recipe") if "train/lr" in r]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for r in rows:  # every client runs the same 4 steps: the mean of the within-round schedule at the round's lr
+        expected = round_lr(sc.training, r["round"], 3) * sum(lr_factor(sc.training, s, 4) for s in range(4)) / 4
+        assert r["train/lr"] == pytest.approx(expected)
+        assert r["train/steps"] == 4
+    assert rows[0]["train/lr"] > rows[1]["train/lr"] > rows[2]["train/lr"] > 0
+    plain = run_scenario(scenario_from_dict(tiny_raw, ["training.lr_schedule=constant", "training.warmup_ratio=0",
+                                                       "training.round_lr_schedule=constant"]), tmp_path / "plain")
+    assert "train/lr" not in _rows(tmp_path / "plain")[-1]
+    assert plain["final/eval/loss"] != _rows(tmp_path / "recipe")[-1]["eval/loss"]

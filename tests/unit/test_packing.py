@@ -58,7 +58,8 @@ def _assert_same(sequential, packed, pack_size):
         assert (r1.personal is None) == (r2.personal is None)
         for k in r1.personal or {}:
             assert _rel(r2.personal[k], r1.personal[k]) <= TOL, k
-        for m in ("train/loss", "train/steps", "train/tokens", "reg/tail_norm_end", "hetlora/rank"):
+        assert ("train/lr" in r1.metrics) == ("train/lr" in r2.metrics)
+        for m in ("train/loss", "train/steps", "train/tokens", "train/lr", "reg/tail_norm_end", "hetlora/rank"):
             if m in r1.metrics:
                 assert r2.metrics[m] == pytest.approx(r1.metrics[m], rel=TOL, abs=1e-7), m
 
@@ -210,3 +211,27 @@ def test_fedprox_packs_exactly(tiny_raw):
             for (r1, _), (r2, _) in zip(sequential, packed):
                 assert r2.metrics["fedprox/distance"] == pytest.approx(r1.metrics["fedprox/distance"], rel=TOL)
         state = strategy.aggregate(ctx, state, [u for _, u in sequential])
+
+
+def test_schedules_pack_exactly_with_clients_of_different_lengths(tiny_raw):
+    """Each packed client follows its own schedule over its own number of steps (local_epochs), warmup included,
+    at the round's learning rate (a cosine decay across rounds)."""
+    tiny_raw["rounds"] = 3
+    sc, prep, clients, spec = _setup(tiny_raw, "fedit", local_steps=None, local_epochs=0.5, lr_schedule="cosine",
+                                     warmup_ratio=0.2, round_lr_schedule="cosine", min_lr=0.001)
+    assert len({sc.training.steps_for(c.num_examples) for c in clients}) > 1
+    _check(sc, prep, clients, spec, rounds=2)
+
+
+def test_recipe_options_that_do_not_pack_say_so(tiny_raw):
+    for training in ({"grad_accum_steps": 2}, {"gradient_checkpointing": True}, {"autocast": True}):
+        raw = {**tiny_raw, "training": {**tiny_raw["training"], **training}}
+        sc, prep, clients, spec = _setup(raw, "fedit")
+        strategy = make_strategy("fedit")
+        state = strategy.init_state(spec)
+        worker = Worker(sc, prep.data)
+        items, _ = _round(worker, strategy, state, prep, clients[:2], 1)
+        key = next(iter(training))
+        assert key in worker.unpackable(items[0][1])
+        outs = worker.run_pack(items)
+        assert all(not isinstance(o, ClientFailure) and key in o[0].note for o in outs)

@@ -1,0 +1,119 @@
+"""The training recipe: transformers' learning-rate schedules within local training, a decay across rounds, gradient
+accumulation equal to the large batch, gradient checkpointing equal to plain backprop, autocast keeping fp32
+adapters; packed clients follow the schedules exactly; what is refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.client.schedule import lr_factor, round_lr
+from fedsim.config import TrainingConfig, scenario_from_dict
+from fedsim.data.datasets import load_data
+from fedsim.errors import ScenarioError
+from fedsim.models.base import target_shapes
+from fedsim.runtime.worker import ClientJob, Worker
+from fedsim.strategies import StrategySpec, make_strategy
+from fedsim.types import ClientPayload, ClientSpec, LoraSpec
+
+LORA = LoraSpec(4, 8.0)
+
+
+@pytest.mark.parametrize("kind, hf", [("constant", "constant_with_warmup"), ("linear", "linear"),
+                                      ("cosine", "cosine")])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedules_are_transformers_own(kind, hf, warmup):
+    from transformers import get_scheduler
+
+    total = 17
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = get_scheduler(hf, opt, num_warmup_steps=warmup, num_training_steps=total)
+    cfg = TrainingConfig(lr=1.0, lr_schedule=kind, warmup_steps=warmup, local_steps=total)
+    for step in range(total):
+        assert lr_factor(cfg, step, total) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_round_schedules_decay_towards_min_lr_as_openfedllm():
+    # OpenFedLLM's cosine_learning_rate(current_round, total_rounds, initial_lr, min_lr), current_round from 0
+    def openfedllm(current_round, total_rounds, initial_lr, min_lr):
+        return min_lr + 0.5 * (initial_lr - min_lr) * (1 + math.cos(math.pi * current_round / total_rounds))
+
+    cfg = TrainingConfig(lr=0.01, min_lr=0.001, round_lr_schedule="cosine")
+    for r in range(1, 11):
+        assert round_lr(cfg, r, 10) == pytest.approx(openfedllm(r - 1, 10, 0.01, 0.001))
+    assert round_lr(cfg, 1, 10) == pytest.approx(0.01) and round_lr(cfg, 10, 10) > 0.001
+    lin = TrainingConfig(lr=0.01, min_lr=0.0, round_lr_schedule="linear")
+    assert round_lr(lin, 3, 4) == pytest.approx(0.005)
+    assert round_lr(TrainingConfig(lr=0.01), 7, 10) == 0.01
+
+
+def _run(tiny_raw, n=32, **training):
+    tiny_raw["training"].update(training)
+    sc = scenario_from_dict(tiny_raw)
+    data = load_data(sc)
+    state = make_strategy("fedit").init_state(StrategySpec(target_shapes(sc.model), LORA, 0))
+    worker = Worker(sc, data)
+    job = ClientJob(ClientSpec(0, n, LORA), np.arange(n), server_round=1)
+    result, update = worker.run_client(job, ClientPayload(tensors=state.tensors, lora=LORA))
+    return result, update, worker
+
+
+def _rel(a, b):
+    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def test_grad_accumulation_equals_the_large_batch(tiny_raw):
+    big, ub, _ = _run(tiny_raw, batch_size=8, local_steps=4, grad_accum_steps=1)
+    small, us, _ = _run(tiny_raw, batch_size=4, local_steps=4, grad_accum_steps=2)
+    for k in ub.tensors:
+        assert _rel(us.tensors[k], ub.tensors[k]) <= 1e-5, k
+    assert small.metrics["train/loss"] == pytest.approx(big.metrics["train/loss"], rel=1e-5)
+    assert small.metrics["train/tokens"] == big.metrics["train/tokens"]
+
+
+def test_gradient_checkpointing_computes_the_same_update(tiny_raw):
+    plain, up, _ = _run(copy_raw(tiny_raw), local_steps=3)
+    ckpt, uc, worker = _run(tiny_raw, local_steps=3, gradient_checkpointing=True)
+    for k in up.tensors:
+        assert _rel(uc.tensors[k], up.tensors[k]) <= 1e-5, k
+    inner = worker.host().model.get_base_model()
+    assert inner.is_gradient_checkpointing
+
+
+def test_autocast_keeps_fp32_adapters_and_trains(tiny_raw):
+    plain, up, _ = _run(copy_raw(tiny_raw), local_steps=3)
+    cast, uc, worker = _run(tiny_raw, local_steps=3, autocast=True)
+    assert all(t.dtype == torch.float32 for t in uc.tensors.values())
+    assert all(p.dtype == torch.float32 for p in worker.host().params(LORA).values())
+    assert math.isfinite(cast.metrics["train/loss"])
+    assert cast.metrics["train/loss"] == pytest.approx(plain.metrics["train/loss"], rel=0.05)  # bf16 rounding
+
+
+def test_a_schedule_changes_training(tiny_raw):
+    plain, up, _ = _run(copy_raw(tiny_raw), local_steps=3)
+    warm, uw, _ = _run(copy_raw(tiny_raw), local_steps=3, lr_schedule="cosine", warmup_steps=1)
+    assert any(_rel(uw.tensors[k], up.tensors[k]) > 1e-4 for k in up.tensors)
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["training.local_steps=3", "training.warmup_steps=3"], "warmup_steps 3 is not below local_steps 3"),
+    (["training.warmup_steps=1", "training.warmup_ratio=0.1"], "either warmup_steps or warmup_ratio"),
+    (["training.min_lr=1.0"], "min_lr 1.0 is above lr"),
+    (["strategy.name=pf2lora", "eval.local_test_fraction=0.2", "training.grad_accum_steps=2"],
+     "training.grad_accum_steps: strategy 'pf2lora'"),
+])
+def test_recipe_settings_that_cannot_work_are_refused(tiny_raw, sets, field):
+    with pytest.raises(ScenarioError, match=field):
+        scenario_from_dict(tiny_raw, sets)
+
+
+def copy_raw(raw):
+    import copy
+
+    return copy.deepcopy(raw)
