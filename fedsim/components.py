@@ -46,7 +46,8 @@ class Components:
     def keeps_client_state(self) -> bool:
         """Whether clients keep state between rounds (personal tensors, objectives' state): the run opens a client
         state store."""
-        return self.strategy.has_personal_state or self.strategy.keeps_client_state
+        return (self.strategy.has_personal_state or self.strategy.keeps_client_state
+                or any(o.state_key is not None for o in self.objectives))
 
 
 def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
@@ -66,6 +67,9 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
         stages = (ServerOptimizer(opt.name, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, tau=opt.tau,
                                   momentum=opt.momentum),)
     objective = scenario.client_objective()
+    companion = objective.server_stage(scenario, strategy) if objective is not None else None
+    if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
+        stages = (*stages, companion)
     return Components(strategy=strategy, task=task_for(scenario.model),
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from fedsim.errors import AggregationError
+from fedsim.lora import ops
 from fedsim.lora.merge import ExportedAdapter, complete_adapter
 from fedsim.pipeline import ServerStage, ValidateUpdates
 from fedsim.strategies import Strategy, StrategySpec, make_strategy
@@ -47,14 +48,30 @@ class Server:
                   ) -> tuple[dict[int, ClientPayload], dict[int, tuple[int, int]]]:
         """Payloads for the sampled clients and, per client, the (params, bytes) it downloads."""
         payloads = self.strategy.configure(ctx, self.state, clients)
-        if self.objectives:  # payloads shared between clients stay shared (one object-store copy each)
-            added = {id(p): replace(p, objectives=p.objectives + self.objectives) for p in payloads.values()}
-            payloads = {cid: added[id(p)] for cid, p in payloads.items()}
         missing = sorted({c.client_id for c in clients} - set(payloads))
         if missing:
             raise AggregationError(f"strategy {self.strategy.name} produced no payload for clients {missing[:5]}")
-        down = {cid: self.strategy.download_cost(p) for cid, p in payloads.items()}
-        return payloads, down
+        # payloads shared between clients stay shared (one object-store copy each)
+        distinct = {id(p): p for p in payloads.values()}
+        if self.objectives:
+            distinct = {i: replace(p, objectives=p.objectives + self.objectives) for i, p in distinct.items()}
+        for stage in self.stages:
+            distinct = {i: stage.configure(ctx, self.state, p) for i, p in distinct.items()}
+        payloads = {cid: distinct[id(p)] for cid, p in payloads.items()}
+        return payloads, {cid: self.download_cost(p) for cid, p in payloads.items()}
+
+    def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
+        """(params, bytes) one client downloads: the strategy's count plus what its objectives carry."""
+        params, nbytes = self.strategy.download_cost(payload)
+        for o in payload.objectives:
+            carried = o.carried()
+            params, nbytes = params + ops.num_params(carried), nbytes + ops.num_bytes(carried)
+        return params, nbytes
+
+    def upload_cost(self, update: ClientUpdate) -> tuple[int, int]:
+        """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads."""
+        params, nbytes = self.strategy.upload_cost(update)
+        return params + ops.num_params(update.extra), nbytes + ops.num_bytes(update.extra)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
         """Run the stages and the strategy on the round's updates (sorted by client id: a deterministic order).
@@ -64,7 +81,7 @@ class Server:
         the stages' metrics (``stage_metrics``).
         """
         updates = sorted(updates, key=lambda u: u.client_id)
-        costs = [self.strategy.upload_cost(u) for u in updates]
+        costs = [self.upload_cost(u) for u in updates]
         kept: list[ClientUpdate] = list(updates)
         rejected: dict[int, str] = {}
         for stage in self.stages:

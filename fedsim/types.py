@@ -191,6 +191,9 @@ class ClientUpdate:
     lora: LoraSpec
     tensors: Tensors
     metrics: dict[str, float] = field(default_factory=dict)
+    # what client objectives upload besides the adapter (SCAFFOLD's Δc_i), keyed objective.<state_key>.<key>: the
+    # server stages read them; strategies never see them
+    extra: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

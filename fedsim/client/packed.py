@@ -266,11 +266,11 @@ def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
 def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
                  device: torch.device, lr: float | None = None
-                 ) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
+                 ) -> list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception]:
     """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model).
 
     Returns, per member in order, (trained adapter tensors, metrics as :func:`train_local` reports them plus
-    ``train/clients_per_pass``, the state its objectives keep) or the exception that ended that client (e.g. a
+    ``train/clients_per_pass``, the state its objectives keep, what they upload) or the exception that ended that client (e.g. a
     non-finite loss); the others go on.
     """
     t0 = time.perf_counter()
@@ -359,8 +359,9 @@ class _PackRun:
             self.tokens[i] += int(labelled[j])
         return objective
 
-    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float], Tensors] | Exception]:
-        out: list[tuple[Tensors, dict[str, float], Tensors] | Exception] = []
+    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception]:
+        """Per client: its trained tensors, metrics, objective state and objective uploads (or its failure)."""
+        out: list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception] = []
         for i in range(self.k):
             if i in self.failed:
                 out.append(self.failed[i])
@@ -371,8 +372,9 @@ class _PackRun:
             self.packed.select(None)  # each client's views over the final values
             for b in self.bound[i]:
                 metrics.update(b.finish())
-            state = state_out(list(self.members[i].objectives), self.bound[i])
-            out.append((self.packed.client_tensors(i), metrics, state))
+            objectives = list(self.members[i].objectives)
+            state = state_out(objectives, self.bound[i])
+            out.append((self.packed.client_tensors(i), metrics, state, state_out(objectives, self.bound[i], True)))
         return out
 
 

@@ -138,6 +138,8 @@ def _optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    for term in objectives:
+        term.after_step(opt.param_groups[0]["lr"])
 
 
 def _step_loss(model: torch.nn.Module, task: Any, split: TokenizedSplit, micro: list[np.ndarray], pad_id: int,

@@ -112,7 +112,16 @@ class Scenario(Frozen):
     def _objective_known(self, info: ValidationInfo) -> Scenario:
         if self.strategy.client_objective is None or (info.context and info.context.get("strategy") is False):
             return self
-        self.client_objective()  # raises a ScenarioError naming the field
+        obj = self.client_objective()  # raises a ScenarioError naming the field
+        cls = registry.get("strategy", self.strategy.name)
+        takers = [n for n, c in registry.entries("strategy").items() if c.takes_objectives]
+        if not cls.takes_objectives:
+            raise ScenarioError("strategy.client_objective", f"strategy {cls.name!r} trains with a procedure that "
+                                "takes no client objectives (its bilevel hypergradient differentiates the plain loss)",
+                                f"use {self.strategy.client_objective.name!r} with one of {', '.join(takers)}")
+        refusal = obj.refuses(cls, self)
+        if refusal is not None:
+            raise ScenarioError("strategy.client_objective", *refusal)
         return self
 
     def client_objective(self) -> Any:

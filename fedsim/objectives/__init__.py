@@ -2,19 +2,22 @@
 
 A strategy puts objective objects in its payloads (:attr:`fedsim.types.ClientPayload.objectives`); the worker's
 training recipe binds each to the client's trainable tensors before the first step, adds its penalty to every step's
-loss, lets it adjust the gradients after every backward pass, and collects its metrics at the end. Objectives are pure
-tensor code (no I/O, no devices beyond what the tensors carry), small and picklable: they travel inside payloads. An
-objective may keep per-client state between rounds (SCAFFOLD's control variate, say): it names it with ``state_key``,
-receives the client's last state in :meth:`ClientObjective.bind` and returns the next in :meth:`BoundObjective.state`;
-the client state store keeps it (the strategy declares ``keeps_client_state``).
-HETLoRA's rank self-pruning term (:mod:`fedsim.objectives.tail`) is the first; a new one is a subclass registered with
-``@objective("name")`` (see docs/architecture.md, "How to add").
+loss, lets it adjust the gradients after every backward pass and the parameters after every optimizer step, and
+collects its metrics (and any tensors it uploads) at the end. Objectives are pure tensor code (no I/O, no devices
+beyond what the tensors carry), small and picklable: they travel inside payloads. An objective may keep per-client
+state between rounds (SCAFFOLD's control variate): it names it with ``state_key``, receives the client's last state in
+:meth:`ClientObjective.bind` and returns the next in :meth:`BoundObjective.state`; the client state store keeps it
+(opened when the strategy declares ``keeps_client_state`` or the scenario's ``strategy.client_objective`` has a
+``state_key``). A server side comes from :meth:`ClientObjective.server_stage`.
+Examples: FedProx (:mod:`fedsim.objectives.proximal`), SCAFFOLD (:mod:`fedsim.objectives.scaffold`), HETLoRA's rank
+self-pruning term (:mod:`fedsim.objectives.tail`); a new one is a subclass registered with ``@objective("name")``
+(see docs/architecture.md, "How to add").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,12 +39,21 @@ class BoundObjective:
     def after_backward(self) -> None:
         """Called after each backward pass, before clipping and the optimizer step (e.g. to correct gradients)."""
 
+    def after_step(self, lr: float) -> None:
+        """Called after each optimizer step, with the step's learning rate (e.g. SCAFFOLD's corrected step)."""
+
     def finish(self) -> dict[str, float]:
         """Metrics after the last step (keys declared in the objective's ``metric_keys``)."""
         return {}
 
     def state(self) -> Tensors | None:
         """What the client keeps for its next round (objectives with a ``state_key``), after :meth:`finish`."""
+        return None
+
+    def upload(self) -> Tensors | None:
+        """Tensors the client sends the server with its update, after :meth:`finish` (objectives with a
+        ``state_key``; e.g. SCAFFOLD's Δc_i): they reach the server stages in :attr:`ClientUpdate.extra
+        <fedsim.types.ClientUpdate>` and count as upload."""
         return None
 
 
@@ -60,6 +72,22 @@ class ClientObjective:
     metric_keys: ClassVar[tuple[str, ...]] = ()
     round_metrics: ClassVar[tuple[str, ...]] = ()
     state_key: ClassVar[str | None] = None
+
+    def carried(self) -> Tensors:
+        """Tensors this objective carries to the client inside its payload (counted as download; e.g. SCAFFOLD's
+        server control variate c)."""
+        return {}
+
+    def refuses(self, strategy: Any, scenario: Any) -> tuple[str, str] | None:
+        """(why, fix) when this objective cannot run with the strategy class ``strategy`` in ``scenario``: checked
+        when the scenario is loaded. None: it can."""
+        return None
+
+    def server_stage(self, scenario: Any, strategy: Any) -> Any:
+        """The server side of the method, a :class:`fedsim.pipeline.ServerStage` run after the strategy's
+        aggregation (SCAFFOLD's update of c and its global step size), or None. A stage may replace this
+        objective in each round's payloads (its ``configure``), carrying what the server holds."""
+        return None
 
     def bind(self, params: Params, lora: LoraSpec, scaling: float, state: Tensors | None = None) -> BoundObjective:
         """This objective for one client: ``params`` gives its trainable adapter tensors, ``lora`` its rank and alpha,
@@ -89,11 +117,19 @@ def state_in(objective: ClientObjective, personal: Tensors | None) -> Tensors | 
     return mine or None
 
 
-def state_out(objectives: list[ClientObjective], bound: list[BoundObjective]) -> Tensors:
-    """The state each objective keeps for the client's next round, keyed for the client state store."""
+def state_out(objectives: list[ClientObjective], bound: list[BoundObjective], upload: bool = False) -> Tensors:
+    """The state each objective keeps for the client's next round, keyed for the client state store (``upload``:
+    what each sends the server instead, keyed the same way)."""
     out: Tensors = {}
     for objective, b in zip(objectives, bound):
-        state = b.state() if objective.state_key is not None else None
-        for k, v in (state or {}).items():
+        if objective.state_key is None:
+            continue
+        for k, v in ((b.upload() if upload else b.state()) or {}).items():
             out[f"{STATE_PREFIX}{objective.state_key}.{k}"] = v.detach().to("cpu")
     return out
+
+
+def uploaded(state_key: str, extra: Tensors) -> Tensors:
+    """What the objective with ``state_key`` uploaded, from an update's ``extra`` tensors, by its own keys."""
+    prefix = f"{STATE_PREFIX}{state_key}."
+    return {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}

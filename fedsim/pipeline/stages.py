@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedsim.lora import ops
-from fedsim.types import ClientUpdate, GlobalState, ModuleShape, RoundContext
+from fedsim.types import ClientPayload, ClientUpdate, GlobalState, ModuleShape, RoundContext
 
 
 @dataclass
@@ -28,6 +28,11 @@ class ServerStage:
     """
 
     metric_keys: ClassVar[tuple[str, ...]] = ()
+
+    def configure(self, ctx: RoundContext, state: GlobalState, payload: ClientPayload) -> ClientPayload:
+        """The payload the round's clients get instead of ``payload`` (e.g. with SCAFFOLD's objective carrying the
+        server's control variate); called once per distinct payload object, so shared payloads stay shared."""
+        return payload
 
     def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
         """The updates to aggregate (a filter, a reweighting, a robust selection), and those rejected."""

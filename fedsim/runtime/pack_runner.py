@@ -113,7 +113,7 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             if isinstance(res, Exception):
                 out[i] = ClientFailure.of(job.spec.client_id, res)
                 continue
-            tensors, metrics, state = res
+            tensors, metrics, state, extra = res
             out[i] = worker.finish(job, payload, tensors, None, metrics, elapsed, procedure=joint,
-                                   objective_state=state)
+                                   objective_state=state, extra=extra)
     return out

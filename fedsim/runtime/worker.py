@@ -188,25 +188,27 @@ class Worker:
         trained = host.read(payload.lora)
         personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None
         return self.finish(job, payload, trained, personal_adapter, metrics, time.perf_counter() - t0,
-                           procedure=procedure, objective_state=state_out(list(payload.objectives), objectives))
+                           procedure=procedure, objective_state=state_out(list(payload.objectives), objectives),
+                           extra=state_out(list(payload.objectives), objectives, upload=True))
 
     def finish(self, job: ClientJob, payload: ClientPayload, trained: Tensors, personal_adapter: Tensors | None,
                metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None,
-               objective_state: Tensors | None = None) -> tuple[ClientResult, ClientUpdate]:
+               objective_state: Tensors | None = None, extra: Tensors | None = None
+               ) -> tuple[ClientResult, ClientUpdate]:
         """The client's result and update from its trained tensors: the shared ones through the client-side
         transforms, the private ones (the personal adapter, the objectives' state) into the result for the client
         state store."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt)
         for transform in self.components.transforms:
-            tensors, extra = transform(tensors, ctx)
-            metrics.update(extra)
+            tensors, transform_metrics = transform(tensors, ctx)
+            metrics.update(transform_metrics)
         self.num_clients += 1
         metrics["client/time_s"] = time_s
-        metrics["client/up_bytes"] = float(ops.num_bytes(tensors))
+        metrics["client/up_bytes"] = float(ops.num_bytes(tensors) + ops.num_bytes(extra or {}))
         logged = self._declared(metrics, payload, procedure)
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
-                              tensors=tensors, metrics=metrics)
+                              tensors=tensors, metrics=metrics, extra=extra or {})
         personal = None
         if self.strategy.has_personal_state:  # private keys of the main adapter and the whole personal adapter
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}

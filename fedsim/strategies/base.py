@@ -114,6 +114,8 @@ class Strategy(ABC):
     averages_factors: ClassVar[bool] = False
     # its local procedure takes training.grad_accum_steps (PF2LoRA's bilevel step differentiates through one batch)
     accumulates: ClassVar[bool] = True
+    # its local procedure takes client objectives (strategy.client_objective: FedProx, SCAFFOLD); PF2LoRA's does not
+    takes_objectives: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):

@@ -38,6 +38,7 @@ class PF2LoRA(FedIT):
     Params = PF2LoRAParams
     has_personal_state = True
     accumulates = False
+    takes_objectives = False
 
     def _payload(self, state: GlobalState) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,

@@ -116,3 +116,47 @@ def test_the_recipe_runs_from_a_scenario_and_logs_its_learning_rate(tiny_raw, tm
                                                        "training.round_lr_schedule=constant"]), tmp_path / "plain")
     assert "train/lr" not in _rows(tmp_path / "plain")[-1]
     assert plain["final/eval/loss"] != _rows(tmp_path / "recipe")[-1]["eval/loss"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_scaffold_from_a_scenario_doubles_communication_resumes_exactly_and_runs_on_ray(tiny_raw, tmp_path):
+    tiny_raw.update(rounds=3)
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "fedit")
+    tiny_raw["strategy"] = {"name": "fedit", "client_objective": {"name": "scaffold"}}
+    sc = scenario_from_dict(tiny_raw)
+    run_scenario(sc, tmp_path / "whole")
+    plain, rows = _rows(tmp_path / "fedit"), _rows(tmp_path / "whole")
+    for p, r in zip(plain[1:], rows[1:]):  # c travels down with the adapter, Δc_i up with the update
+        assert r["comm/up_params"] == 2 * p["comm/up_params"] and r["comm/down_params"] == 2 * p["comm/down_params"]
+        assert r["scaffold/c_norm"] > 0
+    assert rows[1]["scaffold/correction_norm"] == 0 < rows[2]["scaffold/correction_norm"]  # c = c_i = 0 at first
+    assert rows[-1]["eval/loss"] != plain[-1]["eval/loss"]
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_scenario(sc, tmp_path / "cut", callbacks=[_StopAt(3)])
+    resume_run(tmp_path / "cut")  # c from the server's checkpoint, each c_i from the client state store
+    keys = ("train/loss", "eval/loss", "scaffold/c_norm", "scaffold/correction_norm", "scaffold/delta_c_norm")
+    for k in keys:
+        assert _rows(tmp_path / "cut")[-1][k] == rows[-1][k], k
+    ray = scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.server.num_cpus=0.5",
+                                        "resources.clients_per_pass=2"])
+    run_scenario(ray, tmp_path / "ray")  # the server, with c, in an actor of its own; clients in worker actors,
+    # asked to pack, train one by one (SCAFFOLD does not pack) with the same numbers
+    for a, b in zip(rows, _rows(tmp_path / "ray")):
+        for k in (*keys, "comm/up_params", "comm/down_params"):
+            assert a.get(k) == b.get(k), (a["round"], k)
+
+
+@pytest.mark.parametrize("strategy, sets, match", [
+    ("flora", [], "strategy 'flora' does not keep one set of averaged factors.*fedit, ffa, fedsa"),
+    ("hetlora", [], "strategy 'hetlora' does not keep"),
+    ("pf2lora", ["eval.local_test_fraction=0.2"], "strategy 'pf2lora' trains with a procedure that takes no client"),
+])
+def test_scaffold_is_refused_where_it_does_not_compose(tiny_raw, strategy, sets, match):
+    from fedsim.errors import ScenarioError
+
+    tiny_raw["strategy"] = {"name": strategy, "client_objective": {"name": "scaffold"}}
+    with pytest.raises(ScenarioError, match=f"strategy.client_objective: {match}"):
+        scenario_from_dict(tiny_raw, sets)
+    tiny_raw["strategy"] = {"name": "fedit", "client_objective": {"name": "scaffold", "params": {"server_lr": 0}}}
+    with pytest.raises(ScenarioError, match=r"server_lr \(η_g, the global step size\) must be in"):
+        scenario_from_dict(tiny_raw)

@@ -235,3 +235,14 @@ def test_recipe_options_that_do_not_pack_say_so(tiny_raw):
         assert key in worker.unpackable(items[0][1])
         outs = worker.run_pack(items)
         assert all(not isinstance(o, ClientFailure) and key in o[0].note for o in outs)
+
+
+def test_scaffold_does_not_pack_and_says_so(tiny_raw):
+    from fedsim.objectives.scaffold import Scaffold
+
+    sc, prep, clients, spec = _setup(tiny_raw, "fedit")
+    strategy = make_strategy("fedit")
+    items, _ = _round(Worker(sc, prep.data), strategy, strategy.init_state(spec), prep, clients[:2], 1)
+    worker = Worker(sc, prep.data)
+    assert "['Scaffold'] do not work in a packed pass" in worker.unpackable(replace(items[0][1],
+                                                                                  objectives=(Scaffold(),)))
