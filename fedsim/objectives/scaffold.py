@@ -176,20 +176,23 @@ class ScaffoldStage(ServerStage):
                 return f"has an unexpected tensor {k}"
             if v.shape != ref.shape:
                 return f"{k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
-            if not torch.isfinite(v).all():
-                return f"{k} holds NaN or Inf values"
-        return None
+        bad = ops.first_nonfinite(delta)
+        return None if bad is None else f"{bad} holds NaN or Inf values"
 
     def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
         if self.server_lr != 1.0:  # x ← x + η_g (x̄ − x)
             tensors = {k: (old.tensors[k].float() + self.server_lr * (v.float() - old.tensors[k].float())).to(v.dtype)
                        if k in old.tensors and old.tensors[k].shape == v.shape else v for k, v in new.tensors.items()}
             new = replace(new, tensors=tensors)
-        for delta in self._delta:  # c ← c + (1/N) Σ_{i∈S} Δc_i
+        total: Tensors = {}  # Σ_{i∈S} Δc_i, summed in place
+        for delta in self._delta:
             for k, v in delta.items():
-                base = self.c.get(k)
-                base = torch.zeros_like(v) if base is None else base
-                self.c[k] = base + v.to(base.dtype) / self.num_clients
+                if k in total:
+                    total[k].add_(v.to(total[k].dtype))
+                else:
+                    total[k] = v.to(self.c[k].dtype if k in self.c else v.dtype, copy=True)
+        for k, v in total.items():  # c ← c + (1/N) Σ_{i∈S} Δc_i
+            self.c[k] = (self.c[k] if k in self.c else torch.zeros_like(v)) + v / self.num_clients
         self._delta = []
         norm = sum(float((v.double() ** 2).sum()) for v in self.c.values()) ** 0.5
         return new, {"scaffold/c_norm": norm}

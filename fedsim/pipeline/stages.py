@@ -6,8 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from fedsim.lora import ops
 from fedsim.types import ClientPayload, ClientUpdate, GlobalState, ModuleShape, RoundContext
 
@@ -80,9 +78,8 @@ class ValidateUpdates(ServerStage):
             t = update.tensors[key]
             if tuple(t.shape) != dims:
                 return f"{key} has shape {tuple(t.shape)}, expected {dims} for rank {r}"
-            if not torch.isfinite(t).all():
-                return f"{key} holds NaN or Inf values"
-        return None
+        bad = ops.first_nonfinite({k: update.tensors[k] for k in expected})
+        return None if bad is None else f"{bad} holds NaN or Inf values"
 
     def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
         out = StageResult([])

@@ -102,7 +102,8 @@ def test_bad_server_optimizer_settings_are_one_line(tiny_raw, bad):
 
 
 def test_the_proximal_term_and_its_gradient_are_fedprox():
-    """μ/2 ‖θ − θ0‖² and its gradient μ (θ − θ0), against float64."""
+    """μ (θ − θ0) joins the loss's gradient (trained one by one: on ``.grad``; packed, as views of a packed tensor:
+    through the penalty μ/2 ‖θ − θ0‖²), against float64."""
     from fedsim.objectives.proximal import Proximal
 
     g = torch.Generator().manual_seed(3)
@@ -115,13 +116,26 @@ def test_the_proximal_term_and_its_gradient_are_fedprox():
         params["a"].add_(0.3)
         params["b"].mul_(1.5)
         params["frozen"].add_(10.0)
+    assert bound.penalty() is None  # leaves: the term goes on the gradient
+    loss_grad = {k: torch.randn(params[k].shape, generator=g) for k in ("a", "b")}
+    for k, v in loss_grad.items():
+        params[k].grad = v.clone()
+    bound.after_backward()
+    want = 0.35 * sum(((params[k].detach().double() - start[k]) ** 2).sum() for k in ("a", "b"))
+    for k in ("a", "b"):
+        torch.testing.assert_close(params[k].grad.double(), loss_grad[k].double() + 0.7 * (
+            params[k].detach().double() - start[k]), atol=1e-6, rtol=1e-6)
+    assert bound.finish()["fedprox/distance"] == pytest.approx(float((want / 0.35) ** 0.5), rel=1e-6)
+
+    packed = torch.cat([params["a"].detach().reshape(-1), params["b"].detach().reshape(-1)]).requires_grad_()
+    views = {"a": packed[:12].view(3, 4), "b": packed[12:].view(5, 3)}
+    bound = Proximal(mu=0.7).bind(lambda: views, LORA, 2.0)
+    bound.start = {k: start[k].float() for k in ("a", "b")}  # θ0 as above
+    bound.after_backward()  # views have no .grad of their own: nothing to do here
     value = bound.penalty()
     value.backward()
-    want = 0.35 * sum(((params[k].detach().double() - start[k]) ** 2).sum() for k in ("a", "b"))
     assert float(value) == pytest.approx(float(want), rel=1e-6)
-    for k in ("a", "b"):
-        torch.testing.assert_close(params[k].grad.double(), 0.7 * (params[k].detach().double() - start[k]),
-                                   atol=1e-6, rtol=1e-6)
-    assert bound.finish()["fedprox/distance"] == pytest.approx(float((want / 0.35) ** 0.5), rel=1e-6)
+    torch.testing.assert_close(packed.grad.double(), 0.7 * torch.cat(
+        [(views[k].detach().double() - start[k]).reshape(-1) for k in ("a", "b")]), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="mu must be ≥ 0"):
         Proximal(mu=-1.0)

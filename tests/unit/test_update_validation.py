@@ -43,3 +43,14 @@ def test_a_round_where_everything_failed_leaves_the_state_unchanged():
     assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
     server.aggregate(CTX, [])
     assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
+
+
+def test_the_fused_finiteness_check_finds_nan_and_inf_and_accepts_huge_finite_values():
+    ok = torch.ones(3, 3)
+    huge = torch.full((4, 4), 3e38)  # finite, but its norm overflows to inf
+    assert ops.first_nonfinite({}) is None
+    assert ops.first_nonfinite({"a": ok, "b": huge}) is None
+    assert ops.first_nonfinite({"a": ok, "b": huge, "c": torch.tensor([0.0, float("nan")])}) == "c"
+    assert ops.first_nonfinite({"a": torch.tensor([float("-inf")]), "b": ok}) == "a"
+    mixed = {"a": ok.double(), "b": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "i": torch.arange(3)}
+    assert ops.first_nonfinite(mixed) == "b"  # mixed dtypes: one tensor at a time
