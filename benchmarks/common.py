@@ -31,7 +31,14 @@ def in_subprocess(target: Callable, args: tuple) -> dict:
     queue = ctx.Queue()
     p = ctx.Process(target=target, args=(args, queue))
     p.start()
-    out = queue.get()
+    while True:  # a child that dies without a result (an exception, the OOM killer) must not hang the benchmark
+        try:
+            out = queue.get(timeout=1.0)
+            break
+        except Exception:  # queue.Empty
+            if not p.is_alive():
+                raise RuntimeError(f"{getattr(target, '__name__', target)} exited with code {p.exitcode} "
+                                   "without a result (its traceback is above)") from None
     p.join()
     return out
 

@@ -38,6 +38,7 @@ from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.models.base import set_training
 from fedsim.models.lm_loss import IGNORE, labelled_logits
 from fedsim.objectives import BoundObjective, ClientObjective, bind, state_out
 from fedsim.types import LoraSpec, ModuleShape, Tensors
@@ -275,8 +276,7 @@ def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members
     """
     t0 = time.perf_counter()
     run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device, lr)
-    if not model.training:
-        model.train()
+    set_training(model, True)
     with _packed_forward(model, run.packed):
         for step in range(max(run.steps)):
             if not run.step(step):

@@ -30,6 +30,7 @@ from fedsim.client.trainer import batch_schedule, make_optimizer, train_local
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.models.adapters import AdapterHost
+from fedsim.models.base import set_training
 from fedsim.models.tasks import ModelTask
 from fedsim.objectives import BoundObjective
 from fedsim.types import AlternateOptions, BilevelOptions, ClientPayload
@@ -179,8 +180,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
     steps = cfg.steps_for(len(job.indices))
     base_lr = cfg.lr if job.lr is None else job.lr
     opt = make_optimizer(x, cfg, base_lr)
-    if not model.training:
-        model.train()
+    set_training(model, True)
     sums = {"loss": 0.0, "loss_plus": 0.0, "hvp_norm": 0.0}
     tokens = 0
     for step, batch_idx in enumerate(batch_schedule(job.indices, steps, cfg.batch_size, rng)):

@@ -19,6 +19,7 @@ from fedsim.client.batching import collate
 from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
+from fedsim.models.base import set_training
 from fedsim.objectives import BoundObjective, bind
 
 METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s", "train/lr")  # what train_local reports
@@ -108,8 +109,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     if cfg.warmup_steps and cfg.warmup_steps >= steps:
         raise ValueError(f"training.warmup_steps {cfg.warmup_steps} leaves none of this client's {steps} steps; "
                          "lower it, or use warmup_ratio")
-    if not model.training:  # Module.train() walks every submodule: only switch when needed
-        model.train()
+    set_training(model, True)
     total, tokens = 0.0, 0
     k = cfg.grad_accum_steps
     micro = batch_schedule(indices, steps * k, cfg.batch_size, rng)

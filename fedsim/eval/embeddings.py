@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fedsim.data.tokenized import TokenizedSplit
+from fedsim.models.base import set_training
 
 
 @torch.no_grad()
@@ -16,6 +17,7 @@ def prompt_embeddings(model: torch.nn.Module, split: TokenizedSplit, indices: Se
                       pad_id: int, device: torch.device, kind: str = "last", batch_size: int = 32) -> torch.Tensor:
     """The last layer's hidden state of each sample's prompt (``last``: at its last token; ``mean``: averaged over
     its tokens), (N, hidden), float32. Prompts are right-padded, so no prompt token sees a pad."""
+    was_training = set_training(model, False)
     out = []
     idx = [int(i) for i in indices]
     for s in range(0, len(idx), batch_size):
@@ -32,6 +34,8 @@ def prompt_embeddings(model: torch.nn.Module, split: TokenizedSplit, indices: Se
         else:
             mask = (torch.arange(width, device=hidden.device)[None, :] < lengths[:, None]).float()
             out.append((hidden * mask[..., None]).sum(1) / lengths[:, None])
+    if was_training:
+        set_training(model, True)
     return torch.cat(out).cpu()
 
 

@@ -13,6 +13,7 @@ from fedsim.client.batching import collate
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
 from fedsim.eval.metrics import default_metrics
 from fedsim.eval.outputs import EvalOutputs
+from fedsim.models.base import set_training
 from fedsim.models.lm_loss import IGNORE
 
 
@@ -21,9 +22,7 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
                 device: torch.device, task: Any, split: TokenizedSplit | None = None) -> EvalOutputs:
     """Score one batch of samples of ``split`` (default: the global test set) with the model task's token scores."""
     split = data.test if split is None else split
-    was_training = model.training
-    if was_training:
-        model.eval()
+    was_training = set_training(model, False)
     batch = collate(split, indices, data.pad_id, device)
     logp, hit = task.token_scores(model, batch)
     valid = batch["labels"][:, 1:] != IGNORE
@@ -33,7 +32,7 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
     else:
         correct = hit.all(dim=1).cpu()
     if was_training:
-        model.train()
+        set_training(model, True)
     idx = np.asarray(indices)
     return EvalOutputs(logp=logp, valid=valid, correct=correct, tasks=split.task[idx], task_names=data.task_names,
                        indices=idx, split=split)

@@ -77,13 +77,46 @@ def test_grad_accumulation_equals_the_large_batch(tiny_raw):
     assert small.metrics["train/tokens"] == big.metrics["train/tokens"]
 
 
-def test_gradient_checkpointing_computes_the_same_update(tiny_raw):
-    plain, up, _ = _run(copy_raw(tiny_raw), local_steps=3)
-    ckpt, uc, worker = _run(tiny_raw, local_steps=3, gradient_checkpointing=True)
+def _saved_bytes(tiny_raw, **training):
+    """The bytes autograd saves for the backward pass during one client's training (checkpointing's own recompute
+    saves under its own hooks, so what is counted here is what lives from forward to backward)."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result, update, worker = _run(tiny_raw, **training)
+    return saved[0], update, worker
+
+
+def test_gradient_checkpointing_computes_the_same_update_and_saves_activations(tiny_raw):
+    """It was once inert on a worker that had not evaluated yet: PEFT's wrapper was in training mode around a base
+    left in evaluation mode, and transformers checkpoints only in training mode. The same update, and a fraction of
+    the saved activations."""
+    plain_bytes, up, _ = _saved_bytes(copy_raw(tiny_raw), local_steps=3)
+    ckpt_bytes, uc, worker = _saved_bytes(tiny_raw, local_steps=3, gradient_checkpointing=True)
     for k in up.tensors:
         assert _rel(uc.tensors[k], up.tensors[k]) <= 1e-5, k
     inner = worker.host().model.get_base_model()
     assert inner.is_gradient_checkpointing
+    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_lora_dropout_applies_in_training_and_never_in_evaluation(tiny_raw):
+    """model.lora_dropout changes the update (seeded: twice the same), and evaluation, after training, runs
+    without it."""
+    _, u0, plain = _run(copy_raw(tiny_raw), local_steps=3)
+    raw = copy_raw(tiny_raw)
+    raw["model"]["lora_dropout"] = 0.3
+    _, u1, worker = _run(copy_raw(raw), local_steps=3)
+    _, u2, _ = _run(raw, local_steps=3)
+    assert any(_rel(u1.tensors[k], u0.tensors[k]) > 1e-3 for k in u0.tensors)
+    assert all(torch.equal(u1.tensors[k], u2.tensors[k]) for k in u1.tensors)
+    payload = ClientPayload(tensors=u1.tensors, lora=LORA)
+    batches = [np.arange(16)]
+    assert worker.evaluate(payload, batches) == plain.evaluate(payload, batches)  # no dropout at evaluation
 
 
 def test_autocast_keeps_fp32_adapters_and_trains(tiny_raw):
