@@ -71,14 +71,13 @@ def scenario(data: str, model: str, k: int, seq: int, gpu: bool) -> dict:
 
 def _measure(args: tuple, queue: mp.Queue) -> None:
     data, model, k, clients, seq, gpu = args
-    import resource
 
     import torch
 
     torch.set_num_threads(1)
     from fedsim.config import scenario_from_dict
     from fedsim.driver import prepare
-    from fedsim.runtime.worker import ClientJob, Worker
+    from fedsim.runtime.worker import ClientJob, Worker, peak_rss_mb
     from fedsim.strategies import make_strategy
     from fedsim.types import RoundContext
 
@@ -127,7 +126,7 @@ def _measure(args: tuple, queue: mp.Queue) -> None:
     sync()
     elapsed = time.perf_counter() - t0
     out = {"model": model, "k": k, "clients": clients, "time_s": elapsed, "clients_per_s": clients / elapsed,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+           "peak_rss_mb": peak_rss_mb()}
     if gpu:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["device_name"] = torch.cuda.get_device_name()

@@ -36,10 +36,10 @@ from overhead import BATCH, measure_floor, scenario_dict, write_data  # noqa: E4
 
 
 def _run(args: tuple[str, int, int, int, str], queue: mp.Queue) -> None:
-    import resource
 
     from fedsim.config import scenario_from_dict
     from fedsim.driver import run_scenario
+    from fedsim.runtime.worker import peak_rss_mb
 
     data, registered, per_round, rounds, out = args
     raw = scenario_dict(data, registered, rounds)
@@ -52,7 +52,7 @@ def _run(args: tuple[str, int, int, int, str], queue: mp.Queue) -> None:
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     queue.put({"registered": registered, "per_round": per_round, "total_s": total,
                "fit_s": [r["time/fit_s"] for r in rows if r["round"] >= 1],
-               "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+               "driver_rss_mb": peak_rss_mb(),
                "worker_rss_mb": [w["max_rss_mb"] for w in summary["workers"]],
                "clients_trained": sum(w["num_clients"] for w in summary["workers"])})
 
