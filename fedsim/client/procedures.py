@@ -26,7 +26,7 @@ import torch
 from fedsim import registry
 from fedsim.client.batching import collate
 from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
-from fedsim.client.trainer import batch_schedule, make_optimizer, train_local
+from fedsim.client.trainer import autocast, batch_schedule, compute_dtype, make_optimizer, train_local
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.models.adapters import AdapterHost
@@ -181,6 +181,9 @@ def bilevel(job: LocalJob) -> dict[str, float]:
     base_lr = cfg.lr if job.lr is None else job.lr
     opt = make_optimizer(x, cfg, base_lr)
     set_training(model, True)
+    # bfloat16 autocast; float16 would need loss scaling through the hypergradient, so it computes in float32 (the
+    # scenario refuses autocast: fp16 here; autocast: true on a GPU without bfloat16 lands here)
+    cast = autocast(cfg, job.device) if compute_dtype(cfg, job.device) is torch.bfloat16 else contextlib.nullcontext()
     sums = {"loss": 0.0, "loss_plus": 0.0, "hvp_norm": 0.0}
     tokens = 0
     for step, batch_idx in enumerate(batch_schedule(job.indices, steps, cfg.batch_size, rng)):
@@ -193,7 +196,8 @@ def bilevel(job: LocalJob) -> dict[str, float]:
             override = dict(zip(x_names, xs)) | dict(zip(y_names, ys))
             return job.task.loss(model, batch, lambda **kw: functional_call(model, override, args=(), kwargs=kw))
 
-        g_x, y_new, step = _bilevel_step(f, x, y, alpha, mode, cfg.max_grad_norm)
+        with cast:
+            g_x, y_new, step = _bilevel_step(f, x, y, alpha, mode, cfg.max_grad_norm)
         if not math.isfinite(step["loss"]):
             raise FloatingPointError(f"non-finite training loss {step['loss']}")
         with torch.no_grad():

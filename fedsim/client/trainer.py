@@ -48,17 +48,32 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, lr: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def compute_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """``training.autocast``'s compute dtype: None when off; ``true`` is bfloat16, or float16 on a GPU without it."""
+    if cfg.autocast is False:
+        return None
+    if cfg.autocast == "fp16":
+        return torch.float16
+    if cfg.autocast is True and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(cfg: TrainingConfig, device: torch.device) -> Any:
-    """``training.autocast``: the forward and backward in bfloat16 (float16 on a GPU without it), the adapters and
-    the optimizer state staying in float32; off, a no-op context."""
+    """``training.autocast``: the forward and backward in bfloat16 or float16 (:func:`compute_dtype`), the adapters
+    and the optimizer state staying in float32; off, a no-op context."""
     import contextlib
 
-    if not cfg.autocast:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtype = compute_dtype(cfg, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(cfg: TrainingConfig, device: torch.device) -> Any:
+    """A loss scaler for float16 compute (small gradients would underflow fp16's range; bfloat16 has float32's), as
+    transformers' Trainer uses one; None otherwise. A step whose gradients overflow is skipped and the scale lowered."""
+    if compute_dtype(cfg, device) is not torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def bind_objectives(objectives: Sequence[Any], params: dict[str, torch.Tensor], lora: Any,
@@ -106,10 +121,9 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     base_lr = cfg.lr if lr is None else lr
     opt = make_optimizer(params, cfg, base_lr)
     moving = scheduled(cfg)
-    if cfg.warmup_steps and cfg.warmup_steps >= steps:
-        raise ValueError(f"training.warmup_steps {cfg.warmup_steps} leaves none of this client's {steps} steps; "
-                         "lower it, or use warmup_ratio")
+    _check_warmup(cfg, steps)
     set_training(model, True)
+    scaler = grad_scaler(cfg, device)
     total, tokens = 0.0, 0
     k = cfg.grad_accum_steps
     micro = batch_schedule(indices, steps * k, cfg.batch_size, rng)
@@ -118,8 +132,9 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
             for group in opt.param_groups:
                 group["lr"] = base_lr * lr_factor(cfg, step, steps)
         with autocast(cfg, device):
-            loss, n = _step_loss(model, task, split, micro[step * k: (step + 1) * k], pad_id, device, objectives)
-        _optimizer_step(opt, params, cfg, objectives)
+            loss, n = _step_loss(model, task, split, micro[step * k: (step + 1) * k], pad_id, device, objectives,
+                                 scaler)
+        _optimizer_step(opt, params, cfg, objectives, scaler)
         total += loss
         tokens += n
     out = {"train/loss": total / steps, "train/steps": float(steps), "train/tokens": float(tokens),
@@ -129,21 +144,39 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     return out
 
 
+def _check_warmup(cfg: TrainingConfig, steps: int) -> None:
+    if cfg.warmup_steps and cfg.warmup_steps >= steps:
+        raise ValueError(f"training.warmup_steps {cfg.warmup_steps} leaves none of this client's {steps} steps; "
+                         "lower it, or use warmup_ratio")
+
+
 def _optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], cfg: TrainingConfig,
-                    objectives: Sequence[BoundObjective]) -> None:
-    """The objectives' gradient hooks, clipping, one optimizer step, gradients cleared."""
+                    objectives: Sequence[BoundObjective], scaler: Any = None) -> None:
+    """The objectives' gradient hooks, clipping, one optimizer step, gradients cleared. With a loss ``scaler``
+    (float16) the gradients are unscaled first, and a step skipped for overflowing gradients is not corrected by
+    the objectives either."""
+    if scaler is not None:
+        scaler.unscale_(opt)
     for term in objectives:
         term.after_backward()
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    opt.step()
+    stepped = True
+    if scaler is None:
+        opt.step()
+    else:
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale  # lowered: the step was skipped
     opt.zero_grad(set_to_none=True)
-    for term in objectives:
-        term.after_step(opt.param_groups[0]["lr"])
+    if stepped:
+        for term in objectives:
+            term.after_step(opt.param_groups[0]["lr"])
 
 
 def _step_loss(model: torch.nn.Module, task: Any, split: TokenizedSplit, micro: list[np.ndarray], pad_id: int,
-               device: torch.device, objectives: Sequence[BoundObjective]) -> tuple[float, int]:
+               device: torch.device, objectives: Sequence[BoundObjective], scaler: Any = None) -> tuple[float, int]:
     """Backpropagate one optimizer step's loss (its micro-batches', token-weighted, plus the objectives' penalties);
     return (the step's mean loss, its labelled tokens)."""
     batches = [collate(split, idx, pad_id, device) for idx in micro]
@@ -161,7 +194,7 @@ def _step_loss(model: torch.nn.Module, task: Any, split: TokenizedSplit, micro: 
                 extra = term.penalty()
                 if extra is not None:
                     objective = objective + extra
-        objective.backward()
+        (objective if scaler is None else scaler.scale(objective)).backward()
     return value, sum(int((b["labels"] != -100).sum()) for b in batches)
 
 

@@ -97,6 +97,10 @@ class Scenario(Frozen):
         if self.training.grad_accum_steps > 1 and not cls.accumulates:
             raise ScenarioError("training.grad_accum_steps", f"strategy {cls.name!r} differentiates through one "
                                 "batch per local step", "use a larger training.batch_size instead")
+        if self.training.autocast == "fp16" and not cls.accumulates:
+            raise ScenarioError("training.autocast", f"strategy {cls.name!r} differentiates through its local step, "
+                                "where float16 would need loss scaling through the hypergradient",
+                                "use autocast: bf16 (or true), or no autocast")
         if self.strategy.server_optimizer is not None and not cls.averages_factors:
             fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
             raise ScenarioError("strategy.server_optimizer", f"strategy {cls.name!r} does not keep averaged factors "

@@ -27,7 +27,9 @@ class TrainingConfig(Frozen):
     min_lr: float = Field(0.0, ge=0.0, le=10.0)
     grad_accum_steps: int = Field(1, ge=1, le=4096)  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute the base's activations in the backward pass: less memory
-    autocast: bool = False  # on CUDA: bf16 (fp16 where unsupported) compute, fp32 adapters and optimizer state
+    # compute in bf16 or fp16 with fp32 adapters and optimizer state; true: bf16 (fp16 on a GPU without it);
+    # fp16 scales the loss (torch.amp.GradScaler), as transformers' Trainer does
+    autocast: bool | Literal["bf16", "fp16"] = False
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:

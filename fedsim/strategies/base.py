@@ -112,7 +112,8 @@ class Strategy(ABC):
     aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
     # the global state is factors averaged over clients (FedIT and kin): a server optimizer can step on them
     averages_factors: ClassVar[bool] = False
-    # its local procedure takes training.grad_accum_steps (PF2LoRA's bilevel step differentiates through one batch)
+    # its local procedure takes training.grad_accum_steps and float16 loss scaling (PF2LoRA's bilevel step
+    # differentiates through one batch per step)
     accumulates: ClassVar[bool] = True
     # its local procedure takes client objectives (strategy.client_objective: FedProx, SCAFFOLD); PF2LoRA's does not
     takes_objectives: ClassVar[bool] = True

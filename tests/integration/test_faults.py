@@ -17,7 +17,7 @@ def _rows(path):
 
 
 def test_killed_workers_nan_updates_and_hangs(tiny_raw, tmp_path):
-    tiny_raw.update(rounds=3)
+    tiny_raw.update(rounds=2)
     tiny_raw["clients"]["per_round"] = 4
     tiny_raw["faults"] = {"kill_worker_prob": 0.25, "nan_update_prob": 0.25, "hang_prob": 0.15, "hang_s": 120}
     tiny_raw["resources"].update(backend="ray", max_retries=1, client_timeout_s=5)

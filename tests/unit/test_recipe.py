@@ -119,13 +119,52 @@ def test_lora_dropout_applies_in_training_and_never_in_evaluation(tiny_raw):
     assert worker.evaluate(payload, batches) == plain.evaluate(payload, batches)  # no dropout at evaluation
 
 
-def test_autocast_keeps_fp32_adapters_and_trains(tiny_raw):
+@pytest.mark.parametrize("cast", [True, "fp16"])
+def test_autocast_keeps_fp32_adapters_and_trains(tiny_raw, cast):
     plain, up, _ = _run(copy_raw(tiny_raw), local_steps=3)
-    cast, uc, worker = _run(tiny_raw, local_steps=3, autocast=True)
+    result, uc, worker = _run(tiny_raw, local_steps=3, autocast=cast)
     assert all(t.dtype == torch.float32 for t in uc.tensors.values())
     assert all(p.dtype == torch.float32 for p in worker.host().params(LORA).values())
-    assert math.isfinite(cast.metrics["train/loss"])
-    assert cast.metrics["train/loss"] == pytest.approx(plain.metrics["train/loss"], rel=0.05)  # bf16 rounding
+    assert math.isfinite(result.metrics["train/loss"])
+    assert result.metrics["train/loss"] == pytest.approx(plain.metrics["train/loss"], rel=0.05)  # bf16/fp16 rounding
+    assert any(_rel(uc.tensors[k], up.tensors[k]) > 0 for k in up.tensors)  # it did compute in low precision
+
+
+def test_autocast_dtypes_and_fp16_loss_scaling():
+    """true: bf16 (fp16 only on a GPU without bf16); fp16 brings a loss scaler, which unscales before the
+    objectives' hooks and clipping, and skips a step whose gradients overflow — objectives' corrections too."""
+    from fedsim.client.trainer import _optimizer_step, compute_dtype, grad_scaler
+
+    cpu = torch.device("cpu")
+    assert compute_dtype(TrainingConfig(), cpu) is None
+    assert compute_dtype(TrainingConfig(autocast=True), cpu) is torch.bfloat16
+    assert compute_dtype(TrainingConfig(autocast="bf16"), cpu) is torch.bfloat16
+    assert compute_dtype(TrainingConfig(autocast="fp16"), cpu) is torch.float16
+    assert grad_scaler(TrainingConfig(autocast=True), cpu) is None
+    cfg = TrainingConfig(autocast="fp16", optimizer="sgd", lr=0.5, max_grad_norm=None)
+    scaler = grad_scaler(cfg, cpu)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+
+    class Seen:
+        grads, steps = [], []
+
+        def after_backward(self):
+            self.grads.append(w.grad.clone())
+
+        def after_step(self, lr):
+            self.steps.append(lr)
+
+    seen = Seen()
+    scaler.scale((w * torch.tensor([1.0, 2.0, 3.0])).sum()).backward()
+    _optimizer_step(opt, [w], cfg, [seen], scaler)
+    torch.testing.assert_close(seen.grads[0], torch.tensor([1.0, 2.0, 3.0]))  # unscaled before the hooks
+    torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0, -0.5]))
+    assert seen.steps == [0.5]
+    before, scale = w.detach().clone(), scaler.get_scale()
+    w.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    _optimizer_step(opt, [w], cfg, [seen], scaler)
+    assert torch.equal(w.detach(), before) and scaler.get_scale() < scale and seen.steps == [0.5]  # skipped
 
 
 def test_a_schedule_changes_training(tiny_raw):
@@ -140,6 +179,9 @@ def test_a_schedule_changes_training(tiny_raw):
     (["training.min_lr=1.0"], "min_lr 1.0 is above lr"),
     (["strategy.name=pf2lora", "eval.local_test_fraction=0.2", "training.grad_accum_steps=2"],
      "training.grad_accum_steps: strategy 'pf2lora'"),
+    (["strategy.name=pf2lora", "eval.local_test_fraction=0.2", "training.autocast=fp16"],
+     "training.autocast: strategy 'pf2lora' differentiates through its local step.*use autocast: bf16"),
+    (["training.autocast=fp8"], "training.autocast"),
 ])
 def test_recipe_settings_that_cannot_work_are_refused(tiny_raw, sets, field):
     with pytest.raises(ScenarioError, match=field):

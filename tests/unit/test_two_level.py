@@ -301,3 +301,22 @@ def test_local_only_uploads_nothing_and_keeps_the_global_state():
     assert all(torch.equal(new.tensors[k], v) for k, v in state.tensors.items())
     with pytest.raises(AggregationError, match="upload nothing"):
         strategy.aggregate(None, state, [ClientUpdate(0, 10, LORA, dict(state.tensors))])
+
+
+def test_pf2lora_computes_its_bilevel_step_under_bf16_autocast(tiny_raw):
+    """training.autocast reaches PF2LoRA's own loop (it once trained in float32 whatever the scenario said): the
+    same step in bf16 differs from float32 by rounding only."""
+    tiny_raw["training"]["local_steps"] = 2
+    data = None
+    out = {}
+    for cast in (False, True):
+        tiny_raw["training"]["autocast"] = cast
+        sc = _tiny(tiny_raw, "pf2lora", inner_lr=0.5)
+        data = data or load_data(sc)
+        spec = StrategySpec(target_shapes(sc.model), LORA, 0)
+        client = ClientSpec(5, 30, LORA)
+        payload = Server("pf2lora", {"inner_lr": 0.5}, spec).configure(RoundContext(1, 3, 0), [client])[0][5]
+        res, up = Worker(sc, data).run_client(ClientJob(client, np.arange(30), 1), payload)
+        out[cast] = (res.metrics["train/loss"], up.tensors)
+    assert out[True][0] == pytest.approx(out[False][0], rel=0.05) and out[True][0] != out[False][0]
+    assert all(v.dtype == torch.float32 for v in out[True][1].values())
