@@ -71,5 +71,5 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
     return Components(strategy=strategy, task=task_for(scenario.model),
-                      row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(),
+                      row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())

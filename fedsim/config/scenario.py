@@ -113,6 +113,18 @@ class Scenario(Frozen):
         return self
 
     @model_validator(mode="after")
+    def _metrics_known(self) -> Scenario:
+        known = registry.names("metric")
+        fmt = registry.get("row_format", self.data.format)
+        for name in self.eval.metrics:
+            if name not in known:
+                raise ScenarioError("eval.metrics", f"unknown metric {name!r}", f"choose from {', '.join(known)}")
+            if getattr(registry.get("metric", name), "needs_options", False) and not fmt.scored_by_options:
+                raise ScenarioError("eval.metrics", f"metric {name!r} needs a classification (label options), but "
+                                    f"data.format is {self.data.format!r}", "use data.format: classification")
+        return self
+
+    @model_validator(mode="after")
     def _objective_known(self, info: ValidationInfo) -> Scenario:
         if self.strategy.client_objective is None or (info.context and info.context.get("strategy") is False):
             return self

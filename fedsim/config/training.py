@@ -61,6 +61,9 @@ class EvalConfig(Frozen):
     local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     # how many clients (a fixed, seeded subset) are scored on their local test splits; None = all
     local_clients: int | None = Field(None, ge=1)
+    # metrics reported beside loss, accuracy and per-task accuracy: registered names (fedsim.eval.metrics), e.g.
+    # macro_f1 and mcc for classification
+    metrics: tuple[str, ...] = ()
 
 
 class CheckpointConfig(Frozen):

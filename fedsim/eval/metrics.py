@@ -5,7 +5,9 @@ batches and workers, so that the driver combines them exactly whatever the split
 sums of every batch and calls :meth:`Metric.reduce` once. Each metric declares the keys it reports (``keys``;
 ``*`` stands for a task name). Built-ins: ``loss`` (mean token negative log-likelihood), ``accuracy`` (exact match
 of the response under greedy decoding, or the most likely label option for classification) and ``task_accuracy``
-(the same per task). A new metric is a subclass registered with ``@metric("name")`` (docs/architecture.md).
+(the same per task); for classification, ``macro_f1`` and ``mcc`` (Matthews' correlation) from confusion counts,
+added with the scenario's ``eval.metrics``. A new metric is a subclass registered with ``@metric("name")``
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from fedsim import registry
@@ -100,12 +103,78 @@ class TaskAccuracy(Metric):
         return out
 
 
+class _Confusion(Metric):
+    """Confusion counts of a classification (``confusion/<label>/<predicted>``, option indices): additive across
+    batches and workers, so macro-F1 and Matthews' correlation come out exactly as over the whole test set."""
+
+    needs_options: ClassVar[bool] = True
+
+    def sums(self, out: EvalOutputs) -> dict[str, float]:
+        if out.predicted is None or out.label is None:
+            return {}
+        sums: dict[str, float] = {}
+        for y, p in zip(out.label.tolist(), out.predicted.tolist()):
+            key = f"confusion/{int(y)}/{int(p)}"
+            sums[key] = sums.get(key, 0.0) + 1.0
+        return sums
+
+    @staticmethod
+    def matrix(sums: dict[str, float]) -> np.ndarray:
+        """The confusion matrix C[label, predicted] over the classes seen, float64."""
+        cells = {tuple(int(x) for x in k.split("/")[1:]): v for k, v in sums.items() if k.startswith("confusion/")}
+        n = 1 + max((max(c) for c in cells), default=-1)
+        c = np.zeros((n, n))
+        for (y, p), v in cells.items():
+            c[y, p] = v
+        return c
+
+
+@metric("macro_f1")
+class MacroF1(_Confusion):
+    """Macro-averaged F1 over the classes that occur as a label or a prediction (``eval/macro_f1``; a class without
+    true or predicted samples scores 0, as scikit-learn's ``f1_score(average="macro", zero_division=0)``)."""
+
+    name = "macro_f1"
+    keys = ("eval/macro_f1",)
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        c = self.matrix(sums)
+        if c.size == 0:
+            return {}
+        tp, support, predicted = np.diag(c), c.sum(axis=1), c.sum(axis=0)
+        present = (support + predicted) > 0
+        denom = support + predicted
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        return {"eval/macro_f1": float(f1[present].mean())}
+
+
+@metric("mcc")
+class Matthews(_Confusion):
+    """Matthews' correlation coefficient, multiclass (Gorodkin's R_K, as scikit-learn's ``matthews_corrcoef``;
+    ``eval/mcc``): (c·s − Σ p_k t_k) / √((s² − Σ p_k²)(s² − Σ t_k²)), 0 when a factor is 0. CoLA's metric."""
+
+    name = "mcc"
+    keys = ("eval/mcc",)
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        c = self.matrix(sums)
+        if c.size == 0:
+            return {}
+        t, p = c.sum(axis=1), c.sum(axis=0)
+        s, correct = c.sum(), np.trace(c)
+        denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+        return {"eval/mcc": float((correct * s - p @ t) / denom) if denom > 0 else 0.0}
+
+
 DEFAULT_METRICS = ("loss", "accuracy", "task_accuracy")
+CLASSIFICATION_METRICS = ("macro_f1", "mcc")
 
 
-def default_metrics() -> tuple[Metric, ...]:
-    """The metrics every run reports (the per-client tables read ``loss`` and ``accuracy``'s sums)."""
-    return tuple(registry.get("metric", name)() for name in DEFAULT_METRICS)
+def default_metrics(extra: Sequence[str] = ()) -> tuple[Metric, ...]:
+    """The metrics every run reports (the per-client tables read ``loss`` and ``accuracy``'s sums), then the
+    scenario's ``eval.metrics``."""
+    names = [*DEFAULT_METRICS, *(n for n in extra if n not in DEFAULT_METRICS)]
+    return tuple(registry.get("metric", name)() for name in names)
 
 
 def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -21,6 +21,8 @@ class EvalOutputs:
             label option being the right one.
         tasks: each sample's task index (-1: none), numpy (B,); ``task_names`` the names they index.
         indices: the samples (rows of ``split``).
+        predicted, label: classification only (the data has label options): the most likely option and the right
+            one per sample, numpy (B,) of option indices; None otherwise.
     """
 
     logp: torch.Tensor
@@ -30,3 +32,5 @@ class EvalOutputs:
     task_names: list[str]
     indices: np.ndarray
     split: TokenizedSplit
+    predicted: np.ndarray | None = None
+    label: np.ndarray | None = None

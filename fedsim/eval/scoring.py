@@ -26,16 +26,18 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
     batch = collate(split, indices, data.pad_id, device)
     logp, hit = task.token_scores(model, batch)
     valid = batch["labels"][:, 1:] != IGNORE
+    predicted = label = None
     if data.options:
-        correct = _score_options(model, data, split, indices, device, task) == \
-            torch.as_tensor(split.label[np.asarray(indices)])
+        predicted = _score_options(model, data, split, indices, device, task).numpy()
+        label = np.asarray(split.label[np.asarray(indices)])
+        correct = torch.as_tensor(predicted == label)
     else:
         correct = hit.all(dim=1).cpu()
     if was_training:
         set_training(model, True)
     idx = np.asarray(indices)
     return EvalOutputs(logp=logp, valid=valid, correct=correct, tasks=split.task[idx], task_names=data.task_names,
-                       indices=idx, split=split)
+                       indices=idx, split=split, predicted=predicted, label=label)
 
 
 def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[int] | np.ndarray,

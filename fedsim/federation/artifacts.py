@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.federation.rundir import write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
@@ -20,6 +21,7 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
     communication totals, the simulated time, the bases' sizes and the workers' counters."""
     evals = [r for r in rows if "eval/accuracy" in r]
     final = evals[-1] if evals else {}
+    extra = {k for name in scenario.eval.metrics for k in registry.get("metric", name).keys}  # eval.metrics
     return {
         "name": scenario.name, "rounds": scenario.rounds, "run_dir": str(run_dir), "time_s": total_s,
         # the evaluation before training (round 0); None without one (eval.at_start off, or its row lost)
@@ -27,7 +29,7 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
         "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
         "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
         **{f"final/{k}": v for k, v in final.items()
-           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))},
+           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/")) or k in extra},
         **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
         "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(rows) if "time/sim_total_s" in r), 0.0),
         **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},

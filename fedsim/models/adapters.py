@@ -136,7 +136,10 @@ class AdapterHost:
         the frozen base needs no input gradients), once."""
         if not getattr(self, "_checkpointing", False):
             inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name goes in v6
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._checkpointing = True
 
     def _set_scales(self, weights: dict[str, float]) -> None:

@@ -100,7 +100,7 @@ def test_gradient_checkpointing_computes_the_same_update_and_saves_activations(t
     for k in up.tensors:
         assert _rel(uc.tensors[k], up.tensors[k]) <= 1e-5, k
     inner = worker.host().model.get_base_model()
-    assert inner.is_gradient_checkpointing
+    assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
     assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
