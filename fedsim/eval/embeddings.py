@@ -17,7 +17,7 @@ def prompt_embeddings(model: torch.nn.Module, split: TokenizedSplit, indices: Se
                       pad_id: int, device: torch.device, kind: str = "last", batch_size: int = 32) -> torch.Tensor:
     """The last layer's hidden state of each sample's prompt (``last``: at its last token; ``mean``: averaged over
     its tokens), (N, hidden), float32. Prompts are right-padded, so no prompt token sees a pad."""
-    was_training = set_training(model, False)
+    set_training(model, False)  # training sets its own mode when it starts
     out = []
     idx = [int(i) for i in indices]
     for s in range(0, len(idx), batch_size):
@@ -34,8 +34,6 @@ def prompt_embeddings(model: torch.nn.Module, split: TokenizedSplit, indices: Se
         else:
             mask = (torch.arange(width, device=hidden.device)[None, :] < lengths[:, None]).float()
             out.append((hidden * mask[..., None]).sum(1) / lengths[:, None])
-    if was_training:
-        set_training(model, True)
     return torch.cat(out).cpu()
 
 

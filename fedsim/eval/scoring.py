@@ -22,7 +22,7 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
                 device: torch.device, task: Any, split: TokenizedSplit | None = None) -> EvalOutputs:
     """Score one batch of samples of ``split`` (default: the global test set) with the model task's token scores."""
     split = data.test if split is None else split
-    was_training = set_training(model, False)
+    set_training(model, False)  # training sets its own mode when it starts
     batch = collate(split, indices, data.pad_id, device)
     logp, hit = task.token_scores(model, batch)
     valid = batch["labels"][:, 1:] != IGNORE
@@ -33,8 +33,6 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
         correct = torch.as_tensor(predicted == label)
     else:
         correct = hit.all(dim=1).cpu()
-    if was_training:
-        set_training(model, True)
     idx = np.asarray(indices)
     return EvalOutputs(logp=logp, valid=valid, correct=correct, tasks=split.task[idx], task_names=data.task_names,
                        indices=idx, split=split, predicted=predicted, label=label)

@@ -43,17 +43,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def set_training(model: torch.nn.Module, training: bool) -> bool:
-    """Put the model — the PEFT wrapper and every module under it — in training (or evaluation) mode; returns whether
-    it was in training mode. Switches only when needed (``Module.train`` walks every submodule). The base's own mode
+def set_training(model: torch.nn.Module, training: bool) -> None:
+    """Put the model — the PEFT wrapper and every module under it — in training (or evaluation) mode; training and
+    evaluation each set the mode they need as they start. Switches only when needed (``Module.train`` walks every
+    submodule). The base's own mode
     is what counts: PEFT's wrapper is created in training mode around a base loaded in evaluation mode, and checking
     the wrapper alone once left the base in evaluation mode until a first evaluation switched everything — on a
     worker that had not evaluated yet, gradient checkpointing and the base's own dropout were silently off."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    was = bool(model.training and inner.training)
     if model.training != training or inner.training != training:
         model.train(training)
-    return was
 
 
 def tiny_config(cfg: ModelConfig) -> Any:
