@@ -119,6 +119,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"ok: {args.scenario} — {scenario.strategy.name}, {len(prep.parts)} clients "
           f"({min(sizes)}–{max(sizes)} samples), {len(prep.data.train)} train / {len(prep.data.test)} test samples, "
           f"{scenario.rounds} rounds on the {scenario.resources.backend} backend")
+    from fedsim.data.report import length_line, warnings
+
+    print(f"  {length_line(prep.data.stats)}")
+    for w in warnings(prep.data.stats):
+        print(f"  warning: {w}")
     return 0
 
 

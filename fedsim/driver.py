@@ -14,6 +14,7 @@ from fedsim import checkpoint
 from fedsim.client.store import ClientStateStore
 from fedsim.components import Components, resolve
 from fedsim.config import Scenario, dump_scenario
+from fedsim.data.report import warnings as data_warnings
 from fedsim.errors import (
     BackendError,
     FedsimError,
@@ -142,6 +143,9 @@ class Driver:
             checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
                                              sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
+            for warning in data_warnings(prep.data.stats):  # truncated rows, a field the template leaves out
+                self.notes.add(warning)
+                progress.message(warning)
             if self.unreadable:
                 self.notes.add(describe_unreadable(self.unreadable))
                 progress.message(describe_unreadable(self.unreadable))
@@ -267,6 +271,7 @@ class Driver:
                               self.backend.worker_stats())
         self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
         self.lock.check()
+        summary["data"] = prep.data.stats
         if self.notes:
             summary["notes"] = sorted(self.notes)
         write_artifacts(self.scenario, self.run_dir, summary, adapter, prep.clients, evaluation.table, tracker,

@@ -115,7 +115,12 @@ def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: 
             target = model.get_submodule(m).weight
             target.copy_((base + totals.get(m, 0.0)).to(target.dtype))
     model.save_pretrained(str(out))
-    task.tokenizer(sc.model).save_pretrained(str(out))
+    tokenizer = task.tokenizer(sc.model)
+    if sc.data.format == "chat":  # inference renders conversations as training did
+        from fedsim.data.formats.chat import chat_template
+
+        tokenizer.chat_template = chat_template(sc.data, tokenizer)
+    tokenizer.save_pretrained(str(out))
 
 
 def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Tensors], client_id: int | None,

@@ -28,9 +28,9 @@ def collate(split: TokenizedSplit, indices: Sequence[int] | np.ndarray, pad_id: 
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
     for row, (i, s) in enumerate(zip(indices, seqs)):
-        n, p = len(s), int(split.prompt_len[int(i)])
+        n = len(s)
         ids[row, :n] = s
         mask[row, :n] = 1
-        labels[row, p:n] = s[p:]
+        split.label_row(int(i), labels[row])
     return {k: torch.from_numpy(v).to(device) for k, v in
             (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}

@@ -233,9 +233,8 @@ def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: i
     labels = np.full((len(batches) * rows, width), IGNORE, dtype=np.int64)
     for c, (b, client) in enumerate(zip(batches, seqs)):
         for j, (i, s) in enumerate(zip(b, client)):
-            n, p = len(s), int(split.prompt_len[int(i)])
-            ids[c * rows + j, :n] = s
-            labels[c * rows + j, p:n] = s[p:]
+            ids[c * rows + j, : len(s)] = s
+            split.label_row(int(i), labels[c * rows + j])
     return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -41,7 +41,15 @@ class TestSplitConfig(Frozen):
 
 
 class DataConfig(Frozen):
-    """Training data: source, format and field names."""
+    """Training data: source, format and field names, and how long a tokenized row may be.
+
+    ``column_map`` renames your columns to the names the format reads (``{instruction: question, output: answer}``:
+    the format's field ← your column). ``max_seq_len``: tokens per row, or ``auto`` (the 99th percentile of the
+    training rows' lengths, rounded up to a multiple of 8 and capped by the model's maximum). ``too_long``: a row
+    longer than that loses the start of its prompt (``truncate``: the special tokens in front and the response stay) or
+    is left out (``drop``); either way validation and the run's summary count them per split.
+    ``chat_template``: a Jinja chat template for ``format: chat`` (default: the tokenizer's own, else ChatML).
+"""
 
     source: str = "synthetic"
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -55,7 +63,10 @@ class DataConfig(Frozen):
     label_names: dict[int | str, str] | None = None
     task_field: str | None = "task"
     test: TestSplitConfig = TestSplitConfig()
-    max_seq_len: int = Field(64, ge=8, le=65536)
+    max_seq_len: Annotated[int, Field(ge=8, le=65536)] | Literal["auto"] = "auto"
+    too_long: Literal["truncate", "drop"] = "truncate"
+    column_map: dict[str, str] | None = None
+    chat_template: str | None = None
     max_train_samples: int | None = Field(None, ge=1)
 
     @field_validator("format")

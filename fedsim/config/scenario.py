@@ -60,10 +60,10 @@ class Scenario(Frozen):
     clock: ClockConfig = ClockConfig()
     faults: FaultsConfig = FaultsConfig()
 
-    def pack_size(self) -> int:
+    def pack_size(self, max_len: int) -> int:
         """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's
-        batch_size × max_seq_len)."""
-        return self.resources.pack_size(self.training.batch_size * self.data.max_seq_len)
+        batch_size × the data's ``max_len``: ``data.max_seq_len``, ``auto`` resolved by loading the data)."""
+        return self.resources.pack_size(self.training.batch_size * max_len)
 
     @field_validator("name")
     @classmethod

@@ -15,7 +15,10 @@ from fedsim.data.sources import data_digests
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
 from fedsim.paths import cache_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special tokens as the tokenizer adds them, loss masks, stats and max_len
+
+
+_ARRAYS = ("ids", "offsets", "prompt_len", "label", "task", "group")
 
 
 def cache_path(scenario: Scenario, group_field: str | None) -> Path:
@@ -37,12 +40,14 @@ def save(path: Path, data: TokenizedData) -> None:
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         s = getattr(data, split)
-        for f in ("ids", "offsets", "prompt_len", "label", "task", "group"):
+        for f in _ARRAYS:
             arrays[f"{split}.{f}"] = getattr(s, f)
+        if s.loss_mask is not None:
+            arrays[f"{split}.loss_mask"] = s.loss_mask
     for i, o in enumerate(data.options):
         arrays[f"option.{i}"] = o
     meta = {"task_names": data.task_names, "group_names": data.group_names, "label_names": data.label_names,
-            "pad_id": data.pad_id, "eos_id": data.eos_id}
+            "pad_id": data.pad_id, "eos_id": data.eos_id, "max_len": data.max_len, "stats": data.stats}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -55,7 +60,7 @@ def load(path: Path) -> TokenizedData:
         meta = json.loads(bytes(z["meta"]).decode())
         splits = {}
         for split in ("train", "test"):
-            splits[split] = TokenizedSplit(**{f: z[f"{split}.{f}"] for f in
-                                              ("ids", "offsets", "prompt_len", "label", "task", "group")})
+            mask = z[f"{split}.loss_mask"] if f"{split}.loss_mask" in z.files else None
+            splits[split] = TokenizedSplit(**{f: z[f"{split}.{f}"] for f in _ARRAYS}, loss_mask=mask)
         options = [z[f"option.{i}"] for i in range(len(meta["label_names"]))]
     return TokenizedData(train=splits["train"], test=splits["test"], options=options, **meta)

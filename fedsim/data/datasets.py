@@ -15,9 +15,9 @@ import numpy as np
 
 from fedsim.config import Scenario
 from fedsim.data import cache
-from fedsim.data.formats import check_fields, check_values, format_rows, get_format
+from fedsim.data.formats import check_fields, check_values, format_rows, get_format, map_columns
 from fedsim.data.sources import data_digests, data_files, file_digest, load_rows  # noqa: F401  # re-exported
-from fedsim.data.tokenize import encode, tokenize_split
+from fedsim.data.tokenize import auto_length, encode, encode_example, special_prefix, tokenize_split
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit  # noqa: F401  # re-exported
 from fedsim.errors import DataError, ScenarioError
 
@@ -65,6 +65,9 @@ def _read_splits(scenario: Scenario, gfield: str | None) -> tuple[Rows, Rows]:
     (``data.test.fraction``, seeded) when no test source or split is given, and capped at ``data.test.max_samples``."""
     cfg = scenario.data
     train_rows, test_rows = load_rows(cfg)
+    train_rows = map_columns(train_rows, cfg, "training data")
+    if test_rows is not None:
+        test_rows = map_columns(test_rows, cfg, "test data")
     if cfg.max_train_samples is not None:
         train_rows = train_rows[: cfg.max_train_samples]
     needed = get_format(cfg).fields(cfg)
@@ -110,23 +113,50 @@ def _groups(scenario: Scenario, train_rows: Rows, gfield: str | None) -> list[st
 
 def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_groups: list[str | None],
               tokenizer: Any) -> TokenizedData:
-    """Format both splits and tokenize them, with the names their integer codes refer to."""
+    """Format both splits and tokenize them (``max_seq_len: auto`` resolved from the training rows), with the names
+    their integer codes refer to and what fitting them to the length did (``stats``)."""
     cfg = scenario.data
-    train_f = format_rows(train_rows, cfg, "training data")
-    test_f = format_rows(test_rows, cfg, "test data")
-    task_names = sorted({t for _, _, t, _ in train_f + test_f if t is not None})
+    fmt = get_format(cfg)
+    train_f = format_rows(train_rows, cfg, "training data", tokenizer)
+    test_f = format_rows(test_rows, cfg, "test data", tokenizer)
+    task_names = sorted({t for _, t in train_f + test_f if t is not None})
     group_names = sorted({g for g in train_groups if g is not None})
-    label_names: list[str] = []
-    if get_format(cfg).scored_by_options:
-        label_names = sorted({lab for *_, lab in train_f + test_f})
+    label_names = sorted({ex.label for ex, _ in train_f + test_f}) if fmt.scored_by_options else []
     task_index = {t: i for i, t in enumerate(task_names)}
     group_index = {g: i for i, g in enumerate(group_names)}
     label_index = {lab: i for i, lab in enumerate(label_names)}
-    max_len = cfg.max_seq_len
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    enc_train = [encode_example(ex, tokenizer, prefix, eos) for ex, _ in train_f]
+    enc_test = [encode_example(ex, tokenizer, prefix, eos) for ex, _ in test_f]
+    auto = cfg.max_seq_len == "auto"
+    cap = model_max_length(scenario, tokenizer)
+    max_len = auto_length([len(e) for e in enc_train], cap) if auto else int(cfg.max_seq_len)
+
+    def codes(formatted: list, groups: list[str | None]) -> list[tuple[int, int, int]]:
+        return [(label_index.get(ex.label, -1), task_index[t] if t is not None else -1,
+                 group_index[g] if g is not None else -1) for (ex, t), g in zip(formatted, groups)]
+
+    drop = cfg.too_long == "drop"
+    train, train_stats = tokenize_split(enc_train, codes(train_f, train_groups), max_len, drop)
+    test, test_stats = tokenize_split(enc_test, codes(test_f, [None] * len(test_f)), max_len, drop)
+    for name, split, st in (("training", train, train_stats), ("test", test, test_stats)):
+        if not len(split):
+            raise DataError(f"every {name} row is longer than max_seq_len {max_len} (the longest has {st.longest} "
+                            "tokens) and data.too_long is drop: raise data.max_seq_len or set it to auto")
+    stats = {"max_seq_len": max_len, "auto": auto, "model_max": cap, "train": train_stats.as_dict(), "test": test_stats.as_dict(),
+             "notes": fmt.advice(train_rows, cfg)}
     return TokenizedData(
-        train=tokenize_split(train_f, train_groups, tokenizer, max_len, task_index, group_index, label_index),
-        test=tokenize_split(test_f, [None] * len(test_f), tokenizer, max_len, task_index, group_index, label_index),
-        task_names=task_names, group_names=group_names, label_names=label_names,
-        options=[np.asarray(encode(tokenizer, lab) + [tokenizer.eos_token_id], dtype=np.int32) for lab in label_names],
-        pad_id=int(tokenizer.pad_token_id), eos_id=int(tokenizer.eos_token_id),
+        train=train, test=test, task_names=task_names, group_names=group_names, label_names=label_names,
+        options=[np.asarray(encode(tokenizer, lab) + [eos], dtype=np.int32) for lab in label_names],
+        pad_id=int(tokenizer.pad_token_id), eos_id=int(eos), max_len=max_len, stats=stats,
     )
+
+
+def model_max_length(scenario: Scenario, tokenizer: Any) -> int | None:
+    """The longest input the model takes: the tokenizer's ``model_max_length`` (when set: transformers' sentinel
+    for none is ~1e30) and the built-in tiny model's positions."""
+    cap = getattr(tokenizer, "model_max_length", None)
+    caps = [int(cap)] if isinstance(cap, int) and 0 < cap < 1_000_000 else []
+    if scenario.model.name == "tiny":
+        caps.append(scenario.model.tiny.max_position_embeddings)
+    return min(caps) if caps else None

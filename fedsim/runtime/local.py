@@ -57,7 +57,7 @@ class LocalBackend(Backend):
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
               ) -> ServerHandle:
         self.worker = Worker(scenario, data, name="local", components=components)
-        self.pack_size = scenario.pack_size()
+        self.pack_size = scenario.pack_size(data.max_len)
         self.resources = scenario.resources  # packs as the Ray backend cuts them: same packs, same numbers
         return LocalServerHandle(Server(components.strategy, spec=spec, stages=components.stages,
                                           objectives=components.objectives))

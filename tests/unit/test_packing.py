@@ -184,9 +184,9 @@ def test_packs_share_a_base_and_keep_job_order(tiny_scenario):
 def test_clients_per_pass_config(tiny_raw):
     tiny_raw["resources"]["clients_per_pass"] = "auto"
     sc = scenario_from_dict(tiny_raw)
-    assert sc.pack_size() == 4096 // (8 * 24)
+    assert sc.pack_size(24) == 4096 // (8 * 24)
     tiny_raw["resources"]["pack_tokens"] = 100
-    assert scenario_from_dict(tiny_raw).pack_size() == 1
+    assert scenario_from_dict(tiny_raw).pack_size(24) == 1
     tiny_raw["resources"]["clients_per_pass"] = 0
     with pytest.raises(ScenarioError, match="clients_per_pass"):
         scenario_from_dict(tiny_raw)

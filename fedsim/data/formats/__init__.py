@@ -1,10 +1,12 @@
 """The row format extension point: how one data row becomes a prompt and a target.
 
 A row format reads the fields of a row (named by the ``data`` section: ``prompt_template``, ``response_field``,
-``label_field``) and returns an :class:`Example`: the prompt text, the response text the loss covers, and — for
-formats scored over a fixed set of label options — the label. Built-ins: ``instruction``
-(:mod:`fedsim.data.formats.instruction`) and ``classification`` (:mod:`fedsim.data.formats.classification`); a new
-one is a subclass of :class:`RowFormat` registered with ``@row_format("name")`` (docs/architecture.md, "How to add").
+``label_field``, after ``column_map`` renamed your columns) and returns an :class:`Example`: the prompt text, the
+response text the loss covers, and — for formats scored over a fixed set of label options — the label; a conversation
+also has earlier turns (``context``). Built-ins: ``instruction`` (:mod:`fedsim.data.formats.instruction`),
+``alpaca`` and ``prompt_completion`` (:mod:`fedsim.data.formats.text`), ``chat`` (:mod:`fedsim.data.formats.chat`)
+and ``classification`` (:mod:`fedsim.data.formats.classification`); a new one is a subclass of :class:`RowFormat`
+registered with ``@row_format("name")`` (docs/architecture.md, "How to add").
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ row_format = registry.decorator("row_format")
 
 @dataclass(frozen=True)
 class Example:
-    """One formatted row: the prompt, the response the loss covers, and its label name ('' when unlabelled)."""
+    """One formatted row: the prompt, the response the loss covers, and its label name ('' when unlabelled).
+
+    A conversation (``rendered``: text a chat template wrote, special tokens included) keeps its earlier turns in
+    ``context``: (text before the reply, the assistant's reply) pairs, in order, before ``prompt`` and ``response``
+    (the last reply); the loss covers every reply."""
 
     prompt: str
     response: str
     label: str = ""
+    context: tuple[tuple[str, str], ...] = ()
+    rendered: bool = False
 
 
 class RowFormat:
@@ -49,6 +57,22 @@ class RowFormat:
     def example(self, row: dict[str, Any], cfg: DataConfig) -> Example:
         """The example of one row (its fields are present: :func:`check_fields` ran)."""
         raise NotImplementedError
+
+    def render(self, row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: str) -> Example:
+        """The example of one row, for formats that need the tokenizer (a chat template); by default
+        :meth:`example`. ``where`` names the row in errors."""
+        return self.example(row, cfg)
+
+    def check_row(self, row: dict[str, Any], cfg: DataConfig, where: str) -> None:
+        """Raise :class:`~fedsim.errors.DataError` naming ``where`` and the field when the row does not fit the
+        format. By default: every field a template fills is text or a number (a list or a mapping in a template would
+        train on its Python repr)."""
+        for f in self.fields(cfg):
+            check_scalar(row.get(f), f, where)
+
+    def advice(self, rows: list[dict[str, Any]], cfg: DataConfig) -> list[str]:
+        """Things worth saying about the data in this format (a field the template leaves out, say); none by default."""
+        return []
 
 
 def template_fields(template: str) -> list[str]:
@@ -77,6 +101,16 @@ def missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def check_scalar(value: Any, field: str, where: str) -> None:
+    """A template fills ``field`` with text: a list or a mapping is an error naming the row and the field."""
+    if isinstance(value, (list, tuple, dict)):
+        kind = "a mapping" if isinstance(value, dict) else "a list"
+        hint = (" — a conversation (a list of {role, content}) goes with data.format: chat"
+                if isinstance(value, (list, tuple)) and value and isinstance(value[0], dict) else "")
+        raise DataError(f"{where} field {field!r} is {kind}, not text: a template would fill in its Python repr"
+                        f"{hint}; point the format at a text field (data.column_map) or use a format that reads it")
+
+
 def check_values(rows: list[dict[str, Any]], fields: list[str], where: str) -> None:
     """Every row has a value for every field the formatting reads (not only the first row).
 
@@ -95,13 +129,37 @@ def get_format(cfg: DataConfig) -> RowFormat:
     return registry.get("row_format", cfg.format)()
 
 
-def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list[tuple[str, str, str | None, str]]:
-    """Rows → (prompt, response, task or None, label name or '') tuples, in the scenario's row format."""
+def map_columns(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list[dict[str, Any]]:
+    """``data.column_map`` applied: each of the format's fields gets the value of the column it names.
+
+    Raises:
+        ScenarioError: a named column is not in the data (naming the data's columns).
+    """
+    if not cfg.column_map or not rows:
+        return rows
+    absent = {f: c for f, c in cfg.column_map.items() if c not in rows[0]}
+    if absent:
+        raise ScenarioError("data.column_map", f"{where} has no column(s) {sorted(absent.values())} "
+                            f"(mapped to {sorted(absent)}); its columns are {sorted(rows[0])}",
+                            "map each format field to an existing column")
+    pairs = list(cfg.column_map.items())
+    return [{**r, **{f: r[c] for f, c in pairs}} for r in rows]
+
+
+def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None
+                ) -> list[tuple[Example, str | None]]:
+    """Rows → (example, task or None) in the scenario's row format; each row checked first (:meth:`RowFormat.check_row`,
+    rows counted from 1 as they come in the file).
+
+    Raises:
+        DataError: a row that does not fit the format, naming the row and the field.
+    """
     fmt = get_format(cfg)
     check_fields(rows, fmt.fields(cfg), where)
     has_task = cfg.task_field is not None and cfg.task_field in rows[0]
     out = []
-    for r in rows:
-        ex = fmt.example(r, cfg)
-        out.append((ex.prompt, ex.response, str(r[cfg.task_field]) if has_task else None, ex.label))
+    for i, r in enumerate(rows, start=1):
+        at = f"{where} row {i}"
+        fmt.check_row(r, cfg, at)
+        out.append((fmt.render(r, cfg, tokenizer, at), str(r[cfg.task_field]) if has_task else None))
     return out

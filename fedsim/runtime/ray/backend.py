@@ -61,13 +61,13 @@ class RayBackend(Backend):
         self.started_ray, self.actors, self.slots = self._pool.started_ray, self._pool.actors, self._pool.slots
         self.launched_at = self._pool.started_at
         self.resources = scenario.resources
-        self.pack_size = scenario.pack_size()
 
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
               ) -> ServerHandle:
         import ray
 
         self.launch(scenario)
+        self.pack_size = scenario.pack_size(data.max_len)
         self._data_ref = ray.put(data)  # replacements get the data and the components when they are created
         self._components_ref = ray.put(components)
         ready = self._pool.ready + [a.attach.remote(self._data_ref, self._components_ref) for a in self.actors]
