@@ -136,13 +136,15 @@ def test_missing_scenario_file(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_sweep_runs_every_point_and_tabulates(tiny_yaml, tmp_path):
-    out = tmp_path / "sweep"
-    r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.num_clients=4,8", "--grid", "training.local_steps=1,2",
-                "--set", "rounds=1", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+def test_sweeps_run_every_point_tabulate_and_parallel_ones_give_the_sequential_results(tiny_yaml, tmp_path):
+    """A sequential sweep over a 2 × 2 grid; then --parallel 2 over half of it — processes with the local backend,
+    Ray tasks (each point's driver) with the Ray backend — gives the same numbers."""
     import csv
 
+    out = tmp_path / "sweep"
+    r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.num_clients=4,8", "--grid", "training.local_steps=1,2",
+                "--set", "rounds=1", "--set", "eval.at_start=false", "--out", str(out))
+    assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(x["clients.num_clients"], x["training.local_steps"]) for x in rows] == [
         ("4", "1"), ("4", "2"), ("8", "1"), ("8", "2")]
@@ -152,24 +154,17 @@ def test_sweep_runs_every_point_and_tabulates(tiny_yaml, tmp_path):
         assert resolved["logging"]["wandb"]["group"] == "tiny-sweep" and resolved["rounds"] == 1
         assert float(x["comm_params"]) > 0 and 0.0 <= float(x["final_accuracy"]) <= 1.0
     assert (out / "sweep.png").stat().st_size > 1000
-
-
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_parallel_sweep_gives_the_sequential_results(tiny_yaml, tmp_path, backend):
-    """--parallel 2: processes with the local backend, Ray tasks (each point's driver) with the Ray backend."""
-    import csv
-
-    common = ["--grid", "clients.num_clients=4,8", "--set", "rounds=1", "--set", "eval.at_start=false"]
-    r = _fedsim("sweep", str(tiny_yaml), *common, "--out", str(tmp_path / "seq"))
-    assert r.returncode == 0, r.stderr
-    r = _fedsim("sweep", str(tiny_yaml), *common, "--parallel", "2", "--set", f"resources.backend={backend}",
-                "--set", "resources.num_workers=1", "--out", str(tmp_path / "par"))
-    assert r.returncode == 0, r.stderr
-    seq = list(csv.DictReader(open(tmp_path / "seq" / "sweep.csv")))
-    par = list(csv.DictReader(open(tmp_path / "par" / "sweep.csv")))
-    assert [x["clients.num_clients"] for x in par] == ["4", "8"]
-    for a, b in zip(seq, par):
-        assert a["final_loss"] == b["final_loss"] and a["comm_params"] == b["comm_params"]
+    seq = [x for x in rows if x["training.local_steps"] == "1"]
+    for backend in ("local", "ray"):
+        r = _fedsim("sweep", str(tiny_yaml), "--grid", "clients.num_clients=4,8", "--set", "rounds=1",
+                    "--set", "eval.at_start=false", "--set", "training.local_steps=1", "--parallel", "2",
+                    "--set", f"resources.backend={backend}", "--set", "resources.num_workers=1",
+                    "--out", str(tmp_path / f"par-{backend}"))
+        assert r.returncode == 0, r.stderr
+        par = list(csv.DictReader(open(tmp_path / f"par-{backend}" / "sweep.csv")))
+        assert [x["clients.num_clients"] for x in par] == ["4", "8"]
+        for a, b in zip(seq, par):
+            assert a["final_loss"] == b["final_loss"] and a["comm_params"] == b["comm_params"], backend
 
 
 def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
