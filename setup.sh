@@ -14,6 +14,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${FEDSIM_TORCH:-torch==2.13.0}"
 fi
-extras="hqq,bnb"
+extras="hqq,bnb,eval"
 if [ "${1:-}" = "dev" ]; then extras="$extras,dev"; fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"

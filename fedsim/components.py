@@ -14,6 +14,7 @@ from typing import Any
 from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.data.formats import RowFormat
+from fedsim.eval.catalog import run_metrics
 from fedsim.eval.metrics import Metric, default_metrics
 from fedsim.models.tasks import ModelTask, task_for
 from fedsim.pipeline import NanFault, ServerOptimizer, ServerStage, UpdateTransform
@@ -71,5 +72,5 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
     return Components(strategy=strategy, task=task_for(scenario.model),
-                      row_format=registry.get("row_format", scenario.data.format)(), metrics=default_metrics(scenario.eval.metrics),
+                      row_format=registry.get("row_format", scenario.data.format)(), metrics=run_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())

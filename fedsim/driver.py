@@ -4,6 +4,7 @@ server and the workers run, and the driver only ever holds their handles."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from fedsim.federation.callbacks import (
     RoundCallback,
     TrackerCallback,
 )
-from fedsim.federation.evaluation import Evaluation
+from fedsim.federation.evaluation import GENERATIONS, Evaluation, keep_rounds_until
 from fedsim.federation.failures import FailurePolicy
 from fedsim.federation.prepare import Prepared, partition_table, prepare, split_local_test  # noqa: F401
 from fedsim.federation.rounds import Federation, RoundResult, eval_batches, run_round
@@ -163,7 +164,9 @@ class Driver:
                 row = self._row(result, totals, progress, t0)
                 if evaluation.due(r):
                     t_eval = time.perf_counter()
-                    row.update(evaluation(server, self.backend))
+                    row.update(evaluation(server, self.backend, r))
+                    if evaluation.samples:
+                        self._generations(evaluation.samples, tracker)
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, events)
@@ -193,6 +196,7 @@ class Driver:
                                     f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
                                     "belong to this run", "resume the run directory that wrote it, or start anew")
             self.rows, self.unreadable = rows_until(self.run_dir, start_round)
+            keep_rounds_until(self.run_dir / GENERATIONS, start_round)  # the rounds after it generate again
             self.notes = {n for row in self.rows if isinstance(row.get("notes"), list) for n in row["notes"]
                           if isinstance(n, str)}
             return start_round, (state, strategy_state), used, None
@@ -256,6 +260,13 @@ class Driver:
         add_totals(row, totals)
         row["time/fit_s"] = time.perf_counter() - t0  # sample + configure + train + aggregate
         return row
+
+    def _generations(self, samples: list[dict[str, Any]], tracker: Tracker) -> None:
+        """A round's kept generations: appended to ``generations.jsonl``, and a W&B table with the round's row."""
+        self.lock.check()
+        with open(self.run_dir / GENERATIONS, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in samples))
+        tracker.table("eval/generations", samples)
 
     def _log(self, row: dict[str, Any], events: CallbackList) -> None:
         self.lock.check()  # the run directory is still this run's

@@ -38,7 +38,7 @@ KINDS: dict[str, Kind] = {
                      " (see `fedsim strategies`)"),
     "model_task": Kind("fedsim.models.tasks", "model.task", "model task", "fedsim.model_tasks"),
     "row_format": Kind("fedsim.data.formats", "data.format", "data format", "fedsim.row_formats"),
-    "metric": Kind("fedsim.eval.metrics", "eval.metrics", "metric", "fedsim.metrics"),
+    "metric": Kind("fedsim.eval.catalog", "eval.metrics", "metric", "fedsim.metrics"),
     "objective": Kind("fedsim.objectives", "strategy.params", "client objective", "fedsim.objectives"),
     "procedure": Kind("fedsim.client.procedures", "strategy", "local training procedure", "fedsim.procedures"),
     "synthetic_task": Kind("fedsim.data.synthetic", "data.synthetic.tasks", "synthetic task",
@@ -123,3 +123,24 @@ def get(kind: str, name: str) -> Any:
 def decorator(kind: str) -> Callable[[str], Callable[[Any], Any]]:
     """A kind's own registering decorator: ``metric = decorator("metric")`` then ``@metric("exact_match")``."""
     return lambda name: register(kind, name)
+
+
+def load_object(path: str, key: str) -> Any:
+    """The object at ``module:attribute``.
+
+    Raises:
+        ScenarioError: the module cannot be imported, or has no such attribute (naming both and the fix).
+    """
+    module, _, attr = path.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - ImportError, or the module's own error while importing
+        raise ScenarioError(key, f"cannot import {module!r} for {path!r}: {e.__class__.__name__}: {e}",
+                            "check the module name, and that it is importable where fedsim runs (installed, or on "
+                            "PYTHONPATH for every Ray worker)") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ScenarioError(key, f"{module!r} has no {attr!r}", f"name an attribute of {module}")
+        obj = getattr(obj, part)
+    return obj

@@ -152,6 +152,15 @@ class Tracker:
 
             self._pending = {**self._pending, key: wandb.Image(str(path))}
 
+    def table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """A table (e.g. a round's generations), logged with the next row."""
+        if self._wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self._pending = {**self._pending, key: wandb.Table(
+                columns=columns, data=[[_clean(r.get(c)) for c in columns] for r in rows])}
+
     def tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
         """Tables (e.g. clients.csv, personalized.csv) in the run's summary."""
         if self._wandb is None:

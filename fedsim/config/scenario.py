@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -12,7 +13,14 @@ from fedsim.config.clients import ClientsConfig
 from fedsim.config.data import DataConfig, PartitionConfig
 from fedsim.config.model import ModelConfig
 from fedsim.config.resources import LoggingConfig, ResourcesConfig
-from fedsim.config.training import CheckpointConfig, ClockConfig, EvalConfig, FaultsConfig, TrainingConfig
+from fedsim.config.training import (
+    CheckpointConfig,
+    ClockConfig,
+    EvalConfig,
+    FaultsConfig,
+    GenerateConfig,
+    TrainingConfig,
+)
 from fedsim.errors import ScenarioError
 
 
@@ -114,17 +122,43 @@ class Scenario(Frozen):
 
     @model_validator(mode="after")
     def _metrics_known(self) -> Scenario:
-        if not self.eval.metrics:  # the metrics' home imports torch: only when the scenario names one
-            return self
-        known = registry.names("metric")
-        fmt = registry.get("row_format", self.data.format)
-        for name in self.eval.metrics:
-            if name not in known:
-                raise ScenarioError("eval.metrics", f"unknown metric {name!r}", f"choose from {', '.join(known)}")
-            if getattr(registry.get("metric", name), "needs_options", False) and not fmt.scored_by_options:
-                raise ScenarioError("eval.metrics", f"metric {name!r} needs a classification (label options), but "
-                                    f"data.format is {self.data.format!r}", "use data.format: classification")
+        # the metrics' home imports torch: looked up only when the scenario names one
+        generative = any(self._check_metric(name) for name in self.eval.metrics)
+        if self.eval.generate is not None and not generative:
+            raise ScenarioError("eval.generate", "generation is set up but eval.metrics names no metric of generated "
+                                "text", "add one, e.g. eval.metrics: [rouge_l, exact_match]")
         return self
+
+    def _check_metric(self, name: str) -> bool:
+        """Raise a ScenarioError for a metric this scenario cannot report; whether it reads generated text."""
+        if ":" in name:  # an import path: a function of generated text, or a Metric subclass
+            obj = registry.load_object(name, "eval.metrics")
+            if isinstance(obj, type) and hasattr(obj, "sums") and hasattr(obj, "reduce"):
+                return bool(getattr(obj, "generative", False))
+            if callable(obj):
+                return True
+            raise ScenarioError("eval.metrics", f"{name} is a {type(obj).__name__}, not a function or a Metric "
+                                "subclass", "point at score(prediction: str, reference: str) -> float, or a Metric "
+                                "subclass")
+        known = registry.names("metric")
+        if name not in known:
+            raise ScenarioError("eval.metrics", f"unknown metric {name!r}", f"choose from {', '.join(known)}")
+        cls = registry.get("metric", name)
+        if getattr(cls, "needs_options", False) and not registry.get("row_format", self.data.format).scored_by_options:
+            raise ScenarioError("eval.metrics", f"metric {name!r} needs a classification (label options), but "
+                                f"data.format is {self.data.format!r}", "use data.format: classification")
+        missing = [m for m in getattr(cls, "requires", ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ScenarioError("eval.metrics", f"metric {name!r} needs the package(s) {missing}, which are not "
+                                "installed", "pip install 'fedsim[eval]'")
+        return bool(getattr(cls, "generative", False))
+
+    def generation(self) -> GenerateConfig | None:
+        """How generation-based evaluation runs: ``eval.generate``, or its defaults when ``eval.metrics`` names a
+        metric of generated text; None when nothing is generated."""
+        if self.eval.generate is not None:
+            return self.eval.generate
+        return GenerateConfig() if any(self._check_metric(n) for n in self.eval.metrics) else None
 
     @model_validator(mode="after")
     def _objective_known(self, info: ValidationInfo) -> Scenario:

@@ -53,6 +53,22 @@ class TrainingConfig(Frozen):
         return self.local_steps if self.local_steps is not None else 10
 
 
+class GenerateConfig(Frozen):
+    """Generation-based evaluation (``eval.generate``): the generative metrics (``eval.metrics``: ``rouge1``,
+    ``rouge2``, ``rouge_l``, ``bleu``, ``chrf``, ``exact_match`` or your own functions) on generated answers to a fixed,
+    seeded sample of the test set — every ``every`` rounds (and at the last round; None: at the last round only)."""
+
+    every: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(200, ge=1)  # test samples generated for (a fixed seeded subset); None: all
+    max_new_tokens: int = Field(64, ge=1, le=32768)
+    batch_size: int = Field(16, ge=1, le=4096)
+    do_sample: bool = False  # greedy by default; sampled generation is seeded (the run's seed and the round)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    log_samples: int = Field(8, ge=0, le=10_000)  # generations kept per evaluation (generations.jsonl, W&B table)
+    personal: bool = True  # also generate with each client's own model on its local test split, when it has one
+
+
 class EvalConfig(Frozen):
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
@@ -64,6 +80,8 @@ class EvalConfig(Frozen):
     # metrics reported beside loss, accuracy and per-task accuracy: registered names (fedsim.eval.metrics), e.g.
     # macro_f1 and mcc for classification
     metrics: tuple[str, ...] = ()
+    # generation-based evaluation; set it, or name a generative metric in metrics, to generate (defaults then apply)
+    generate: GenerateConfig | None = None
 
 
 class CheckpointConfig(Frozen):

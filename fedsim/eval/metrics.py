@@ -171,10 +171,15 @@ CLASSIFICATION_METRICS = ("macro_f1", "mcc")
 
 
 def default_metrics(extra: Sequence[str] = ()) -> tuple[Metric, ...]:
-    """The metrics every run reports (the per-client tables read ``loss`` and ``accuracy``'s sums), then the
-    scenario's ``eval.metrics``."""
+    """The metrics every run reports (the per-client tables read ``loss`` and ``accuracy``'s sums), then ``extra``
+    registered names (a scenario's ``eval.metrics``, import paths too: :func:`fedsim.eval.catalog.run_metrics`)."""
     names = [*DEFAULT_METRICS, *(n for n in extra if n not in DEFAULT_METRICS)]
     return tuple(registry.get("metric", name)() for name in names)
+
+
+def scored(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
+    """The metrics of the teacher-forced pass (the others read generated text)."""
+    return tuple(m for m in metrics if not getattr(m, "generative", False))
 
 
 def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -194,3 +199,4 @@ def reduce_eval(parts: Sequence[dict[str, float]], metrics: Sequence[Metric] | N
     for m in metrics if metrics is not None else default_metrics():
         out.update(m.reduce(sums))
     return out
+

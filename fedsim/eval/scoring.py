@@ -11,7 +11,7 @@ import torch
 
 from fedsim.client.batching import collate
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
-from fedsim.eval.metrics import default_metrics
+from fedsim.eval.metrics import default_metrics, scored
 from fedsim.eval.outputs import EvalOutputs
 from fedsim.models.base import set_training
 from fedsim.models.lm_loss import IGNORE
@@ -47,8 +47,7 @@ def evaluate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
         from fedsim.models.tasks.causal_lm import CausalLM
 
         task = CausalLM()
-    if metrics is None:
-        metrics = default_metrics()
+    metrics = scored(default_metrics() if metrics is None else metrics)
     out = score_batch(model, data, indices, device, task, split)
     sums: dict[str, float] = {}
     for m in metrics:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.federation.rundir import write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
@@ -21,7 +21,7 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
     communication totals, the simulated time, the bases' sizes and the workers' counters."""
     evals = [r for r in rows if "eval/accuracy" in r]
     final = evals[-1] if evals else {}
-    extra = {k for name in scenario.eval.metrics for k in registry.get("metric", name).keys}  # eval.metrics
+    extra = [k for m in metric_objects(scenario) for k in m.keys]  # eval.metrics' keys (``*``: a task name)
     return {
         "name": scenario.name, "rounds": scenario.rounds, "run_dir": str(run_dir), "time_s": total_s,
         # the evaluation before training (round 0); None without one (eval.at_start off, or its row lost)
@@ -29,12 +29,22 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
         "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
         "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
         **{f"final/{k}": v for k, v in final.items()
-           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/")) or k in extra},
+           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))
+           or any(fnmatch.fnmatchcase(k, pattern) for pattern in extra)},
         **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
         "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(rows) if "time/sim_total_s" in r), 0.0),
         **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
         "workers": workers,
     }
+
+
+def metric_objects(scenario: Scenario) -> tuple:
+    """The scenario's ``eval.metrics`` (none named: nothing to import)."""
+    if not scenario.eval.metrics:
+        return ()
+    from fedsim.eval.catalog import run_metrics
+
+    return run_metrics(scenario.eval.metrics)
 
 
 def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], adapter: Any,

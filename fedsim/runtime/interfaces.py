@@ -15,6 +15,7 @@ import numpy as np
 from fedsim.components import Components
 from fedsim.config import Scenario
 from fedsim.data.tokenized import TokenizedData
+from fedsim.errors import BackendError
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext
 
@@ -87,7 +88,14 @@ class Backend(ABC):
     def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]
                          ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
         """Per client (id, personal tensors or None, local test indices): sums with the global adapter alone and
-        with the personal tensors on top."""
+        with the personal tensors on top. Backends that generate also take ``server_round`` (an int: generate with
+        each client's own model too, the generative metrics' sums joining the personal ones)."""
+
+    def generate(self, payload: Handle, batches: Sequence[np.ndarray], server_round: int
+                 ) -> list[tuple[dict[str, float], list[dict[str, Any]]]]:
+        """Generate for test batches with the global model: per batch, the generative metrics' sums and the samples
+        (``{index, task, prompt, prediction, reference}``), in order."""
+        raise BackendError(f"{type(self).__name__} cannot generate; eval.generate needs the local or the Ray backend")
 
     @abstractmethod
     def worker_stats(self) -> list[dict[str, Any]]:

@@ -91,8 +91,12 @@ class LocalBackend(Backend):
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
         return self.worker.evaluate(payload, list(batches))
 
-    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
-        return self.worker.evaluate_clients(payload, list(items))
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]],
+                         server_round: int | None = None):
+        return self.worker.evaluate_clients(payload, list(items), server_round)
+
+    def generate(self, payload: Handle, batches: Sequence[np.ndarray], server_round: int):
+        return self.worker.generate(payload, list(batches), server_round)
 
     def worker_stats(self) -> list[dict[str, Any]]:
         return [self.worker.stats()] if self.worker else []

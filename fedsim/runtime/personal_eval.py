@@ -27,10 +27,13 @@ def own_payload(payload: ClientPayload, quant: QuantSpec) -> ClientPayload:
     return payload
 
 
-def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple]) -> dict[int, tuple[dict, dict]]:
+def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple], server_round: int | None = None
+                     ) -> dict[int, tuple[dict, dict]]:
     """Per client (id, personal tensors or None, local test indices[, its QuantSpec[, its training indices]]),
     sums on its local test indices (train split), on its own base, with the global adapter alone and with its
-    personal tensors on top: ``{client_id: (global_sums, personal_sums)}``."""
+    personal tensors on top: ``{client_id: (global_sums, personal_sums)}``. With ``server_round`` (generation due
+    and ``eval.generate.personal``), the personal sums also hold the generative metrics' sums of the client's own
+    model on (up to ``max_samples`` of) its local test split."""
     out = {}
     for client_id, personal, indices, *rest in items:
         quant = rest[0] if rest else FULL
@@ -49,8 +52,30 @@ def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple])
         if own.measure_qa and own.personal_lora is not None:
             mixed.update(qa_measurements(worker.bases, host, quant, own.personal_lora,
                                          host.read(own.personal_lora, personal=True)))
+        gen = worker.scenario.generation()
+        if server_round is not None and gen is not None and gen.personal and len(indices):
+            mixed.update(generation_sums(worker, host, np.asarray(indices)[: gen.max_samples or None], server_round,
+                                         split=worker.data.train, client_id=client_id)[0])
         out[client_id] = (alone, mixed)
     return out
+
+
+def generation_sums(worker: Worker, host: AdapterHost, indices: np.ndarray, server_round: int, split: Any = None,
+                    client_id: int = -1) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate with the host's active model for ``indices`` of ``split`` (default: the global test set), seeded by
+    (run seed, round, client, first sample); the generative metrics' sums, and the samples."""
+    from fedsim.eval.generation import generate_batch
+
+    gen = worker.scenario.generation()
+    seed = int(np.random.SeedSequence([worker.scenario.seed, server_round, client_id + 1, int(indices[0])]
+                                      ).generate_state(1)[0])
+    outputs, samples = generate_batch(host.model, worker.data, indices, worker.tokenizer(), gen, worker.device, seed,
+                                      split=split)
+    sums: dict[str, float] = {}
+    for m in worker.components.metrics:
+        if getattr(m, "generative", False):
+            sums.update(m.sums(outputs))
+    return sums, samples
 
 
 def _evaluate(worker: Worker, host: AdapterHost, indices) -> dict[str, float]:

@@ -108,6 +108,7 @@ class Worker:
         self.bases = BaseCache(scenario, components.task if components else task_for(scenario.model), self.device)
         self.starts = AdapterStarts(scenario.seed, self.bases)
         self.num_clients = 0
+        self._tokenizer: Any = None
 
     # -- set-up ------------------------------------------------------------------------------------------------
     @property
@@ -262,19 +263,38 @@ class Worker:
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, payload: ClientPayload, batches: list[np.ndarray]) -> list[dict[str, float]]:
         """Evaluate the payload's adapter on batches of test indices; one dict of metric sums per batch."""
+        host = self._global_model(payload)
+        c = self.components
+        return [evaluate_batch(host.model, self.data, b, self.device, task=c.task, metrics=c.metrics)
+                for b in batches]
+
+    def generate(self, payload: ClientPayload, batches: list[np.ndarray], server_round: int
+                 ) -> list[tuple[dict[str, float], list[dict[str, Any]]]]:
+        """Generate with the global model for batches of test indices (:mod:`fedsim.eval.generation`): per batch the
+        generative metrics' sums and the samples."""
+        host = self._global_model(payload)
+        return [personal_eval.generation_sums(self, host, b, server_round) for b in batches]
+
+    def _global_model(self, payload: ClientPayload) -> AdapterHost:
         from dataclasses import replace
 
         host = self.host(payload.base_version)
         payload = replace(payload, personal_lora=None)  # the global model: no client's personal adapter
         host.activate(payload.lora)
         self.starts.load(host, payload, None, None)
-        c = self.components
-        return [evaluate_batch(host.model, self.data, b, self.device, task=c.task, metrics=c.metrics)
-                for b in batches]
+        return host
 
-    def evaluate_clients(self, payload: ClientPayload, items: list[tuple]) -> dict[int, tuple[dict, dict]]:
-        """Each client's own model on its local test split (:func:`~fedsim.runtime.personal_eval.evaluate_clients`)."""
-        return personal_eval.evaluate_clients(self, payload, items)
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (decoding generations), loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = self.components.task.tokenizer(self.scenario.model)
+        return self._tokenizer
+
+    def evaluate_clients(self, payload: ClientPayload, items: list[tuple], server_round: int | None = None
+                         ) -> dict[int, tuple[dict, dict]]:
+        """Each client's own model on its local test split (:func:`~fedsim.runtime.personal_eval.evaluate_clients`);
+        with ``server_round``, its generations too."""
+        return personal_eval.evaluate_clients(self, payload, items, server_round)
 
     def quant_residuals(self, host: AdapterHost, quant: QuantSpec):
         return self.bases.residuals(host, quant)

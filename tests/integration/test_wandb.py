@@ -24,6 +24,8 @@ def offline(tiny_raw, monkeypatch):
 def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
     offline.update(rounds=3)
     offline["eval"]["local_test_fraction"] = 0.25
+    offline["eval"].update(metrics=["exact_match"], generate={"every": 1, "max_samples": 4, "log_samples": 3,
+                                                              "max_new_tokens": 4, "personal": False})
     offline["strategy"] = {"name": "fedsa"}
     real = checkpoint.save
 
@@ -50,6 +52,11 @@ def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
     for step, row in logged.items():
         assert row["eval/accuracy"] == pytest.approx(metrics[step]["eval/accuracy"])
     assert logged[0]["partition/_type"] == "image-file"  # the heatmap, with the first row
+    # each round's generations: a table with its row, and 3 lines of generations.jsonl (round 2's once: its
+    # lines from before the interruption were dropped when the run resumed)
+    assert all(logged[r]["eval/generations/_type"] == "table-file" for r in (1, 2, 3))
+    kept = [json.loads(x)["round"] for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert kept == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
     arts = [a for a in W.of_type(out, "artifact") if a.artifact.type == "model"]
     assert [a.artifact.name for a in arts] == ["tiny-adapter"]

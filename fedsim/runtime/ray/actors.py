@@ -33,8 +33,11 @@ class WorkerActor:
     def evaluate(self, payload: Any, batches: Any) -> Any:
         return self.worker.evaluate(payload, batches)
 
-    def evaluate_clients(self, payload: Any, items: Any) -> Any:
-        return self.worker.evaluate_clients(payload, items)
+    def evaluate_clients(self, payload: Any, items: Any, server_round: Any = None) -> Any:
+        return self.worker.evaluate_clients(payload, items, server_round)
+
+    def generate(self, payload: Any, batches: Any, server_round: int) -> Any:
+        return self.worker.generate(payload, batches, server_round)
 
     def apply_base_delta(self, version: int, delta: Any) -> int:
         return self.worker.apply_base_delta(version, delta)

@@ -156,20 +156,29 @@ class RayBackend(Backend):
         return Dispatch(self, jobs, on_done, policy).run()
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
+        return self._batches_on_workers("evaluate", payload, batches)
+
+    def generate(self, payload: Handle, batches: Sequence[np.ndarray], server_round: int) -> list:
+        return self._batches_on_workers("generate", payload, batches, server_round)
+
+    def _batches_on_workers(self, method: str, payload: Handle, batches: Sequence[np.ndarray], *args: Any) -> list:
+        """``method(payload, its batches, *args)`` on every worker, the batches dealt round-robin; results in order."""
         n = len(self.actors)
         chunks = [list(range(i, len(batches), n)) for i in range(n)]
-        calls = [(i, "evaluate", (payload, [batches[j] for j in chunk])) for i, chunk in enumerate(chunks) if chunk]
-        out: list[dict[str, float] | None] = [None] * len(batches)
+        calls = [(i, method, (payload, [batches[j] for j in chunk], *args)) for i, chunk in enumerate(chunks) if chunk]
+        out: list[Any] = [None] * len(batches)
         for chunk, part in zip([c for c in chunks if c], self._on_workers(calls)):
             for j, r in zip(chunk, part):
                 out[j] = r
-        return out  # type: ignore[return-value]
+        return out
 
-    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]]):
+    def evaluate_clients(self, payload: Handle, items: Sequence[tuple[int, Any, np.ndarray]],
+                         server_round: int | None = None):
         n = len(self.actors)
         parts = [list(items[i::n]) for i in range(n)]
         out: dict = {}
-        for part in self._on_workers([(i, "evaluate_clients", (payload, p)) for i, p in enumerate(parts) if p]):
+        extra = () if server_round is None else (server_round,)
+        for part in self._on_workers([(i, "evaluate_clients", (payload, p, *extra)) for i, p in enumerate(parts) if p]):
             out.update(part)
         return out
 

@@ -22,8 +22,11 @@ class RayWorker(Worker):
     def evaluate(self, payload, batches):
         return super().evaluate(unpack_tensors_of(payload), batches)
 
-    def evaluate_clients(self, payload, items):
-        return super().evaluate_clients(unpack_tensors_of(payload), items)
+    def evaluate_clients(self, payload, items, server_round=None):
+        return super().evaluate_clients(unpack_tensors_of(payload), items, server_round)
+
+    def generate(self, payload, batches, server_round):
+        return super().generate(unpack_tensors_of(payload), batches, server_round)
 
     def apply_base_delta(self, version, delta):
         return super().apply_base_delta(version, unpack(delta))

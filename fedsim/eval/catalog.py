@@ -1,0 +1,40 @@
+"""The metrics of a run: the built-ins every run reports, then the scenario's ``eval.metrics`` — registered names
+(:mod:`fedsim.eval.metrics`, :mod:`fedsim.eval.text_metrics`) or ``module:name`` import paths of your own. Importing
+this module registers every built-in metric (it is the registry's home for metrics)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from fedsim import registry
+from fedsim.errors import ScenarioError
+from fedsim.eval.metrics import DEFAULT_METRICS, Metric, default_metrics
+from fedsim.eval.text_metrics import FunctionMetric
+
+
+def run_metrics(extra: Sequence[str] = ()) -> tuple[Metric, ...]:
+    """The defaults, then each of ``extra``: a registered name, or an import path (:func:`user_metric`)."""
+    names = [n for n in extra if n not in DEFAULT_METRICS]
+    out = list(default_metrics())
+    for name in names:
+        out.append(user_metric(name) if ":" in name else default_metrics([name])[-1])
+    return tuple(out)
+
+
+def user_metric(path: str) -> Metric:
+    """``module:name`` → a Metric: a Metric subclass (instantiated) or a per-sample function.
+
+    Raises:
+        ScenarioError: not importable, or neither a Metric subclass nor a callable.
+    """
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", path):
+        raise ScenarioError("eval.metrics", f"{path!r} is not a metric name or an import path",
+                            "give a built-in name or module.path:function")
+    obj = registry.load_object(path, "eval.metrics")
+    if isinstance(obj, type) and issubclass(obj, Metric):
+        return obj()
+    if callable(obj):
+        return FunctionMetric(path)
+    raise ScenarioError("eval.metrics", f"{path} is a {type(obj).__name__}, not a function or a Metric subclass",
+                        "point at score(prediction: str, reference: str) -> float, or a Metric subclass")
