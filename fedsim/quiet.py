@@ -37,8 +37,9 @@ def silence_libraries(mark: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar too
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-evaluation-harness's bars (tqdm reads it per bar)
     # Ray's notice that it turned token authentication on for a new local cluster (its default) is advice, not news
-    for name in ("bitsandbytes", "datasets", "transformers", "peft", "hqq", "torchao",
+    for name in ("bitsandbytes", "datasets", "transformers", "peft", "hqq", "torchao", "lm_eval", "lm-eval",
                  "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):

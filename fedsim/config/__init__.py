@@ -47,13 +47,14 @@ from fedsim.config.training import (
     EvalConfig,
     FaultsConfig,
     GenerateConfig,
+    HarnessConfig,
     SpeedTier,
     TrainingConfig,
 )
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "DataConfig",
-    "EvalConfig", "FaultsConfig", "Frozen", "GenerateConfig", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
+    "EvalConfig", "FaultsConfig", "Frozen", "GenerateConfig", "HarnessConfig", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
     "QuantChoice", "QuantConfig", "QuantTier", "RankChoice", "RankTier", "ResourcesConfig", "Scenario",
     "ServerOptimizerConfig", "ServerResources", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",
     "TrainingConfig", "WandbConfig", "WorkerPool", "apply_overrides", "deal_tiers", "dump_scenario", "load_scenario",

@@ -129,6 +129,20 @@ class Scenario(Frozen):
                                 "text", "add one, e.g. eval.metrics: [rouge_l, exact_match]")
         return self
 
+    @model_validator(mode="after")
+    def _harness_usable(self) -> Scenario:
+        h = self.eval.harness
+        if h is None:
+            return self
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ScenarioError("eval.harness", "needs lm-evaluation-harness, which is not installed",
+                                "pip install 'fedsim[eval]'")
+        bad = [c for c in h.clients if not 0 <= c < self.clients.num_clients]
+        if bad:
+            raise ScenarioError("eval.harness.clients", f"no client(s) {bad}: the run has clients "
+                                f"0..{self.clients.num_clients - 1}", "name existing client ids")
+        return self
+
     def _check_metric(self, name: str) -> bool:
         """Raise a ScenarioError for a metric this scenario cannot report; whether it reads generated text."""
         if ":" in name:  # an import path: a function of generated text, or a Metric subclass

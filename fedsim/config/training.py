@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedsim.config.base import Frozen
 
@@ -69,6 +70,37 @@ class GenerateConfig(Frozen):
     personal: bool = True  # also generate with each client's own model on its local test split, when it has one
 
 
+class HarnessConfig(Frozen):
+    """Benchmarks through lm-evaluation-harness (``eval.harness``, the ``eval`` extra): lm-eval ``tasks`` (registered
+    names, or your own YAML tasks under ``include_path``) on the global model — and on the named ``clients``' own
+    models — every ``every`` rounds and at the last (None: the last only)."""
+
+    tasks: tuple[str, ...] = Field(min_length=1)
+    include_path: str | None = None
+    every: int | None = Field(None, ge=1)
+    limit: float | None = Field(None, gt=0)  # documents per task: a count (≥ 1) or a fraction (< 1); None: all
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1, le=4096)
+    apply_chat_template: bool = False
+    clients: tuple[int, ...] = ()
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, v: float | None) -> float | int | None:
+        if v is not None and v >= 1:
+            if v != int(v):
+                raise ValueError(f"limit {v} is neither a count (a whole number) nor a fraction below 1")
+            return int(v)
+        return v
+
+    @field_validator("include_path")
+    @classmethod
+    def _a_directory(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"include_path {v!r} is not a directory; give the folder holding your task YAML files")
+        return str(Path(v).expanduser().resolve()) if v is not None else v
+
+
 class EvalConfig(Frozen):
     every: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1, le=65536)
@@ -82,6 +114,7 @@ class EvalConfig(Frozen):
     metrics: tuple[str, ...] = ()
     # generation-based evaluation; set it, or name a generative metric in metrics, to generate (defaults then apply)
     generate: GenerateConfig | None = None
+    harness: HarnessConfig | None = None  # lm-evaluation-harness tasks on the in-memory model
 
 
 class CheckpointConfig(Frozen):

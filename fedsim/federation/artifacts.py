@@ -29,7 +29,7 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
         "final/eval/accuracy": final.get("eval/accuracy"), "final/eval/loss": final.get("eval/loss"),
         "best/eval/accuracy": max((r["eval/accuracy"] for r in evals), default=None),
         **{f"final/{k}": v for k, v in final.items()
-           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/"))
+           if k.startswith(("eval/task/", "eval/personal/", "eval/local_global/", "eval/qa/", "harness/"))
            or any(fnmatch.fnmatchcase(k, pattern) for pattern in extra)},
         **{k.replace("comm/", "comm/total_"): v for k, v in totals.items()},
         "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(rows) if "time/sim_total_s" in r), 0.0),

@@ -58,13 +58,33 @@ class Evaluation:
 
     def due(self, server_round: int) -> bool:
         sc = self.fed.scenario
-        return server_round % sc.eval.every == 0 or server_round == sc.rounds or self.generates(server_round)
+        return (server_round % sc.eval.every == 0 or server_round == sc.rounds or self.generates(server_round)
+                or self.benchmarks(server_round))
 
     def generates(self, server_round: int) -> bool:
         """Generation runs every ``eval.generate.every`` rounds and at the last (never before training)."""
-        g = self.gen
-        return g is not None and server_round >= 1 and (
-            server_round == self.fed.scenario.rounds or (g.every is not None and server_round % g.every == 0))
+        return self.gen is not None and self._periodic(self.gen.every, server_round)
+
+    def benchmarks(self, server_round: int) -> bool:
+        """lm-evaluation-harness runs every ``eval.harness.every`` rounds and at the last (never before training)."""
+        h = self.fed.scenario.eval.harness
+        return h is not None and self._periodic(h.every, server_round)
+
+    def _periodic(self, every: int | None, server_round: int) -> bool:
+        return server_round >= 1 and (server_round == self.fed.scenario.rounds
+                                      or (every is not None and server_round % every == 0))
+
+    def harness(self, backend: Backend, handle: Any, server_round: int) -> dict[str, float]:
+        """``harness/<task>/<metric>`` of the global model, ``harness/client_<id>/<task>/<metric>`` of each named
+        client's own model."""
+        prep, store = self.fed.prep, self.fed.store
+        items = [(c, store.get(c) if store else None, prep.clients[c].quant)
+                 for c in self.fed.scenario.eval.harness.clients]
+        out = {}
+        for who, results in backend.harness(handle, items, server_round).items():
+            prefix = f"harness/{who}/" if who else "harness/"
+            out.update({prefix + k: v for k, v in results.items()})
+        return out
 
     def global_model(self, server: ServerHandle, backend: Backend, handle: Any = None) -> dict[str, float]:
         """``eval/*`` of the global model on the global test set."""
@@ -84,6 +104,8 @@ class Evaluation:
             out.update(reduce_eval([sums for sums, _ in parts], self.generative))
             kept = [s for _, samples in parts for s in samples][: self.gen.log_samples]
             self.samples = [{"round": server_round, **s} for s in kept]
+        if self.benchmarks(server_round):
+            out.update(self.harness(backend, handle, server_round))
         prep, store = self.fed.prep, self.fed.store
         if any(len(t) for t in prep.local_test):
             items = [(c, store.get(c) if store else None, prep.local_test[c], prep.clients[c].quant, prep.parts[c])

@@ -97,6 +97,12 @@ class Backend(ABC):
         (``{index, task, prompt, prediction, reference}``), in order."""
         raise BackendError(f"{type(self).__name__} cannot generate; eval.generate needs the local or the Ray backend")
 
+    def harness(self, payload: Handle, items: Sequence[tuple[int, Any, Any]], server_round: int
+                ) -> dict[str, dict[str, float]]:
+        """lm-evaluation-harness on one worker: the global model (key ``""``) and each item's client's own model
+        (``(client_id, personal tensors or None, QuantSpec)``; key ``client_<id>``)."""
+        raise BackendError(f"{type(self).__name__} cannot run eval.harness; use the local or the Ray backend")
+
     @abstractmethod
     def worker_stats(self) -> list[dict[str, Any]]:
         """Per-worker counters (model builds, PEFT wraps, clients trained)."""

@@ -98,6 +98,9 @@ class LocalBackend(Backend):
     def generate(self, payload: Handle, batches: Sequence[np.ndarray], server_round: int):
         return self.worker.generate(payload, list(batches), server_round)
 
+    def harness(self, payload: Handle, items: Sequence[tuple[int, Any, Any]], server_round: int):
+        return self.worker.harness(payload, list(items), server_round)
+
     def worker_stats(self) -> list[dict[str, Any]]:
         return [self.worker.stats()] if self.worker else []
 

@@ -42,8 +42,7 @@ def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple],
         host.activate(payload.lora)  # the global adapter alone
         worker.starts.load(host, replace(payload, personal_lora=None), client_id, None, quant)
         alone = _evaluate(worker, host, indices)
-        host.activate(own.lora, own.personal_lora, own.mix)
-        worker.starts.load(host, own, client_id, personal, quant)
+        host = own_model(worker, payload, client_id, personal, quant)
         if own.dynamic_mix is not None and own.personal_lora is not None and len(rest) > 1 and len(rest[1]):
             mixed = dynamic_eval(worker, host, own, client_id, np.asarray(indices), np.asarray(rest[1]),
                                  own.dynamic_mix)
@@ -58,6 +57,17 @@ def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple],
                                          split=worker.data.train, client_id=client_id)[0])
         out[client_id] = (alone, mixed)
     return out
+
+
+def own_model(worker: Worker, payload: ClientPayload, client_id: int, personal: Tensors | None, quant: QuantSpec
+              ) -> AdapterHost:
+    """The host with the client's own model active: its base at its bit width, the global adapter and its personal
+    tensors on top."""
+    host = worker.host(payload.base_version, quant)
+    own = own_payload(payload, quant)
+    host.activate(own.lora, own.personal_lora, own.mix)
+    worker.starts.load(host, own, client_id, personal, quant)
+    return host
 
 
 def generation_sums(worker: Worker, host: AdapterHost, indices: np.ndarray, server_round: int, split: Any = None,

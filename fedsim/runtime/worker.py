@@ -275,6 +275,19 @@ class Worker:
         host = self._global_model(payload)
         return [personal_eval.generation_sums(self, host, b, server_round) for b in batches]
 
+    def harness(self, payload: ClientPayload, items: list[tuple], server_round: int) -> dict[str, dict[str, float]]:
+        """lm-evaluation-harness (:mod:`fedsim.eval.harness`) on the global model (key ``""``) and on each item's
+        client's own model (``(client_id, personal tensors or None, QuantSpec)``; key ``client_<id>``)."""
+        from fedsim.eval.harness import run_harness
+
+        cfg = self.scenario.eval.harness
+        seed = self.scenario.seed + server_round
+        out = {"": run_harness(self._global_model(payload).model, self.tokenizer(), cfg, seed)}
+        for client_id, personal, quant in items:
+            host = personal_eval.own_model(self, payload, client_id, personal, quant)
+            out[f"client_{client_id}"] = run_harness(host.model, self.tokenizer(), cfg, seed)
+        return out
+
     def _global_model(self, payload: ClientPayload) -> AdapterHost:
         from dataclasses import replace
 

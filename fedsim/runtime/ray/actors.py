@@ -39,6 +39,9 @@ class WorkerActor:
     def generate(self, payload: Any, batches: Any, server_round: int) -> Any:
         return self.worker.generate(payload, batches, server_round)
 
+    def harness(self, payload: Any, items: Any, server_round: int) -> Any:
+        return self.worker.harness(payload, items, server_round)
+
     def apply_base_delta(self, version: int, delta: Any) -> int:
         return self.worker.apply_base_delta(version, delta)
 

@@ -161,6 +161,9 @@ class RayBackend(Backend):
     def generate(self, payload: Handle, batches: Sequence[np.ndarray], server_round: int) -> list:
         return self._batches_on_workers("generate", payload, batches, server_round)
 
+    def harness(self, payload: Handle, items: Sequence[tuple[int, Any, Any]], server_round: int) -> dict:
+        return self._on_workers([(0, "harness", (payload, list(items), server_round))])[0]
+
     def _batches_on_workers(self, method: str, payload: Handle, batches: Sequence[np.ndarray], *args: Any) -> list:
         """``method(payload, its batches, *args)`` on every worker, the batches dealt round-robin; results in order."""
         n = len(self.actors)

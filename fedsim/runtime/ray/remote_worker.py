@@ -28,6 +28,9 @@ class RayWorker(Worker):
     def generate(self, payload, batches, server_round):
         return super().generate(unpack_tensors_of(payload), batches, server_round)
 
+    def harness(self, payload, items, server_round):
+        return super().harness(unpack_tensors_of(payload), items, server_round)
+
     def apply_base_delta(self, version, delta):
         return super().apply_base_delta(version, unpack(delta))
 
