@@ -2,8 +2,8 @@
 
 Public API::
 
-    from fedsim import load_scenario, run_scenario
-    summary = run_scenario(load_scenario("scenarios/quickstart.yaml"))
+    import fedsim
+    summary, run_dir = fedsim.run("scenarios/quickstart.yaml", overrides=["rounds=3"], callbacks=[...])
 
 The names below are imported on first use, so that ``import fedsim`` (and the ``fedsim`` command, which starts Ray
 before it imports torch) stays light.
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "Scenario": "fedsim.config", "load_scenario": "fedsim.config", "scenario_from_dict": "fedsim.config",
     "run_scenario": "fedsim.driver", "resume_run": "fedsim.driver", "RoundCallback": "fedsim.federation.callbacks",
+    "run": "fedsim.driver", "RunResult": "fedsim.driver", "StopRun": "fedsim.federation.callbacks",
     "Components": "fedsim.components", "resolve_components": "fedsim.components",
     "AggregationError": "fedsim.errors", "BackendError": "fedsim.errors", "DataError": "fedsim.errors",
     "FedsimError": "fedsim.errors", "ScenarioError": "fedsim.errors",
@@ -50,8 +51,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs only (the layering contracts exc
     from fedsim.components import Components  # noqa: F401
     from fedsim.components import resolve as resolve_components  # noqa: F401
     from fedsim.config import Scenario, load_scenario, scenario_from_dict  # noqa: F401
-    from fedsim.driver import resume_run, run_scenario  # noqa: F401
+    from fedsim.driver import RunResult, resume_run, run, run_scenario  # noqa: F401
     from fedsim.errors import AggregationError, BackendError, DataError, FedsimError, ScenarioError  # noqa: F401
-    from fedsim.federation.callbacks import RoundCallback  # noqa: F401
+    from fedsim.federation.callbacks import RoundCallback, StopRun  # noqa: F401
     from fedsim.strategies import Strategy, available_strategies, make_strategy, register  # noqa: F401
     from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext  # noqa: F401

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedsim import checkpoint
 from fedsim.client.store import ClientStateStore
@@ -31,6 +31,7 @@ from fedsim.federation.callbacks import (
     CheckpointCallback,
     ProgressCallback,
     RoundCallback,
+    StopRun,
     TrackerCallback,
 )
 from fedsim.federation.evaluation import GENERATIONS, Evaluation, keep_rounds_until
@@ -82,6 +83,7 @@ class Driver:
         self.rows: list[dict[str, Any]] = []
         self.notes: set[str] = set()  # what the run's log has said once (e.g. why clients were not packed)
         self.unreadable: list[str] = []  # on resume: the lines of metrics.jsonl that could not be read
+        self.stopped: dict[str, Any] = {}  # a callback's StopRun: the round it ended after, and why
 
     def run(self) -> dict[str, Any]:
         """Run every round; return the summary (also written to ``summary.json``).
@@ -159,6 +161,8 @@ class Driver:
                 self._log({"round": 0, "time_s": 0.0, **evaluation.global_model(server, self.backend)}, events)
             totals = totals_from(self.rows)
             for r in range(start_round + 1, sc.rounds + 1):
+                if self.stopped:
+                    break
                 t0 = time.perf_counter()
                 result = run_round(r, fed, server, self.backend, events)
                 row = self._row(result, totals, progress, t0)
@@ -171,7 +175,7 @@ class Driver:
                 row["time_s"] = time.perf_counter() - t0
                 self._log(row, events)
                 failures.observe(r, result.attempted, len(result.ok), result.late, result.failed, result.gone)
-                checkpoints.on_round_end(r, row)
+                checkpoints.on_round_end(r, row, final=bool(self.stopped))
             summary = self._finish(server, prep, evaluation, tracker, totals, t_start, components.task.peft_task_type)
             events.on_run_end(summary)
             return summary
@@ -269,9 +273,14 @@ class Driver:
         tracker.table("eval/generations", samples)
 
     def _log(self, row: dict[str, Any], events: CallbackList) -> None:
+        """The round's row to the callbacks (the log and W&B first); a callback's :class:`StopRun` ends the run after
+        this round (checkpointed, artifacts written, ``stopped`` in the summary)."""
         self.lock.check()  # the run directory is still this run's
         self.rows.append(row)
-        events.on_round_end(int(row["round"]), row)
+        try:
+            events.on_round_end(int(row["round"]), row)
+        except StopRun as e:
+            self.stopped = {"round": int(row["round"]), "reason": str(e) or type(e).__name__}
 
     # -- the end -----------------------------------------------------------------------------------------------------
     def _finish(self, server: ServerHandle, prep: Prepared, evaluation: Evaluation, tracker: Tracker,
@@ -283,6 +292,8 @@ class Driver:
         self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
         self.lock.check()
         summary["data"] = prep.data.stats
+        if self.stopped:
+            summary["stopped"] = self.stopped
         if self.notes:
             summary["notes"] = sorted(self.notes)
         write_artifacts(self.scenario, self.run_dir, summary, adapter, prep.clients, evaluation.table, tracker,
@@ -316,3 +327,35 @@ def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bo
         raise ScenarioError("--resume", f"{path} holds no scenario.yaml", "give a run directory written by `fedsim run`")
     return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous,
                   allow_changed=allow_changed, callbacks=callbacks, components=components).run()
+
+
+class RunResult(NamedTuple):
+    """What :func:`run` returns: the summary (``summary.json``) and the run directory."""
+
+    summary: dict[str, Any]
+    run_dir: Path
+
+
+def run(scenario: Scenario | str | Path | dict[str, Any], overrides: Sequence[str] = (),
+        callbacks: Sequence[RoundCallback] = (), out: str | Path | None = None,
+        components: Components | None = None) -> RunResult:
+    """Run a scenario from Python (a notebook, a script): a :class:`~fedsim.config.Scenario`, a YAML file's path or a
+    mapping, with ``overrides`` as ``fedsim run --set`` takes them (``["rounds=5", "strategy.name=ffa"]``).
+
+    ``callbacks``: :class:`~fedsim.federation.callbacks.RoundCallback` objects (``on_round_end(round, row)``,
+    ``on_run_end(summary)``, ...); raise :class:`~fedsim.federation.callbacks.StopRun` from ``on_round_end`` to stop
+    early. Returns ``(summary, run_dir)``.
+
+    Raises:
+        ScenarioError, DataError: bad input, in one line; FedsimError: the run failed (what was kept, and how to go on).
+    """
+    from fedsim.config import load_scenario, scenario_from_dict
+
+    if isinstance(scenario, Scenario):
+        sc = scenario_from_dict(scenario.to_dict(), list(overrides)) if overrides else scenario
+    elif isinstance(scenario, dict):
+        sc = scenario_from_dict(scenario, list(overrides))
+    else:
+        sc = load_scenario(str(scenario), list(overrides))
+    driver = Driver(sc, out, callbacks=callbacks, components=components)
+    return RunResult(driver.run(), driver.run_dir)

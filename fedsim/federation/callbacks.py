@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 
+class StopRun(Exception):  # noqa: N818 - a signal, not an error
+    """Raise it from :meth:`RoundCallback.on_round_end` to end the run after this round (early stopping): the round
+    is logged and checkpointed, the run's artifacts are written as after its last round, and the summary says
+    ``stopped: {round, reason}`` (the message is the reason). Callbacks after the one that raised are not called for
+    that round."""
+
+
 class RoundCallback:
     """Hooks of a run, called in the driver process. Every method is optional (the defaults do nothing)."""
 
@@ -91,6 +98,7 @@ class CheckpointCallback(RoundCallback):
     def __init__(self, save: Callable[[int], Path], every: int, num_rounds: int):
         self.save, self.every, self.num_rounds = save, every, num_rounds
 
-    def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
-        if server_round >= 1 and (server_round % self.every == 0 or server_round == self.num_rounds):
+    def on_round_end(self, server_round: int, row: dict[str, Any], final: bool = False) -> None:
+        """Save after every ``every`` rounds, the last round, and a ``final`` one (the run stopped early)."""
+        if server_round >= 1 and (server_round % self.every == 0 or server_round == self.num_rounds or final):
             self.save(server_round)

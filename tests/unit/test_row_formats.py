@@ -281,3 +281,14 @@ def test_validate_and_a_run_say_what_was_truncated(tmp_path, tiny_raw, capsys):
     assert summary["data"]["train"]["truncated"] == 12 and summary["data"]["max_seq_len"] == 64
     assert any("longer than max_seq_len 64" in n for n in summary["notes"])
     assert np.isfinite(summary["final/eval/loss"])
+    # a merged export carries the chat template training used: inference renders conversations the same way
+    from transformers import AutoTokenizer
+
+    from fedsim.export import export_client
+
+    export_client(tmp_path / "run", None, tmp_path / "merged", merged=True)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    ex = D.get_format(sc.data).render(rows[0], sc.data, tok, "row 1")
+    assert tok.apply_chat_template(rows[0]["messages"], tokenize=False) == "".join(
+        t for pair in (*ex.context, (ex.prompt, ex.response)) for t in pair)
