@@ -18,6 +18,7 @@ from fedsim.eval.catalog import run_metrics
 from fedsim.eval.metrics import Metric, default_metrics
 from fedsim.models.tasks import ModelTask, task_for
 from fedsim.pipeline import NanFault, ServerOptimizer, ServerStage, UpdateTransform
+from fedsim.pipeline.robust import RobustAggregation
 from fedsim.strategies import Strategy
 
 
@@ -63,9 +64,13 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     if scenario.faults.nan_update_prob > 0:
         transforms = (NanFault(scenario.faults.nan_update_prob),)
     stages: tuple[ServerStage, ...] = ()
+    rb = scenario.strategy.robust
+    if rb is not None:  # first: a server optimizer steps towards the robust aggregate
+        stages = (RobustAggregation(rb.method, trim=rb.trim, byzantine=rb.byzantine, select=rb.select,
+                                    max_norm=rb.max_norm),)
     opt = scenario.strategy.server_optimizer
     if opt is not None:
-        stages = (ServerOptimizer(opt.name, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, tau=opt.tau,
+        stages = (*stages, ServerOptimizer(opt.name, lr=opt.lr, beta1=opt.beta1, beta2=opt.beta2, tau=opt.tau,
                                   momentum=opt.momentum),)
     objective = scenario.client_objective()
     companion = objective.server_stage(scenario, strategy) if objective is not None else None

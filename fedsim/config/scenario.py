@@ -42,11 +42,22 @@ class ObjectiveConfig(Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RobustConfig(Frozen):
+    """Robust aggregation (``strategy.robust``, :mod:`fedsim.pipeline.robust`) for the averaging strategies."""
+
+    method: Literal["median", "trimmed_mean", "krum", "multi_krum", "norm_bound"]
+    trim: float = Field(0.1, gt=0.0, lt=0.5)  # trimmed_mean: the share cut at each end
+    byzantine: int = Field(1, ge=0)  # krum, multi_krum: f, the malicious clients tolerated
+    select: int = Field(1, ge=1)  # multi_krum: how many of the best-scored updates are averaged
+    max_norm: float | None = Field(None, gt=0.0)  # norm_bound: the largest change of the shared tensors
+
+
 class StrategyConfig(Frozen):
     name: str = "fedit"
     params: dict[str, Any] = Field(default_factory=dict)
     server_optimizer: ServerOptimizerConfig | None = None
     client_objective: ObjectiveConfig | None = None
+    robust: RobustConfig | None = None
 
 
 class Scenario(Frozen):
@@ -118,7 +129,35 @@ class Scenario(Frozen):
             cls.Params(**self.strategy.params)
         except ValidationError as e:
             raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params"), None) from None
+        if self.strategy.robust is not None:
+            self._check_robust(cls)
         return self
+
+    def _check_robust(self, cls: Any) -> None:
+        """Robust aggregation replaces an average of factors: refused, with the reason, where there is none."""
+        rb = self.strategy.robust
+        if not cls.averages_factors or self.clients.lora.is_mixed():
+            fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
+            why = ("mixes ranks, whose factors do not line up coordinate by coordinate" if cls.averages_factors else
+                   "does not average factors (it stacks, merges into the base, or keeps updates in singular form)")
+            raise ScenarioError("strategy.robust", f"strategy {cls.name!r} {why}",
+                                f"use robust aggregation with one of {', '.join(fits)} at a single rank")
+        if rb.method == "norm_bound" and rb.max_norm is None:
+            raise ScenarioError("strategy.robust.max_norm", "norm_bound needs the bound", "set max_norm, e.g. 1.0")
+        n = self.clients.num_per_round()
+        if rb.method in ("krum", "multi_krum") and n <= 2 * rb.byzantine + 2:
+            raise ScenarioError("strategy.robust.byzantine", f"Krum with f = {rb.byzantine} needs more than "
+                                f"{2 * rb.byzantine + 2} clients per round, and the scenario samples {n}",
+                                f"sample at least {2 * rb.byzantine + 3} clients per round or lower byzantine")
+        if rb.method == "multi_krum" and rb.select > n:
+            raise ScenarioError("strategy.robust.select", f"multi_krum selects {rb.select} of {n} clients per round",
+                                f"select at most {n}")
+        objective = self.client_objective()
+        owner = next((c for c in type(objective).__mro__ if "server_stage" in vars(c)), None) if objective else None
+        if owner is not None and owner.__name__ != "ClientObjective":  # the objective brings a server side
+            raise ScenarioError("strategy.robust", f"client objective {self.strategy.client_objective.name!r} keeps "
+                                "server state fed by every update (SCAFFOLD's control variates), which a robust rule "
+                                "would bypass", "use robust aggregation without it, or with fedprox")
 
     @model_validator(mode="after")
     def _metrics_known(self) -> Scenario:
