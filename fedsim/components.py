@@ -19,6 +19,7 @@ from fedsim.eval.metrics import Metric, default_metrics
 from fedsim.models.tasks import ModelTask, task_for
 from fedsim.pipeline import NanFault, ServerOptimizer, ServerStage, UpdateTransform
 from fedsim.pipeline.robust import RobustAggregation
+from fedsim.pipeline.transforms import Attack
 from fedsim.strategies import Strategy
 
 
@@ -63,6 +64,10 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     transforms: tuple[UpdateTransform, ...] = ()
     if scenario.faults.nan_update_prob > 0:
         transforms = (NanFault(scenario.faults.nan_update_prob),)
+    bad = scenario.clients.malicious
+    if bad is not None:
+        transforms = (*transforms, Attack(bad.clients(scenario.clients.num_clients, scenario.seed), bad.attack,
+                                          multiplier=bad.multiplier(), std=bad.std, value=bad.value))
     stages: tuple[ServerStage, ...] = ()
     rb = scenario.strategy.robust
     if rb is not None:  # first: a server optimizer steps towards the robust aggregate

@@ -141,6 +141,36 @@ class QuantConfig(Frozen):
         return [specs[t] for t in deal_tiers([t.fraction for t in self.tiers], num_clients, seed, salt=223)]
 
 
+class MaliciousConfig(Frozen):
+    """Malicious clients (``clients.malicious``): a fixed, seeded ``fraction`` of the clients poison every update
+    they send (:class:`fedsim.pipeline.transforms.Attack`). With Δ the change of the shared tensors in the round:
+    ``sign_flip`` sends −factor·Δ (factor 1 by default), ``scale`` sends factor·Δ (10 by default), ``gaussian`` sends
+    noise N(0, std²) in place of Δ, ``fixed`` the constant ``value`` in every coordinate of Δ, ``nan`` NaN (rejected
+    by the server's validation)."""
+
+    fraction: float = Field(gt=0.0, lt=1.0)
+    attack: Literal["sign_flip", "scale", "gaussian", "fixed", "nan"] = "sign_flip"
+    factor: float | None = None
+    std: float = Field(1.0, gt=0.0)
+    value: float = 1.0
+
+    def count(self, num_clients: int) -> int:
+        return int(round(self.fraction * num_clients))
+
+    def clients(self, num_clients: int, seed: int) -> frozenset[int]:
+        """The malicious clients: a seeded choice of :meth:`count` of them, the same every round."""
+        import numpy as np
+
+        rng = np.random.default_rng([seed, 41])
+        return frozenset(int(c) for c in rng.choice(num_clients, size=self.count(num_clients), replace=False))
+
+    def multiplier(self) -> float:
+        """Δ's multiplier of the sign_flip and scale attacks."""
+        if self.attack == "sign_flip":
+            return -(self.factor if self.factor is not None else 1.0)
+        return self.factor if self.factor is not None else 10.0
+
+
 class ClientsConfig(Frozen):
     num_clients: int = Field(20, ge=1, le=10_000_000)
     per_round: int | float = 5
@@ -152,6 +182,7 @@ class ClientsConfig(Frozen):
     # where spilled client state goes (a subdirectory per run); default: <run dir>/client_state
     state_dir: str | None = None
     quant: QuantConfig = QuantConfig()
+    malicious: MaliciousConfig | None = None
 
     @field_validator("per_round", mode="before")
     @classmethod
@@ -177,6 +208,16 @@ class ClientsConfig(Frozen):
             if lst is not None and len(lst) != self.num_clients:
                 raise ValueError(f"{what}.per_client lists {len(lst)} clients but num_clients is "
                                  f"{self.num_clients}; give one entry per client")
+        return self
+
+    @model_validator(mode="after")
+    def _some_honest_and_some_malicious(self) -> ClientsConfig:
+        m = self.malicious
+        if m is not None:
+            n = m.count(self.num_clients)
+            if n < 1 or n >= self.num_clients:
+                raise ValueError(f"malicious.fraction {m.fraction} of {self.num_clients} clients makes {n} malicious "
+                                 "client(s): it must leave at least one of each (raise or lower the fraction)")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ class TransformContext:
     server_round: int
     client_id: int
     attempt: int = 1
+    start: Tensors | None = None  # the values the client started the round from (the payload), shared keys
 
 
 class UpdateTransform:
@@ -52,3 +53,39 @@ class NanFault(UpdateTransform):
         if fault_draws(ctx.seed, ctx.server_round, ctx.client_id, ctx.attempt)[1] < self.prob:
             return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, {}
         return tensors, {}
+
+
+@dataclass(frozen=True)
+class Attack(UpdateTransform):
+    """Model poisoning by the malicious clients (``clients.malicious``, :class:`fedsim.config.clients.MaliciousConfig`):
+    each update of a client in ``clients`` has its change Δ (sent minus started from) replaced; deterministic per
+    (seed, round, client, attempt). Reports ``malicious/attacked`` (1 for an attacker, 0 otherwise)."""
+
+    clients: frozenset[int]
+    attack: str
+    multiplier: float = -1.0
+    std: float = 1.0
+    value: float = 1.0
+
+    metric_keys: ClassVar[tuple[str, ...]] = ("malicious/attacked",)
+
+    def __call__(self, tensors: Tensors, ctx: TransformContext) -> tuple[Tensors, dict[str, float]]:
+        if ctx.client_id not in self.clients:
+            return tensors, {"malicious/attacked": 0.0}
+        start = ctx.start or {}
+        if self.attack == "nan":
+            return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, {"malicious/attacked": 1.0}
+        g = torch.Generator().manual_seed(int(np.random.default_rng(
+            [ctx.seed, ctx.server_round, ctx.client_id, ctx.attempt, 43]).integers(2**62)))
+        out = {}
+        for k, v in tensors.items():
+            s = start.get(k, torch.zeros_like(v)).to(v.dtype)
+            if self.attack in ("sign_flip", "scale"):
+                delta = self.multiplier * (v - s)
+            elif self.attack == "gaussian":
+                delta = torch.randn(v.shape, generator=g, dtype=v.dtype) * self.std
+            else:  # fixed
+                delta = torch.full_like(v, self.value)
+            out[k] = s + delta
+        return out, {"malicious/attacked": 1.0}
+

@@ -211,7 +211,8 @@ class Worker:
         transforms, the private ones (the personal adapter, the objectives' state) into the result for the client
         state store."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
-        ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt)
+        start = {k: payload.tensors[k] for k in tensors if k in payload.tensors}
+        ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, start)
         for transform in self.components.transforms:
             tensors, transform_metrics = transform(tensors, ctx)
             metrics.update(transform_metrics)

@@ -117,30 +117,27 @@ def test_robust_aggregation_is_refused_where_it_does_not_apply(tiny_raw, change,
 
 
 def test_an_attacked_run_holds_with_the_median_and_degrades_with_the_mean(tiny_raw, tmp_path):
-    """Two of five clients per round send their factors flipped and scaled ×20 (an attack written with the
-    client-side transform extension point): the mean follows them, the median does not."""
-    from fedsim.components import resolve
-    from fedsim.driver import run_scenario
-    from fedsim.pipeline import UpdateTransform
+    """Two of five clients (clients.malicious) send their change flipped and scaled ×20: the mean follows them, the
+    median does not; each row names the attackers."""
+    import json
 
-    class FlipAndScale(UpdateTransform):
-        def __call__(self, tensors, ctx):
-            if ctx.client_id % 4 != 0:  # clients 0 and 4 attack
-                return tensors, {}
-            return {k: -20.0 * v for k, v in tensors.items()}, {}
+    from fedsim.driver import run_scenario
 
     tiny_raw.update(rounds=3)
     tiny_raw["clients"].update(num_clients=5, per_round=5)
     tiny_raw["training"].update(local_steps=10, lr=0.01)
     tiny_raw["partition"] = {"method": "iid"}
+    attack = {"fraction": 0.4, "attack": "sign_flip", "factor": 20.0}
     out = {}
-    for name, robust in (("clean", None), ("mean", None), ("median", {"method": "median"})):
-        raw = {**tiny_raw, "strategy": {"name": "fedit", **({"robust": robust} if robust else {})}}
-        sc = scenario_from_dict(raw)
-        components = resolve(sc)
-        if name != "clean":
-            components = dataclasses.replace(components, transforms=(FlipAndScale(),))
-        out[name] = run_scenario(sc, tmp_path / name, components=components)["final/eval/loss"]
-    assert out["mean"] > out["clean"] + 0.3  # the attack works on the mean (measured: 4.34 clean, 4.87 attacked)
-    # the median of 3 honest and 2 attacking values is an honest client's value: near the clean run (measured 4.48)
+    for name, robust, malicious in (("clean", None, None), ("mean", None, attack),
+                                    ("median", {"method": "median"}, attack)):
+        raw = {**tiny_raw, "strategy": {"name": "fedit", **({"robust": robust} if robust else {})},
+               "clients": {**tiny_raw["clients"], **({"malicious": malicious} if malicious else {})}}
+        out[name] = run_scenario(scenario_from_dict(raw), tmp_path / name)["final/eval/loss"]
+    attackers = scenario_from_dict(raw).clients.malicious.clients(5, tiny_raw["seed"])
+    rows = [json.loads(x) for x in (tmp_path / "median" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert len(attackers) == 2 and all(r["malicious/clients"] == sorted(attackers) for r in rows)
+    assert "malicious/clients" not in json.loads((tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()[1])
+    assert out["mean"] > out["clean"] + 0.3  # the attack works on the mean
+    # the median of 3 honest and 2 attacking values is an honest client's value: near the clean run
     assert abs(out["median"] - out["clean"]) < (out["mean"] - out["clean"]) / 3
