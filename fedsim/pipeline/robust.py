@@ -32,28 +32,46 @@ METHODS = ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
 
 
 def stacked(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
-    """The clients' values of one tensor, float64, stacked: (n, *shape)."""
-    return torch.stack([u.tensors[key].detach().to(torch.float64) for u in updates])
+    """The clients' values of one tensor, stacked as they are (float32): (n, *shape)."""
+    return torch.stack([u.tensors[key].detach() for u in updates])
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Median over dim 0; the mean of the two middle values when the count is even (``numpy.median``)."""
-    s = x.sort(dim=0).values
+    """Median over dim 0; the mean of the two middle values when the count is even (``numpy.median``), in float64.
+    By selection, not a full sort: ``torch.median`` gives the lower middle value; for an even count the upper one is
+    the smallest value above it — or the lower one itself when it occurs often enough."""
     n = x.shape[0]
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    lower = torch.median(x, dim=0).values
+    if n % 2:
+        return lower.to(torch.float64)
+    above = torch.where(x > lower, x, torch.full_like(x, float("inf"))).min(dim=0).values
+    upper = torch.where((x <= lower).sum(dim=0) >= n // 2 + 1, lower, above)
+    return (lower.to(torch.float64) + upper.to(torch.float64)) / 2
 
 
 def trimmed_mean(x: torch.Tensor, trim: float) -> torch.Tensor:
-    """Mean over dim 0 of what is left after dropping the ⌊trim·n⌋ largest and smallest values per coordinate."""
+    """Mean over dim 0 of what is left after dropping the ⌊trim·n⌋ largest and smallest values per coordinate, in
+    float64: the sum less the k largest and the k smallest (``topk``), not a full sort."""
     n = x.shape[0]
     k = int(trim * n)
-    return x.sort(dim=0).values[k : n - k].mean(dim=0)
+    total = x.to(torch.float64).sum(dim=0)
+    if k:
+        total -= x.topk(k, dim=0).values.to(torch.float64).sum(dim=0)
+        total -= x.topk(k, dim=0, largest=False).values.to(torch.float64).sum(dim=0)
+    return total / (n - 2 * k)
 
 
-def krum_scores(flat: torch.Tensor, f: int) -> torch.Tensor:
-    """Each row's Krum score: the sum of squared distances to its n − f − 2 nearest other rows, (n,)."""
-    n = flat.shape[0]
-    d = torch.cdist(flat, flat).pow(2)
+def krum_scores(blocks: Sequence[torch.Tensor], f: int) -> torch.Tensor:
+    """Each update's Krum score — the sum of squared distances to its n − f − 2 nearest others — from its flattened
+    tensors ``blocks`` (each (n, d_k)): squared distances ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ from Gram matrices summed
+    over the blocks, in float64 (no (n, Σd) copy of every update). Returns (n,)."""
+    n = blocks[0].shape[0]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for b in blocks:
+        b = b.to(torch.float64)
+        gram += b @ b.T
+    sq = gram.diagonal()
+    d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     d.fill_diagonal_(float("inf"))
     return d.sort(dim=1).values[:, : n - f - 2].sum(dim=1)
 
@@ -88,11 +106,11 @@ class RobustAggregation(ServerStage):
                 self._metrics = {"robust/skipped": 1.0}
                 self._robust = {k: state.tensors[k] for k in keys}  # the round leaves the shared tensors as they were
                 return StageResult(list(updates))
-            flat = torch.cat([stacked(updates, k).flatten(1) for k in keys], dim=1)
             m = 1 if self.method == "krum" else min(self.select, len(updates))
-            chosen = krum_scores(flat, self.f).argsort()[:m]
+            chosen = krum_scores([stacked(updates, k).flatten(1) for k in keys], self.f).argsort()[:m]
             self._metrics = {"robust/selected": float(m)}
-            self._robust = {k: stacked([updates[int(i)] for i in chosen], k).mean(dim=0) for k in keys}
+            self._robust = {k: stacked([updates[int(i)] for i in chosen], k).to(torch.float64).mean(dim=0)
+                            for k in keys}
             return StageResult(list(updates))
         reduce = coordinate_median if self.method == "median" else (lambda x: trimmed_mean(x, self.trim))
         self._robust = {k: reduce(stacked(updates, k)) for k in keys}

@@ -45,9 +45,11 @@ def as_np(ups, key):
     return np.stack([u.tensors[key].double().numpy() for u in ups])
 
 
-@pytest.mark.parametrize("n", [5, 6])
-def test_median_and_trimmed_mean_equal_numpy_in_float64(n):
+@pytest.mark.parametrize("n, ties", [(5, False), (6, False), (6, True), (4, True)])
+def test_median_and_trimmed_mean_equal_numpy_in_float64(n, ties):
     ups = updates(n)
+    if ties:  # repeated values: the two middle ones may be equal
+        ups = [dataclasses.replace(u, tensors={k: (v * 2).round() / 2 for k, v in u.tensors.items()}) for u in ups]
     _, new, _ = run_stage(RobustAggregation("median"), ups)
     for k in SHAPES:
         np.testing.assert_allclose(new.tensors[k].double().numpy(), np.median(as_np(ups, k), axis=0), rtol=1e-6)
