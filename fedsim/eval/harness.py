@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from fedsim.config.training import HarnessConfig
+from fedsim.errors import ScenarioError
 
 
 def run_harness(model: Any, tokenizer: Any, cfg: HarnessConfig, seed: int) -> dict[str, float]:
@@ -53,6 +54,28 @@ def task_manager(cls: Any, cfg: HarnessConfig) -> Any:
     if key not in _MANAGERS:
         _MANAGERS[key] = cls(include_path=cfg.include_path) if cfg.include_path else cls()
     return _MANAGERS[key]
+
+
+def check_tasks(cfg: HarnessConfig) -> None:
+    """Every task named exists (in ``include_path`` or lm-eval's own index).
+
+    Raises:
+        ScenarioError: naming the unknown tasks and close matches.
+    """
+    import difflib
+
+    from fedsim.boot import allow_pyarrow
+
+    allow_pyarrow()
+    from lm_eval.tasks import TaskManager
+
+    known = set(task_manager(TaskManager, cfg).all_tasks)
+    unknown = [t for t in cfg.tasks if t not in known]
+    if unknown:
+        near = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3)})
+        raise ScenarioError("eval.harness.tasks", f"lm-eval has no task(s) {unknown}"
+                            + (f" (close: {', '.join(near)})" if near else ""),
+                            "name lm-eval tasks (`lm-eval ls tasks`) or put your task YAML in eval.harness.include_path")
 
 
 def flatten(results: dict[str, dict[str, Any]]) -> dict[str, float]:

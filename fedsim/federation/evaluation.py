@@ -51,7 +51,12 @@ class Evaluation:
         self.metrics = scored(metrics)  # the teacher-forced pass's
         self.generative = tuple(m for m in metrics if getattr(m, "generative", False))
         self.gen = sc.generation() if self.generative else None
-        self.gen_batches = generation_batches(len(fed.prep.data.test), self.gen, sc.seed) if self.gen else []
+        test = fed.prep.data.test
+        self.gen_batches = generation_batches(len(test), self.gen, sc.seed, test.prompt_len) if self.gen else []
+        if sc.eval.harness is not None:  # an unknown task is a one-line error before round 1, not a worker's crash
+            from fedsim.eval.harness import check_tasks
+
+            check_tasks(sc.eval.harness)
         self.clients = local_eval_clients(len(fed.prep.clients), sc.eval.local_clients, sc.seed)
         self.table: list[dict[str, Any]] = []  # the last personalized evaluation, one row per client
         self.samples: list[dict[str, Any]] = []  # the last generation's kept samples (eval.generate.log_samples)
@@ -122,10 +127,14 @@ class Evaluation:
         return out
 
 
-def generation_batches(n_test: int, gen: GenerateConfig, seed: int) -> list[np.ndarray]:
-    """The test samples generated for: a fixed seeded subset of ``max_samples`` (all when None or more), in
-    order, cut into batches of ``batch_size``."""
+def generation_batches(n_test: int, gen: GenerateConfig, seed: int, prompt_len: np.ndarray | None = None
+                       ) -> list[np.ndarray]:
+    """The test samples generated for: a fixed seeded subset of ``max_samples`` (all when None or more), ordered
+    by prompt length when the lengths are given (less left padding in each batch; ties in index order), cut into
+    batches of ``batch_size``."""
     idx = np.arange(n_test)
     if gen.max_samples is not None and gen.max_samples < n_test:
         idx = np.sort(np.random.default_rng([seed, 31]).choice(n_test, size=gen.max_samples, replace=False))
+    if prompt_len is not None:
+        idx = idx[np.argsort(np.asarray(prompt_len)[idx], kind="stable")]
     return [idx[i : i + gen.batch_size] for i in range(0, len(idx), gen.batch_size)]

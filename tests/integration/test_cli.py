@@ -175,7 +175,8 @@ def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
     assert r.returncode == 2 and "no '='" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart", "hetero_ranks", "personalized", "mixed_precision", "scale"])
+@pytest.mark.parametrize("name", ["quickstart", "hetero_ranks", "personalized", "mixed_precision", "scale", "alpaca",
+                                  "chat"])
 def test_every_shipped_scenario_runs(name, tmp_path):
     """Each scenario in scenarios/ validates and runs (one short round, in process) as a user would start it."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "scenarios", f"{name}.yaml")

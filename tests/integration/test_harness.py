@@ -80,6 +80,15 @@ def test_harness_in_a_run_equals_lm_eval_on_the_exported_adapter(tiny_raw, tmp_p
         rel=1e-6)
 
 
+def test_an_unknown_harness_task_is_named_before_round_1(tiny_raw, tmp_path):
+    tasks = toy_task(tmp_path / "tasks")
+    tiny_raw["eval"]["harness"] = {"tasks": ["toy_ad"], "include_path": str(tasks)}
+    with pytest.raises(ScenarioError, match=r"lm-eval has no task\(s\) \['toy_ad'\] \(close: .*toy_add"):
+        run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
+        not (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+
+
 def test_harness_configuration_errors_are_one_line(tiny_raw, tmp_path):
     tiny_raw["eval"]["harness"] = {"tasks": ["toy"], "include_path": str(tmp_path / "nowhere")}
     with pytest.raises(ScenarioError, match="include_path .* is not a directory"):
