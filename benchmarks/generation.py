@@ -75,6 +75,7 @@ def main() -> int:
                 preds[i + j] = tok.decode(useful, skip_special_tokens=True).strip()
         return preds
 
+    threads = torch.get_num_threads()  # (a run below configures its own)
     useful_tokens: dict[int, int] = {}
     times: dict[str, list[float]] = {"fedsim": [], "plain": []}
     preds: dict[str, dict[int, str]] = {}
@@ -103,7 +104,7 @@ def main() -> int:
         "# Generation-based evaluation vs a plain batched model.generate loop",
         "",
         f"`python benchmarks/generation.py --repeats {args.repeats}` on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} prompts of the Alpaca fixture, the tiny "
+        f"torch {torch.__version__}, {threads} threads; {n} prompts of the Alpaca fixture, the tiny "
         f"Llama with a rank-8 PEFT adapter, greedy, max_new_tokens {cfg.max_new_tokens}, batches of {cfg.batch_size}.",
         "",
         "| way | median s | generated tokens | tokens/s |",
