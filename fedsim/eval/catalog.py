@@ -15,11 +15,8 @@ from fedsim.eval.text_metrics import FunctionMetric
 
 def run_metrics(extra: Sequence[str] = ()) -> tuple[Metric, ...]:
     """The defaults, then each of ``extra``: a registered name, or an import path (:func:`user_metric`)."""
-    names = [n for n in extra if n not in DEFAULT_METRICS]
-    out = list(default_metrics())
-    for name in names:
-        out.append(user_metric(name) if ":" in name else default_metrics([name])[-1])
-    return tuple(out)
+    named = [user_metric(n) if ":" in n else registry.get("metric", n)() for n in extra if n not in DEFAULT_METRICS]
+    return (*default_metrics(), *named)
 
 
 def user_metric(path: str) -> Metric:

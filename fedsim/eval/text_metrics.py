@@ -152,9 +152,12 @@ class _Sacre(GenerativeMetric):
     ``_compute_score_from_stats``: exactly its ``corpus_score`` over the same sentences, one reference each)."""
 
     requires = ("sacrebleu",)
+    sacrebleu_class: ClassVar[str] = ""  # in sacrebleu.metrics, built with its defaults
 
     def make(self) -> Any:
-        raise NotImplementedError
+        import sacrebleu.metrics
+
+        return getattr(sacrebleu.metrics, self.sacrebleu_class)()
 
     def stats(self, predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
         return np.asarray(self.make()._extract_corpus_statistics(list(predictions), [list(references)]),
@@ -169,26 +172,16 @@ class _Sacre(GenerativeMetric):
 class Bleu(_Sacre):
     """Corpus BLEU (sacrebleu's defaults: 13a tokenization, exponential smoothing), ``eval/gen/bleu``."""
 
-    name = "bleu"
+    name, sacrebleu_class = "bleu", "BLEU"
     keys = ("eval/gen/bleu", "eval/gen/task/*/bleu")
-
-    def make(self) -> Any:
-        from sacrebleu.metrics import BLEU
-
-        return BLEU()
 
 
 @metric("chrf")
 class ChrF(_Sacre):
     """Corpus chrF (sacrebleu's defaults: character 6-grams, β = 2), ``eval/gen/chrf``."""
 
-    name = "chrf"
+    name, sacrebleu_class = "chrf", "CHRF"
     keys = ("eval/gen/chrf", "eval/gen/task/*/chrf")
-
-    def make(self) -> Any:
-        from sacrebleu.metrics import CHRF
-
-        return CHRF()
 
 
 class FunctionMetric(_Mean):

@@ -34,9 +34,9 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     row.update(up.get("stage_metrics", {}))
     # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
     row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
-    attacked = sorted(res.client_id for res, _ in ok if res.metrics.get("malicious/attacked"))
     if any("malicious/attacked" in res.metrics for res, _ in ok):  # clients.malicious: who attacked this round
-        row["malicious/clients"] = attacked  # (an attacker whose update was rejected is among the failures)
+        # (an attacker whose update was rejected is among the failures)
+        row["malicious/clients"] = sorted(res.client_id for res, _ in ok if res.metrics["malicious/attacked"])
     if failed:
         row["clients/failures"] = [f"{f.client_id}: {f.reason}" for f in failed]
     if not sampled:

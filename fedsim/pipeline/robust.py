@@ -119,14 +119,14 @@ class RobustAggregation(ServerStage):
     def _bounded(self, state: GlobalState, updates: Sequence[ClientUpdate], keys: list[str]) -> list[ClientUpdate]:
         """Each update with its change of the shared tensors clipped to ``max_norm`` (float64 norm)."""
         out, clipped = [], 0
+        start = {k: state.tensors[k].to(torch.float64) for k in keys}
         for u in updates:
-            delta = {k: u.tensors[k].to(torch.float64) - state.tensors[k].to(torch.float64) for k in keys}
+            delta = {k: u.tensors[k].to(torch.float64) - start[k] for k in keys}
             norm = float(torch.sqrt(sum((d * d).sum() for d in delta.values())))
             if norm > self.max_norm:
                 clipped += 1
                 scale = self.max_norm / norm
-                tensors = {**u.tensors, **{k: (state.tensors[k].to(torch.float64) + delta[k] * scale)
-                                           .to(u.tensors[k].dtype) for k in keys}}
+                tensors = {**u.tensors, **{k: (start[k] + delta[k] * scale).to(u.tensors[k].dtype) for k in keys}}
                 u = replace(u, tensors=tensors)
             out.append(u)
         self._metrics = {"robust/clipped": float(clipped)}

@@ -51,7 +51,7 @@ def evaluate_clients(worker: Worker, payload: ClientPayload, items: list[tuple],
         if own.measure_qa and own.personal_lora is not None:
             mixed.update(qa_measurements(worker.bases, host, quant, own.personal_lora,
                                          host.read(own.personal_lora, personal=True)))
-        gen = worker.scenario.generation()
+        gen = worker.generation
         if server_round is not None and gen is not None and gen.personal and len(indices):
             mixed.update(generation_sums(worker, host, np.asarray(indices)[: gen.max_samples or None], server_round,
                                          split=worker.data.train, client_id=client_id)[0])
@@ -76,7 +76,7 @@ def generation_sums(worker: Worker, host: AdapterHost, indices: np.ndarray, serv
     (run seed, round, client, first sample); the generative metrics' sums, and the samples."""
     from fedsim.eval.generation import generate_batch
 
-    gen = worker.scenario.generation()
+    gen = worker.generation
     seed = int(np.random.SeedSequence([worker.scenario.seed, server_round, client_id + 1, int(indices[0])]
                                       ).generate_state(1)[0])
     outputs, samples = generate_batch(host.model, worker.data, indices, worker.tokenizer(), gen, worker.device, seed,

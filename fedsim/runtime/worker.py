@@ -8,6 +8,7 @@ over the same caches. ``stats()`` exposes counters that tests use to prove it.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -297,6 +298,11 @@ class Worker:
         host.activate(payload.lora)
         self.starts.load(host, payload, None, None)
         return host
+
+    @functools.cached_property
+    def generation(self) -> Any:
+        """The scenario's generation settings (:meth:`fedsim.config.Scenario.generation`), or None; resolved once."""
+        return self.scenario.generation()
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (decoding generations), loaded once."""
