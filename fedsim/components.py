@@ -13,7 +13,9 @@ from typing import Any
 
 from fedsim import registry
 from fedsim.config import Scenario
+from fedsim.config.privacy import sample_rate
 from fedsim.data.formats import RowFormat
+from fedsim.errors import ScenarioError
 from fedsim.eval.catalog import run_metrics
 from fedsim.eval.metrics import Metric, default_metrics
 from fedsim.models.tasks import ModelTask, task_for
@@ -64,11 +66,16 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     transforms: tuple[UpdateTransform, ...] = ()
     if scenario.faults.nan_update_prob > 0:
         transforms = (NanFault(scenario.faults.nan_update_prob),)
+    dp, dp_stage = privacy_parts(scenario, strategy) if scenario.privacy is not None else (None, None)
+    if dp is not None:  # local privacy before any attack: an attacker sends what it likes
+        transforms = (*transforms, dp)
     bad = scenario.clients.malicious
     if bad is not None:
         transforms = (*transforms, Attack(bad.clients(scenario.clients.num_clients, scenario.seed), bad.attack,
                                           multiplier=bad.multiplier(), std=bad.std, value=bad.value))
     stages: tuple[ServerStage, ...] = ()
+    if dp_stage is not None:  # first: the clipped, noised average is what later stages see
+        stages = (dp_stage,)
     rb = scenario.strategy.robust
     if rb is not None:  # first: a server optimizer steps towards the robust aggregate
         stages = (RobustAggregation(rb.method, trim=rb.trim, byzantine=rb.byzantine, select=rb.select,
@@ -84,3 +91,42 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     return Components(strategy=strategy, task=task_for(scenario.model),
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=run_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())
+
+
+def privacy_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage]:
+    """Differential privacy's client transform (local mode) and server stage (central: clipping, noise and
+    accounting; local: accounting), with σ solved from ``target_epsilon`` when the scenario gives one.
+
+    Raises:
+        ScenarioError: a target ε that the rounds given cannot reach.
+    """
+    from fedsim.pipeline.privacy import (
+        CentralPrivacy,
+        LocalAccounting,
+        LocalPrivacy,
+        PrivacyAccountant,
+        solve_noise,
+    )
+
+    p, clients = scenario.privacy, scenario.clients
+    delta, local = p.delta_for(clients.num_clients), p.mode == "local"
+    q = 1.0 if local else sample_rate(clients)
+    sigma = p.noise_multiplier
+    if sigma is None:  # local: for a client that takes part in every round; σ/2 per release (see the accountant)
+        try:
+            sigma = solve_noise(p.target_epsilon, delta, q, scenario.rounds, p.accountant) * (2 if local else 1)
+        except ValueError as e:
+            raise ScenarioError("privacy.target_epsilon", str(e)) from None
+    accountant = PrivacyAccountant(p.mode, sigma, q, delta, p.accountant)
+    if local:
+        return LocalPrivacy(p.clipping_norm, sigma), LocalAccounting(accountant)
+    expected = q * clients.num_clients
+    adaptive = None
+    if p.adaptive is not None:
+        a = p.adaptive
+        adaptive = (a.target_quantile, a.lr, expected / 20 if a.count_noise is None else a.count_noise)
+    try:
+        stage = CentralPrivacy(p.clipping_norm, sigma, expected, accountant, strategy.is_shared, adaptive)
+    except ValueError as e:  # adaptive clipping's count noise too small for the solved σ
+        raise ScenarioError("privacy.adaptive.count_noise", str(e)) from None
+    return None, stage

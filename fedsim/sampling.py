@@ -20,7 +20,8 @@ def available_clients(num_clients: int, availability: float, seed: int, server_r
 
 
 def sample_clients(num_clients: int, num_sampled: int, seed: int, server_round: int,
-                   sizes: Sequence[int] | np.ndarray | None = None, availability: float = 1.0) -> list[int]:
+                   sizes: Sequence[int] | np.ndarray | None = None, availability: float = 1.0,
+                   poisson: bool = False) -> list[int]:
     """Up to ``num_sampled`` distinct client ids among the available ones, sorted.
 
     Args:
@@ -31,8 +32,12 @@ def sample_clients(num_clients: int, num_sampled: int, seed: int, server_round: 
         sizes: per-client sample counts for size-weighted sampling (probability ∝ size, without replacement);
             None samples uniformly.
         availability: probability that a client is reachable this round.
+        poisson: each available client independently with probability ``num_sampled / num_clients`` instead.
     """
     pool = available_clients(num_clients, availability, seed, server_round)
+    if poisson:
+        keep = round_rng(seed, server_round, stream=1).random(len(pool)) < num_sampled / num_clients
+        return sorted(int(c) for c in pool[keep])
     k = min(num_sampled, len(pool))
     if k == 0:
         return []

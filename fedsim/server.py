@@ -88,13 +88,16 @@ class Server:
             result = stage.before(ctx, self.state, kept)
             kept, rejected = result.updates, {**rejected, **result.rejected}
         metrics: dict[str, float] = {}
-        if kept:  # a round in which every update failed or was rejected leaves the global state unchanged
-            old = self.state
-            new = self.strategy.aggregate(ctx, old, kept)
-            for stage in self.stages:
-                new, m = stage.after(ctx, old, new)
-                metrics.update(m)
-            self.state = new
+        # a round in which every update failed or was rejected leaves the global state unchanged (unless a stage
+        # moves it regardless: central differential privacy's noise)
+        old = self.state
+        new = self.strategy.aggregate(ctx, old, kept) if kept else old
+        for stage in self.stages:
+            new, m = stage.after(ctx, old, new) if kept else stage.idle(ctx, old, new)
+            metrics.update(m)
+        self.state = new
+        for stage in self.stages:
+            metrics.update(stage.end_round(ctx, updates))
         return {"comm/up_params": float(sum(c[0] for c in costs)), "comm/up_bytes": float(sum(c[1] for c in costs)),
                 "aggregated": float(len(kept)), "rejected": rejected, "stage_metrics": metrics,
                 "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}

@@ -146,10 +146,11 @@ class MaliciousConfig(Frozen):
     they send (:class:`fedsim.pipeline.transforms.Attack`). With Δ the change of the shared tensors in the round:
     ``sign_flip`` sends −factor·Δ (factor 1 by default), ``scale`` sends factor·Δ (10 by default), ``gaussian`` sends
     noise N(0, std²) in place of Δ, ``fixed`` the constant ``value`` in every coordinate of Δ, ``nan`` NaN (rejected
-    by the server's validation)."""
+    by the server's validation). Data poisoning: ``label_flip`` trains on the client's rows with each label l
+    replaced by (l + 1) mod K (classification data; :mod:`fedsim.data.poison`) and sends the update as it is."""
 
     fraction: float = Field(gt=0.0, lt=1.0)
-    attack: Literal["sign_flip", "scale", "gaussian", "fixed", "nan"] = "sign_flip"
+    attack: Literal["sign_flip", "scale", "gaussian", "fixed", "nan", "label_flip"] = "sign_flip"
     factor: float | None = None
     std: float = Field(1.0, gt=0.0)
     value: float = 1.0
@@ -175,7 +176,9 @@ class ClientsConfig(Frozen):
     num_clients: int = Field(20, ge=1, le=10_000_000)
     per_round: int | float = 5
     lora: LoraSpecConfig = LoraSpecConfig()
-    sampling: Literal["uniform", "size"] = "uniform"  # size: probability ∝ the client's number of samples
+    # uniform: per_round of the available clients; size: probability ∝ the client's number of samples; poisson: each
+    # available client independently with probability per_round / num_clients (a varying count)
+    sampling: Literal["uniform", "size", "poisson"] = "uniform"
     availability: float = Field(1.0, gt=0.0, le=1.0)  # probability that a client is reachable in a round
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability that a sampled client drops out during the round
     state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk

@@ -12,6 +12,7 @@ from fedsim.config.base import Frozen, format_validation
 from fedsim.config.clients import ClientsConfig
 from fedsim.config.data import DataConfig, PartitionConfig
 from fedsim.config.model import ModelConfig
+from fedsim.config.privacy import PrivacyConfig
 from fedsim.config.resources import LoggingConfig, ResourcesConfig
 from fedsim.config.training import (
     CheckpointConfig,
@@ -78,6 +79,7 @@ class Scenario(Frozen):
     checkpoint: CheckpointConfig = CheckpointConfig()
     clock: ClockConfig = ClockConfig()
     faults: FaultsConfig = FaultsConfig()
+    privacy: PrivacyConfig | None = None
 
     def pack_size(self, max_len: int) -> int:
         """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's
@@ -131,7 +133,55 @@ class Scenario(Frozen):
             raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params"), None) from None
         if self.strategy.robust is not None:
             self._check_robust(cls)
+        if self.privacy is not None:
+            self._check_privacy(cls)
         return self
+
+    def _check_privacy(self, cls: Any) -> None:
+        """Differential privacy's conditions: δ < 1/N, uniform inclusion probabilities, and for central mode an
+        average of factors at one rank, fed only by the clipped updates."""
+        p, clients = self.privacy, self.clients
+        n = clients.num_clients
+        if p.delta_for(n) >= 1.0 / n:
+            raise ScenarioError("privacy.delta", f"δ = {p.delta_for(n):g} is not below 1/N = {1 / n:g} (N = {n} "
+                                "clients): a mechanism that releases one client's whole data with probability δ "
+                                f"would satisfy it", f"set delta below {1 / n:g}, e.g. {1 / n**1.1:.3g}")
+        if clients.sampling == "size":
+            raise ScenarioError("clients.sampling", "size-weighted sampling gives each client its own inclusion "
+                                "probability, which the privacy accountant does not model",
+                                "use sampling: uniform or poisson with privacy")
+        if p.mode == "local":
+            return
+        fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
+        if not cls.averages_factors or clients.lora.is_mixed():
+            why = ("mixes ranks, whose factors do not line up coordinate by coordinate" if cls.averages_factors else
+                   "does not average the clients' factors (it stacks, merges into the base, or keeps updates in "
+                   "singular form), so there is no sum of updates to add the noise to")
+            raise ScenarioError("privacy.mode", f"central differential privacy with strategy {cls.name!r}: it {why}",
+                                f"use privacy.mode: local, or central with one of {', '.join(fits)} at one rank")
+        if self.strategy.robust is not None:
+            raise ScenarioError("privacy", "central differential privacy and strategy.robust both replace the "
+                                "average of the updates", "use one of them (norm_bound's clipping is part of DP)")
+        if self._objective_has_server_side():
+            raise ScenarioError("privacy", f"client objective {self.strategy.client_objective.name!r} uploads "
+                                "control variates that are neither clipped nor noised",
+                                "use privacy without it, or with fedprox")
+        if p.adaptive is not None:
+            from fedsim.config.privacy import sample_rate
+
+            count = p.adaptive.count_noise
+            count = sample_rate(clients) * n / 20 if count is None else count
+            sigma = p.noise_multiplier
+            if sigma and (count == 0 or (2 * count) ** -2 >= sigma**-2):
+                raise ScenarioError("privacy.adaptive.count_noise", f"the clipped count's noise {count:g} must "
+                                    f"exceed noise_multiplier / 2 = {sigma / 2:g}, or it spends the whole budget",
+                                    "raise count_noise or lower noise_multiplier")
+
+    def _objective_has_server_side(self) -> bool:
+        """Whether the client objective brings a server stage of its own (SCAFFOLD's control variates)."""
+        objective = self.client_objective()
+        owner = next((c for c in type(objective).__mro__ if "server_stage" in vars(c)), None) if objective else None
+        return owner is not None and owner.__name__ != "ClientObjective"
 
     def _check_robust(self, cls: Any) -> None:
         """Robust aggregation replaces an average of factors: refused, with the reason, where there is none."""
@@ -152,12 +202,20 @@ class Scenario(Frozen):
         if rb.method == "multi_krum" and rb.select > n:
             raise ScenarioError("strategy.robust.select", f"multi_krum selects {rb.select} of {n} clients per round",
                                 f"select at most {n}")
-        objective = self.client_objective()
-        owner = next((c for c in type(objective).__mro__ if "server_stage" in vars(c)), None) if objective else None
-        if owner is not None and owner.__name__ != "ClientObjective":  # the objective brings a server side
+        if self._objective_has_server_side():
             raise ScenarioError("strategy.robust", f"client objective {self.strategy.client_objective.name!r} keeps "
                                 "server state fed by every update (SCAFFOLD's control variates), which a robust rule "
                                 "would bypass", "use robust aggregation without it, or with fedprox")
+
+    @model_validator(mode="after")
+    def _flipped_labels_need_labels(self) -> Scenario:
+        bad = self.clients.malicious
+        if bad is not None and bad.attack == "label_flip" and not registry.get("row_format",
+                                                                                self.data.format).scored_by_options:
+            raise ScenarioError("clients.malicious.attack", f"label_flip flips classification labels, and data.format "
+                                f"{self.data.format!r} has none", "use data.format: classification, or a model "
+                                "poisoning attack (sign_flip, scale, gaussian, fixed)")
+        return self
 
     @model_validator(mode="after")
     def _metrics_known(self) -> Scenario:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
+from fedsim.config.privacy import sample_rate
 from fedsim.federation.rundir import write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.types import ClientSpec
@@ -35,7 +36,18 @@ def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], t
         "time/sim_total_s": next((r["time/sim_total_s"] for r in reversed(rows) if "time/sim_total_s" in r), 0.0),
         **{f"memory/base_mb/{label}": b / 2**20 for w in workers for label, b in w.get("base_bytes", {}).items()},
         "workers": workers,
+        **({"privacy": privacy_summary(scenario, rows)} if scenario.privacy is not None else {}),
     }
+
+
+def privacy_summary(scenario: Scenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run spent: ε at δ after its last round, and the mechanism's settings (σ as solved)."""
+    p = scenario.privacy
+    last = next((r for r in reversed(rows) if "privacy/epsilon" in r), {})
+    return {"mode": p.mode, "epsilon": last.get("privacy/epsilon"), "delta": p.delta_for(scenario.clients.num_clients),
+            "noise_multiplier": last.get("privacy/noise_multiplier"), "accountant": p.accountant,
+            "sample_rate": 1.0 if p.mode == "local" else sample_rate(scenario.clients),
+            "clipping_norm": last.get("privacy/clipping_norm", p.clipping_norm), "adaptive": p.adaptive is not None}
 
 
 def metric_objects(scenario: Scenario) -> tuple:

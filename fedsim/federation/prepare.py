@@ -12,6 +12,7 @@ from fedsim import registry
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
+from fedsim.data.poison import flip_labels
 from fedsim.errors import ScenarioError
 from fedsim.federation.clock import client_speeds
 from fedsim.models.base import decoder_linear_shapes, target_shapes
@@ -43,6 +44,9 @@ def prepare(scenario: Scenario) -> Prepared:
     groups = data.train.group if partition_field(scenario) and (data.train.group >= 0).all() else None
     parts = partition(scenario.partition, groups, n, scenario.clients.num_clients, scenario.seed)
     parts, local_test = split_local_test(parts, scenario.eval.local_test_fraction, scenario.seed)
+    bad = scenario.clients.malicious
+    if bad is not None and bad.attack == "label_flip":  # data poisoning: the attackers train on flipped copies
+        data, parts, _ = flip_labels(data, parts, bad.clients(scenario.clients.num_clients, scenario.seed))
     lcfg = scenario.clients.lora
     shapes = target_shapes(scenario.model)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())

@@ -44,11 +44,12 @@ class Federation:
         return RoundContext(server_round=server_round, num_rounds=sc.rounds, seed=sc.seed)
 
     def sample(self, server_round: int) -> list[int]:
-        """The round's clients: ``clients.per_round`` of the available ones (uniformly or by size), seeded."""
+        """The round's clients: ``clients.per_round`` of the available ones (uniformly or by size), or each with
+        probability per_round / num_clients (``poisson``), seeded."""
         sc = self.scenario
         sizes = [c.num_examples for c in self.prep.clients] if sc.clients.sampling == "size" else None
         return sample_clients(sc.clients.num_clients, sc.clients.num_per_round(), sc.seed, server_round, sizes=sizes,
-                              availability=sc.clients.availability)
+                              availability=sc.clients.availability, poisson=sc.clients.sampling == "poisson")
 
     def jobs(self, server_round: int, sampled: list[int], handles: dict[int, Handle]
              ) -> tuple[list[tuple[ClientJob, Handle]], set[int]]:

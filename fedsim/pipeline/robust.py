@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from fedsim.pipeline.stages import ServerStage, StageResult
+from fedsim.pipeline.stages import ServerStage, StageResult, with_shared
 from fedsim.types import ClientUpdate, GlobalState, RoundContext, Tensors
 
 METHODS = ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
@@ -135,9 +135,4 @@ class RobustAggregation(ServerStage):
     def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
         metrics, robust = self._metrics, self._robust
         self._robust, self._metrics = None, {}
-        if robust is None:
-            return new, metrics
-        tensors = dict(new.tensors)
-        for k, v in robust.items():
-            tensors[k] = v.to(new.tensors[k].dtype if k in new.tensors else torch.float32)
-        return replace(new, tensors=tensors), metrics
+        return (new if robust is None else with_shared(new, robust)), metrics

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import torch
+
 from fedsim.lora import ops
-from fedsim.types import ClientPayload, ClientUpdate, GlobalState, ModuleShape, RoundContext
+from fedsim.types import ClientPayload, ClientUpdate, GlobalState, ModuleShape, RoundContext, Tensors
 
 
 @dataclass
@@ -40,12 +42,30 @@ class ServerStage:
         """The state to keep after aggregation (e.g. a server optimizer's step from ``old`` towards ``new``)."""
         return new, {}
 
+    def idle(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
+        """The state to keep after a round in which no update was aggregated (all failed, none sampled); ``new`` is
+        what the stages before this one left. Default: unchanged."""
+        return new, {}
+
+    def end_round(self, ctx: RoundContext, received: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Called at the end of every round with every update the server received (rejected ones too); metrics for
+        the round's row (e.g. the privacy spent so far)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a resume (JSON data; tensors under keys of their own). Empty by default."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def with_shared(state: GlobalState, values: Tensors) -> GlobalState:
+    """``state`` with the tensors in ``values`` replaced (cast to the dtype the state keeps them in)."""
+    tensors = dict(state.tensors)
+    for k, v in values.items():
+        tensors[k] = v.to(state.tensors[k].dtype if k in state.tensors else torch.float32)
+    return replace(state, tensors=tensors)
 
 
 class ValidateUpdates(ServerStage):

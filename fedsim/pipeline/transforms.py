@@ -73,6 +73,8 @@ class Attack(UpdateTransform):
         if ctx.client_id not in self.clients:
             return tensors, {"malicious/attacked": 0.0}
         start = ctx.start or {}
+        if self.attack == "label_flip":  # data poisoning: the update is what training on flipped labels gave
+            return tensors, {"malicious/attacked": 1.0}
         if self.attack == "nan":
             return {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, {"malicious/attacked": 1.0}
         g = torch.Generator().manual_seed(int(np.random.default_rng(

@@ -115,5 +115,6 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
                 continue
             tensors, metrics, state, extra = res
             out[i] = worker.finish(job, payload, tensors, None, metrics, elapsed, procedure=joint,
-                                   objective_state=state, extra=extra)
+                                   objective_state=state, extra=extra,
+                                   start=members[i].tensors if payload.fresh else None)
     return out

@@ -183,8 +183,10 @@ class Worker:
         """One client's local training (no injected process faults)."""
         host = self.host(payload.base_version, job.spec.quant)
         host.activate(payload.lora, payload.personal_lora, payload.mix)
+        fresh = None
         if payload.fresh:
-            host.load(payload.lora, self.starts.fresh(host.shapes(payload.lora), payload, job))
+            fresh = self.starts.fresh(host.shapes(payload.lora), payload, job)
+            host.load(payload.lora, fresh)
             self.starts.load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
@@ -202,17 +204,18 @@ class Worker:
         personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None
         return self.finish(job, payload, trained, personal_adapter, metrics, time.perf_counter() - t0,
                            procedure=procedure, objective_state=state_out(list(payload.objectives), objectives),
-                           extra=state_out(list(payload.objectives), objectives, upload=True))
+                           extra=state_out(list(payload.objectives), objectives, upload=True), start=fresh)
 
     def finish(self, job: ClientJob, payload: ClientPayload, trained: Tensors, personal_adapter: Tensors | None,
                metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None,
-               objective_state: Tensors | None = None, extra: Tensors | None = None
+               objective_state: Tensors | None = None, extra: Tensors | None = None, start: Tensors | None = None
                ) -> tuple[ClientResult, ClientUpdate]:
         """The client's result and update from its trained tensors: the shared ones through the client-side
         transforms, the private ones (the personal adapter, the objectives' state) into the result for the client
-        state store."""
+        state store. ``start``: the adapter the client began from when the payload did not carry it (a fresh one)."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
-        start = {k: payload.tensors[k] for k in tensors if k in payload.tensors}
+        began = payload.tensors if start is None else start
+        start = {k: began[k] for k in tensors if k in began}
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, start)
         for transform in self.components.transforms:
             tensors, transform_metrics = transform(tensors, ctx)

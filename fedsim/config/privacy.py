@@ -1,0 +1,73 @@
+"""The ``privacy`` section: client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018), its clipping,
+its noise and its accounting (:mod:`fedsim.pipeline.privacy`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fedsim.config.base import Frozen
+from fedsim.config.clients import ClientsConfig
+
+
+class AdaptiveClipConfig(Frozen):
+    """Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021): after
+    each round C ← C·exp(−lr·(b̃ − target_quantile)), b̃ the noised share of the round's updates with norm ≤ C. The
+    count's noise ``count_noise`` (σ_b, default: expected clients per round / 20, the paper's choice) spends part of
+    the privacy budget: the updates' noise multiplier becomes (σ⁻² − (2σ_b)⁻²)^(−1/2), so that the round as a whole
+    is still a Gaussian mechanism with multiplier σ."""
+
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)  # γ
+    lr: float = Field(0.2, gt=0.0, le=10.0)  # η_C
+    count_noise: float | None = Field(None, ge=0.0)  # σ_b
+
+
+class PrivacyConfig(Frozen):
+    """Client-level differential privacy.
+
+    ``mode``: ``central`` — the server clips each update's change of the shared tensors to ``clipping_norm`` and adds
+    Gaussian noise of standard deviation σ·C to their sum (a trusted server; the averaging strategies) —, or ``local``
+    — each client clips its own change and adds the noise itself before uploading (every strategy). ``noise_multiplier``
+    σ, or ``target_epsilon``: σ solved before round 1 so that ε after the last round is the target. ``delta``: δ
+    (default 1/N^1.1, N the number of clients). ``accountant``: Opacus's ``rdp`` or ``prv``.
+    """
+
+    mode: Literal["central", "local"] = "central"
+    clipping_norm: float | None = Field(None, gt=0.0)
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    adaptive: AdaptiveClipConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyConfig:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("give noise_multiplier or target_epsilon, not both (target_epsilon solves for the "
+                             "noise multiplier)")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier (σ; 0 clips without noise) or target_epsilon")
+        if self.clipping_norm is None:
+            raise ValueError("noise needs a clipping norm, the bound on each client's contribution that the noise "
+                             "is scaled to: set clipping_norm (e.g. 1.0; with adaptive clipping, its start)")
+        if self.adaptive is not None and self.mode == "local":
+            raise ValueError("adaptive clipping needs the server to see whether each update was clipped, so it is "
+                             "central-mode only; use mode: central, or a fixed clipping_norm")
+        return self
+
+    def delta_for(self, num_clients: int) -> float:
+        """δ: the configured one, else 1/N^1.1."""
+        return self.delta if self.delta is not None else 1.0 / num_clients**1.1
+
+
+def sample_rate(clients: ClientsConfig) -> float:
+    """q, each client's probability of taking part in a round, for the accountant: with ``poisson`` sampling
+    availability × per_round / N (exact); with ``uniform`` (fixed-size) sampling min(per_round, availability·N) / N —
+    an upper bound on the inclusion probability, accounted as Poisson subsampling at that rate (the standard
+    approximation for fixed-size sampling, as TensorFlow Privacy and Flower make it). Dropouts only lower
+    participation and are not counted."""
+    n, m = clients.num_clients, clients.num_per_round()
+    if clients.sampling == "poisson":
+        return clients.availability * m / n
+    return min(float(m), clients.availability * n) / n
