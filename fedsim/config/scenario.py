@@ -142,6 +142,9 @@ class Scenario(Frozen):
         average of factors at one rank, fed only by the clipped updates."""
         p, clients = self.privacy, self.clients
         n = clients.num_clients
+        if not cls.aggregates:
+            raise ScenarioError("privacy", f"strategy {cls.name!r} uploads nothing, so there is nothing to privatize",
+                                "remove the privacy section, or use a strategy that aggregates")
         if p.delta_for(n) >= 1.0 / n:
             raise ScenarioError("privacy.delta", f"δ = {p.delta_for(n):g} is not below 1/N = {1 / n:g} (N = {n} "
                                 "clients): a mechanism that releases one client's whole data with probability δ "

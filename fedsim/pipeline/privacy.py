@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedsim.pipeline.robust import change_norms
 from fedsim.pipeline.stages import ServerStage, StageResult, with_shared
 from fedsim.pipeline.transforms import TransformContext, UpdateTransform
 from fedsim.types import ClientUpdate, GlobalState, RoundContext, Tensors
@@ -153,19 +154,18 @@ class CentralPrivacy(ServerStage):
     def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
         """Clip each update's change, sum, add the noise; the new shared tensors wait for :meth:`after`."""
         keys = sorted(k for k in state.tensors if self.is_shared(k))
-        start = {k: state.tensors[k].to(torch.float64) for k in keys}
-        total = {k: torch.zeros_like(v) for k, v in start.items()}
+        start = {k: state.tensors[k].to(torch.float32) for k in keys}
+        acc = [torch.zeros_like(v) for v in start.values()]  # Σ_k Δ̂_k, float32 (fused kernels, one update at a time)
         within = 0
-        for u in updates:
-            delta, norm = clip({k: u.tensors[k].to(torch.float64) - start[k] for k in keys}, self.clip)
+        for delta, norm in change_norms(updates, start, keys):
             within += norm <= self.clip
-            for k in keys:
-                total[k] += delta[k]
+            torch._foreach_add_(acc, delta, alpha=min(1.0, self.clip / norm) if norm > 0 else 1.0)
+        total = {k: a.to(torch.float64) for k, a in zip(keys, acc)}
         std = self.update_sigma * self.clip
         if std > 0:
             for k, z in gaussian(total, std, generator(ctx.seed, ctx.server_round, 47)).items():
                 total[k] += z
-        self._new = {k: start[k] + total[k] / self.denominator for k in keys}
+        self._new = {k: state.tensors[k].to(torch.float64) + total[k] / self.denominator for k in keys}
         self._metrics = {"privacy/clipped": (len(updates) - within) / len(updates) if updates else 0.0, "privacy/clipping_norm": self.clip,
                          "privacy/noise_std": std / self.denominator, "privacy/noise_multiplier": self.sigma}
         if self.adaptive is not None:

@@ -19,10 +19,12 @@ adapter unchanged and says so (``robust/skipped``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from fedsim.pipeline.stages import ServerStage, StageResult, with_shared
@@ -31,49 +33,75 @@ from fedsim.types import ClientUpdate, GlobalState, RoundContext, Tensors
 METHODS = ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
 
 
-def stacked(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
-    """The clients' values of one tensor, stacked as they are (float32): (n, *shape)."""
-    return torch.stack([u.tensors[key].detach() for u in updates])
+def rows(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
+    """The clients' values of one tensor as (n, numel) float32, one update per row."""
+    return torch.stack([u.tensors[key].detach().flatten() for u in updates])
+
+
+def columns(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
+    """The clients' values of one tensor as (numel, n) float32, each coordinate's n values contiguous — the layout in
+    which per-coordinate selection (median, top-k) reads memory in order."""
+    return torch.stack([u.tensors[key].detach().flatten() for u in updates], dim=1)
+
+
+def partitioned(x: torch.Tensor, kth: Sequence[int]) -> np.ndarray:
+    """``numpy.partition(x, kth, axis=-1)`` of a (d, n) float32 tensor: each row's values at the ``kth`` positions are
+    those a sort would put there, smaller ones before, larger after — selection, not a sort. Rows are split over
+    torch's thread count (numpy's selection releases the GIL)."""
+    a = x.numpy()
+    threads = max(1, min(torch.get_num_threads(), len(a) // 4096))
+    if threads == 1:
+        return np.partition(a, kth, axis=-1)
+    with ThreadPoolExecutor(threads) as pool:
+        return np.concatenate(list(pool.map(lambda part: np.partition(part, kth, axis=-1),
+                                            np.array_split(a, threads))))
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Median over dim 0; the mean of the two middle values when the count is even (``numpy.median``), in float64.
-    By selection, not a full sort: ``torch.median`` gives the lower middle value; for an even count the upper one is
-    the smallest value above it — or the lower one itself when it occurs often enough."""
-    n = x.shape[0]
-    lower = torch.median(x, dim=0).values
-    if n % 2:
-        return lower.to(torch.float64)
-    above = torch.where(x > lower, x, torch.full_like(x, float("inf"))).min(dim=0).values
-    upper = torch.where((x <= lower).sum(dim=0) >= n // 2 + 1, lower, above)
-    return (lower.to(torch.float64) + upper.to(torch.float64)) / 2
+    """Median over the last dim of (d, n); the mean of the two middle values when n is even (``numpy.median``), in
+    float64."""
+    n = x.shape[-1]
+    mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+    p = partitioned(x, mid)
+    return torch.from_numpy(p[:, mid].astype(np.float64).mean(axis=-1))
 
 
 def trimmed_mean(x: torch.Tensor, trim: float) -> torch.Tensor:
-    """Mean over dim 0 of what is left after dropping the ⌊trim·n⌋ largest and smallest values per coordinate, in
-    float64: the sum less the k largest and the k smallest (``topk``), not a full sort."""
-    n = x.shape[0]
+    """Mean over the last dim of (d, n) of what is left after dropping the ⌊trim·n⌋ largest and smallest values per
+    coordinate, in float64 (by selection of the two cut points, not a sort)."""
+    n = x.shape[-1]
     k = int(trim * n)
-    total = x.to(torch.float64).sum(dim=0)
-    if k:
-        total -= x.topk(k, dim=0).values.to(torch.float64).sum(dim=0)
-        total -= x.topk(k, dim=0, largest=False).values.to(torch.float64).sum(dim=0)
-    return total / (n - 2 * k)
+    if not k:
+        return x.sum(dim=-1, dtype=torch.float64) / n
+    p = partitioned(x, [k, n - k - 1])
+    return torch.from_numpy(p[:, k : n - k].sum(axis=-1, dtype=np.float64) / (n - 2 * k))
 
 
 def krum_scores(blocks: Sequence[torch.Tensor], f: int) -> torch.Tensor:
     """Each update's Krum score — the sum of squared distances to its n − f − 2 nearest others — from its flattened
     tensors ``blocks`` (each (n, d_k)): squared distances ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ from Gram matrices summed
-    over the blocks, in float64 (no (n, Σd) copy of every update). Returns (n,)."""
+    over the blocks in float64 (no (n, Σd) copy of every update). Distances do not change when every update moves by
+    the same vector, so each block is centred on its mean first: the float32 products then carry the differences
+    between updates, not their common part. Returns (n,)."""
     n = blocks[0].shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64)
     for b in blocks:
-        b = b.to(torch.float64)
-        gram += b @ b.T
+        b = b - b.mean(dim=0)
+        gram += (b @ b.T).to(torch.float64)
     sq = gram.diagonal()
     d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     d.fill_diagonal_(float("inf"))
     return d.sort(dim=1).values[:, : n - f - 2].sum(dim=1)
+
+
+def change_norms(updates: Sequence[ClientUpdate], start: Tensors, keys: Sequence[str]
+                 ) -> Iterator[tuple[list[torch.Tensor], float]]:
+    """Per update, one at a time: its changes of ``keys`` from ``start`` (float32, in ``keys`` order) and the norm of
+    them all together (per-tensor norms by fused multi-tensor kernels, combined in float64)."""
+    base = [start[k] for k in keys]
+    for u in updates:
+        delta = torch._foreach_sub([u.tensors[k].to(torch.float32) for k in keys], base)
+        yield delta, float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(delta)).to(torch.float64)))
 
 
 class RobustAggregation(ServerStage):
@@ -107,27 +135,24 @@ class RobustAggregation(ServerStage):
                 self._robust = {k: state.tensors[k] for k in keys}  # the round leaves the shared tensors as they were
                 return StageResult(list(updates))
             m = 1 if self.method == "krum" else min(self.select, len(updates))
-            chosen = krum_scores([stacked(updates, k).flatten(1) for k in keys], self.f).argsort()[:m]
+            chosen = krum_scores([rows(updates, k) for k in keys], self.f).argsort()[:m]
             self._metrics = {"robust/selected": float(m)}
-            self._robust = {k: stacked([updates[int(i)] for i in chosen], k).to(torch.float64).mean(dim=0)
-                            for k in keys}
+            self._robust = {k: rows([updates[int(i)] for i in chosen], k).sum(dim=0, dtype=torch.float64).div(m)
+                            .view(updates[0].tensors[k].shape) for k in keys}
             return StageResult(list(updates))
         reduce = coordinate_median if self.method == "median" else (lambda x: trimmed_mean(x, self.trim))
-        self._robust = {k: reduce(stacked(updates, k)) for k in keys}
+        self._robust = {k: reduce(columns(updates, k)).view(updates[0].tensors[k].shape) for k in keys}
         return StageResult(list(updates))
 
     def _bounded(self, state: GlobalState, updates: Sequence[ClientUpdate], keys: list[str]) -> list[ClientUpdate]:
-        """Each update with its change of the shared tensors clipped to ``max_norm`` (float64 norm)."""
+        """Each update with its change of the shared tensors clipped to ``max_norm``."""
         out, clipped = [], 0
-        start = {k: state.tensors[k].to(torch.float64) for k in keys}
-        for u in updates:
-            delta = {k: u.tensors[k].to(torch.float64) - start[k] for k in keys}
-            norm = float(torch.sqrt(sum((d * d).sum() for d in delta.values())))
+        start = {k: state.tensors[k].to(torch.float32) for k in keys}
+        for u, (delta, norm) in zip(updates, change_norms(updates, start, keys)):
             if norm > self.max_norm:
                 clipped += 1
-                scale = self.max_norm / norm
-                tensors = {**u.tensors, **{k: (start[k] + delta[k] * scale).to(u.tensors[k].dtype) for k in keys}}
-                u = replace(u, tensors=tensors)
+                scaled = torch._foreach_add(list(start.values()), delta, alpha=self.max_norm / norm)
+                u = replace(u, tensors={**u.tensors, **{k: t.to(u.tensors[k].dtype) for k, t in zip(keys, scaled)}})
             out.append(u)
         self._metrics = {"robust/clipped": float(clipped)}
         return out
