@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run | validate | partition | strategies``.
+"""Command line: ``fedsim run | validate | partition | sweep | plot | export | strategies``.
 
 Errors that come from bad input (:class:`~fedsim.errors.FedsimError`) are printed as one line, without a traceback,
 and the process exits with status 2.
@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (default: runs/<name>-sweep)")
     sweep.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="run N points at once (Ray tasks on the cluster with the ray backend, else processes)")
+    sweep.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="run every point with N seeds (the scenario's and the next ones); sweep.csv gives mean "
+                            "and std")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep in --out (default runs/<name>-sweep): finished points are kept, "
+                            "interrupted ones resumed, the rest run")
+    plot = sub.add_parser("plot", help="draw runs (curves per round, overlaid) or a sweep into a PNG")
+    plot.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or one sweep directory")
+    plot.add_argument("--out", help="the PNG (default: RUN_DIR/curves.png for one run, compare.png for several, "
+                                    "SWEEP_DIR/sweep.png)")
     exp = sub.add_parser("export", help="write a client's (or the global) model at the end of a run, for PEFT")
     exp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fedsim run")
     exp.add_argument("--client", type=int, metavar="K", help="the client whose model to write (default: the global one)")
@@ -163,8 +173,39 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.sweep import run_sweep
 
-    rows = run_sweep(args.scenario, args.grid, args.overrides, args.out, args.parallel)
+    if args.seeds < 1:
+        raise FedsimError("--seeds must be at least 1")
+    rows = run_sweep(args.scenario, args.grid, args.overrides, args.out, args.parallel, seeds=args.seeds,
+                     resume=args.resume)
     print(f"done: {len(rows)} runs; table in {Path(rows[0]['run_dir']).parent / 'sweep.csv'}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fedsim.plots import draw_runs, read_rows
+    from fedsim.sweep import plot_sweep
+
+    dirs = [Path(d) for d in args.dirs]
+    kinds = []
+    for d in dirs:
+        if (d / "metrics.jsonl").is_file():
+            kinds.append("run")
+        elif (d / "sweep_runs.csv").is_file() or (d / "sweep.csv").is_file():
+            kinds.append("sweep")
+        else:
+            raise FedsimError(f"{d} is neither a run directory (no metrics.jsonl) nor a sweep directory (no "
+                              "sweep.csv): give what fedsim run or fedsim sweep wrote")
+    if "sweep" in kinds:
+        if len(dirs) > 1:
+            raise FedsimError("give one sweep directory at a time (or run directories to overlay)")
+        out = plot_sweep(dirs[0], Path(args.out) if args.out else None)
+    else:
+        out = Path(args.out) if args.out else (dirs[0] / "curves.png" if len(dirs) == 1 else Path("compare.png"))
+        names = [d.resolve().name for d in dirs]
+        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+        draw_runs([(label, read_rows(d)) for label, d in zip(labels, dirs)], out,
+                  title=" vs ".join(labels) if len(labels) <= 4 else f"{len(labels)} runs")
+    print(f"wrote {out}")
     return 0
 
 
@@ -212,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
-               "export": _cmd_export, "strategies": _cmd_strategies}[args.command]
+               "export": _cmd_export, "strategies": _cmd_strategies, "plot": _cmd_plot}[args.command]
     try:
         return handler(args)
     except FedsimError as e:

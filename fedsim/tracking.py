@@ -21,6 +21,11 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def run_name(scenario: Scenario) -> str:
+    """The run's W&B name (``logging.wandb.name`` filled in)."""
+    return scenario.logging.wandb.run_name(scenario.name, scenario.seed, scenario.strategy.name, scenario.rounds)
+
+
 def check_wandb_dirs() -> None:
     """Fail before round 1, not after the last, when W&B could not write where it keeps its data: its data, cache
     and config directories (an unwritable ``HOME`` makes all three unwritable).
@@ -118,7 +123,8 @@ class Tracker:
 
     def _init_wandb(self, wandb: Any, scenario: Scenario, w: Any, run_id: str | None) -> Any:
         return wandb.init(
-            project=w.project, group=w.group, entity=w.entity, name=scenario.name, tags=list(w.tags),
+            project=w.project, group=w.group, entity=w.entity, name=run_name(scenario),
+            tags=list(dict.fromkeys([scenario.strategy.name, *w.tags])),
             dir=str(self.run_dir), mode=w.mode, config=scenario.to_dict(), reinit="finish_previous",
             id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),

@@ -23,7 +23,7 @@ TINY: dict[str, Any] = {
     "training": {"local_steps": 3, "batch_size": 8, "lr": 0.005},
     "eval": {"every": 1, "batch_size": 16},
     "resources": {"backend": "local", "num_workers": 2, "num_cpus": 1},
-    "logging": {"console": False, "wandb": {"mode": "disabled"}},
+    "logging": {"console": False, "plots": False, "wandb": {"mode": "disabled"}},
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,24 @@ def _check_size(raw: Any) -> None:
             stack.extend((v, depth + 1) for v in node)
 
 
+def run_name_override(raw: dict, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``logging.wandb.name={name}-<what the overrides changed>`` when overrides change more than the name and the
+    logging, and neither the scenario nor an override names the W&B run: two runs of one file with different
+    ``--set`` then get different W&B run and artifact names."""
+    logging = raw.get("logging") if isinstance(raw.get("logging"), dict) else {}
+    if isinstance(logging.get("wandb"), dict) and logging["wandb"].get("name"):
+        return []
+    keys = [o.split("=", 1) for o in overrides if "=" in o]
+    if any(k.strip() == "logging.wandb.name" for k, _ in keys):
+        return []
+    changed = [f"{k.strip().split('.')[-1]}={v.strip()}" for k, v in keys
+               if k.strip() != "name" and not k.strip().startswith("logging.")]
+    if not changed:
+        return []
+    slug = re.sub(r"[^A-Za-z0-9_.=,\-]+", "-", "_".join(changed)).strip("-")[:120]
+    return ["logging.wandb.name=" + json.dumps("{name}-" + slug)]  # quoted: YAML reads {…} as a mapping
+
+
 def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
                        ) -> Scenario:
     """Validate a raw mapping (plus overrides) into a :class:`Scenario`.
@@ -92,7 +112,7 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), ch
                             "start from scenarios/quickstart.yaml")
     try:
         _check_size(raw)
-        raw = apply_overrides(raw, overrides)
+        raw = apply_overrides(raw, list(overrides) + run_name_override(raw, overrides))
         _check_size(raw)  # and the overrides' values
         return Scenario.model_validate(raw, context=None if check_strategy else {"strategy": False})
     except ValidationError as e:

@@ -94,16 +94,42 @@ class ResourcesConfig(Frozen):
         return self.num_threads or max(1, int(self.num_cpus))
 
 
+NAME_FIELDS = ("name", "seed", "strategy", "rounds")  # the placeholders of logging.wandb.name
+
+
 class WandbConfig(Frozen):
+    """Weights & Biases. ``name``: the run's name (and its adapter artifact's), a template over ``{name}``, ``{seed}``,
+    ``{strategy}`` and ``{rounds}``; by default the scenario's name followed by the keys ``--set`` changed (so that two
+    runs of one file differ). ``tags``: added to the strategy's name, which every run is tagged with."""
+
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "fedsim"
+    name: str | None = Field(None, min_length=1, max_length=256)
     group: str | None = None
     entity: str | None = None
     tags: tuple[str, ...] = ()
 
+    @field_validator("name")
+    @classmethod
+    def _known_placeholders(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                v.format(**dict.fromkeys(NAME_FIELDS, ""))
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{v!r} is not a name template ({e.__class__.__name__}: {e}); use the placeholders "
+                                 + ", ".join("{" + f + "}" for f in NAME_FIELDS)) from None
+        return v
+
+    def run_name(self, name: str, seed: int, strategy: str, rounds: int) -> str:
+        """The W&B run name: the template filled in (the scenario's name without one)."""
+        return (self.name or "{name}").format(name=name, seed=seed, strategy=strategy, rounds=rounds)
+
 
 class LoggingConfig(Frozen):
+    """``plots``: each run draws ``curves.png`` (accuracy, loss, per-task accuracy, communication, time per round)."""
+
     console: bool = True
+    plots: bool = True
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
     jsonl: bool = True
     wandb: WandbConfig = WandbConfig()

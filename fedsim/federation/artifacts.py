@@ -13,6 +13,8 @@ from fedsim.config import Scenario
 from fedsim.config.privacy import sample_rate
 from fedsim.federation.rundir import write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
+from fedsim.plots import curves_in_child
+from fedsim.tracking import run_name
 from fedsim.types import ClientSpec
 
 
@@ -77,10 +79,15 @@ def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], 
     try:  # W&B's failure (a full disk, an unwritable directory) must not cost the run its summary
         tracker.summary(summary)
         tracker.tables({"clients": clients_table, "personalized": personal_table})
-        tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{scenario.name}-adapter"), "model", run_dir / "adapter",
+        tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{run_name(scenario)}-adapter"), "model", run_dir / "adapter",
                          {"strategy": scenario.strategy.name, "base_model": scenario.model.name,
                           "rounds": scenario.rounds})
     except Exception as e:  # noqa: BLE001 - wandb raises many types
         note = f"W&B could not record the run's summary, tables and adapter ({e.__class__.__name__}: {e})"
         summary["notes"] = sorted({*summary.get("notes", []), note.splitlines()[0]})
+    if scenario.logging.plots:
+        try:  # a figure that cannot be drawn (a full disk, a broken matplotlib) must not cost the run its summary
+            curves_in_child(run_dir)
+        except OSError as e:
+            summary["notes"] = sorted({*summary.get("notes", []), str(e).splitlines()[0]})
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -151,7 +151,7 @@ def test_sweeps_run_every_point_tabulate_and_parallel_ones_give_the_sequential_r
     for x in rows:
         resolved = yaml.safe_load((tmp_path / "sweep" / x["run_dir"].split("/")[-1] / "scenario.yaml").read_text())
         assert resolved["clients"]["num_clients"] == int(x["clients.num_clients"])
-        assert resolved["logging"]["wandb"]["group"] == "tiny-sweep" and resolved["rounds"] == 1
+        assert resolved["logging"]["wandb"]["group"].startswith("sweep-") and resolved["rounds"] == 1
         assert float(x["comm_params"]) > 0 and 0.0 <= float(x["final_accuracy"]) <= 1.0
     assert (out / "sweep.png").stat().st_size > 1000
     seq = [x for x in rows if x["training.local_steps"] == "1"]

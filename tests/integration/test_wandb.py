@@ -22,7 +22,6 @@ def offline(tiny_raw, monkeypatch):
 
 
 def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
-    offline.update(rounds=3)
     offline["eval"]["local_test_fraction"] = 0.25
     offline["eval"].update(metrics=["exact_match"], generate={"every": 1, "max_samples": 4, "log_samples": 3,
                                                               "max_new_tokens": 4, "personal": False})
@@ -36,8 +35,8 @@ def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save", interrupted)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario_from_dict(offline), out)
+    with pytest.raises(KeyboardInterrupt):  # rounds=3 as --set gives it: the W&B names say so
+        run_scenario(scenario_from_dict(offline, ["rounds=3"]), out)
     monkeypatch.setattr(checkpoint, "save", real)
     resume_run(out)
 
@@ -45,6 +44,7 @@ def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
     assert len(files) == 2, files  # one offline segment per process
     runs = W.of_type(out, "run")
     assert len({r.run.run_id for r in runs}) == 1  # the same run, resumed
+    assert {r.run.display_name for r in runs} == {"tiny-rounds=3"} and set(runs[0].run.tags) >= {"fedsa"}
     steps = [row["_step"] for row in W.history(out)]
     assert steps == [0, 1, 2, 3], steps  # no gap and no step twice (round 2 ran again, but was sent once)
     logged = {row["_step"]: row for row in W.history(out)}
@@ -59,7 +59,7 @@ def test_a_resumed_run_is_one_wandb_run(offline, tmp_path, monkeypatch):
     assert kept == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
     arts = [a for a in W.of_type(out, "artifact") if a.artifact.type == "model"]
-    assert [a.artifact.name for a in arts] == ["tiny-adapter"]
+    assert [a.artifact.name for a in arts] == ["tiny-rounds-3-adapter"]
     assert {f.path for f in arts[0].artifact.manifest.contents} >= {"adapter_config.json",
                                                                     "adapter_model.safetensors"}
     summary = {item.key: json.loads(item.value_json) for rec in W.of_type(out, "summary")
