@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up fedsim in ./.venv. Usage: bash setup.sh [dev]
-#   dev: also install the test tools (pytest, ruff, import-linter, scikit-learn for reference metrics).
+# Set up fedsim in ./.venv. Usage: bash setup.sh [dev] [cluster]
+#   dev: also install the test tools (pytest, ruff, import-linter, scikit-learn for reference metrics) and cluster.
+#   cluster: Ray's job submission and Ray Client (ray[default,client]), for `fedsim submit` and ray:// addresses.
 # torch is installed first and pinned, so that pip does not pull a multi-GB CUDA build on CPU-only machines.
 # On a GPU machine, set FEDSIM_TORCH to the torch requirement you want (e.g. FEDSIM_TORCH="torch==2.13.0" with the
 # matching --index-url in PIP_INDEX_URL), or install torch into .venv yourself before running this script.
@@ -15,5 +16,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${FEDSIM_TORCH:-torch==2.13.0}"
 fi
 extras="hqq,bnb,eval"
-if [ "${1:-}" = "dev" ]; then extras="$extras,dev"; fi
+for arg in "$@"; do
+  case "$arg" in
+    dev) extras="$extras,dev,cluster" ;;   # the tests start a real two-node cluster and submit a Ray job
+    cluster) extras="$extras,cluster" ;;   # Ray's dashboard (job submission) and Ray Client (ray://)
+    *) echo "setup.sh: unknown option $arg (use dev and/or cluster)" >&2; exit 2 ;;
+  esac
+done
 .venv/bin/python -m pip install -q -e ".[${extras}]"

@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run | validate | partition | sweep | plot | export | strategies``.
+"""Command line: ``fedsim run | validate | partition | sweep | plot | submit | export | strategies``.
 
 Errors that come from bad input (:class:`~fedsim.errors.FedsimError`) are printed as one line, without a traceback,
 and the process exits with status 2.
@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep in --out (default runs/<name>-sweep): finished points are kept, "
                             "interrupted ones resumed, the rest run")
+    sub_job = sub.add_parser("submit", help="run a scenario as a Ray job on a cluster (the working directory travels)")
+    _add_scenario_args(sub_job)
+    sub_job.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    sub_job.add_argument("--out", help="the run directory, on storage the cluster can write (default: "
+                                       "./runs/<name>, made absolute)")
+    sub_job.add_argument("--python", default="python",
+                         help="the cluster's Python interpreter (default: python on the cluster's PATH)")
+    sub_job.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     plot = sub.add_parser("plot", help="draw runs (curves per round, overlaid) or a sweep into a PNG")
     plot.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or one sweep directory")
     plot.add_argument("--out", help="the PNG (default: RUN_DIR/curves.png for one run, compare.png for several, "
@@ -181,6 +189,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from fedsim.runtime.ray.submit import submit
+
+    return submit(args.scenario, args.address, args.overrides, args.out, python=args.python, wait=not args.no_wait)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from fedsim.plots import draw_runs, read_rows
     from fedsim.sweep import plot_sweep
@@ -253,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
-               "export": _cmd_export, "strategies": _cmd_strategies, "plot": _cmd_plot}[args.command]
+               "export": _cmd_export, "strategies": _cmd_strategies, "plot": _cmd_plot,
+               "submit": _cmd_submit}[args.command]
     try:
         return handler(args)
     except FedsimError as e:

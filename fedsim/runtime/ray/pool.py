@@ -108,6 +108,7 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
     skip: list[str] = []
     if res.address:
         check_reachable(res.address)
+        token_auth()
         kwargs["address"] = res.address
     else:
         # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
@@ -126,21 +127,60 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
         skip = unused_ray_processes(res)
     main_thread = threading.current_thread() is threading.main_thread()
     keep = signal.getsignal(signal.SIGTERM) if main_thread else None
+    cwd = os.getcwd()
     try:
         with _lean_head(skip), _without_pyarrow(), _sigterm_interrupts(keep is not None):
             ray.init(**kwargs)
             with contextlib.suppress(Exception):  # private: a Ray without it makes the context later, with pyarrow
                 ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
+        _back_to(cwd)
     except Exception as e:
         where = f"the Ray cluster at {res.address!r}" if res.address else "a local Ray instance"
+        hint = ("" if not res.address or os.environ.get("RAY_AUTH_MODE") == "token" else
+                " With Ray's token authentication (the default of `ray start` since Ray 2.5x), put the cluster's "
+                "token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN here too.")
         raise BackendError(f"could not start {where}: {e.__class__.__name__}: {e}. "
-                           "Check resources.address, or use resources.backend: local") from None
+                           f"Check resources.address, or use resources.backend: local.{hint}") from None
     finally:
         if keep is not None:  # Ray's core worker replaces SIGTERM with a handler that dumps a native stack and aborts
             signal.signal(signal.SIGTERM, keep)
     if skip:
         stop_unused_ray_processes(skip)
     return True
+
+
+def _back_to(cwd: str) -> None:
+    """A driver inside a Ray job: joining the cluster unpacks the job's working directory again, replacing the
+    directory the driver runs in (the old one deleted) — go back to it by name, where the scenario's relative paths
+    were given."""
+    try:
+        now = os.getcwd()
+    except FileNotFoundError:  # deleted under us
+        now = None
+    if now != cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
+def token_auth() -> str | None:
+    """Ray's token authentication, for a cluster this process joins: ``ray start`` (Ray ≥ 2.5x) makes clusters that
+    ask every client for their token, and a client sends it only with ``RAY_AUTH_MODE=token``. When the mode is unset
+    and a token is at hand (``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), the mode is
+    set; returns where the token comes from (None: nothing done)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return None
+    sources = [("RAY_AUTH_TOKEN", bool(os.environ.get("RAY_AUTH_TOKEN")))]
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    sources.append((path, os.path.isfile(path)))
+    where = next((name for name, present in sources if present), None)
+    if where is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        with contextlib.suppress(Exception):  # Ray reads its config once per process: make it read it again (private)
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        log.info("joining the cluster with Ray's token authentication (token from %s)", where)
+    return where
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
