@@ -189,7 +189,7 @@ def privacy_report(results: list[dict], clips: dict[str, float], sigmas: list[fl
              + f". Final accuracy, mean ± std over {len(seeds)} seeds; σ = 0 clips without noise.", "",
              "| σ | ε (RDP) | " + " | ".join(clips) + " | " + " − ".join(reversed(list(clips))) + ", paired |",
              "|---|---|" + "---|" * (len(clips) + 1)]
-    lines.append("| no DP | 0 | " + " | ".join(mean_std(plain[n]) for n in clips) + " | "
+    lines.append("| no DP | — | " + " | ".join(mean_std(plain[n]) for n in clips) + " | "
                  + _paired(plain, list(clips)) + " |")
     for sigma in sigmas:
         acc = {n: [r["final_accuracy"] for r in sorted(results, key=lambda r: r["seed"])
@@ -236,7 +236,8 @@ def main() -> int:
         md += [f"| {r['step']} | {r['s']:.3f} |" for r in rows] + [""]
     if "robustness" in args.parts:
         res = out["robustness"] = pool_map(robustness_runs(seeds, args.rounds), args.jobs)
-        md += [f"## Robustness: {args.rounds} rounds, {base_label(args)}", ""] + robustness_report(res, seeds) + [""]
+        md += [f"## Robustness: {args.rounds} rounds, {base_label()}", ""] + robustness_report(res, seeds) + [""]
+        save(args, base_tag, out, md)  # a later part's failure must not cost this one's hour
     if "privacy" in args.parts:
         clips = out["clips"] = calibrate(["fedit", "ffa"], args.rounds, args.jobs)
         plain_runs = pool_map([("privacy", (n, "none"), s, args.rounds, {"strategy": {"name": n}})
@@ -245,16 +246,20 @@ def main() -> int:
                      if tuple(r["label"])[0] == n] for n in clips}
         res = out["privacy"] = pool_map(privacy_runs(clips, args.sigmas, seeds, args.rounds), args.jobs)
         out["plain"] = plain
-        md += [f"## Privacy–utility: {args.rounds} rounds, {base_label(args)}", ""]
+        md += [f"## Privacy–utility: {args.rounds} rounds, {base_label()}", ""]
         md += privacy_report(res, clips, args.sigmas, seeds, plain) + [""]
     md.append(f"wall time {time.perf_counter() - t_all:.0f} s")
+    save(args, base_tag, out, md)
+    print("\n".join(md))
+    return 0
+
+
+def save(args, base_tag: str, out: dict, md: list[str]) -> None:
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     name = f"privacy_robustness{base_tag}{args.tag}"
     (dest / f"{name}.json").write_text(json.dumps(out, indent=1, default=str))
     (dest / f"{name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":
