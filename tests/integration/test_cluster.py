@@ -119,3 +119,24 @@ def test_a_two_process_cluster_runs_a_scenario_and_a_submitted_job_like_one_proc
                 assert a.get(k) == b.get(k), (other, a["round"], k)
     assert json.loads((out / "summary.json").read_text())["final/eval/loss"] == single["final/eval/loss"]
     assert not subprocess.run(["pgrep", "-f", str(temp)], capture_output=True).stdout  # nothing left running
+
+
+def test_submit_refuses_what_cannot_travel_or_reach_a_cluster(tiny_raw, tmp_path, monkeypatch, capsys):
+    """Before anything reaches a cluster: a scenario outside the working directory, a directory above Ray's package
+    limit (naming its largest entries), and a dashboard that does not answer — each one line, status 2."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "tiny.yaml").write_text(yaml.safe_dump(tiny_raw))
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(tiny_raw))
+    monkeypatch.chdir(work)
+    assert main(["submit", str(tmp_path / "outside.yaml"), "--address", "http://127.0.0.1:1"]) == 2
+    assert "is outside the working directory" in capsys.readouterr().err
+    with open(work / "data" / "big.bin", "wb") as f:  # sparse: 600 MiB that take no disk
+        f.truncate(600 * 2**20)
+    assert main(["submit", "tiny.yaml", "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "above Ray's 500 MiB limit; the largest entries: data (600 MiB)" in err and "\n" not in err.strip()
+    (work / "data" / "big.bin").unlink()
+    assert main(["submit", "tiny.yaml", "--address", f"http://127.0.0.1:{_free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot submit to the Ray cluster" in err and "token" in err and "Traceback" not in err
