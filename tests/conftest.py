@@ -27,6 +27,15 @@ TINY: dict[str, Any] = {
 }
 
 
+def news_data(tmp_path, rows: int = 60, test_fraction: float = 0.25) -> dict[str, Any]:
+    """A ``data`` section for a header-less two-label news CSV written into ``tmp_path`` (classification)."""
+    lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(rows)]
+    (tmp_path / "news.csv").write_text("\n".join(lines) + "\n")
+    return {"source": str(tmp_path / "news.csv"), "format": "classification", "columns": ["label", "title", "body"],
+            "prompt_template": "{title}: {body}\nTopic: ", "label_names": {1: "World", 2: "Sports"},
+            "task_field": None, "test": {"fraction": test_fraction}}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))

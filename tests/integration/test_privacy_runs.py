@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import news_data
 
 from fedsim.components import resolve
 from fedsim.config import scenario_from_dict
@@ -102,11 +103,7 @@ def test_a_flora_client_clips_its_change_from_the_fresh_adapter_it_started_from(
 
 
 def _news(tmp_path, raw):
-    lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(80)]
-    (tmp_path / "news.csv").write_text("\n".join(lines) + "\n")
-    raw["data"] = {"source": str(tmp_path / "news.csv"), "format": "classification",
-                   "columns": ["label", "title", "body"], "prompt_template": "{title}: {body}\nTopic: ",
-                   "label_names": {1: "World", 2: "Sports"}, "task_field": None, "test": {"fraction": 0.25}}
+    raw["data"] = news_data(tmp_path, rows=80)
     raw["partition"] = {"method": "iid"}
     return raw
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import news_data
 
 from fedsim.config import scenario_from_dict
 from fedsim.errors import ScenarioError
@@ -53,11 +54,7 @@ def test_degenerate_predictions_score_zero_correlation():
 
 
 def _news(tmp_path, tiny_raw):
-    lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(60)]
-    (tmp_path / "news.csv").write_text("\n".join(lines) + "\n")
-    tiny_raw["data"] = {"source": str(tmp_path / "news.csv"), "format": "classification",
-                        "columns": ["label", "title", "body"], "prompt_template": "{title}: {body}\nTopic: ",
-                        "label_names": {1: "World", 2: "Sports"}, "task_field": None, "test": {"fraction": 0.25}}
+    tiny_raw["data"] = news_data(tmp_path)
     tiny_raw["partition"] = {"method": "iid"}
     return tiny_raw
 

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import news_data
 
 from fedsim.client.batching import collate
 from fedsim.config import scenario_from_dict
@@ -78,11 +79,7 @@ def test_local_jsonl_with_test_file(tmp_path, tiny_raw):
 
 
 def test_headerless_csv_classification(tmp_path, tiny_raw):
-    lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(50)]
-    (tmp_path / "news.csv").write_text("\n".join(lines) + "\n")
-    tiny_raw["data"] = {"source": str(tmp_path / "news.csv"), "format": "classification",
-                        "columns": ["label", "title", "body"], "prompt_template": "{title}: {body}\nTopic: ",
-                        "label_names": {1: "World", 2: "Sports"}, "task_field": None, "test": {"fraction": 0.2}}
+    tiny_raw["data"] = news_data(tmp_path, rows=50, test_fraction=0.2)
     tiny_raw["partition"] = {"method": "dirichlet", "alpha": 1.0}
     data = D.load_data(scenario_from_dict(tiny_raw), use_cache=False)
     assert data.label_names == ["Sports", "World"] and len(data.options) == 2
