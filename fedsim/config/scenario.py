@@ -155,12 +155,10 @@ class Scenario(Frozen):
                                 "use sampling: uniform or poisson with privacy")
         if p.mode == "local":
             return
-        fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
-        if not cls.averages_factors or clients.lora.is_mixed():
-            why = ("mixes ranks, whose factors do not line up coordinate by coordinate" if cls.averages_factors else
-                   "does not average the clients' factors (it stacks, merges into the base, or keeps updates in "
-                   "singular form), so there is no sum of updates to add the noise to")
-            raise ScenarioError("privacy.mode", f"central differential privacy with strategy {cls.name!r}: it {why}",
+        why, fits = self._no_average_to_replace(cls)
+        if why:
+            raise ScenarioError("privacy.mode", f"central differential privacy with strategy {cls.name!r}: it {why}, "
+                                "so there is no sum of updates to add the noise to",
                                 f"use privacy.mode: local, or central with one of {', '.join(fits)} at one rank")
         if self.strategy.robust is not None:
             raise ScenarioError("privacy", "central differential privacy and strategy.robust both replace the "
@@ -180,6 +178,22 @@ class Scenario(Frozen):
                                     f"exceed noise_multiplier / 2 = {sigma / 2:g}, or it spends the whole budget",
                                     "raise count_noise or lower noise_multiplier")
 
+    def _no_average_to_replace(self, cls: Any) -> tuple[str | None, list[str]]:
+        """Why the strategy's aggregate is not an average of the clients' shared tensors, in the state's own
+        coordinates, that a robust rule or differential privacy could replace (None: it is); and the strategies
+        whose aggregate is."""
+        fits = [n for n, c in registry.entries("strategy").items()
+                if c.averages_factors and c.clients_start_from_state]
+        if not cls.averages_factors:
+            return ("does not average factors (it stacks, merges into the base, or keeps updates in singular form)",
+                    fits)
+        if not cls.clients_start_from_state:
+            return ("trains each client on a rescaled, truncated copy of the global factors, which its own "
+                    "aggregation maps back", fits)
+        if self.clients.lora.is_mixed():
+            return "mixes ranks, whose factors do not line up coordinate by coordinate", fits
+        return None, fits
+
     def _objective_has_server_side(self) -> bool:
         """Whether the client objective brings a server stage of its own (SCAFFOLD's control variates)."""
         objective = self.client_objective()
@@ -189,10 +203,8 @@ class Scenario(Frozen):
     def _check_robust(self, cls: Any) -> None:
         """Robust aggregation replaces an average of factors: refused, with the reason, where there is none."""
         rb = self.strategy.robust
-        if not cls.averages_factors or self.clients.lora.is_mixed():
-            fits = [n for n, c in registry.entries("strategy").items() if c.averages_factors]
-            why = ("mixes ranks, whose factors do not line up coordinate by coordinate" if cls.averages_factors else
-                   "does not average factors (it stacks, merges into the base, or keeps updates in singular form)")
+        why, fits = self._no_average_to_replace(cls)
+        if why:
             raise ScenarioError("strategy.robust", f"strategy {cls.name!r} {why}",
                                 f"use robust aggregation with one of {', '.join(fits)} at a single rank")
         if rb.method == "norm_bound" and rb.max_norm is None:

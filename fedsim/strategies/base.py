@@ -112,6 +112,10 @@ class Strategy(ABC):
     aggregates: ClassVar[bool] = True  # False only for the no-federation baseline (nothing is uploaded)
     # the global state is factors averaged over clients (FedIT and kin): a server optimizer can step on them
     averages_factors: ClassVar[bool] = False
+    # each client starts from the state's own shared tensors (its update's tensors are coordinates of the state: a
+    # robust rule or differential privacy may replace the average of them); HETLoRA's clients start from rescaled,
+    # truncated copies
+    clients_start_from_state: ClassVar[bool] = True
     # its local procedure takes training.grad_accum_steps and float16 loss scaling (PF2LoRA's bilevel step
     # differentiates through one batch per step)
     accumulates: ClassVar[bool] = True

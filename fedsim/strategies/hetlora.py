@@ -45,6 +45,7 @@ class HetLoRA(Strategy):
     Params = HetLoRAParams
     supports_mixed_ranks = True
     averages_factors = True
+    clients_start_from_state = False  # B rescaled by 1/s_k and truncated to the client's rank
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         r_max = self.params.max_rank or spec.lora.rank
