@@ -140,6 +140,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.data.report import length_line, warnings
 
     print(f"  {length_line(prep.data.stats)}")
+    if scenario.privacy is not None:
+        from fedsim import registry
+        from fedsim.components import privacy_line
+
+        print(f"  {privacy_line(scenario, registry.get('strategy', scenario.strategy.name)(scenario.strategy.params))}")
     for w in warnings(prep.data.stats):
         print(f"  warning: {w}")
     return 0

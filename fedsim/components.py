@@ -130,3 +130,16 @@ def privacy_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransfo
     except ValueError as e:  # adaptive clipping's count noise too small for the solved σ
         raise ScenarioError("privacy.adaptive.count_noise", str(e)) from None
     return None, stage
+
+
+def privacy_line(scenario: Scenario, strategy: Strategy) -> str:
+    """What ``fedsim validate`` says of the privacy section: the mechanism, σ (as solved) and ε after the last round
+    (local mode: for a client that takes part in every round)."""
+    acc = privacy_parts(scenario, strategy)[1].accountant
+    p = scenario.privacy
+    solved = f" (solved for ε = {p.target_epsilon:g})" if p.noise_multiplier is None else ""
+    where = (f"q = {acc.sample_rate:.3g}, {p.accountant.upper()}" if p.mode == "central" else
+             f"{p.accountant.upper()}, a client in every round")
+    adaptive = ", adaptive" if p.adaptive is not None else ""
+    return (f"privacy: {p.mode} DP, C = {p.clipping_norm:g}{adaptive}, σ = {acc.noise_multiplier:.4g}{solved}; "
+            f"ε = {acc.epsilon(scenario.rounds):.3g} at δ = {acc.delta:.3g} after {scenario.rounds} rounds ({where})")

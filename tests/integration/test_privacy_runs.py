@@ -48,11 +48,24 @@ def test_central_dp_reports_epsilon_each_round_and_resumes_adaptive_clipping_exa
         assert _rows(tmp_path / "cut")[-1][k] == rows[-1][k], k
 
 
-def test_a_target_epsilon_is_met_after_the_last_round(tiny_raw, tmp_path):
-    tiny_raw.update(rounds=2, privacy={"clipping_norm": 0.5, "target_epsilon": 4.0, "delta": 0.01})
+def test_a_target_epsilon_is_met_after_the_last_round_with_poisson_sampling(tiny_raw, tmp_path, capsys):
+    """σ solved before round 1 (and said by ``fedsim validate``); Poisson sampling: each client with probability
+    per_round / N, so the number per round varies and q is exact."""
+    import yaml
+
+    from fedsim.cli import main
+
+    tiny_raw.update(rounds=3, privacy={"clipping_norm": 0.5, "target_epsilon": 4.0, "delta": 0.01})
+    tiny_raw["clients"].update(sampling="poisson")
     summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
-    assert 3.9 < summary["privacy"]["epsilon"] <= 4.0
-    assert summary["privacy"]["noise_multiplier"] > 0
+    assert 3.9 < summary["privacy"]["epsilon"] <= 4.0 and summary["privacy"]["sample_rate"] == 3 / 8
+    sigma = summary["privacy"]["noise_multiplier"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(epsilon(sigma, 3 / 8, 3, 0.01), rel=1e-12)
+    assert len({r["clients/sampled"] for r in _rows(tmp_path / "run")[1:]}) > 1
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    assert (f"privacy: central DP, C = 0.5, σ = {sigma:.4g} (solved for ε = 4); ε = "
+            f"{summary['privacy']['epsilon']:.3g} at δ = 0.01 after 3 rounds (q = 0.375, RDP)") in capsys.readouterr().out
 
 
 @pytest.mark.usefixtures("ray_session")
