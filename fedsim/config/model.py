@@ -40,7 +40,9 @@ class ModelConfig(Frozen):
 
     name: str = "tiny"
     tiny: TinyModelConfig = TinyModelConfig()
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # PEFT's forms: a list of names (a module matches one by its full name or by a name suffix after a dot), a regular
+    # expression (matched against the full module name), or "all-linear" (every linear layer but the output layer)
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     revision: str | None = None
@@ -48,9 +50,18 @@ class ModelConfig(Frozen):
 
     @field_validator("target_modules")
     @classmethod
-    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _nonempty(cls, v: tuple[str, ...] | str) -> tuple[str, ...] | str:
         if not v:
-            raise ValueError("needs at least one module name, e.g. [q_proj, v_proj]")
+            raise ValueError("needs at least one module name, e.g. [q_proj, v_proj], a regular expression or "
+                             "all-linear")
+        if isinstance(v, str) and v != "all-linear":
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is neither all-linear nor a regular expression ({e}); give a list of module "
+                                 "names, e.g. [q_proj, v_proj]") from None
         return v
 
     @field_validator("trust_remote_code")

@@ -29,5 +29,6 @@ def peft_config_dict(adapter: ExportedAdapter, scenario: Scenario, task_type: st
     return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": scenario.model.name,
             "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
             "rank_pattern": dict(adapter.rank_pattern), "alpha_pattern": dict(adapter.alpha_pattern),
-            "target_modules": sorted(scenario.model.target_modules), "lora_dropout": scenario.model.lora_dropout,
+            "target_modules": target if isinstance(target := scenario.model.target_modules, str) else sorted(target),
+            "lora_dropout": scenario.model.lora_dropout,
             "bias": "none", "inference_mode": False}

@@ -65,13 +65,13 @@ class AdapterHost:
 
     Args:
         base: the frozen base model.
-        target_modules: module names LoRA adapts.
+        target_modules: module names LoRA adapts, a regular expression, or ``all-linear`` (PEFT's forms).
         lora_dropout: dropout on the LoRA input.
     """
 
-    def __init__(self, base: torch.nn.Module, target_modules: tuple[str, ...], lora_dropout: float = 0.0):
+    def __init__(self, base: torch.nn.Module, target_modules: tuple[str, ...] | str, lora_dropout: float = 0.0):
         self.base = base
-        self.target_modules = list(target_modules)
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.lora_dropout = lora_dropout
         self.model: torch.nn.Module | None = None
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 import torch
@@ -108,19 +109,49 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", class
     return model
 
 
+OUTPUT_LAYERS = ("lm_head",)  # what "all-linear" leaves out, as PEFT leaves out the output embedding
+
+
+def peft_matches(name: str, target: tuple[str, ...] | str) -> bool:
+    """PEFT's rule (``check_target_module_exists``) for whether the module at ``name`` is adapted: a regular
+    expression matches the full name; a list entry is the full name or a suffix of it after a dot."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return name in target or any(name.endswith(f".{t}") for t in target)
+
+
 def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
-    """Module path → (d_in, d_out) of every linear layer LoRA adapts (PEFT's matching rule for a list: the last
-    name component is in ``model.target_modules``).
+    """Module path → (d_in, d_out) of every linear layer LoRA adapts, by PEFT's own matching of
+    ``model.target_modules`` (a list, a regular expression, or ``all-linear``).
 
     Raises:
-        ScenarioError: the model's config cannot be read, or no module matches ``model.target_modules``.
+        ScenarioError: the model's config cannot be read, no module matches, or a listed name matches none (each
+            with the model's near misses).
     """
-    shapes = {name: ModuleShape(d_in=d_in, d_out=d_out) for name, (d_in, d_out) in linear_shapes(cfg).items()
-              if name.split(".")[-1] in cfg.target_modules}
-    if not shapes:
-        raise ScenarioError("model.target_modules", f"no linear layer matches {list(cfg.target_modules)}",
-                            "use the model's projection names, e.g. [q_proj, k_proj, v_proj, o_proj]")
-    return dict(sorted(shapes.items()))
+    linear = linear_shapes(cfg)
+    target = cfg.target_modules
+    if target == "all-linear":
+        names = [n for n in linear if n.split(".")[-1] not in OUTPUT_LAYERS]
+    else:
+        names = [n for n in linear if peft_matches(n, target)]
+    ends = sorted({n.split(".")[-1] for n in linear})
+    if not isinstance(target, str):
+        for t in target:
+            if not any(peft_matches(n, (t,)) for n in linear):
+                raise ScenarioError("model.target_modules", f"{t!r} matches no linear layer of {cfg.name}"
+                                    + _near(t, ends), f"use names the model has: {', '.join(ends)}")
+    if not names:
+        raise ScenarioError("model.target_modules", f"the regular expression {target!r} matches no linear layer's "
+                            f"full name (e.g. {next(iter(linear), '?')!r})",
+                            f"match full names, e.g. '.*\\.(q_proj|v_proj)', or list names: {', '.join(ends)}")
+    return dict(sorted((n, ModuleShape(d_in=linear[n][0], d_out=linear[n][1])) for n in names))
+
+
+def _near(name: str, candidates: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f" (near misses: {', '.join(close)})" if close else ""
 
 
 def decoder_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
