@@ -144,7 +144,7 @@ def run_sweep(path: str | Path, grid_specs: list[str], overrides: list[str] = ()
         ScenarioError: ``out`` holds a sweep already (without ``resume``), or not this one (with it).
         FedsimError: after every point ran and the tables are written, when some point failed (naming it).
     """
-    base = load_scenario(path, list(overrides))
+    base, _ = plan(path, grid_specs, overrides, seeds)  # every point valid before the sweep's directory exists
     out_dir, group = _sweep_dir(base, out, resume, {"scenario": str(Path(path).resolve()), "grid": list(grid_specs),
                                                     "overrides": list(overrides), "seeds": seeds})
     _, points = plan(path, grid_specs, overrides, seeds, group)

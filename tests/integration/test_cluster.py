@@ -113,6 +113,11 @@ def test_a_two_process_cluster_runs_a_scenario_and_a_submitted_job_like_one_proc
         _stop(procs, str(temp))
         if not had_mode:
             os.environ.pop("RAY_AUTH_MODE", None)
+        monkeypatch.undo()  # the token goes too; then Ray reads its configuration again, for the tests after this one
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
     for other in ("multi", "submitted"):  # both equal the in-process backend, round by round
         for a, b in zip(_rows(tmp_path / "single"), _rows(tmp_path / other)):
             for k in COMPARED:
