@@ -73,10 +73,18 @@ def _lean_head(skip: list[str]) -> Iterator[None]:
         self._webui_url = None  # as Ray's minimal install: no API server, no dashboard URL
 
     RayParams.__init__, Node.start_api_server = init, start_api_server
+    # without the dashboard, the node's dashboard agent runs as on Ray's minimal install (`--minimal`), also where
+    # ray[default] is installed (fedsim[cluster]): its full module set costs every local start seconds
+    from ray._private import utils as ray_utils
+
+    dep0 = ray_utils.get_dashboard_dependency_error
+    if "dashboard" in skip:
+        ray_utils.get_dashboard_dependency_error = lambda: "not used by this run (fedsim)"
     try:
         yield
     finally:
         RayParams.__init__, Node.start_api_server = init0, api0
+        ray_utils.get_dashboard_dependency_error = dep0
 
 
 @contextlib.contextmanager
