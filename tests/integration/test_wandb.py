@@ -83,7 +83,8 @@ def test_sweep_points_share_a_group_and_carry_the_swept_keys(offline, tmp_path):
         config = {item.key: json.loads(item.value_json) for item in run.config.update}
         clients = config["clients"].get("value", config["clients"])  # as wandb nests it, or not
         swept.append(clients["num_clients"])
-    assert groups == {"tiny-sweep"} and swept == [4, 6]
+    group = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["group"]
+    assert groups == {group} and group.startswith("sweep-") and swept == [4, 6]  # one group of their own
 
 
 def test_wandb_history_survives_sigkill(offline, tmp_path):
