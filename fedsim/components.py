@@ -22,6 +22,7 @@ from fedsim.models.tasks import ModelTask, task_for
 from fedsim.pipeline import NanFault, ServerOptimizer, ServerStage, UpdateTransform
 from fedsim.pipeline.robust import RobustAggregation
 from fedsim.pipeline.transforms import Attack
+from fedsim.server import partials_refusal
 from fedsim.strategies import Strategy
 
 
@@ -88,6 +89,10 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     companion = objective.server_stage(scenario, strategy) if objective is not None else None
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
+    if scenario.resources.worker_partials:  # the scenario's own check knows the built-in stages; this one any
+        why = partials_refusal(strategy, stages)
+        if why:
+            raise ScenarioError("resources.worker_partials", why, "set resources.worker_partials: false")
     return Components(strategy=strategy, task=task_for(scenario.model),
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=run_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())

@@ -4,8 +4,8 @@ for resources (:mod:`fedsim.runtime.ray.server_host`). No Ray imports here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedsim.errors import AggregationError
@@ -13,9 +13,75 @@ from fedsim.lora import ops
 from fedsim.lora.merge import ExportedAdapter, complete_adapter
 from fedsim.pipeline import ServerStage, ValidateUpdates
 from fedsim.strategies import Strategy, StrategySpec, make_strategy
-from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext, Tensors
+from fedsim.strategies.fold import Partial
+from fedsim.types import (
+    ClientPayload,
+    ClientSpec,
+    ClientUpdate,
+    GlobalState,
+    ModuleShape,
+    RoundContext,
+    Tensors,
+)
 
 STAGES_KEY = "__stages__"  # the stages' own state, inside the server's checkpointed state (only when they have one)
+
+
+def partials_refusal(strategy: Strategy, stages: Sequence[ServerStage]) -> str | None:
+    """Why workers cannot fold the updates into partials (``resources.worker_partials``), or None when they can:
+    the strategy streams, and no stage (beyond the validation, which the workers run) looks at single updates —
+    a stage's :meth:`~fedsim.pipeline.ServerStage.admit` keeps state of the server's (SCAFFOLD's Σ Δc, central
+    privacy's clipped sum), or it needs the round's updates together (a median, Krum)."""
+    if not strategy.streams:
+        return f"strategy {strategy.name!r} aggregates the round's updates together (it does not stream)"
+    for stage in stages:
+        if not isinstance(stage, ValidateUpdates) and (not stage.streams or type(stage).admit is not ServerStage.admit):
+            return f"the server stage {type(stage).__name__} looks at every update on the server"
+    return None
+
+
+def upload_cost(strategy: Strategy, update: ClientUpdate) -> tuple[int, int]:
+    """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads."""
+    params, nbytes = strategy.upload_cost(update)
+    return params + ops.num_params(update.extra), nbytes + ops.num_bytes(update.extra)
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """What a worker folds a round's updates against: the round, the global state at its start (without the base
+    history), the adapted modules' shapes."""
+
+    ctx: RoundContext
+    state: GlobalState
+    shapes: dict[str, ModuleShape]
+
+
+class Folder:
+    """The server's per-update steps — validation, upload accounting, the strategy's fold — where the updates are
+    produced: a worker folds the clients it trains in a round into one partial (``resources.worker_partials``)."""
+
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+        self.spec: FoldSpec | None = None
+        self.partial: Partial | None = None
+
+    def fold(self, spec: FoldSpec, update: ClientUpdate) -> tuple[tuple[int, int], str | None]:
+        """Fold ``update`` into this round's partial (a partial of an earlier round is dropped); (its upload cost,
+        why it was rejected or None)."""
+        key = (spec.ctx.server_round, spec.state.base_version)
+        if self.partial is None or (self.partial.server_round, self.partial.base_version) != key:
+            self.spec, self.partial = spec, self.strategy.begin(spec.ctx, spec.state)
+        cost = upload_cost(self.strategy, update)
+        why = ValidateUpdates(spec.shapes, self.strategy.is_shared).invalid_reason(update)
+        if why is not None:
+            return cost, f"update rejected: {why}"
+        self.strategy.fold(spec.ctx, spec.state, self.partial, update)
+        return cost, None
+
+    def take(self, server_round: int) -> Partial | None:
+        """This round's partial (None when nothing was folded in it); the folder is empty after."""
+        part, self.partial, self.spec = self.partial, None, None
+        return part if part is not None and part.server_round == server_round else None
 
 
 class Server:
@@ -70,37 +136,117 @@ class Server:
 
     def upload_cost(self, update: ClientUpdate) -> tuple[int, int]:
         """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads."""
-        params, nbytes = self.strategy.upload_cost(update)
-        return params + ops.num_params(update.extra), nbytes + ops.num_bytes(update.extra)
+        return upload_cost(self.strategy, update)
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
-        """Run the stages and the strategy on the round's updates (sorted by client id: a deterministic order).
+
+    @property
+    def streams(self) -> bool:
+        """Whether a round's updates are folded one at a time: the strategy is a reduction (``streams``) and every
+        stage takes one update at a time (no median or Krum, which need the round's updates together)."""
+        return self.strategy.streams and all(stage.streams for stage in self.stages)
+
+    def aggregate(self, ctx: RoundContext, updates: Iterable[ClientUpdate]) -> dict[str, Any]:
+        """Run the stages and the strategy on the round's updates, in client-id order (a deterministic order; the
+        caller passes them sorted when they come one at a time).
+
+        When :attr:`streams`, the updates are consumed one at a time — each validated, passed through the stages
+        and folded into the strategy's running sums, then dropped — so an iterator that fetches them lazily keeps
+        one update in memory, whatever the clients per round. Otherwise they are gathered and aggregated together.
 
         Returns upload accounting — in total and per client (``per_client_up``: client id → [params, bytes]), every
         update counted, rejected or not —, ``aggregated`` (how many went in), ``rejected`` (client id → reason) and
         the stages' metrics (``stage_metrics``).
         """
-        updates = sorted(updates, key=lambda u: u.client_id)
-        costs = [self.upload_cost(u) for u in updates]
-        kept: list[ClientUpdate] = list(updates)
-        rejected: dict[int, str] = {}
-        for stage in self.stages:
-            result = stage.before(ctx, self.state, kept)
-            kept, rejected = result.updates, {**rejected, **result.rejected}
+        old, costs, rejected, moved = self.state, {}, {}, 0
+        if self.streams:
+            acc, kept = self.strategy.begin(ctx, old), 0
+            for u in updates:
+                cid = u.client_id
+                costs[cid] = self.upload_cost(u)
+                moved += ops.num_bytes(u.tensors) + ops.num_bytes(u.extra)
+                for stage in self.stages:
+                    u, why = stage.admit(ctx, old, u)
+                    if u is None:
+                        rejected[cid] = why or "update rejected"
+                        break
+                else:
+                    self.strategy.fold(ctx, old, acc, u)
+                    kept += 1
+                u = None  # noqa: F841 -- the update goes before the next one comes
+            new = self.strategy.finish(ctx, old, acc) if kept else old
+        else:
+            batch = sorted(updates, key=lambda u: u.client_id)
+            costs = {u.client_id: self.upload_cost(u) for u in batch}
+            moved = sum(ops.num_bytes(u.tensors) + ops.num_bytes(u.extra) for u in batch)
+            for stage in self.stages:
+                result = stage.before(ctx, old, batch)
+                batch, rejected = result.updates, {**rejected, **result.rejected}
+            kept = len(batch)
+            # a round in which every update failed or was rejected leaves the global state unchanged (unless a
+            # stage moves it regardless: central differential privacy's noise)
+            new = self.strategy.aggregate(ctx, old, batch) if batch else old
+            del batch
+        return self._end_round(ctx, old, new, kept, costs, rejected, (moved, len(costs)))
+
+    def _end_round(self, ctx: RoundContext, old: GlobalState, new: GlobalState, kept: int,
+                   costs: dict[int, tuple[int, int]], rejected: dict[int, str], moved: tuple[int, int]
+                   ) -> dict[str, Any]:
+        """The stages' ``after`` (or ``idle``) and ``end_round``; the new state kept; the round's accounting —
+        the simulated clients' uploads (``comm/*``), and what the simulator itself moved into the server (bytes,
+        objects: ``engine/server_in_*``)."""
         metrics: dict[str, float] = {}
-        # a round in which every update failed or was rejected leaves the global state unchanged (unless a stage
-        # moves it regardless: central differential privacy's noise)
-        old = self.state
-        new = self.strategy.aggregate(ctx, old, kept) if kept else old
         for stage in self.stages:
             new, m = stage.after(ctx, old, new) if kept else stage.idle(ctx, old, new)
             metrics.update(m)
         self.state = new
         for stage in self.stages:
-            metrics.update(stage.end_round(ctx, updates))
-        return {"comm/up_params": float(sum(c[0] for c in costs)), "comm/up_bytes": float(sum(c[1] for c in costs)),
-                "aggregated": float(len(kept)), "rejected": rejected, "stage_metrics": metrics,
-                "per_client_up": {u.client_id: [c[0], c[1]] for u, c in zip(updates, costs)}}
+            metrics.update(stage.end_round(ctx, sorted(costs)))
+        return {"comm/up_params": float(sum(c[0] for c in costs.values())),
+                "comm/up_bytes": float(sum(c[1] for c in costs.values())),
+                "aggregated": float(kept), "rejected": rejected, "stage_metrics": metrics,
+                "per_client_up": {cid: list(costs[cid]) for cid in sorted(costs)},
+                "engine/server_in_bytes": float(moved[0]), "engine/server_in_objects": float(moved[1])}
+
+    def fold_spec(self, ctx: RoundContext) -> FoldSpec:
+        """What a worker needs to fold this round's updates (``resources.worker_partials``)."""
+        return FoldSpec(ctx, replace(self.state, base_deltas=[]), self.shapes)
+
+    def aggregate_partials(self, ctx: RoundContext, partials: Iterable[Partial],
+                           results: dict[int, tuple[tuple[int, int], str | None]]) -> dict[str, Any]:
+        """The round from the workers' partials (``resources.worker_partials``): merged one at a time into the
+        round's sums, then the strategy's :meth:`~fedsim.strategies.Strategy.finish` and the stages' ``after``.
+
+        Args:
+            partials: the partials (an iterator fetching them one at a time keeps one in memory).
+            results: every update the workers received, by client id: (its upload cost, why the worker rejected it
+                or None). A partial of another round or base version is rejected with its clients; a client that
+                is in no partial counts as rejected too.
+
+        Returns:
+            The accounting of :meth:`aggregate`, plus ``partials`` (how many were merged).
+        """
+        old = self.state
+        rejected = {cid: why for cid, (_, why) in results.items() if why is not None}
+        acc, merged, moved = self.strategy.begin(ctx, old), 0, 0
+        for part in partials:
+            moved += part.num_bytes()
+            if (part.server_round, part.base_version) != (ctx.server_round, old.base_version):
+                for cid in part.clients:
+                    rejected[cid] = (f"update rejected: its worker's partial is of round {part.server_round}, base "
+                                     f"version {part.base_version} (expected {ctx.server_round}, {old.base_version})")
+                continue
+            unknown = sorted(set(part.clients) - set(results))
+            if unknown:
+                raise AggregationError(f"a partial holds client(s) {unknown[:5]} that this round did not train")
+            acc.merge(part)
+            merged += 1
+            part = None  # noqa: F841 -- the partial goes before the next one comes
+        for cid in sorted(set(results) - set(rejected) - set(acc.clients)):
+            rejected[cid] = "update rejected: no partial of its worker reached the server"
+        kept = len(acc.clients)
+        new = self.strategy.finish(ctx, old, acc) if kept else old
+        costs = {cid: cost for cid, (cost, _) in results.items()}
+        return self._end_round(ctx, old, new, kept, costs, rejected, (moved, merged))
 
     def get_state(self) -> tuple[GlobalState, dict]:
         """The global state and the server's own state (the strategy's, plus the stages' under ``__stages__`` when

@@ -231,3 +231,7 @@ class ClientResult:
     personal: Tensors | None = None  # the client's private tensors (never given to the server)
     note: str | None = None  # something the run's log should say once (e.g. why a client was not packed)
     logged: tuple[str, ...] = ()  # the keys of ``metrics`` the round's row reports (example-weighted means)
+    # a worker that folded the update into its partial (resources.worker_partials): its upload (params, bytes), and
+    # why the update was rejected (None: folded)
+    upload: tuple[int, int] | None = None
+    rejected: str | None = None

@@ -49,6 +49,10 @@ class ResourcesConfig(Frozen):
     clients_per_pass: int | Literal["auto"] = 1
     # the token budget of one packed pass for clients_per_pass: auto (None: 4096 on CPU workers, 32768 with GPUs)
     pack_tokens: int | None = Field(None, ge=1, le=2**24)
+    # each worker folds the updates of the clients it trains in a round into one partial, and the server merges the
+    # workers' partials: the server and the object store hold a few partials, not every update of the round (for
+    # strategies that stream; equal to the server's own aggregation to float32 rounding, not bit for bit)
+    worker_partials: bool = False
 
     @field_validator("clients_per_pass")
     @classmethod

@@ -39,6 +39,11 @@ class Federation:
     store: ClientStateStore | None
     base_version: int = 0
 
+    @property
+    def folds(self) -> bool:
+        """Whether workers fold their clients' updates into partials (``resources.worker_partials``)."""
+        return self.scenario.resources.worker_partials
+
     def context(self, server_round: int) -> RoundContext:
         sc = self.scenario
         return RoundContext(server_round=server_round, num_rounds=sc.rounds, seed=sc.seed)
@@ -95,19 +100,32 @@ class RoundResult:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: CallbackList
-          ) -> tuple[list[tuple[ClientResult, Handle]], list[ClientFailure]]:
-    """The backend trains every job; (results with their update handles, failures)."""
-    outcomes = backend.train(jobs, on_done=lambda res: events.on_client_done(isinstance(res, ClientFailure)))
+def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: CallbackList, fold: Handle | None = None
+          ) -> tuple[list[tuple[ClientResult, Handle]], list[ClientFailure], list[Handle] | None]:
+    """The backend trains every job; (results with their update handles, failures, the workers' partials when
+    they fold the updates — ``fold`` — else None)."""
+    on_done = lambda res: events.on_client_done(isinstance(res, ClientFailure))  # noqa: E731
+    outcomes = backend.train(jobs, on_done=on_done) if fold is None else backend.train(jobs, on_done, fold=fold)
     ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
-    return ok, [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+    failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
+    if fold is None:
+        return ok, failed, None
+    partials, lost = backend.collect_partials(jobs[0][0].server_round) if jobs else ([], [])
+    gone = {f.client_id for f in lost}
+    return [(res, h) for res, h in ok if res.client_id not in gone], failed + lost, partials
 
 
 def aggregate(server: ServerHandle, ctx: RoundContext, ok: list[tuple[ClientResult, Handle]],
-              failed: list[ClientFailure]) -> tuple[dict[str, Any], list, list[ClientFailure]]:
-    """The server validates and aggregates the updates; a rejected update counts as a failed client, with its
-    reason. Returns (upload accounting, the clients aggregated, every failure)."""
-    up = server.aggregate(ctx, [h for _, h in ok])
+              failed: list[ClientFailure], partials: list[Handle] | None = None
+              ) -> tuple[dict[str, Any], list, list[ClientFailure]]:
+    """The server validates and aggregates the updates — or merges the workers' ``partials``, the updates having
+    been validated and folded where they were made —; a rejected update counts as a failed client, with its
+    reason. Returns (upload accounting, the clients aggregated, every failure). The updates go in client-id order
+    (a streaming server folds them in the order given)."""
+    if partials is None:
+        up = server.aggregate(ctx, [h for _, h in sorted(ok, key=lambda x: x[0].client_id)])
+    else:
+        up = server.aggregate_partials(ctx, partials, {res.client_id: (res.upload, res.rejected) for res, _ in ok})
     if up["rejected"]:
         failed = failed + [ClientFailure(cid, why) for cid, why in sorted(up["rejected"].items())]
         ok = [(res, h) for res, h in ok if res.client_id not in up["rejected"]]
@@ -132,11 +150,12 @@ def run_round(server_round: int, fed: Federation, server: ServerHandle, backend:
     jobs, gone = fed.jobs(server_round, sampled, handles)  # they downloaded, then some vanished
     events.on_round_start(server_round, len(jobs))
     t_train, replaced = time.perf_counter(), backend.num_replaced
-    ok, failed = train(backend, jobs, events)  # train
+    fold = server.fold_spec(ctx) if fed.folds else None  # workers fold their clients' updates into partials
+    ok, failed, partials = train(backend, jobs, events, fold)  # train
     failed += [ClientFailure(c, DROPPED) for c in sorted(gone)]
     clock = admit(fed.scenario.clock, ok, fed.prep.clients, down)  # the simulated clock: stragglers out
     t_agg = time.perf_counter()
-    up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late)  # validate → stages → aggregate
+    up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late, partials)  # validate → stages → aggregate
     fed.keep_personal(ok)
     fed.base_version = sync_base(server, backend, fed.base_version)
     return RoundResult(server_round, sampled, ok, failed, gone, len(clock.late), len(jobs), up, down, clock.round_s,

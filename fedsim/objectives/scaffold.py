@@ -30,7 +30,7 @@ import torch
 
 from fedsim.lora import ops
 from fedsim.objectives import BoundObjective, ClientObjective, Params, objective, uploaded
-from fedsim.pipeline import ServerStage, StageResult
+from fedsim.pipeline import ServerStage
 from fedsim.types import ClientPayload, ClientUpdate, GlobalState, LoraSpec, RoundContext, Tensors
 
 STATE_KEY = "scaffold"
@@ -142,7 +142,7 @@ class ScaffoldStage(ServerStage):
     def __init__(self, server_lr: float, num_clients: int, is_shared: Any):
         self.server_lr, self.num_clients, self.is_shared = server_lr, num_clients, is_shared
         self.c: Tensors = {}
-        self._delta: list[Tensors] = []
+        self._total: Tensors = {}  # the round's Σ_{i∈S} Δc_i
 
     def configure(self, ctx: RoundContext, state: GlobalState, payload: ClientPayload) -> ClientPayload:
         keys = [k for k in sorted(payload.tensors) if self.is_shared(k) and ops.factor_of(k) in payload.trainable]
@@ -156,18 +156,19 @@ class ScaffoldStage(ServerStage):
         """c's precision: float32, or the state's own when finer."""
         return torch.promote_types(payload.tensors[key].dtype, torch.float32)
 
-    def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
-        out = StageResult([])
-        self._delta = []
-        for u in updates:
-            delta = uploaded(STATE_KEY, u.extra)
-            reason = self._invalid(state, u, delta)
-            if reason is None:
-                out.updates.append(u)
-                self._delta.append(delta)
+    def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate
+              ) -> tuple[ClientUpdate | None, str | None]:
+        """Checks the update's Δc_i and adds it to the round's Σ Δc_i (in place: one sum, however many clients)."""
+        delta = uploaded(STATE_KEY, update.extra)
+        reason = self._invalid(state, update, delta)
+        if reason is not None:
+            return None, f"update rejected: SCAFFOLD's Δc {reason}"
+        for k, v in delta.items():
+            if k in self._total:
+                self._total[k].add_(v.to(self._total[k].dtype))
             else:
-                out.rejected[u.client_id] = f"update rejected: SCAFFOLD's Δc {reason}"
-        return out
+                self._total[k] = v.to(self.c[k].dtype if k in self.c else v.dtype, copy=True)
+        return update, None
 
     def _invalid(self, state: GlobalState, update: ClientUpdate, delta: Tensors) -> str | None:
         for k, v in delta.items():
@@ -184,18 +185,15 @@ class ScaffoldStage(ServerStage):
             tensors = {k: (old.tensors[k].float() + self.server_lr * (v.float() - old.tensors[k].float())).to(v.dtype)
                        if k in old.tensors and old.tensors[k].shape == v.shape else v for k, v in new.tensors.items()}
             new = replace(new, tensors=tensors)
-        total: Tensors = {}  # Σ_{i∈S} Δc_i, summed in place
-        for delta in self._delta:
-            for k, v in delta.items():
-                if k in total:
-                    total[k].add_(v.to(total[k].dtype))
-                else:
-                    total[k] = v.to(self.c[k].dtype if k in self.c else v.dtype, copy=True)
-        for k, v in total.items():  # c ← c + (1/N) Σ_{i∈S} Δc_i
+        for k, v in self._total.items():  # c ← c + (1/N) Σ_{i∈S} Δc_i
             self.c[k] = (self.c[k] if k in self.c else torch.zeros_like(v)) + v / self.num_clients
-        self._delta = []
+        self._total = {}
         norm = sum(float((v.double() ** 2).sum()) for v in self.c.values()) ** 0.5
         return new, {"scaffold/c_norm": norm}
+
+    def end_round(self, ctx: RoundContext, received: Sequence[int]) -> dict[str, float]:
+        self._total = {}  # a round whose every update a later stage rejected leaves nothing behind
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"c": dict(self.c)}

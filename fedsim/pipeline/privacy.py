@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedsim.pipeline.robust import change_norms
-from fedsim.pipeline.stages import ServerStage, StageResult, with_shared
+from fedsim.pipeline.stages import ServerStage, with_shared
 from fedsim.pipeline.transforms import TransformContext, UpdateTransform
 from fedsim.types import ClientUpdate, GlobalState, RoundContext, Tensors
 
@@ -164,29 +164,45 @@ class CentralPrivacy(ServerStage):
         self.is_shared = is_shared
         self.accountant, self.adaptive = accountant, adaptive
         self.update_sigma = effective_noise(noise_multiplier, adaptive[2] if adaptive else None)
-        self._new: Tensors | None = None
+        self._sum: list[torch.Tensor] | None = None  # the round's Σ_k Δ̂_k, from its first update on
+        self._keys: list[str] = []
+        self._start: Tensors = {}
+        self._count = self._within = 0
         self._metrics: dict[str, float] = {}
 
-    def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
-        """Clip each update's change, sum, add the noise; the new shared tensors wait for :meth:`after`."""
-        keys = sorted(k for k in state.tensors if self.is_shared(k))
-        start = {k: state.tensors[k].to(torch.float32) for k in keys}
-        acc = [torch.zeros_like(v) for v in start.values()]  # Σ_k Δ̂_k, float32 (fused kernels, one update at a time)
-        within = 0
-        for delta, norm in change_norms(updates, start, keys):
-            within += norm <= self.clip
-            torch._foreach_add_(acc, delta, alpha=min(1.0, self.clip / norm) if norm > 0 else 1.0)
-        total = {k: a.to(torch.float64) for k, a in zip(keys, acc)}
+    def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate
+              ) -> tuple[ClientUpdate | None, str | None]:
+        """Clip the update's change and add it to the round's sum (float32, fused kernels, in place)."""
+        if self._sum is None:
+            self._begin(state)
+        (delta, norm), = change_norms([update], self._start, self._keys)
+        self._count, self._within = self._count + 1, self._within + (norm <= self.clip)
+        torch._foreach_add_(self._sum, delta, alpha=min(1.0, self.clip / norm) if norm > 0 else 1.0)
+        return update, None
+
+    def _begin(self, state: GlobalState) -> None:
+        self._keys = sorted(k for k in state.tensors if self.is_shared(k))
+        self._start = {k: state.tensors[k].to(torch.float32) for k in self._keys}
+        self._sum = [torch.zeros_like(v) for v in self._start.values()]  # Σ_k Δ̂_k
+        self._count = self._within = 0
+
+    def _release(self, ctx: RoundContext, state: GlobalState) -> Tensors:
+        """The round's new shared tensors: the start plus (Σ_k Δ̂_k + N(0, σ²C²)) / qN; C adapts after."""
+        if self._sum is None:  # a round without updates: the noise alone
+            self._begin(state)
+        total = {k: a.to(torch.float64) for k, a in zip(self._keys, self._sum)}
         std = self.update_sigma * self.clip
         if std > 0:
             for k, z in gaussian(total, std, generator(ctx.seed, ctx.server_round, 47)).items():
                 total[k] += z
-        self._new = {k: state.tensors[k].to(torch.float64) + total[k] / self.denominator for k in keys}
-        self._metrics = {"privacy/clipped": (len(updates) - within) / len(updates) if updates else 0.0, "privacy/clipping_norm": self.clip,
-                         "privacy/noise_std": std / self.denominator, "privacy/noise_multiplier": self.sigma}
+        released = {k: state.tensors[k].to(torch.float64) + total[k] / self.denominator for k in self._keys}
+        self._metrics = {"privacy/clipped": (self._count - self._within) / self._count if self._count else 0.0,
+                         "privacy/clipping_norm": self.clip, "privacy/noise_std": std / self.denominator,
+                         "privacy/noise_multiplier": self.sigma}
         if self.adaptive is not None:
-            self._adapt(ctx, within)
-        return StageResult(list(updates))
+            self._adapt(ctx, self._within)
+        self._sum = None
+        return released
 
     def _adapt(self, ctx: RoundContext, within: int) -> None:
         """C ← C·exp(−η_C(b̃ − γ)), b̃ = (#{‖Δ_k‖ ≤ C} + N(0, σ_b²)) / qN."""
@@ -196,14 +212,13 @@ class CentralPrivacy(ServerStage):
         self.clip *= math.exp(-lr * (share - quantile))
 
     def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
-        values, self._new = self._new, None
-        return (new if values is None else with_shared(new, values)), {}
+        return with_shared(new, self._release(ctx, old)), {}
 
     def idle(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
         """A round without updates: the state moves by the noise alone."""
         return self.after(ctx, old, new)
 
-    def end_round(self, ctx: RoundContext, received: Sequence[ClientUpdate]) -> dict[str, float]:
+    def end_round(self, ctx: RoundContext, received: Sequence[int]) -> dict[str, float]:
         metrics, self._metrics = self._metrics, {}
         return {**metrics, "privacy/epsilon": self.accountant.epsilon(ctx.server_round)}
 
@@ -223,9 +238,9 @@ class LocalAccounting(ServerStage):
         self.accountant = accountant
         self.sent: dict[str, int] = {}
 
-    def end_round(self, ctx: RoundContext, received: Sequence[ClientUpdate]) -> dict[str, float]:
-        for u in received:  # every update that reached the server was released, aggregated or not
-            self.sent[str(u.client_id)] = self.sent.get(str(u.client_id), 0) + 1
+    def end_round(self, ctx: RoundContext, received: Sequence[int]) -> dict[str, float]:
+        for cid in received:  # every update that reached the server was released, aggregated or not
+            self.sent[str(cid)] = self.sent.get(str(cid), 0) + 1
         return {"privacy/epsilon": self.accountant.epsilon(max(self.sent.values(), default=0)),
                 "privacy/noise_multiplier": self.accountant.noise_multiplier}
 

@@ -23,6 +23,10 @@ class StageResult:
 class ServerStage:
     """A step of the server's aggregation. The defaults pass everything through unchanged.
 
+    A stage that looks at one update at a time overrides :meth:`admit`: the server can then stream the round (one
+    update in memory at a time, when the strategy streams too). A stage that needs the round's updates together (a
+    coordinate-wise median, Krum) overrides :meth:`before` instead, and the server holds the round's updates for it.
+
     Attributes:
         metric_keys: the keys :meth:`after` may return (they join the round's row).
     """
@@ -34,9 +38,28 @@ class ServerStage:
         server's control variate); called once per distinct payload object, so shared payloads stay shared."""
         return payload
 
+    def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate
+              ) -> tuple[ClientUpdate | None, str | None]:
+        """One update on its way to the aggregate: itself (or a changed copy: clipped, reweighted), or (None, why
+        it is rejected). Default: unchanged."""
+        return update, None
+
     def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
-        """The updates to aggregate (a filter, a reweighting, a robust selection), and those rejected."""
-        return StageResult(list(updates))
+        """The updates to aggregate (a filter, a reweighting, a robust selection), and those rejected. Default:
+        :meth:`admit` of each; override it only for a rule over the whole round."""
+        out = StageResult([])
+        for u in updates:
+            kept, why = self.admit(ctx, state, u)
+            if kept is None:
+                out.rejected[u.client_id] = why or "update rejected"
+            else:
+                out.updates.append(kept)
+        return out
+
+    @property
+    def streams(self) -> bool:
+        """Whether the stage takes one update at a time (it does not override :meth:`before`)."""
+        return type(self).before is ServerStage.before
 
     def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
         """The state to keep after aggregation (e.g. a server optimizer's step from ``old`` towards ``new``)."""
@@ -47,9 +70,9 @@ class ServerStage:
         what the stages before this one left. Default: unchanged."""
         return new, {}
 
-    def end_round(self, ctx: RoundContext, received: Sequence[ClientUpdate]) -> dict[str, float]:
-        """Called at the end of every round with every update the server received (rejected ones too); metrics for
-        the round's row (e.g. the privacy spent so far)."""
+    def end_round(self, ctx: RoundContext, received: Sequence[int]) -> dict[str, float]:
+        """Called at the end of every round with the client ids of every update the server received (rejected ones
+        too); metrics for the round's row (e.g. the privacy spent so far)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -101,12 +124,7 @@ class ValidateUpdates(ServerStage):
         bad = ops.first_nonfinite({k: update.tensors[k] for k in expected})
         return None if bad is None else f"{bad} holds NaN or Inf values"
 
-    def before(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> StageResult:
-        out = StageResult([])
-        for u in updates:
-            reason = self.invalid_reason(u)
-            if reason is None:
-                out.updates.append(u)
-            else:
-                out.rejected[u.client_id] = f"update rejected: {reason}"
-        return out
+    def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate
+              ) -> tuple[ClientUpdate | None, str | None]:
+        reason = self.invalid_reason(update)
+        return (update, None) if reason is None else (None, f"update rejected: {reason}")

@@ -35,6 +35,15 @@ class ServerHandle(ABC):
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         """Aggregate the update handles; return upload accounting, rejections and the stages' metrics."""
 
+    def fold_spec(self, ctx: RoundContext) -> Handle:
+        """A handle to what workers fold the round's updates against (``resources.worker_partials``)."""
+        raise BackendError(f"{type(self).__name__} does not take partials")
+
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+        """Aggregate the workers' partials (handles) given every folded client's (upload cost, rejection); the
+        accounting of :meth:`aggregate`."""
+        raise BackendError(f"{type(self).__name__} does not take partials")
+
     @abstractmethod
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
         """(version, handle) of every base-model update after version ``since``."""
@@ -73,8 +82,17 @@ class Backend(ABC):
 
     @abstractmethod
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
-              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
-        """Run every job; return one outcome per job (a result with its update handle, or a failure)."""
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
+              fold: Handle | None = None) -> list[JobOutcome]:
+        """Run every job; return one outcome per job (a result with its update handle, or a failure). With
+        ``fold`` (a :meth:`ServerHandle.fold_spec` handle), each worker folds its clients' updates into its partial
+        of the round instead (results carry their upload cost and any rejection; no update handles): then
+        :meth:`collect_partials`."""
+
+    def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:
+        """After a folding :meth:`train`: a handle to each worker's partial, and the clients whose partial was lost
+        with its worker (they count as failed; the round goes on without them)."""
+        raise BackendError(f"{type(self).__name__} does not fold updates on its workers")
 
     @abstractmethod
     def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:

@@ -30,6 +30,12 @@ class LocalServerHandle(ServerHandle):
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         return self.server.aggregate(ctx, list(updates))
 
+    def fold_spec(self, ctx: RoundContext) -> Handle:
+        return self.server.fold_spec(ctx)
+
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+        return self.server.aggregate_partials(ctx, partials, results)
+
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
         return self.server.base_deltas(since)
 
@@ -63,9 +69,10 @@ class LocalBackend(Backend):
                                           objectives=components.objectives))
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
-              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
+              fold: Handle | None = None) -> list[JobOutcome]:
         """Run the jobs in order; with ``resources.clients_per_pass`` > 1 in the packs of :func:`make_packs` (the
-        worker packs what it can)."""
+        worker packs what it can). With ``fold``, the worker folds each update into its partial as it is made."""
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         for pack in make_packs(jobs, self.pack_size, self.resources):
             if len(pack) == 1:
@@ -79,10 +86,18 @@ class LocalBackend(Backend):
             else:
                 results = self.worker.run_pack([jobs[p] for p in pack])
             for pos, res in zip(pack, results):
-                outcomes[pos] = (res, None) if isinstance(res, ClientFailure) else res
+                if fold is not None:
+                    res = self.worker.fold(fold, res)
+                    outcomes[pos] = (res, None)
+                else:
+                    outcomes[pos] = (res, None) if isinstance(res, ClientFailure) else res
                 if on_done is not None:
                     on_done(outcomes[pos][0])
         return outcomes  # type: ignore[return-value]
+
+    def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:
+        part = self.worker.take_partial(server_round)
+        return ([part] if part is not None else []), []
 
     def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
         for version, delta in deltas:

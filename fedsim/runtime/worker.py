@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from fedsim.client.trainer import METRIC_KEYS, ROUND_METRICS, bind_objectives, o
 from fedsim.components import Components, resolve
 from fedsim.config import Scenario, scenario_from_dict
 from fedsim.data.tokenized import TokenizedData
-from fedsim.errors import BackendError
+from fedsim.errors import AggregationError, BackendError
 from fedsim.eval.scoring import evaluate_batch
 from fedsim.lora import ops
 from fedsim.lora.ops import personal_key
@@ -38,6 +39,8 @@ from fedsim.pipeline import TransformContext, fault_draws
 from fedsim.runtime import pack_runner, personal_eval
 from fedsim.runtime.bases import BaseCache
 from fedsim.runtime.starts import AdapterStarts
+from fedsim.server import Folder, FoldSpec
+from fedsim.strategies.fold import Partial
 from fedsim.types import (
     FULL,
     ClientFailure,
@@ -110,6 +113,7 @@ class Worker:
         self.starts = AdapterStarts(scenario.seed, self.bases)
         self.num_clients = 0
         self._tokenizer: Any = None
+        self._folder: Folder | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------------
     @property
@@ -256,6 +260,25 @@ class Worker:
             raise BackendError(f"client metric(s) {undeclared} are not declared by the component that reports them; "
                                "list them in its metric_keys (and round_metrics to log them per round)")
         return tuple(sorted(logged & set(metrics)))
+
+    # -- partials (resources.worker_partials) -------------------------------------------------------------------
+    def fold(self, spec: FoldSpec, outcome: PackOutcome) -> ClientResult | ClientFailure:
+        """Fold a trained client's update into this worker's partial of the round (validated here, its rejection
+        reported in the result); the update is not sent. A failure passes through."""
+        if isinstance(outcome, ClientFailure):
+            return outcome
+        result, update = outcome
+        if self._folder is None:
+            self._folder = Folder(self.strategy)
+        try:
+            cost, why = self._folder.fold(spec, update)
+        except AggregationError as e:
+            return ClientFailure.of(result.client_id, e)
+        return replace(result, upload=cost, rejected=why)
+
+    def take_partial(self, server_round: int) -> Partial | None:
+        """The partial of the clients this worker folded in ``server_round`` (None if none); it starts anew after."""
+        return self._folder.take(server_round) if self._folder is not None else None
 
     def run_pack(self, items: Sequence[tuple[ClientJob, ClientPayload]]) -> list[PackOutcome]:
         """Train several clients, packed into shared passes where they can be (:mod:`fedsim.runtime.pack_runner`)."""

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedsim import registry as _registry
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.strategies.fold import Partial
 from fedsim.types import (
     ClientPayload,
     ClientSpec,
@@ -99,7 +100,10 @@ class Strategy(ABC):
     """Base class of aggregation strategies.
 
     Subclasses set ``Params`` (a frozen pydantic model of their own hyperparameters) and implement
-    :meth:`init_state`, :meth:`configure` and :meth:`aggregate`. None of the methods may mutate their arguments.
+    :meth:`init_state`, :meth:`configure` and either :meth:`aggregate` (the round's updates at once) or, when the
+    aggregation is a reduction, ``streams = True`` with :meth:`fold` and :meth:`finish` (one update at a time: the
+    server never holds the round's updates, and workers fold partials; :mod:`fedsim.strategies.fold`). None of the
+    methods may mutate their arguments.
     """
 
     name: ClassVar[str] = ""
@@ -121,6 +125,13 @@ class Strategy(ABC):
     accumulates: ClassVar[bool] = True
     # its local procedure takes client objectives (strategy.client_objective: FedProx, SCAFFOLD); PF2LoRA's does not
     takes_objectives: ClassVar[bool] = True
+    # its aggregation is a reduction, written as fold (one update into running sums) and finish (the new state)
+    streams: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.streams and (cls.fold is Strategy.fold or cls.finish is Strategy.finish):
+            raise TypeError(f"strategy {cls.__name__} sets streams = True: implement fold and finish")
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if params is None or isinstance(params, dict):
@@ -139,13 +150,38 @@ class Strategy(ABC):
         """Per-client payloads for the sampled ``clients``. Clients may share one payload object (it is then sent
         once through the object store)."""
 
-    @abstractmethod
     def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        """A new global state from the round's updates (never mutating ``state`` or ``updates``).
+        """A new global state from the round's updates (never mutating ``state`` or ``updates``). A streaming
+        strategy's is :meth:`fold` of each update, then :meth:`finish`; others override it.
 
         Raises:
             AggregationError: keys or shapes do not match, or there is nothing to aggregate.
         """
+        if not self.streams:
+            raise NotImplementedError(f"strategy {type(self).__name__} implements neither aggregate nor fold/finish")
+        if not updates:
+            raise AggregationError("no client updates to aggregate")
+        acc = self.begin(ctx, state)
+        for u in updates:
+            self.fold(ctx, state, acc, u)
+        return self.finish(ctx, state, acc)
+
+    # -- streaming aggregation (strategies with ``streams = True``) ---------------------------------------------
+    def begin(self, ctx: RoundContext, state: GlobalState) -> Partial:
+        """Empty running sums for the round."""
+        return Partial(server_round=ctx.server_round, base_version=state.base_version)
+
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        """Add one update to ``acc`` (raising :class:`AggregationError` on an update that cannot join)."""
+        raise NotImplementedError(f"strategy {self.name} does not stream its aggregation")
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        """The new global state from the running sums of every update of the round (at least one)."""
+        raise NotImplementedError(f"strategy {self.name} does not stream its aggregation")
+
+    def weight_of(self, update: ClientUpdate) -> float:
+        """The update's weight before normalisation (default: its sample count)."""
+        return float(update.num_examples)
 
     # -- optional hooks -----------------------------------------------------------------------------------------
     def eval_payload(self, state: GlobalState) -> ClientPayload:
@@ -196,6 +232,26 @@ class Strategy(ABC):
             raise AggregationError("no client updates to aggregate")
         return ops.normalized_weights(u.num_examples for u in updates)
 
+    def _weigh(self, acc: Partial, update: ClientUpdate, total: str = "w") -> float:
+        """The update's weight, checked and counted into ``acc.totals[total]``; the client joins ``acc``."""
+        w = self.weight_of(update)
+        if not (w >= 0 and w < float("inf")):
+            raise AggregationError("client weights must be finite and non-negative")
+        acc.joined(update.client_id)
+        acc.count(total, w)
+        return w
+
+    def _check_one(self, update: ClientUpdate, state: GlobalState, keys: Sequence[str] | None = None) -> None:
+        """One update against the state: exactly ``keys`` (default: the state's shared keys), each at the rank its
+        spec says and of a shape compatible with the global tensor."""
+        keys = sorted(k for k in state.tensors if self.is_shared(k)) if keys is None else keys
+        if sorted(update.tensors) != list(keys):
+            missing = sorted(set(keys) - set(update.tensors))[:3]
+            extra = sorted(set(update.tensors) - set(keys))[:3]
+            raise AggregationError(f"client {update.client_id} sent different keys (missing e.g. {missing}, "
+                                   f"unexpected e.g. {extra})")
+        self._check_updates([update], state)
+
     @staticmethod
     def _check_updates(updates: Sequence[ClientUpdate], shapes_from: GlobalState | None = None) -> list[str]:
         """Keys common to all updates (each checked against its own rank); raises on any mismatch."""
@@ -209,7 +265,8 @@ class Strategy(ABC):
             for k, t in u.tensors.items():
                 r = t.shape[0] if ops.factor_of(k) == "A" else t.shape[1]
                 if r != u.lora.rank:
-                    raise AggregationError(f"client {u.client_id}: {k} has rank {r}, its spec says {u.lora.rank}")
+                    raise AggregationError(f"client {u.client_id}: {k} has shape {tuple(t.shape)}, rank {r}; "
+                                           f"its spec says rank {u.lora.rank}")
                 if shapes_from is not None and k in shapes_from.tensors:
                     ref = shapes_from.tensors[k]
                     other = ref.shape[1] if ops.factor_of(k) == "A" else ref.shape[0]

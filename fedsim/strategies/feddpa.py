@@ -25,10 +25,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from fedsim.lora import ops
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
 from fedsim.types import (
@@ -64,11 +62,8 @@ class FedDPA(FedIT):
         a = self.params.a
         return (1.0 - a, a) if self.params.a_weights == "local" else (a, 1.0 - a)
 
-    def _weights(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
-        if self.params.weighting == "samples":
-            return super()._weights(updates)
-        super()._weights(updates)  # raises on an empty round
-        return ops.normalized_weights([1.0] * len(updates))
+    def weight_of(self, update: ClientUpdate) -> float:
+        return float(update.num_examples) if self.params.weighting == "samples" else 1.0
 
     def _payload(self, state: GlobalState, personal_phase: bool) -> ClientPayload:
         return ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version,

@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
@@ -35,12 +35,10 @@ class FedExParams(BaseModel):
 class FedExLoRA(Strategy):
     summary = "FedAvg of A and B plus the exact residual merged into the base (Singhal et al. 2024)"
     Params = FedExParams
+    streams = True
 
-    def _weights(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
-        if self.params.weighting == "samples":
-            return super()._weights(updates)
-        super()._weights(updates)  # raises on an empty round
-        return ops.normalized_weights([1.0] * len(updates))
+    def weight_of(self, update: ClientUpdate) -> float:
+        return float(update.num_examples) if self.params.weighting == "samples" else 1.0
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora,
@@ -56,20 +54,25 @@ class FedExLoRA(Strategy):
                                              base_update_params=missed)
         return out
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        keys = self._check_updates(updates, state)
-        for u in updates:
-            if u.lora != state.lora:
-                raise AggregationError(f"client {u.client_id} returned {u.lora}, expected {state.lora}")
-        p = self._weights(updates)
-        avg = ops.weighted_average([u.tensors for u in updates], p, keys)
-        s = state.lora.scaling
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        if update.lora != state.lora:
+            raise AggregationError(f"client {update.client_id} returned {update.lora}, expected {state.lora}")
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for k, t in update.tensors.items():
+            acc.add(k, t, w)
+        for m in ops.modules(update.tensors):  # Σ w_k s B_k A_k: GEMMs over a few clients' stacked factors at once
+            acc.product(m, update.client_id, update.tensors[ops.b_key(m)], update.tensors[ops.a_key(m)],
+                        w * state.lora.scaling)
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        total = acc.denominator()
+        avg = {k: acc.mean(k) for k in sorted(acc.sums)}
         delta = {}
-        factors = [(u.tensors, float(p[k]) * s) for k, u in enumerate(updates)]
         for m in ops.modules(avg):
-            exact = ops.product_sum(factors, m)  # Σ p_k s B_k A_k: GEMMs over stacked factors, not one per client
-            delta[f"{m}.delta_W"] = exact - ops.delta_w(avg, m, s)  # (d_out, d_in), nn.Linear orientation
+            acc.flush(m)
+            delta[f"{m}.delta_W"] = acc.dense[m] / total - ops.delta_w(avg, m, state.lora.scaling)  # nn.Linear's
         new = self._copy_state(state, tensors=avg, base_version=state.base_version + 1)
         new.base_deltas.append(delta)
-        new.extras["last_version"].update({u.client_id: new.base_version for u in updates})
+        new.extras["last_version"].update({c: new.base_version for c in acc.clients})
         return new

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedsim.errors import AggregationError
-from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
@@ -19,6 +19,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FedIT(Strategy):
     summary = "FedAvg of LoRA A and B separately, weighted by client sample counts (Zhang et al. 2024)"
     averages_factors = True
+    streams = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)
@@ -28,13 +29,15 @@ class FedIT(Strategy):
         payload = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
         return {c.client_id: payload for c in clients}
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        weights = self._weights(updates)
-        keys = ops.check_same_keys([u.tensors for u in updates])
-        if keys != sorted(state.tensors):
-            raise AggregationError("client updates do not carry the global adapter's keys")
-        for u in updates:
-            if u.lora.rank != state.lora.rank:
-                raise AggregationError(f"client {u.client_id} returned rank {u.lora.rank}, expected {state.lora.rank}")
-        tensors = ops.weighted_average([u.tensors for u in updates], weights, keys)
-        return self._copy_state(state, tensors=tensors)
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        if update.lora.rank != state.lora.rank:
+            raise AggregationError(f"client {update.client_id} returned rank {update.lora.rank}, "
+                                   f"expected {state.lora.rank}")
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for k, t in update.tensors.items():
+            acc.add(k, t, w)
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        """Σ w_k X_k / Σ w_k for every shared tensor (the state's others kept)."""
+        return self._copy_state(state, tensors={**state.tensors, **{k: acc.mean(k) for k in acc.sums}})

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
@@ -22,6 +23,7 @@ class FedSALoRA(Strategy):
     summary = "A shared and averaged, B personal: it stays with its client (Guo et al. 2025)"
     has_personal_state = True
     averages_factors = True
+    streams = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         init = self._fresh_adapter(spec)
@@ -35,9 +37,13 @@ class FedSALoRA(Strategy):
         payload = ClientPayload(tensors=state.tensors, lora=state.lora, base_version=state.base_version)
         return {c.client_id: payload for c in clients}
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        keys = self._check_updates(updates, state)
-        if keys != sorted(state.tensors):
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        if any(ops.factor_of(k) != "A" for k in update.tensors):
             raise AggregationError("FedSA-LoRA updates must carry exactly the shared A factors")
-        return self._copy_state(state, tensors=ops.weighted_average([u.tensors for u in updates],
-                                                                    self._weights(updates), keys))
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for k, t in update.tensors.items():
+            acc.add(k, t, w)
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        return self._copy_state(state, tensors={k: acc.mean(k) for k in sorted(acc.sums)})

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
@@ -19,6 +20,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FFALoRA(Strategy):
     summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
     averages_factors = True
+    streams = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)
@@ -35,11 +37,13 @@ class FFALoRA(Strategy):
         payload = ClientPayload(tensors=state.tensors, lora=state.lora, trainable=("B",), base_version=state.base_version)
         return {c.client_id: payload for c in clients}
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        keys = self._check_updates(updates, state)
-        if any(ops.factor_of(k) != "B" for k in keys):
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        if any(ops.factor_of(k) != "B" for k in update.tensors):
             raise AggregationError("FFA-LoRA updates must carry B only")
-        p = self._weights(updates)
-        tensors = dict(state.tensors)
-        tensors.update(ops.weighted_average([u.tensors for u in updates], p, keys))
-        return self._copy_state(state, tensors=tensors)
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for k, t in update.tensors.items():
+            acc.add(k, t, w)
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        return self._copy_state(state, tensors={**state.tensors, **{k: acc.mean(k) for k in acc.sums}})

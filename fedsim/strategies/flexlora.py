@@ -27,6 +27,7 @@ import torch
 
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import (
     ClientPayload,
     ClientSpec,
@@ -43,6 +44,7 @@ from fedsim.types import (
 class FlexLoRA(Strategy):
     summary = "SVD of the weighted full update, truncated to each client's rank (Bai et al. 2024)"
     supports_mixed_ranks = True
+    streams = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         init = self._fresh_adapter(spec)
@@ -102,19 +104,26 @@ class FlexLoRA(Strategy):
             out[ops.b_key(m)], out[ops.a_key(m)] = b, a
         return out
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        self._check_updates(updates)
-        p = self._weights(updates)
-        tensors: Tensors = {}
-        width = 0
-        factors = [(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)]
-        total_rank = sum(u.lora.rank for u in updates)
-        for m in ops.modules(updates[0].tensors):
-            d_out, d_in = updates[0].tensors[ops.b_key(m)].shape[0], updates[0].tensors[ops.a_key(m)].shape[1]
-            if total_rank < min(d_out, d_in):
-                b, a = ops.singular_form(*ops.stack(factors, m))  # QR of the stacked factors: ΔW never formed
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for m in ops.modules(update.tensors):
+            b, a = update.tensors[ops.b_key(m)], update.tensors[ops.a_key(m)]
+            acc.product(m, update.client_id, b, a, w * update.lora.scaling,
+                        stacked_until=min(b.shape[0], a.shape[1]) - 1)
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        """ΔW = Σ w_k s_k B_k A_k / Σw per module in singular form: by QR of the stacked factors while their width
+        stays below the layer's (ΔW never formed), else from the dense sum."""
+        total, tensors, width = acc.denominator(), {}, 0
+        for m in ops.modules(state.tensors):
+            d_out, d_in = state.tensors[ops.b_key(m)].shape[0], state.tensors[ops.a_key(m)].shape[1]
+            if m in acc.dense or acc.width(m) >= min(d_out, d_in):
+                acc.flush(m)
+                b, a = ops.dense_singular_form(acc.dense[m] / total)
             else:
-                b, a = ops.dense_singular_form(ops.product_sum(factors, m))
+                b_s, a_s = acc.stacked(m)
+                b, a = ops.singular_form(b_s / total, a_s)
             tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b, a
             width = max(width, b.shape[1])
         tensors = ops.pad_rank(tensors, width)  # one rank for every module (PEFT adapters have one r)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from fedsim.lora import ops
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
@@ -26,6 +27,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FLoRA(Strategy):
     summary = "stacking aggregation: exact Σ p_k s_k B_k A_k merged into the base, fresh LoRA each round (Wang et al. 2024)"
     supports_mixed_ranks = True
+    streams = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         # the global adapter is always "fresh" (B = 0): after each merge the base carries everything
@@ -54,23 +56,29 @@ class FLoRA(Strategy):
             total += min(stacked, d_in * d_out)
         return total
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        self._check_updates(updates)
-        p = self._weights(updates)
-        delta = {}
-        factors = [(u.tensors, float(p[k]) * u.lora.scaling) for k, u in enumerate(updates)]
-        width = sum(u.lora.rank for u in updates)
-        for m in ops.modules(updates[0].tensors):
-            d_out, d_in = updates[0].tensors[ops.b_key(m)].shape[0], updates[0].tensors[ops.a_key(m)].shape[1]
-            if width * (d_out + d_in) > d_out * d_in:  # the stacked factors would outweigh the dense update
-                delta[f"{m}.delta_W"] = ops.product_sum(factors, m)  # (d_out, d_in), the same sum
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        self._check_one(update, state)
+        w = self._weigh(acc, update)
+        for m in ops.modules(update.tensors):
+            d_in, d_out = state.extras["shapes"][m]
+            acc.product(m, update.client_id, update.tensors[ops.b_key(m)], update.tensors[ops.a_key(m)],
+                        w * update.lora.scaling, stacked_until=d_out * d_in / (d_out + d_in))
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        """Per module the stacked factors [w_k s_k B_k] / Σw and [A_k] — or, where they would outweigh it
+        (Σr · (d_out + d_in) > d_out · d_in), the dense Σ p_k s_k B_k A_k."""
+        total, delta = acc.denominator(), {}
+        for m, (d_in, d_out) in state.extras["shapes"].items():
+            if m in acc.dense or acc.width(m) * (d_out + d_in) > d_out * d_in:
+                acc.flush(m)
+                delta[f"{m}.delta_W"] = acc.dense[m] / total  # (d_out, d_in), the same sum
             else:
-                b_s, a_s = ops.stack(factors, m)
-                delta[f"{m}.delta_B"] = b_s  # (d_out, Σr)
+                b_s, a_s = acc.stacked(m)
+                delta[f"{m}.delta_B"] = b_s / total  # (d_out, Σr)
                 delta[f"{m}.delta_A"] = a_s  # (Σr, d_in)
         new = self._copy_state(state, base_version=state.base_version + 1)
         new.base_deltas.append(delta)
-        new.extras["last_version"].update({u.client_id: new.base_version for u in updates})
+        new.extras["last_version"].update({c: new.base_version for c in acc.clients})
         return new
 
     def eval_payload(self, state: GlobalState) -> ClientPayload:

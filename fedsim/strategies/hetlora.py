@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.lora import ops
 from fedsim.objectives.tail import TailRegularizer
 from fedsim.strategies.base import Strategy, StrategySpec, register
+from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext
 
 
@@ -44,6 +44,7 @@ class HetLoRA(Strategy):
     summary = "zero-padding, sparsity-weighted aggregation, per-client truncation and rank self-pruning (Cho et al. 2024)"
     Params = HetLoRAParams
     supports_mixed_ranks = True
+    streams = True
     averages_factors = True
     clients_start_from_state = False  # B rescaled by 1/s_k and truncated to the client's rank
 
@@ -72,24 +73,34 @@ class HetLoRA(Strategy):
                                              objectives=objectives)
         return out
 
-    def aggregate(self, ctx: RoundContext, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
-        self._check_updates(updates, state)
-        r_max = state.lora.rank
-        # ‖s_k B_k A_k‖_F over all modules, from r×r Gram matrices (never the d_out × d_in products)
-        norms = torch.tensor([u.lora.scaling * math.sqrt(sum(ops.product_norm_sq(u.tensors, m)
-                                                             for m in ops.modules(u.tensors))) for u in updates],
-                             dtype=torch.float64)
-        weights = ops.normalized_weights(norms.tolist()) if float(norms.sum()) > 0 else self._weights(updates)
-        # Σ_k w_k · zero-pad(s_k B_k, A_k) to r_max, accumulated in place (no padded copy per client)
-        averaged = {k: torch.zeros(state.tensors[k].shape, dtype=torch.float32) for k in updates[0].tensors}
-        for w, u in zip(weights.tolist(), updates):
-            r, s = u.lora.rank, u.lora.scaling
-            for k, t in u.tensors.items():
-                if ops.factor_of(k) == "A":
-                    averaged[k][:r].add_(t.to(torch.float32), alpha=w)
-                else:
-                    averaged[k][:, :r].add_(t.to(torch.float32), alpha=w * s)
-        top = max(u.lora.rank for u in updates)
+    def fold(self, ctx: RoundContext, state: GlobalState, acc: Partial, update: ClientUpdate) -> None:
+        """Adds w_k · zero-pad(s_k B_k, A_k) to r_max in place (no padded copy), w_k = ‖s_k B_k A_k‖_F over all
+        modules, from r×r Gram matrices (never the d_out × d_in products). Until some update has a non-zero
+        norm, sample-weighted sums are kept too (the weights when every norm is zero)."""
+        self._check_one(update, state)
+        n = self._weigh(acc, update, total="n")
+        r, s = update.lora.rank, update.lora.scaling
+        norm = s * math.sqrt(sum(ops.product_norm_sq(update.tensors, m) for m in ops.modules(update.tensors)))
+        acc.count("norm", norm)
+        fallback = acc.totals["norm"] <= 0
+        if not fallback:
+            for k in [k for k in acc.sums if k.startswith("n:")]:
+                del acc.sums[k]
+        for k, t in update.tensors.items():
+            a = ops.factor_of(k) == "A"
+            shape, rows, cols = state.tensors[k].shape, (r if a else None), (None if a else r)
+            acc.add(k, t, norm * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
+            if fallback:
+                acc.add(f"n:{k}", t, n * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
+        acc.note("rank", update.client_id, r)
+        pruned = update.metrics.get("hetlora/rank")
+        if pruned is not None and int(pruned) < r:
+            acc.note("pruned", update.client_id, int(pruned))
+
+    def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
+        total, prefix = ("norm", "") if acc.totals.get("norm", 0.0) > 0 else ("n", "n:")
+        averaged = {k: (acc.sums[prefix + k] / acc.denominator(total)).to(state.tensors[k].dtype) for k in state.tensors}
+        top, r_max = max(acc.notes["rank"].values()), state.lora.rank
         if self.params.keep_untrained and top < r_max:
             for k, t in averaged.items():  # components top..r_max-1: nobody trained them this round
                 old = state.tensors[k]
@@ -98,8 +109,5 @@ class HetLoRA(Strategy):
                 else:
                     t[:, top:] = old[:, top:]
         new = self._copy_state(state, tensors=averaged)
-        for u in updates:
-            pruned = u.metrics.get("hetlora/rank")
-            if pruned is not None and int(pruned) < u.lora.rank:
-                new.extras["ranks"][u.client_id] = int(pruned)
+        new.extras["ranks"].update(acc.notes.get("pruned", {}))
         return new

@@ -46,7 +46,9 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
     # the workers start before the data is prepared; the server (asking no resources) lives in the driver
     assert _Recording.events == ["launch", "prepare", "start", "DriverServerHandle"]
     _Recording.events = []
-    actor = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.server.num_cpus=0.5"]),
+    # the server in an actor of its own, and the workers folding their clients' updates into partials
+    actor = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.server.num_cpus=0.5",
+                                                       "resources.worker_partials=true"]),
                          tmp_path / "actor", _Recording())
     assert _Recording.events[-1] == "RayServerHandle"
     a, b, c = _rows(tmp_path / "local"), _rows(tmp_path / "ray"), _rows(tmp_path / "actor")
@@ -55,6 +57,8 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
         for k in COMPARED:
             assert ra.get(k) == rb.get(k) == rc.get(k), (ra["round"], k)
         assert {k for k in ra if k.startswith("eval/task/")} == {k for k in rb if k.startswith("eval/task/")}
+        if ra["round"]:  # every update reached the server; from the partials, at most one object per worker
+            assert ra["engine/server_in_objects"] == rb["engine/server_in_objects"] == 3 >= rc["engine/server_in_objects"]
     assert local["final/eval/loss"] == ray_sum["final/eval/loss"] == actor["final/eval/loss"]
     # two long-lived actors, each built its model once and wrapped it with PEFT once, whatever it trained
     workers = ray_sum["workers"]
@@ -74,17 +78,19 @@ def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):
 
 
 def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
-    """FLoRA merges into the cached base every round: same metrics on both backends, base built once per worker."""
+    """FLoRA merges into the cached base every round: the same metrics on both backends (to float32 rounding with
+    the workers folding partials: their dense sums group clients by worker), base built once per worker."""
     tiny_raw["strategy"] = {"name": "flora"}
     tiny_raw["clients"]["lora"] = {"tiers": [{"fraction": 0.5, "rank": 2}, {"fraction": 0.5, "rank": 6, "alpha": 3}]}
     local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
-    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray")
+    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.worker_partials=true"]),
+                           tmp_path / "ray")
     a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     for ra, rb in zip(a, b):
         for k in COMPARED:
-            assert ra.get(k) == rb.get(k), (ra["round"], k)
+            assert ra.get(k) == rb.get(k) or ra.get(k) == pytest.approx(rb.get(k), rel=1e-5), (ra["round"], k)
     assert a[-1]["eval/loss"] < a[0]["eval/loss"]
-    assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
+    assert local["final/eval/loss"] == pytest.approx(ray_sum["final/eval/loss"], rel=1e-5)
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])
 
 

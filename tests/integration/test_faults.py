@@ -4,6 +4,7 @@ clients time out, corrupt updates are rejected, and the round aggregates the sur
 import json
 
 import pytest
+import torch
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
@@ -105,3 +106,55 @@ def test_a_killed_server_actor_is_named_and_the_run_resumes(tiny_raw, tmp_path):
     assert [r["round"] for r in _rows(out)] == [0, 1]
     summary = resume_run(out)
     assert [r["round"] for r in _rows(out)] == [0, 1, 2, 3] and summary["final/eval/accuracy"] is not None
+
+
+def _a_kill_at_the_third_client(tiny_raw):
+    """(seed, kill probability) under which round 1's third client alone draws a kill, on its first attempt only."""
+    from fedsim.pipeline.transforms import fault_draws
+    from fedsim.sampling import sample_clients
+
+    c = tiny_raw["clients"]
+    for seed in range(1000):
+        order = sample_clients(c["num_clients"], c["per_round"], seed, 1)
+        first = [fault_draws(seed, 1, cid, 1)[0] for cid in order]
+        p = first[2] + 1e-9
+        if all(u > p for i, u in enumerate(first) if i != 2) and fault_draws(seed, 1, order[2], 2)[0] > p:
+            return seed, p, order
+    raise AssertionError("no seed found")
+
+
+def test_a_worker_lost_with_its_partial_fails_its_clients_and_the_round_aggregates_the_rest(tiny_raw, tmp_path):
+    """resources.worker_partials with one worker: it folds clients 1 and 2, dies at the start of client 3 (an
+    injected kill); 1 and 2 fail with the reason, 3 is retried on the replacement, and the round's global state is
+    the FedIT mean of exactly the updates of 3 and 4 — trained again here, in-process, from the same seeds."""
+    from fedsim.checkpoint import load
+    from fedsim.federation.prepare import prepare
+    from fedsim.runtime.worker import Worker
+    from fedsim.strategies import make_strategy
+    from fedsim.types import ClientJob, RoundContext
+
+    tiny_raw["clients"]["per_round"] = 4
+    seed, p, order = _a_kill_at_the_third_client(tiny_raw)
+    tiny_raw.update(rounds=1, seed=seed)
+    tiny_raw["faults"] = {"kill_worker_prob": p}
+    tiny_raw["resources"].update(backend="ray", num_workers=1, max_retries=1, worker_partials=True)
+    tiny_raw["eval"].update(at_start=False, every=100)
+    sc = scenario_from_dict(tiny_raw)
+    run_scenario(sc, tmp_path / "run")
+    row = _rows(tmp_path / "run")[-1]
+    lost = {int(f.split(":")[0]) for f in row["clients/failures"] if "holding its folded update" in f}
+    assert lost == set(order[:2]) and row["clients/failed"] == 2 and row["clients/succeeded"] == 2
+    assert row["workers/replaced"] == 1 and row["engine/server_in_objects"] == 1.0
+    _, state, _, _ = load(tmp_path / "run")
+
+    prep = prepare(sc)
+    strategy = make_strategy("fedit")
+    start = strategy.init_state(prep.spec)
+    ctx = RoundContext(1, 1, seed)
+    payloads = strategy.configure(ctx, start, [prep.clients[c] for c in order[2:]])
+    worker = Worker(sc.model_copy(update={"faults": sc.faults.model_copy(update={"kill_worker_prob": 0.0})}),
+                    prep.data)
+    updates = [worker.run_client(ClientJob(prep.clients[c], prep.parts[c], 1), payloads[c])[1] for c in order[2:]]
+    expected = strategy.aggregate(ctx, start, updates)
+    for k, v in expected.tensors.items():
+        assert torch.allclose(state.tensors[k], v, rtol=1e-6, atol=1e-7), k

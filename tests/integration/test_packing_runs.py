@@ -47,16 +47,19 @@ def test_packs_on_ray_equal_packs_in_process_with_merges_and_mixed_ranks(tiny_ra
                                                             {"fraction": 0.5, "rank": 6, "alpha": 3}]})
     tiny_raw["resources"]["clients_per_pass"] = 4
     local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
-    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray")
+    # on Ray the workers fold their packs' updates into partials: equal to float32 rounding (FLoRA's dense sums)
+    ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.worker_partials=true"]),
+                           tmp_path / "ray")
     a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     for ra, rb in zip(a, b):  # the packs are cut from the job list alone: the same on both backends
         for k in COMPARED:
-            assert ra.get(k) == rb.get(k), (ra["round"], k)
+            assert ra.get(k) == rb.get(k) or ra.get(k) == pytest.approx(rb.get(k), rel=1e-5), (ra["round"], k)
+        assert rb.get("engine/server_in_objects", 0) <= 2  # one partial per worker
     # 5 clients, K = 4, 2 workers: two packs (one per worker), of 2 and 3 clients
     assert {r["train/clients_per_pass"] for r in a[1:] + b[1:]} == {(2 * 2 + 3 * 3) / 5}
     assert sum(w["num_clients"] for w in ray_sum["workers"]) == 10
     assert all(w["num_clients"] > 0 for w in ray_sum["workers"])
-    assert local["final/eval/loss"] == ray_sum["final/eval/loss"]
+    assert local["final/eval/loss"] == pytest.approx(ray_sum["final/eval/loss"], rel=1e-5)
 
 
 def test_unpackable_clients_train_one_by_one_with_a_note_once(tiny_raw, tmp_path):

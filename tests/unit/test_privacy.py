@@ -55,7 +55,7 @@ def apply(stage, ups, st=None, r=1):
     st = st or state()
     stage.before(ctx(r), st, ups)
     new, _ = stage.after(ctx(r), st, st) if ups else stage.idle(ctx(r), st, st)
-    return new, stage.end_round(ctx(r), ups)
+    return new, stage.end_round(ctx(r), [u.client_id for u in ups])
 
 
 def flat(tensors, minus=0.0):
@@ -186,8 +186,8 @@ def test_the_noise_multiplier_is_solved_from_a_target_epsilon():
 
 def test_local_accounting_counts_every_release_per_client_and_resumes():
     acc = LocalAccounting(PrivacyAccountant("local", 1.0, 1.0, 1e-3))
-    acc.end_round(ctx(1), updates(3))
-    m = acc.end_round(ctx(2), updates(2))
+    acc.end_round(ctx(1), [0, 1, 2])
+    m = acc.end_round(ctx(2), [0, 1])
     assert m["privacy/epsilon"] == pytest.approx(epsilon(0.5, 1.0, 2, 1e-3))  # clients 0 and 1 sent twice
     again = LocalAccounting(acc.accountant)
     again.load_state_dict(acc.state_dict())

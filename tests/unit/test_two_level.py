@@ -222,8 +222,8 @@ def test_feddpa_a_weights_the_local_adapter_and_global_adapters_average_equally(
     assert make_strategy("feddpa", {"a": 0.8}).mix() == pytest.approx((0.2, 0.8))  # (global, local): a on local
     assert make_strategy("feddpa", {"a": 0.8, "a_weights": "global"}).mix() == pytest.approx((0.8, 0.2))
     ups = [ClientUpdate(0, 10, LORA, {}), ClientUpdate(1, 30, LORA, {})]
-    assert make_strategy("feddpa")._weights(ups).tolist() == [0.5, 0.5]  # the authors' FedAvg: equal weights
-    assert make_strategy("feddpa", {"weighting": "samples"})._weights(ups).tolist() == [0.25, 0.75]
+    assert [make_strategy("feddpa").weight_of(u) for u in ups] == [1.0, 1.0]  # the authors' FedAvg: equal weights
+    assert [make_strategy("feddpa", {"weighting": "samples"}).weight_of(u) for u in ups] == [10.0, 30.0]
 
 
 def test_similarity_weights_are_max_weight_times_the_mean_cosine():

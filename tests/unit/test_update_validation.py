@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedsim.lora import ops
@@ -54,3 +55,40 @@ def test_the_fused_finiteness_check_finds_nan_and_inf_and_accepts_huge_finite_va
     assert ops.first_nonfinite({"a": torch.tensor([float("-inf")]), "b": ok}) == "a"
     mixed = {"a": ok.double(), "b": torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "i": torch.arange(3)}
     assert ops.first_nonfinite(mixed) == "b"  # mixed dtypes: one tensor at a time
+
+
+def test_a_streaming_server_holds_one_update_at_a_time_and_rejects_as_before():
+    """The server folds a lazy stream of updates: when the next one is made, the last is gone (a weak reference to
+    its tensor is dead); rejections and accounting are those of the server that takes the round at once."""
+    import gc
+    import weakref
+
+    from fedsim.pipeline.robust import RobustAggregation
+
+    a = ops.a_key("m.q_proj")
+    made = [(cid, torch.full((2, 4), float(cid))) for cid in range(6)]
+    made[3] = (3, torch.full((2, 4), float("nan")))
+    refs, alive = [], []
+
+    def stream():
+        for cid, t in made:
+            gc.collect()
+            alive.extend(r() is not None for r in refs)  # every update before this one: gone?
+            u = _update(cid, **{a: t.clone()})
+            refs.append(weakref.ref(u.tensors[a]))
+            yield u
+            del u
+
+    server = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0))
+    assert server.streams
+    streamed = server.aggregate(CTX, stream())
+    assert alive and not any(alive)
+    whole = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0),
+                   stages=[RobustAggregation("norm_bound", max_norm=1e9)])
+    assert not whole.streams  # a stage over the whole round: the server gathers the round
+    together = whole.aggregate(CTX, [_update(cid, **{a: t}) for cid, t in made])
+    assert streamed["rejected"].keys() == together["rejected"].keys() == {3}
+    for key in ("aggregated", "comm/up_params", "comm/up_bytes", "per_client_up"):
+        assert streamed[key] == together[key]
+    assert all(torch.equal(server.state.tensors[k], whole.state.tensors[k]) for k in server.state.tensors)
+    assert float(server.state.tensors[a][0, 0]) == pytest.approx((0 + 1 + 2 + 4 + 5) / 5)

@@ -24,11 +24,14 @@ class WorkerActor:
     def attach(self, data: Any, components: Any = None) -> None:
         self.worker.attach(data, components)
 
-    def run_client(self, job: Any, payload: Any) -> tuple[Any, Any]:
-        return self.worker.run_client(job, payload)
+    def run_client(self, job: Any, payload: Any, fold: Any = None) -> tuple[Any, Any]:
+        return self.worker.run_client(job, payload, fold=fold)
 
-    def run_pack(self, jobs: Any, *payloads: Any) -> tuple:
-        return self.worker.run_pack(jobs, *payloads)
+    def run_pack(self, jobs: Any, *payloads: Any, fold: Any = None) -> tuple:
+        return self.worker.run_pack(jobs, *payloads, fold=fold)
+
+    def take_partial(self, server_round: int) -> tuple[Any, Any]:
+        return self.worker.take_partial(server_round)
 
     def evaluate(self, payload: Any, batches: Any) -> Any:
         return self.worker.evaluate(payload, batches)

@@ -148,12 +148,44 @@ class RayBackend(Backend):
         return results
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
-              on_done: Callable[[ClientResult | ClientFailure], None] | None = None) -> list[JobOutcome]:
+              on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
+              fold: Handle | None = None) -> list[JobOutcome]:
         """Dispatch the jobs to the pool (:class:`~fedsim.runtime.ray.dispatch.Dispatch`): a worker that dies, or a
         call running longer than ``resources.client_timeout_s`` per client in it, is replaced and its clients
-        retried up to ``resources.max_retries`` times (:class:`~fedsim.runtime.ray.dispatch.RetryPolicy`)."""
+        retried up to ``resources.max_retries`` times (:class:`~fedsim.runtime.ray.dispatch.RetryPolicy`). With
+        ``fold``, the clients a lost worker had folded into its partial fail with it."""
         policy = RetryPolicy(max_attempts=1 + self.resources.max_retries, timeout_s=self.resources.client_timeout_s)
-        return Dispatch(self, jobs, on_done, policy).run()
+        dispatch = Dispatch(self, jobs, on_done, policy, fold)
+        outcomes = dispatch.run()
+        self._folded = {slot: [jobs[pos][0].spec.client_id for pos in positions]
+                        for slot, positions in dispatch.folded.items() if positions}
+        return outcomes
+
+    def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:
+        """Each worker that folded clients this round hands in its partial: the driver reads the list of clients
+        (a small object) and passes the partial's reference on, so partials go to the server one at a time. A
+        worker lost before it could: its clients fail, and it is replaced."""
+        import ray
+
+        folded, self._folded = getattr(self, "_folded", {}), {}
+        calls = {slot: self.actors[slot].take_partial.options(num_returns=2).remote(server_round)
+                 for slot in sorted(folded)}
+        refs, lost = [], []
+        for slot, (meta_ref, part_ref) in calls.items():
+            try:
+                clients = ray.get(meta_ref)
+                why = None if clients == sorted(folded[slot]) else (
+                    f"its partial holds clients {clients[:5]}, not the {len(folded[slot])} folded there")
+            except ray.exceptions.RayActorError as e:
+                why = f"worker died: {e.__class__.__name__}"
+                log.warning("worker-%d died before handing in its partial; replacing it", slot)
+                self.replace_worker(slot)
+            if why is None:
+                refs.append(part_ref)
+            else:
+                lost += [ClientFailure(c, f"worker-{slot} was lost ({why}) holding its folded update "
+                                          "(resources.worker_partials)") for c in folded[slot]]
+        return refs, lost
 
     def evaluate(self, payload: Handle, batches: Sequence[np.ndarray]) -> list[dict[str, float]]:
         return self._batches_on_workers("evaluate", payload, batches)

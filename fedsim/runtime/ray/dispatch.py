@@ -59,8 +59,11 @@ class Dispatch:
     ``actors``, slots, resources, pack size and :meth:`replace_worker`)."""
 
     def __init__(self, backend: Any, jobs: Sequence[tuple[ClientJob, Handle]],
-                 on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy):
+                 on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy,
+                 fold: Handle | None = None):
         self.backend, self.jobs, self.on_done, self.policy = backend, jobs, on_done, policy
+        self.fold = fold  # the round's FoldSpec: workers fold their clients' updates into partials
+        self.folded: dict[int, list[int]] = {}  # slot → positions of the jobs whose update its partial holds
         res = backend.resources
         self.depth = PIPELINE_DEPTH if backend.pack_size == 1 else 1  # a pack hides the dispatch latency itself
         self.waiting = {p: deque() for p in sorted({p for p, _, _ in backend.slots})}  # units per worker pool
@@ -102,11 +105,12 @@ class Dispatch:
 
     def _submit(self, slot: int, unit: Unit) -> tuple[Any, list]:
         actor = self.backend.actors[slot]
+        fold = {} if self.fold is None else {"fold": self.fold}
         if len(unit) == 1:
-            meta_ref, update_ref = actor.run_client.options(num_returns=2).remote(unit[0][1], unit[0][2])
+            meta_ref, update_ref = actor.run_client.options(num_returns=2).remote(unit[0][1], unit[0][2], **fold)
             return meta_ref, [update_ref]
         refs = actor.run_pack.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit],
-                                                                        *[p for _, _, p in unit])
+                                                                        *[p for _, _, p in unit], **fold)
         return refs[0], list(refs[1:])
 
     def _wait_s(self) -> float | None:
@@ -121,10 +125,22 @@ class Dispatch:
         if self.on_done is not None:
             self.on_done(outcome[0])
 
-    def _finish_unit(self, unit: Unit, metas: Any, update_refs: list) -> None:
+    def _finish_unit(self, unit: Unit, metas: Any, update_refs: list, slot: int) -> None:
         metas = metas if isinstance(metas, list) else [metas]
         for (pos, _, _), meta, update_ref in zip(unit, metas, update_refs):
-            self._finish(pos, (meta, None if isinstance(meta, ClientFailure) else update_ref))
+            if self.fold is not None:
+                if isinstance(meta, ClientResult) and meta.rejected is None:
+                    self.folded.setdefault(slot, []).append(pos)
+                self._finish(pos, (meta, None))
+            else:
+                self._finish(pos, (meta, None if isinstance(meta, ClientFailure) else update_ref))
+
+    def _lose_partial(self, slot: int, reason: str) -> None:
+        """The clients folded into a lost worker's partial fail: their updates died with it."""
+        for pos in self.folded.pop(slot, []):
+            cid = self.jobs[pos][0].spec.client_id
+            self.outcomes[pos] = (ClientFailure(cid, f"worker-{slot} was lost ({reason}) holding its folded update "
+                                                     "(resources.worker_partials)"), None)
 
     def _fail_unit(self, unit: Unit, cause: BaseException) -> None:
         for pos, job, _ in unit:
@@ -152,7 +168,7 @@ class Dispatch:
         if cause is not None:
             self._fail_unit(unit, cause)
         else:
-            self._finish_unit(unit, metas, update_refs)
+            self._finish_unit(unit, metas, update_refs, slot)
 
     # -- faults -------------------------------------------------------------------------------------------------
     def _requeue(self, unit: Unit, charged: bool, reason: str) -> None:
@@ -175,7 +191,7 @@ class Dispatch:
             self.started.pop(ref, None)
             if ray.wait([ref], timeout=0)[0]:
                 try:
-                    self._finish_unit(unit, ray.get(ref), update_refs)
+                    self._finish_unit(unit, ray.get(ref), update_refs, slot)
                     continue
                 except ray.exceptions.RayTaskError as e:
                     self._fail_unit(unit, e.cause if getattr(e, "cause", None) is not None else e)
@@ -185,6 +201,7 @@ class Dispatch:
             self._requeue(unit, charged=not charged, reason=reason)
             charged = True
         self.queues[slot].clear()
+        self._lose_partial(slot, reason)
         self.backend.replace_worker(slot)
 
     def _enforce_timeouts(self) -> None:

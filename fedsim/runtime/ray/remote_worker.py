@@ -3,21 +3,36 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedsim.runtime.wire import pack_tensors_of, unpack, unpack_tensors_of
 from fedsim.runtime.worker import Worker
 from fedsim.types import ClientFailure
 
 
 class RayWorker(Worker):
-    def run_client(self, job, payload):
+    def run_client(self, job, payload, fold=None):
+        """(result, packed update) — or with ``fold`` (a :class:`~fedsim.server.FoldSpec`, its state packed), the
+        update folded into this worker's partial: (result, None)."""
         result, update = super().run_client(job, unpack_tensors_of(payload))
+        if fold is not None:
+            return self.fold(_unpack_spec(fold), (result, update)), None
         return result, pack_tensors_of(update)
 
-    def run_pack(self, jobs, *payloads):
+    def run_pack(self, jobs, *payloads, fold=None):
         outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
+        if fold is not None:
+            spec = _unpack_spec(fold)
+            return ([self.fold(spec, o) for o in outs], *[None] * len(outs))
         results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
         updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
         return (results, *updates)  # one object per update, so that the server gets each by reference
+
+    def take_partial(self, server_round):
+        """(the clients folded, the partial): two objects, so that the driver reads the small one and the server
+        the partial, by reference."""
+        part = super().take_partial(server_round)
+        return (sorted(part.clients) if part is not None else []), part
 
     def evaluate(self, payload, batches):
         return super().evaluate(unpack_tensors_of(payload), batches)
@@ -39,3 +54,7 @@ class RayWorker(Worker):
         client's clock pays for it."""
         self.host(self._base_version)
         return self.name
+
+
+def _unpack_spec(spec):
+    return replace(spec, state=unpack_tensors_of(spec.state))

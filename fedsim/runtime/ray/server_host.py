@@ -6,6 +6,7 @@ adapter tensors never pass through the driver's dispatch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fedsim.components import Components
@@ -40,9 +41,28 @@ class ObjectStoreServer:
         return refs, down
 
     def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, Any]:
+        """Aggregate the round's updates by reference. A streaming server reads them one at a time (each fetched
+        from the object store, folded and dropped before the next: the server's memory holds one update, however
+        many clients the round had); otherwise all at once."""
         import ray
 
+        if self.server.streams:
+            return self.server.aggregate(ctx, (unpack_tensors_of(ray.get(ref)) for ref in update_refs))
         return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
+
+    def fold_spec(self, ctx: RoundContext):
+        """The round's :class:`~fedsim.server.FoldSpec` in the object store, once for every worker (in a list: an
+        actor's caller gets the reference)."""
+        import ray
+
+        spec = self.server.fold_spec(ctx)
+        return [ray.put(replace(spec, state=pack_tensors_of(spec.state)))]
+
+    def aggregate_partials(self, ctx: RoundContext, partial_refs: list, results: dict) -> dict[str, Any]:
+        """The workers' partials, read by reference one at a time (each merged and dropped before the next)."""
+        import ray
+
+        return self.server.aggregate_partials(ctx, (ray.get(ref) for ref in partial_refs), results)
 
     def base_deltas(self, since: int):
         import ray
@@ -89,6 +109,12 @@ class RayServerHandle(ServerHandle):
         # Wrapped in a list so that Ray passes the references through instead of resolving them here.
         return self._call("aggregate", ctx, list(updates))
 
+    def fold_spec(self, ctx: RoundContext) -> Handle:
+        return self._call("fold_spec", ctx)[0]
+
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+        return self._call("aggregate_partials", ctx, list(partials), results)
+
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
         return self._call("base_deltas", since)
 
@@ -114,3 +140,6 @@ class DriverServerHandle(LocalServerHandle):
 
     def eval_handle(self) -> Handle:
         return self.server.eval_handle()[0]  # type: ignore[attr-defined]
+
+    def fold_spec(self, ctx: RoundContext) -> Handle:
+        return self.server.fold_spec(ctx)[0]  # type: ignore[attr-defined]
