@@ -155,8 +155,9 @@ class ClientPayload:
         base_update_params: size of the base-model updates the client downloads to reach ``base_version``.
         personal_lora: rank/alpha of the client's second, personal adapter (two-level methods), else None.
         mix: (w_main, w_personal): weights of the two adapters' outputs when both are active.
-        procedure: the local training procedure (a registered ``procedure``: ``joint``, ``alternate``, ``bilevel``)
-            and ``procedure_options`` its settings (:class:`AlternateOptions`, :class:`BilevelOptions`).
+        procedure: the local training procedure (a registered ``procedure``: ``joint``, ``alternate``, ``bilevel``;
+            or the procedure function itself, which travels with the payload to any worker) and
+            ``procedure_options`` its settings (:class:`AlternateOptions`, :class:`BilevelOptions`).
         personal_init: how a client's personal adapter starts on its first visit: ``peft`` (B = 0, A random) or
             ``loftq`` (the rank-r truncated SVD of its quantization error, FedQLoRA).
         objectives: client objectives added to the local loss (:mod:`fedsim.objectives`, e.g. HETLoRA's tail).
@@ -173,7 +174,7 @@ class ClientPayload:
     base_update_params: int = 0  # parameters of base-model updates this client must download (FLoRA, FedEx-LoRA)
     personal_lora: LoraSpec | None = None
     mix: tuple[float, float] = (1.0, 1.0)
-    procedure: str = "joint"
+    procedure: str | Any = "joint"
     procedure_options: AlternateOptions | BilevelOptions | None = None
     personal_init: str = "peft"
     objectives: tuple[Any, ...] = ()

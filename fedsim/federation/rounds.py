@@ -156,6 +156,7 @@ def run_round(server_round: int, fed: Federation, server: ServerHandle, backend:
     clock = admit(fed.scenario.clock, ok, fed.prep.clients, down)  # the simulated clock: stragglers out
     t_agg = time.perf_counter()
     up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late, partials)  # validate → stages → aggregate
+    ok = [(res, None) for res, _ in ok]  # the updates are aggregated: their object-store copies can go now
     fed.keep_personal(ok)
     fed.base_version = sync_base(server, backend, fed.base_version)
     return RoundResult(server_round, sampled, ok, failed, gone, len(clock.late), len(jobs), up, down, clock.round_s,

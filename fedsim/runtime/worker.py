@@ -194,7 +194,7 @@ class Worker:
             self.starts.load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
-        procedure = registry.get("procedure", payload.procedure)
+        procedure = payload.procedure if callable(payload.procedure) else registry.get("procedure", payload.procedure)
         objectives = bind_objectives(payload.objectives, host.params(payload.lora), payload.lora, job.personal)
         seed = (self.scenario.seed, job.server_round, job.spec.client_id)
         cfg = self.scenario.training

@@ -59,8 +59,7 @@ class FedExLoRA(Strategy):
             raise AggregationError(f"client {update.client_id} returned {update.lora}, expected {state.lora}")
         self._check_one(update, state)
         w = self._weigh(acc, update)
-        for k, t in update.tensors.items():
-            acc.add(k, t, w)
+        acc.add_all(update.tensors, w)
         for m in ops.modules(update.tensors):  # Σ w_k s B_k A_k: GEMMs over a few clients' stacked factors at once
             acc.product(m, update.client_id, update.tensors[ops.b_key(m)], update.tensors[ops.a_key(m)],
                         w * state.lora.scaling)

@@ -35,8 +35,7 @@ class FedIT(Strategy):
                                    f"expected {state.lora.rank}")
         self._check_one(update, state)
         w = self._weigh(acc, update)
-        for k, t in update.tensors.items():
-            acc.add(k, t, w)
+        acc.add_all(update.tensors, w)
 
     def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
         """Σ w_k X_k / Σ w_k for every shared tensor (the state's others kept)."""

@@ -42,8 +42,7 @@ class FedSALoRA(Strategy):
             raise AggregationError("FedSA-LoRA updates must carry exactly the shared A factors")
         self._check_one(update, state)
         w = self._weigh(acc, update)
-        for k, t in update.tensors.items():
-            acc.add(k, t, w)
+        acc.add_all(update.tensors, w)
 
     def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
         return self._copy_state(state, tensors={k: acc.mean(k) for k in sorted(acc.sums)})

@@ -94,6 +94,7 @@ def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])
 
 
+@pytest.mark.own_ray
 def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
     import time
 
@@ -164,6 +165,7 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
     assert all(float(r["base_mb"]) == ray_sum[f"memory/base_mb/{r['base']}"] for r in table)
 
 
+@pytest.mark.own_ray
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
     """Quiet (the command line's default): no autoscaler monitor, no API server, no log monitor (~80 MB each);
@@ -207,6 +209,7 @@ def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, 
     assert summary["final/eval/loss"] is not None and ray.is_initialized()
 
 
+@pytest.mark.own_ray
 def test_lean_start_falls_back_to_stopping_what_ray_started(tiny_raw, monkeypatch):
     """A Ray without the start-up hooks starts in full; the unused processes are then stopped once it is up."""
     from ray._private import ray_constants
