@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated cache, tiny scenarios, and Ray instances (shared, or a test's own)."""
+"""Shared fixtures: an isolated cache, tiny scenarios, and a Ray instance that is always shut down."""
 
 from __future__ import annotations
 
@@ -54,46 +54,11 @@ def tiny_scenario(tiny_raw):
     return scenario_from_dict(tiny_raw)
 
 
-SHARED_RAY_CPUS = 6  # logical: the largest pool a test asks for (threads are pinned per worker)
-
-
-def _start_shared_ray() -> None:
-    """A local Ray instance started as fedsim starts one (its system config, its lean set of processes), with room
-    for every test's pool: 6 logical CPUs and one logical GPU (fractional-GPU placement on a CPU machine)."""
-    from fedsim.config import scenario_from_dict
-    from fedsim.runtime.ray.pool import init_ray
-
-    raw = copy.deepcopy(TINY)
-    raw["resources"] = {"backend": "ray", "num_workers": SHARED_RAY_CPUS, "num_cpus": 1,
-                        "num_gpus": 1 / SHARED_RAY_CPUS}
-    init_ray(scenario_from_dict(raw))
-
-
 @pytest.fixture
-def ray_session(request):
-    """A Ray instance shared by the tests that run on Ray in this process (fedsim joins a running instance, so each
-    run saves starting and stopping one: ~4 s). After the test the instance must be idle again — every CPU and GPU
-    free once the run's actors are gone —, or it is shut down, and the next test starts another. A test marked
-    ``own_ray`` (it needs a head of its own: its processes, its environment, a cluster address) starts with no
-    instance and leaves none."""
-    import time
-
+def ray_session():
+    """Shut Ray down after the test, whatever happened."""
     import ray
 
-    own = request.node.get_closest_marker("own_ray") is not None
-    if own and ray.is_initialized():
-        ray.shutdown()
-    if not own and not ray.is_initialized():
-        _start_shared_ray()
     yield
-    if not ray.is_initialized():
-        return
-    if own:
+    if ray.is_initialized():
         ray.shutdown()
-        return
-    deadline = time.monotonic() + 5.0
-    while ray.available_resources() != ray.cluster_resources():
-        if time.monotonic() > deadline:
-            ray.shutdown()  # something of the test's still holds resources: start clean next time
-            return
-        time.sleep(0.1)

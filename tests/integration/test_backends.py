@@ -68,12 +68,12 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
 
 
 def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):
-    """Logical GPUs: 4 workers at 0.25 GPU each share one (logical) GPU; training falls back to CPU."""
+    """Logical GPUs: 2 workers at 0.5 GPU each share one (logical) GPU; training falls back to CPU."""
     tiny_raw["rounds"] = 1
-    sc = scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_workers=4", "resources.num_gpus=0.25",
+    sc = scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_workers=2", "resources.num_gpus=0.5",
                                        "resources.num_cpus=0.5", "eval.at_start=false"])
     summary = run_scenario(sc, tmp_path / "gpu")
-    assert len(summary["workers"]) == 4 and all(w["device"] == "cpu" for w in summary["workers"])
+    assert len(summary["workers"]) == 2 and all(w["device"] == "cpu" for w in summary["workers"])
     assert summary["final/eval/accuracy"] is not None
 
 
@@ -94,7 +94,6 @@ def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])
 
 
-@pytest.mark.own_ray
 def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
     import time
 
@@ -165,7 +164,6 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
     assert all(float(r["base_mb"]) == ray_sum[f"memory/base_mb/{r['base']}"] for r in table)
 
 
-@pytest.mark.own_ray
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
     """Quiet (the command line's default): no autoscaler monitor, no API server, no log monitor (~80 MB each);
@@ -209,7 +207,6 @@ def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, 
     assert summary["final/eval/loss"] is not None and ray.is_initialized()
 
 
-@pytest.mark.own_ray
 def test_lean_start_falls_back_to_stopping_what_ray_started(tiny_raw, monkeypatch):
     """A Ray without the start-up hooks starts in full; the unused processes are then stopped once it is up."""
     from ray._private import ray_constants

@@ -72,7 +72,6 @@ def _wait_for_nodes(address: str, n: int, env: dict, timeout_s: float = 120) -> 
     raise AssertionError(f"the cluster did not reach {n} nodes: {out}")
 
 
-@pytest.mark.own_ray
 @pytest.mark.usefixtures("ray_session")
 def test_a_two_process_cluster_runs_a_scenario_and_a_submitted_job_like_one_process(tiny_raw, tmp_path, monkeypatch):
     single = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "single")

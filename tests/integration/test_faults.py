@@ -17,16 +17,36 @@ def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+def _first_round(tiny_raw, seed: int) -> list:
+    """Round 1's sampled clients and each one's fault draws on attempts 1..3: [(client, [(kill, nan, hang)])]."""
+    from fedsim.pipeline.transforms import fault_draws
+    from fedsim.sampling import sample_clients
+
+    c = tiny_raw["clients"]
+    return [(cid, [fault_draws(seed, 1, cid, a) for a in (1, 2, 3)])
+            for cid in sample_clients(c["num_clients"], c["per_round"], seed, 1)]
+
+
 def test_killed_workers_nan_updates_and_hangs(tiny_raw, tmp_path):
-    tiny_raw.update(rounds=2)
+    """One round whose seed makes a client's first attempt kill its worker, another hang, another send NaN, and
+    another train cleanly (found from the faults' own draws: one round is enough)."""
+    kill, nan, hang = 0.25, 0.25, 0.15
     tiny_raw["clients"]["per_round"] = 4
-    tiny_raw["faults"] = {"kill_worker_prob": 0.25, "nan_update_prob": 0.25, "hang_prob": 0.15, "hang_s": 120}
+
+    def fits(seed):
+        first = [d[0] for _, d in _first_round(tiny_raw, seed)]
+        return (any(u[0] < kill for u in first) and any(u[2] < hang and u[0] >= kill for u in first)
+                and any(u[1] < nan and u[0] >= kill and u[2] >= hang for u in first)
+                and any(min(u[0] / kill, u[1] / nan, u[2] / hang) >= 1 for u in first))
+
+    tiny_raw.update(rounds=1, seed=next(s for s in range(1000) if fits(s)))
+    tiny_raw["faults"] = {"kill_worker_prob": kill, "nan_update_prob": nan, "hang_prob": hang, "hang_s": 120}
     tiny_raw["resources"].update(backend="ray", max_retries=1, client_timeout_s=5)
     tiny_raw["eval"]["at_start"] = False
     summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
     rows = _rows(tmp_path / "run")
     reasons = [r for row in rows for r in row.get("clients/failures", [])]
-    assert sum(row["workers/replaced"] for row in rows) >= 1
+    assert sum(row["workers/replaced"] for row in rows) >= 2  # the kill and the hang
     assert any("NaN or Inf" in r for r in reasons), reasons
     for row in rows:  # every sampled client is accounted for: succeeded or failed with a reason
         assert row["clients/succeeded"] + row["clients/failed"] == row["clients/sampled"] == 4

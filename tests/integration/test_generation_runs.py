@@ -10,7 +10,6 @@ from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
 
 
-@pytest.mark.own_ray  # the workers must see the PYTHONPATH set here
 @pytest.mark.usefixtures("ray_session")
 def test_generation_on_ray_with_a_user_metric_and_personal_models(tiny_raw, tmp_path, monkeypatch):
     pkg = tmp_path / "usermetrics"
