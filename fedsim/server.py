@@ -62,17 +62,18 @@ class Folder:
 
     def __init__(self, strategy: Strategy):
         self.strategy = strategy
-        self.spec: FoldSpec | None = None
         self.partial: Partial | None = None
+        self.validation: ValidateUpdates | None = None  # the round's, made with its partial
 
     def fold(self, spec: FoldSpec, update: ClientUpdate) -> tuple[tuple[int, int], str | None]:
         """Fold ``update`` into this round's partial (a partial of an earlier round is dropped); (its upload cost,
         why it was rejected or None)."""
         key = (spec.ctx.server_round, spec.state.base_version)
         if self.partial is None or (self.partial.server_round, self.partial.base_version) != key:
-            self.spec, self.partial = spec, self.strategy.begin(spec.ctx, spec.state)
+            self.partial = self.strategy.begin(spec.ctx, spec.state)
+            self.validation = ValidateUpdates(spec.shapes, self.strategy.is_shared)
         cost = upload_cost(self.strategy, update)
-        why = ValidateUpdates(spec.shapes, self.strategy.is_shared).invalid_reason(update)
+        why = self.validation.invalid_reason(update)
         if why is not None:
             return cost, f"update rejected: {why}"
         self.strategy.fold(spec.ctx, spec.state, self.partial, update)
@@ -80,7 +81,7 @@ class Folder:
 
     def take(self, server_round: int) -> Partial | None:
         """This round's partial (None when nothing was folded in it); the folder is empty after."""
-        part, self.partial, self.spec = self.partial, None, None
+        part, self.partial, self.validation = self.partial, None, None
         return part if part is not None and part.server_round == server_round else None
 
 
