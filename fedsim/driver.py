@@ -176,7 +176,7 @@ class Driver:
                 self._log(row, events)
                 failures.observe(r, result.attempted, len(result.ok), result.late, result.failed, result.gone)
                 checkpoints.on_round_end(r, row, final=bool(self.stopped))
-            summary = self._finish(server, prep, evaluation, tracker, totals, t_start, components.task.peft_task_type)
+            summary = self._finish(server, prep, evaluation, tracker, totals, t_start, components.task)
             events.on_run_end(summary)
             return summary
         finally:
@@ -284,7 +284,7 @@ class Driver:
 
     # -- the end -----------------------------------------------------------------------------------------------------
     def _finish(self, server: ServerHandle, prep: Prepared, evaluation: Evaluation, tracker: Tracker,
-                totals: dict[str, float], t_start: float, task_type: str) -> dict[str, Any]:
+                totals: dict[str, float], t_start: float, task: Any) -> dict[str, Any]:
         """The run's artifacts (:mod:`fedsim.federation.artifacts`); returns the summary."""
         adapter = server.global_adapter()
         summary = run_summary(self.scenario, self.run_dir, self.rows, time.perf_counter() - t_start, totals,
@@ -297,7 +297,7 @@ class Driver:
         if self.notes:
             summary["notes"] = sorted(self.notes)
         write_artifacts(self.scenario, self.run_dir, summary, adapter, prep.clients, evaluation.table, tracker,
-                        task_type)
+                        task)
         return summary
 
 

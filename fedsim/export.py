@@ -103,6 +103,7 @@ def _personal_state(checkpoint_dir: Path, client_id: int) -> Tensors | None:
 
 def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: Any, out: Path) -> None:
     """A full model: the client's base (dequantized) plus every adapter, merged (``save_pretrained`` + tokenizer)."""
+    from fedsim.models.base import weight_matrix
     from fedsim.models.quant import dequantized_weight
 
     model = task.build(sc.model, "cpu")
@@ -111,8 +112,8 @@ def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: 
         for m in host.target_paths():
             layer = host.model.get_submodule("base_model.model." + m)
             base = dequantized_weight(layer).cpu().double() if quant.bits < 16 else \
-                getattr(layer, "base_layer", layer).weight.detach().cpu().double()
-            target = model.get_submodule(m).weight
+                weight_matrix(layer).detach().cpu().double()
+            target = weight_matrix(model.get_submodule(m))
             target.copy_((base + totals.get(m, 0.0)).to(target.dtype))
     model.save_pretrained(str(out))
     tokenizer = task.tokenizer(sc.model)
@@ -136,4 +137,4 @@ def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Ten
         raise ScenarioError("--merged", f"client {client_id}'s base is {quant.label}, re-quantized after the run "
                             "merged updates into it: no adapter on the original quantized base reproduces it",
                             "export with --merged (its dequantized base with everything merged in)")
-    save_peft_adapter(combine(parts, deltas if not quantized else []), sc, out, task.peft_task_type)
+    save_peft_adapter(combine(parts, deltas if not quantized else []), sc, out, task)

@@ -27,6 +27,13 @@ TINY: dict[str, Any] = {
 }
 
 
+# offline stand-ins of other architectures (model.config: randomly initialised, byte-level tokenizer), no dropout so
+# that packed and sequential training compute the same
+GPT2 = {"name": "openai-community/gpt2", "target_modules": ["c_attn", "c_proj", "c_fc"],
+        "config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64,
+                   "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+
+
 def news_data(tmp_path, rows: int = 60, test_fraction: float = 0.25) -> dict[str, Any]:
     """A ``data`` section for a header-less two-label news CSV written into ``tmp_path`` (classification)."""
     lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(rows)]

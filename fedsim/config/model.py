@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -36,10 +37,23 @@ class TinyModelConfig(Frozen):
 
 class ModelConfig(Frozen):
     """The base model. ``name: tiny`` builds a small Llama from config (no download); anything else is a Hugging Face
-    hub name or a local directory loaded with ``from_pretrained``."""
+    hub name or a local directory loaded with ``from_pretrained``.
+
+    ``config`` builds a randomly initialised stand-in of any transformers architecture instead of loading weights:
+    a mapping of config fields with its ``model_type`` (``{model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4}``),
+    or a local ``config.json`` (or the directory holding one). ``name`` then only labels the run (and the exported
+    adapter's base), so a scenario written for a hub model runs offline with ``--set model.config=...``. Its weights
+    are seeded by ``seed``; its tokenizer is the byte-level one unless ``tokenizer`` names a directory."""
 
     name: str = "tiny"
     tiny: TinyModelConfig = TinyModelConfig()
+    config: dict[str, Any] | str | None = None
+    tokenizer: str | None = None  # a tokenizer directory or hub id; default: the model's own (byte-level for
+    # tiny and for a config stand-in)
+    seed: int = Field(1234, ge=0)  # the weights of a config stand-in
+    # what the model is fine-tuned as (a registered model task: causal_lm, seq_cls, ...); auto: a sequence classifier
+    # (its architectures end in ForSequenceClassification) is seq_cls, anything else causal_lm
+    task: str = "auto"
     # PEFT's forms: a list of names (a module matches one by its full name or by a name suffix after a dot), a regular
     # expression (matched against the full module name), or "all-linear" (every linear layer but the output layer)
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
@@ -62,6 +76,19 @@ class ModelConfig(Frozen):
             except re.error as e:
                 raise ValueError(f"{v!r} is neither all-linear nor a regular expression ({e}); give a list of module "
                                  "names, e.g. [q_proj, v_proj]") from None
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _config_form(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        if isinstance(v, dict) and not isinstance(v.get("model_type"), str):
+            raise ValueError("a stand-in config needs its model_type, e.g. {model_type: gpt2, n_embd: 64, n_layer: 2, "
+                             "n_head: 4}")
+        if isinstance(v, str):
+            p = Path(v)
+            if not (p.is_file() or (p / "config.json").is_file()):
+                raise ValueError(f"{v!r} is neither a config.json file nor a directory holding one; give one, or a "
+                                 "mapping with model_type")
         return v
 
     @field_validator("trust_remote_code")

@@ -63,10 +63,10 @@ def metric_objects(scenario: Scenario) -> tuple:
 
 def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], adapter: Any,
                     clients: list[ClientSpec], personal_table: list[dict[str, Any]], tracker: Any,
-                    task_type: str) -> None:
+                    task: Any) -> None:
     """The adapter, the tables, W&B's summary, tables and artifact, then ``summary.json`` (last: its presence says
     the run finished)."""
-    save_peft_adapter(adapter, scenario, run_dir / "adapter", task_type)
+    save_peft_adapter(adapter, scenario, run_dir / "adapter", task)
     base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items() if k.startswith("memory/base_mb/")}
     if personal_table:
         for row in personal_table:

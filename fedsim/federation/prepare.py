@@ -17,6 +17,7 @@ from fedsim.errors import ScenarioError
 from fedsim.federation.clock import client_speeds
 from fedsim.models.base import decoder_linear_shapes, target_shapes
 from fedsim.models.quant import check_shapes, require_backend
+from fedsim.models.tasks import task_for
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientSpec, LoraSpec
 
@@ -48,7 +49,8 @@ def prepare(scenario: Scenario) -> Prepared:
     if bad is not None and bad.attack == "label_flip":  # data poisoning: the attackers train on flipped copies
         data, parts, _ = flip_labels(data, parts, bad.clients(scenario.clients.num_clients, scenario.seed))
     lcfg = scenario.clients.lora
-    shapes = target_shapes(scenario.model)
+    auto_class = task_for(scenario.model).classes[0]
+    shapes = target_shapes(scenario.model, auto_class)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
     ranks = {"clients.lora": lcfg.max_rank(), **strategy_ranks(scenario)}
     for key, rank in ranks.items():
@@ -58,7 +60,7 @@ def prepare(scenario: Scenario) -> Prepared:
     assigned = lcfg.assign(len(parts), scenario.seed)
     qcfg = scenario.clients.quant
     if qcfg.is_quantized():
-        layers = decoder_linear_shapes(scenario.model)
+        layers = decoder_linear_shapes(scenario.model, auto_class)
         for spec in qcfg.choices():
             check_shapes(spec, layers)
             require_backend(spec.backend)

@@ -13,6 +13,7 @@ import torch
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.models.base import is_conv1d, weight_matrix
 from fedsim.types import LoraSpec, ModuleShape, Tensors
 
 MAX_ADAPTERS = 8  # named adapters kept per worker (one per distinct rank/alpha in use)
@@ -83,7 +84,15 @@ class AdapterHost:
         from peft import LoraConfig
 
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
-                          target_modules=self.target_modules, lora_dropout=self.lora_dropout, bias="none")
+                          target_modules=self.target_modules, lora_dropout=self.lora_dropout, bias="none",
+                          fan_in_fan_out=self._fan_in_fan_out())
+
+    def _fan_in_fan_out(self) -> bool:
+        """PEFT's ``fan_in_fan_out``: whether the adapted layers store their weight as (d_in, d_out) — GPT-2's
+        ``Conv1D``, unless a quantized copy of the base turned them into linear layers."""
+        if not hasattr(self, "_fifo"):
+            self._fifo = any(is_conv1d(m) for m in self.base.modules())
+        return self._fifo
 
     def activate(self, lora: LoraSpec, personal: LoraSpec | None = None,
                  mix: tuple[float, float] = (1.0, 1.0)) -> str:
@@ -167,10 +176,10 @@ class AdapterHost:
         return ops.modules(self._params[name])
 
     def base_weight(self, module: str) -> torch.Tensor:
-        """The frozen base weight (d_out, d_in) of an adapted module."""
+        """The frozen base weight (d_out, d_in) of an adapted module (a ``Conv1D``'s: a transposed view)."""
         mod = self.model.get_submodule("base_model.model." + module) if self.model is not None else \
             self.base.get_submodule(module)
-        return getattr(mod, "base_layer", mod).weight
+        return weight_matrix(mod)
 
     def shapes(self, lora: LoraSpec) -> dict[str, ModuleShape]:
         """Module → shape of the adapted layers (from the adapter's own factors)."""

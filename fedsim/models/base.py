@@ -20,24 +20,40 @@ from fedsim.errors import ScenarioError
 from fedsim.types import ModuleShape
 
 TINY = "tiny"
+BYTE_LEVEL = "byte-level"  # the tokenizer of the tiny model and of config stand-ins (ByT5's: 384 ids, pad 0, eos 1)
 
 
 def is_tiny(cfg: ModelConfig) -> bool:
-    return cfg.name == TINY
+    return cfg.name == TINY and cfg.config is None
+
+
+def is_standin(cfg: ModelConfig) -> bool:
+    """A randomly initialised model built from ``model.config`` (no weights are loaded)."""
+    return cfg.config is not None
+
+
+def tokenizer_source(cfg: ModelConfig) -> str:
+    """Where the tokenizer comes from: ``model.tokenizer``, else the byte-level one for the tiny model and config
+    stand-ins, else the model's own (hub id or directory)."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    return BYTE_LEVEL if is_tiny(cfg) or is_standin(cfg) else cfg.name
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of the model (pad token falls back to EOS)."""
-    if is_tiny(cfg):
+    source = tokenizer_source(cfg)
+    if source == BYTE_LEVEL:
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer()
     from transformers import AutoTokenizer
 
+    key = "model.tokenizer" if cfg.tokenizer is not None else "model.name"
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg.tokenizer is None else None)
     except Exception as e:
-        raise ScenarioError("model.name", f"cannot load the tokenizer of {cfg.name!r}: {e.__class__.__name__}: {e}",
+        raise ScenarioError(key, f"cannot load the tokenizer of {source!r}: {e.__class__.__name__}: {e}",
                             "give a hub id you can reach or a local directory saved with save_pretrained") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -83,21 +99,31 @@ CAUSAL_LM = ("AutoModelForCausalLM", "LlamaForCausalLM")  # (auto class, tiny mo
 
 def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", classes: tuple[str, str] = CAUSAL_LM
                      ) -> torch.nn.Module:
-    """Build (tiny, seeded) or load (hub/local) the base model, frozen, in eval mode, on ``device``.
+    """Build (tiny or a config stand-in, seeded) or load (hub/local) the base model, frozen, in eval mode, on
+    ``device``.
 
-    ``classes``: the transformers auto class a hub or local model loads with, and the class the tiny model is built
-    as (default: a causal LM)."""
+    ``classes``: the transformers auto class a model loads with, and the class the tiny model is built as (default:
+    a causal LM).
+
+    Raises:
+        ScenarioError: the model cannot be loaded or built, or its architecture is not of the auto class.
+    """
     import transformers
 
     auto_class, tiny_class = classes
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
-    if is_tiny(cfg):
+    if is_tiny(cfg) or is_standin(cfg):
+        hf_cfg = hf_config(cfg, auto_class)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.tiny.init_seed)
-            model = getattr(transformers, tiny_class)(tiny_config(cfg))
+            torch.manual_seed(cfg.tiny.init_seed if is_tiny(cfg) else cfg.seed)
+            if is_tiny(cfg):
+                model = getattr(transformers, tiny_class)(hf_cfg)
+            else:
+                model = getattr(transformers, auto_class).from_config(hf_cfg)
         model = model.to(device=device, dtype=dtype)
     else:
+        hf_config(cfg, auto_class)  # its architecture checked before any weight is read
         try:
             model = getattr(transformers, auto_class).from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
         except Exception as e:
@@ -109,7 +135,78 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", class
     return model
 
 
-OUTPUT_LAYERS = ("lm_head",)  # what "all-linear" leaves out, as PEFT leaves out the output embedding
+def hf_config(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> Any:
+    """The transformers config the model is built or loaded with: the tiny model's, a stand-in's (``model.config``),
+    or the hub / local model's own; its architecture checked against ``auto_class``.
+
+    Raises:
+        ScenarioError: the config cannot be read or built, or names a model of another kind (a sequence classifier
+            loaded as a causal LM would lose its classifier).
+    """
+    if is_tiny(cfg):
+        return tiny_config(cfg)
+    if is_standin(cfg):
+        hf_cfg = standin_config(cfg)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            hf_cfg = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
+        except Exception as e:
+            raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
+                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
+    check_architecture(cfg, hf_cfg, auto_class)
+    return hf_cfg
+
+
+def standin_config(cfg: ModelConfig) -> Any:
+    """The config of a stand-in: ``model.config``'s fields on top of the ``model_type``'s defaults, or a local
+    ``config.json``. With the byte-level tokenizer the vocabulary is the tokenizer's (384 ids, unless the config sets
+    ``vocab_size``), and the padding and end-of-sequence ids are the tokenizer's unless the mapping sets them."""
+    from transformers import AutoConfig
+
+    given: dict[str, Any] = dict(cfg.config) if isinstance(cfg.config, dict) else {}
+    try:
+        if isinstance(cfg.config, dict):
+            kwargs = {k: v for k, v in given.items() if k != "model_type"}
+            hf_cfg = AutoConfig.for_model(given["model_type"], **kwargs)
+        else:
+            hf_cfg = AutoConfig.from_pretrained(cfg.config)
+    except Exception as e:
+        raise ScenarioError("model.config", f"cannot build a config from {cfg.config!r}: {e.__class__.__name__}: {e}",
+                            "give a model_type transformers knows (e.g. llama, gpt2, roberta) and that type's "
+                            "field names, or a config.json saved by transformers") from None
+    if tokenizer_source(cfg) == BYTE_LEVEL:
+        if "vocab_size" not in given and isinstance(cfg.config, dict):
+            hf_cfg.vocab_size = BYTE_VOCAB
+        if getattr(hf_cfg, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
+            raise ScenarioError("model.config", f"vocab_size {hf_cfg.vocab_size} is smaller than the byte-level "
+                                f"tokenizer's {BYTE_VOCAB} ids", f"set vocab_size ≥ {BYTE_VOCAB}, or give "
+                                "model.tokenizer")
+        for key, value in (("pad_token_id", 0), ("eos_token_id", 1)):
+            if key not in given:
+                setattr(hf_cfg, key, value)
+    return hf_cfg
+
+
+BYTE_VOCAB = 384
+# the heads of models fedsim would load as something else, and the task that fits (or None)
+TASK_HEADS = {"ForSequenceClassification": "seq_cls", "ForTokenClassification": None,
+              "ForQuestionAnswering": None, "ForMultipleChoice": None}
+
+
+def check_architecture(cfg: ModelConfig, hf_cfg: Any, auto_class: str) -> None:
+    """Refuse a model whose ``architectures`` names a task head that ``auto_class`` would drop (a sequence
+    classifier loaded as a causal LM: its trained classifier discarded, a random LM head made up)."""
+    if auto_class != CAUSAL_LM[0]:
+        return
+    for arch in getattr(hf_cfg, "architectures", None) or []:
+        for head, task in TASK_HEADS.items():
+            if arch.endswith(head):
+                fix = (f"set model.task: {task} (or leave it auto)" if task else
+                       "fedsim has no model task for it: use a causal LM or a sequence classifier")
+                raise ScenarioError("model.task", f"{cfg.name} is a {arch}: loading it as a causal LM would drop "
+                                    "its head and score through a random LM head", fix)
 
 
 def peft_matches(name: str, target: tuple[str, ...] | str) -> bool:
@@ -120,21 +217,47 @@ def peft_matches(name: str, target: tuple[str, ...] | str) -> bool:
     return name in target or any(name.endswith(f".{t}") for t in target)
 
 
-def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
+def is_conv1d(layer: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): a linear layer storing its weight as (d_in, d_out)."""
+    return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
+
+
+def is_linear(layer: torch.nn.Module) -> bool:
+    """A layer LoRA adapts as a linear map: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(layer, torch.nn.Linear) or is_conv1d(layer)
+
+
+def weight_matrix(layer: torch.nn.Module) -> torch.Tensor:
+    """The (d_out, d_in) weight of a linear layer (or of the base layer under a PEFT wrapper) — for a ``Conv1D`` a
+    transposed view of its (d_in, d_out) storage, so that adding a ΔW in place updates the layer."""
+    layer = getattr(layer, "base_layer", layer)
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def in_blocks(name: str) -> bool:
+    """Whether a module lies inside the model's repeated blocks (``model.layers.3``, ``transformer.h.0``,
+    ``encoder.layer.11``): the layers a quantized base quantizes — embeddings, heads and the classifier stay."""
+    return re.search(r"(^|\.)\d+(\.|$)", name) is not None
+
+
+def target_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> dict[str, ModuleShape]:
     """Module path → (d_in, d_out) of every linear layer LoRA adapts, by PEFT's own matching of
-    ``model.target_modules`` (a list, a regular expression, or ``all-linear``).
+    ``model.target_modules`` (a list, a regular expression, or ``all-linear``: every linear layer but the output
+    layer and, for a classifier, its head).
 
     Raises:
         ScenarioError: the model's config cannot be read, no module matches, or a listed name matches none (each
             with the model's near misses).
     """
-    linear = linear_shapes(cfg)
+    linear, heads = linear_shapes(cfg, auto_class), linear_shapes(cfg, auto_class, part="heads")
     target = cfg.target_modules
     if target == "all-linear":
-        names = [n for n in linear if n.split(".")[-1] not in OUTPUT_LAYERS]
+        names = [n for n in linear if not any(n == h or n.startswith(f"{h}.") for h in heads)]
     else:
         names = [n for n in linear if peft_matches(n, target)]
     ends = sorted({n.split(".")[-1] for n in linear})
+    if target != "all-linear":
+        _refuse_other_matches(cfg, target, linear_shapes(cfg, auto_class, part="others"), ends)
     if not isinstance(target, str):
         for t in target:
             if not any(peft_matches(n, (t,)) for n in linear):
@@ -147,6 +270,16 @@ def target_shapes(cfg: ModelConfig) -> dict[str, ModuleShape]:
     return dict(sorted((n, ModuleShape(d_in=linear[n][0], d_out=linear[n][1])) for n in names))
 
 
+def _refuse_other_matches(cfg: ModelConfig, target: tuple[str, ...] | str, others: dict[str, str],
+                          ends: list[str]) -> None:
+    """PEFT would try to adapt every module the target matches and fail on one that is not a linear layer (an
+    activation, a block, an embedding): say so first, by name."""
+    for name, kind in others.items():
+        if peft_matches(name, target):
+            raise ScenarioError("model.target_modules", f"{target!r} matches {name} of {cfg.name}, a {kind}: LoRA "
+                                "adapts linear layers only", f"match linear layers alone (names: {', '.join(ends)})")
+
+
 def _near(name: str, candidates: list[str]) -> str:
     import difflib
 
@@ -154,16 +287,26 @@ def _near(name: str, candidates: list[str]) -> str:
     return f" (near misses: {', '.join(close)})" if close else ""
 
 
-def decoder_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every linear layer inside the decoder blocks — the layers a quantized base quantizes (the
+def decoder_linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear layer inside the model's blocks — the layers a quantized base quantizes (the
     rule of :func:`fedsim.models.quant.quantizable_layers`)."""
-    return {n: (d_out, d_in) for n, (d_in, d_out) in linear_shapes(cfg).items() if ".layers." in f".{n}"}
+    return {n: (d_out, d_in) for n, (d_in, d_out) in linear_shapes(cfg, auto_class).items() if in_blocks(n)}
 
 
-def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Module path → (d_in, d_out) of every ``nn.Linear`` of the model, from a build on the meta device (no weights),
-    remembered under ``cache_dir()/shapes`` by the model's identity: the driver needs only these numbers, and
-    importing transformers' modelling code to get them costs it ~3 s and ~110 MB on every run.
+def fan_in_fan_out(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> bool:
+    """Whether the layers LoRA adapts store their weights as (d_in, d_out) (GPT-2's ``Conv1D``): PEFT's
+    ``fan_in_fan_out``, written into an exported adapter's config."""
+    conv = set(linear_shapes(cfg, auto_class, part="conv1d"))
+    return any(n in conv for n in target_shapes(cfg, auto_class))
+
+
+def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = "shapes") -> Any:
+    """Module path → (d_in, d_out) of every linear layer (``nn.Linear`` or ``Conv1D``) of the model, from a build on
+    the meta device (no weights), remembered under ``cache_dir()/shapes`` by the model's identity: the driver needs
+    only these numbers, and importing transformers' modelling code to get them costs it ~3 s and ~110 MB on every
+    run. ``part="heads"``: instead the names of the output layers ``all-linear`` leaves out (PEFT's rule: the output
+    embedding, or a classifier's head); ``part="conv1d"``: the names of the ``Conv1D`` layers; ``part="others"``:
+    every other module's class name, by its path.
 
     Raises:
         ScenarioError: the model's config cannot be read.
@@ -175,42 +318,58 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
     if is_tiny(cfg):
         ident: Any = cfg.tiny.model_dump(mode="json")
-    elif os.path.isfile(os.path.join(cfg.name, "config.json")):  # a local directory: its config's contents
-        with open(os.path.join(cfg.name, "config.json"), "rb") as f:
-            ident = hashlib.sha256(f.read()).hexdigest()
+    elif isinstance(cfg.config, dict):
+        ident = [cfg.config, tokenizer_source(cfg)]
+    elif cfg.config is not None or os.path.isfile(os.path.join(cfg.name, "config.json")):  # a local config file
+        path = cfg.config if cfg.config is not None else cfg.name
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        with open(path, "rb") as f:
+            ident = [hashlib.sha256(f.read()).hexdigest(), tokenizer_source(cfg)]
     else:  # a hub id, at a revision (the tokenized cache keys it the same way)
         ident = [cfg.name, cfg.revision]
-    blob = json.dumps({"model": ident, "transformers": version("transformers")}, sort_keys=True)
+    blob = json.dumps({"model": ident, "class": auto_class, "v": 2, "transformers": version("transformers")},
+                      sort_keys=True, default=str)
     path = cache_dir() / "shapes" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
     try:
-        return {k: (int(v[0]), int(v[1])) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
-        pass  # not cached yet, or unreadable: build it
-    shapes = {n: (m.in_features, m.out_features) for n, m in _meta_model(cfg).named_modules()
-              if isinstance(m, torch.nn.Linear)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(shapes))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run the build
-    return shapes
-
-
-def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if is_tiny(cfg):
-        hf_cfg = tiny_config(cfg)
-    else:
+        got = json.loads(path.read_text())
+        found = {"shapes": {k: (int(v[0]), int(v[1])) for k, v in got["shapes"].items()},
+                 "heads": [str(h) for h in got["heads"]], "conv1d": [str(c) for c in got["conv1d"]],
+                 "others": {str(k): str(v) for k, v in got["others"].items()}}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError, KeyError):
+        found = _meta_shapes(cfg, auto_class)  # not cached yet, or unreadable: build it
         try:
-            hf_cfg = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
-        except Exception as e:
-            raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
-                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(found))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the next run the build
+    return found[part]
+
+
+def _meta_shapes(cfg: ModelConfig, auto_class: str) -> dict[str, Any]:
+    """The linear layers' (d_in, d_out), the output heads and the ``Conv1D`` layers of the model built on the meta
+    device."""
+    import transformers
+
+    hf_cfg = hf_config(cfg, auto_class)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_cfg)
+        model = getattr(transformers, auto_class).from_config(hf_cfg)
+    shapes, conv1d, others = {}, [], {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[n] = (m.in_features, m.out_features)
+        elif is_conv1d(m):
+            shapes[n] = (int(m.weight.shape[0]), int(m.weight.shape[1]))
+            conv1d.append(n)
+        elif n:
+            others[n] = type(m).__name__
+    names = {id(m): n for n, m in model.named_modules()}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [names[id(out)]] if out is not None and id(out) in names else []
+    if not heads:  # PEFT's SEQ_CLS_HEAD_NAMES
+        heads = [h for h in ("score", "classifier") if isinstance(getattr(model, h, None), torch.nn.Module)][:1]
+    return {"shapes": shapes, "heads": heads, "conv1d": conv1d, "others": others}
 
 
 def configure_threads(num_threads: int) -> None:

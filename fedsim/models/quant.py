@@ -30,6 +30,7 @@ from fedsim.config.quant import (  # noqa: F401  # re-exported: the public names
     default_backend,
 )
 from fedsim.errors import ScenarioError
+from fedsim.models.base import in_blocks, is_linear, weight_matrix
 from fedsim.types import FULL, QuantSpec  # noqa: F401
 
 
@@ -45,13 +46,23 @@ def require_backend(backend: str) -> None:
                             f"pip install 'fedsim[{backend}]'") from None
 
 
-def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers inside the decoder blocks (not the LM head)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
-            out[name] = mod
-    return out
+def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linear layers (``nn.Linear`` or GPT-2's ``Conv1D``) inside the model's blocks (not the embeddings, the LM
+    head or a classifier)."""
+    return {name: mod for name, mod in model.named_modules() if is_linear(mod) and in_blocks(name)}
+
+
+def as_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+    """An ``nn.Linear`` computing what ``layer`` computes: itself, or a ``Conv1D``'s weight transposed (the quantized
+    layers of both backends are built from an ``nn.Linear``, as transformers' own quantizers convert GPT-2's)."""
+    if isinstance(layer, torch.nn.Linear):
+        return layer
+    d_in, d_out = layer.weight.shape
+    lin = torch.nn.Linear(d_in, d_out, bias=layer.bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous(), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return lin
 
 
 def _hqq_layer(linear: torch.nn.Linear, spec: QuantSpec, compute_dtype: torch.dtype, device: torch.device):
@@ -97,14 +108,14 @@ def quantize_model(base: torch.nn.Module, spec: QuantSpec, device: torch.device,
     if spec.bits == 16:
         with torch.no_grad():
             for lin in quantizable_layers(model).values():
-                lin.weight.copy_(lin.weight.to(torch.bfloat16).to(lin.weight.dtype))
+                lin.weight.copy_(lin.weight.to(torch.bfloat16).to(lin.weight.dtype))  # either orientation
         return model.to(device)
     require_backend(spec.backend)
     make = _hqq_layer if spec.backend == "hqq" else _bnb_layer
     for name, lin in quantizable_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(lin, spec, compute_dtype, device))
+        setattr(parent, child, make(as_linear(lin), spec, compute_dtype, device))
     model = model.to(device) if spec.backend != "bnb" else _move_rest(model, device)
     model.requires_grad_(False)
     model.eval()
@@ -138,7 +149,7 @@ def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
         w = layer.weight
         scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB  # moved there by a forward pass
         return w.data.float() * scb.float().unsqueeze(1) / 127.0
-    return layer.weight.detach().float()
+    return weight_matrix(layer).detach().float()
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -18,7 +18,7 @@ from fedsim.config import Scenario
 from fedsim.errors import BackendError
 from fedsim.lora import ops
 from fedsim.models.adapters import AdapterHost
-from fedsim.models.base import resolve_dtype
+from fedsim.models.base import resolve_dtype, weight_matrix
 from fedsim.models.quant import dequantized_weight, packed_bytes, quantize_model
 from fedsim.types import FULL, LoraSpec, QuantSpec, Tensors
 
@@ -98,7 +98,7 @@ class BaseCache:
             raise BackendError(f"base update {version} arrived before {self.version + 1}")
         if self.quantized_run:
             master = self._master()
-            weights = {m: master.get_submodule(m).weight for m in ops.delta_modules(delta)}
+            weights = {m: weight_matrix(master.get_submodule(m)) for m in ops.delta_modules(delta)}
         else:
             host = self.host(self.version)
             weights = {m: host.base_weight(m) for m in ops.delta_modules(delta)}
@@ -122,7 +122,7 @@ class BaseCache:
         for module in sorted(host.target_paths()):
             layer = host.model.get_submodule("base_model.model." + module)
             if self.master is not None:
-                full = self.master.get_submodule(module).weight.detach().float().cpu()
+                full = weight_matrix(self.master.get_submodule(module)).detach().float().cpu()
             else:
                 full = dequantized_weight(layer).cpu()
             yield module, full - dequantized_weight(layer).cpu()

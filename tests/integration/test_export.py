@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import GPT2
 
 from fedsim import checkpoint
 from fedsim.config import scenario_from_dict
@@ -40,9 +41,12 @@ def _reference_logits(sc, run_dir, ids):
         return host.model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("strategy,lora", [("flora", MIXED), ("fedex", {"rank": 4, "alpha": 8}),
-                                           ("flexlora", MIXED), ("fedit", {"rank": 4, "alpha": 8})])
-def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, lora):
+@pytest.mark.parametrize("strategy,lora,family", [("flora", MIXED, None), ("fedex", {"rank": 4, "alpha": 8}, None),
+                                                 ("flexlora", MIXED, None), ("fedit", {"rank": 4, "alpha": 8}, None),
+                                                 ("flora", MIXED, GPT2), ("fedex", {"rank": 4, "alpha": 8}, GPT2)])
+def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, lora, family):
+    """Also on GPT-2 (a stand-in from its config): Conv1D layers store W as (d_in, d_out), so every merge into the
+    base goes through the transposed view, and the adapter's config says fan_in_fan_out."""
     from peft import PeftModel
 
     from fedsim.data.datasets import load_data
@@ -52,6 +56,8 @@ def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, 
 
     tiny_raw.update(rounds=3, strategy={"name": strategy})
     tiny_raw["clients"].update(per_round=4, lora=lora)
+    if family:
+        tiny_raw["model"] = family
     tiny_raw["training"]["local_steps"] = 2
     sc = scenario_from_dict(tiny_raw)
     out = tmp_path / "run"
@@ -74,6 +80,7 @@ def test_the_exported_adapter_is_the_global_model(tiny_raw, tmp_path, strategy, 
     assert abs(reduce_eval(parts)["eval/loss"] - last["eval/loss"]) < 1e-5
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert not config["use_rslora"] or strategy == "fedit"
+    assert config.get("fan_in_fan_out", False) == (family is not None)
 
 
 def _personal_rows(out):
@@ -92,10 +99,13 @@ def _local_eval(model, sc, client):
     return r["loss_sum"] / r["tokens"], r["correct"] / r["count"]
 
 
-@pytest.mark.parametrize("strategy,quant", [("fedsa", None), ("feddpa", None), ("pf2lora", None),
-                                            ("fedqlora", {"tiers": [{"fraction": 0.5, "bits": 4},
-                                                                    {"fraction": 0.5, "bits": 32}]})])
-def test_a_client_export_is_that_clients_personalized_model(tiny_raw, tmp_path, strategy, quant):
+Q4 = {"tiers": [{"fraction": 0.5, "bits": 4}, {"fraction": 0.5, "bits": 32}]}
+
+
+@pytest.mark.parametrize("strategy,quant,family", [("fedsa", None, None), ("feddpa", None, None),
+                                                  ("pf2lora", None, None), ("fedqlora", Q4, None),
+                                                  ("fedqlora", Q4, GPT2)])
+def test_a_client_export_is_that_clients_personalized_model(tiny_raw, tmp_path, strategy, quant, family):
     """`fedsim export RUN_DIR --client K` (and --merged): the model client K evaluates at the end of the run — its
     personal tensors on the global model, on its own base — loaded back with PEFT / transformers."""
     from peft import PeftModel
@@ -110,6 +120,8 @@ def test_a_client_export_is_that_clients_personalized_model(tiny_raw, tmp_path, 
     tiny_raw["training"]["local_steps"] = 2
     if quant:
         tiny_raw["clients"]["quant"] = {**quant, "backend": "hqq", "group_size": 32}
+    if family:  # GPT-2's Conv1D layers quantized as linear layers, their residuals and merges transposed
+        tiny_raw["model"] = family
     sc = scenario_from_dict(tiny_raw)
     out = tmp_path / "run"
     run_scenario(sc, out)

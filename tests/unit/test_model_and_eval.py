@@ -152,8 +152,8 @@ def test_linear_shapes_are_remembered_and_match_the_model(tiny_scenario, tmp_pat
 
     monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path))
     built = []
-    real = base._meta_model
-    monkeypatch.setattr(base, "_meta_model", lambda cfg: built.append(cfg) or real(cfg))
+    real = base._meta_shapes
+    monkeypatch.setattr(base, "_meta_shapes", lambda cfg, cls: built.append(cfg) or real(cfg, cls))
     cfg = tiny_scenario.model
     first = base.linear_shapes(cfg)
     model = build_base_model(cfg)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import GPT2
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import prepare
@@ -98,8 +99,12 @@ def test_sgd_with_momentum_packs_exactly(tiny_raw):
     _check(sc, prep, clients, spec, rounds=2)
 
 
-@pytest.mark.parametrize("strategy", ["flora", "flexlora", "hetlora"])
-def test_mixed_ranks_and_alphas_pad_exactly(tiny_raw, strategy):
+@pytest.mark.parametrize("strategy,family", [("flora", None), ("flexlora", None), ("hetlora", None),
+                                             ("flora", GPT2), ("flexlora", GPT2)])
+def test_mixed_ranks_and_alphas_pad_exactly(tiny_raw, strategy, family):
+    """Also on GPT-2 (Conv1D layers; FLoRA merges into them between the rounds)."""
+    if family:
+        tiny_raw["model"] = family
     params = {"prune_lambda": 0.5, "prune_gamma": 0.5} if strategy == "hetlora" else {}
     sc, prep, clients, spec = _setup(tiny_raw, strategy, params, ranks=MIXED)
     _check(sc, prep, clients, spec, rounds=2)
@@ -125,10 +130,13 @@ def test_clients_with_different_step_counts_leave_the_pack_without_a_zero_step(t
     _check(sc, prep, clients, spec)
 
 
-@pytest.mark.parametrize("quant", [{"bits": 2, "backend": "hqq", "group_size": 32},
-                                   {"bits": 4, "backend": "bnb", "quant_type": "nf4"}])
-def test_quantized_base_packs_exactly(tiny_raw, quant):
+@pytest.mark.parametrize("quant,family", [({"bits": 2, "backend": "hqq", "group_size": 32}, None),
+                                          ({"bits": 4, "backend": "bnb", "quant_type": "nf4"}, None),
+                                          ({"bits": 4, "backend": "hqq", "group_size": 32}, GPT2)])
+def test_quantized_base_packs_exactly(tiny_raw, quant, family):
     tiny_raw["clients"]["quant"] = quant
+    if family:
+        tiny_raw["model"] = family
     sc, prep, clients, spec = _setup(tiny_raw, "fedit")
     assert clients[0].quant.quantized
     _check(sc, prep, clients, spec)

@@ -29,6 +29,18 @@ def _random_adapter(lora: LoraSpec, seed: int, shapes=None) -> dict:
     return out
 
 
+def _family_shapes(family: str) -> dict[str, ModuleShape]:
+    """The adapted layers of a model family's tiny stand-in (GPT-2's Conv1D: c_attn 32 → 96, c_fc 32 → 128, ...)."""
+    if family == "llama":
+        return SHAPES
+    from conftest import GPT2
+
+    from fedsim.config import ModelConfig
+    from fedsim.models.base import target_shapes
+
+    return target_shapes(ModelConfig(**GPT2))
+
+
 def _round(name: str, specs: list[ClientSpec], params: dict | None = None, seed: int = 0, shapes=None):
     """configure → simulate local training (random adapters of each payload's shape) → updates."""
     strategy = make_strategy(name, params)
@@ -62,9 +74,10 @@ def _equal(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------------------------------------ conformance
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", ALL)
-def test_no_input_mutation_and_determinism(name):
-    strategy, state, _, updates = _round(name, _uniform())
+def test_no_input_mutation_and_determinism(name, family):
+    strategy, state, _, updates = _round(name, _uniform(), shapes=_family_shapes(family))
     before_state = copy.deepcopy(state.tensors), copy.deepcopy(state.extras), list(state.base_deltas)
     before_updates = copy.deepcopy([u.tensors for u in updates])
     a = strategy.aggregate(CTX, state, updates)
@@ -113,10 +126,12 @@ def test_mismatched_update_raises(name):
         strategy.aggregate(CTX, state, [])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", ALL)
-def test_mixed_ranks_supported_or_refused(name):
+def test_mixed_ranks_supported_or_refused(name, family):
+    shapes = _family_shapes(family)
     if name in MIXED:
-        strategy, state, payloads, updates = _round(name, _mixed())
+        strategy, state, payloads, updates = _round(name, _mixed(), shapes=shapes)
         for c in _mixed():
             p = payloads[c.client_id]
             assert all((t.shape[0] if ops.factor_of(k) == "A" else t.shape[1]) == c.lora.rank
@@ -124,7 +139,7 @@ def test_mixed_ranks_supported_or_refused(name):
         strategy.aggregate(CTX, state, updates)
     else:
         with pytest.raises(AggregationError):
-            _round(name, _mixed())
+            _round(name, _mixed(), shapes=shapes)
 
 
 # ------------------------------------------------------------------------------------------------ streaming

@@ -14,13 +14,16 @@ FORMS = [("q_proj", "v_proj"), ("self_attn.o_proj", "mlp.down_proj"), r".*\.laye
          "all-linear"]
 
 
-def _peft_adapted(target) -> set[str]:
-    """The modules PEFT itself puts a LoRA layer on, for the tiny model."""
+GPT2_FORMS = [("c_attn",), ("attn.c_proj", "mlp.c_fc"), r"transformer\.h\.0\.mlp\.c_.*", "all-linear"]
+
+
+def _peft_adapted(target, cfg=None) -> set[str]:
+    """The modules PEFT itself puts a LoRA layer on (the tiny model by default)."""
     import peft
 
-    model = peft.get_peft_model(build_base_model(ModelConfig()), peft.LoraConfig(r=2, target_modules=list(target)
-                                                                                 if isinstance(target, tuple)
-                                                                                 else target))
+    model = peft.get_peft_model(build_base_model(cfg or ModelConfig()),
+                                peft.LoraConfig(r=2, target_modules=list(target) if isinstance(target, tuple)
+                                                else target))
     return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")
             and isinstance(getattr(m, "lora_A", None), __import__("torch").nn.ModuleDict)}
 
@@ -29,6 +32,20 @@ def _peft_adapted(target) -> set[str]:
 def test_fedsims_shapes_are_the_modules_peft_adapts(target):
     cfg = ModelConfig(target_modules=target)
     assert set(target_shapes(cfg)) == _peft_adapted(target)
+
+
+@pytest.mark.parametrize("target", GPT2_FORMS, ids=["names", "suffixes", "regex", "all-linear"])
+def test_gpt2_conv1d_layers_are_matched_as_peft_matches_them(target):
+    """GPT-2's c_attn / c_proj / c_fc are transformers' Conv1D (weight stored (d_in, d_out)): adaptable, with the
+    shapes PEFT gives their factors; all-linear leaves out the tied LM head as PEFT does."""
+    from conftest import GPT2
+
+    cfg = ModelConfig(**{**GPT2, "target_modules": target})
+    shapes = target_shapes(cfg)
+    assert set(shapes) == _peft_adapted(target, cfg)
+    if "transformer.h.0.attn.c_attn" in shapes:
+        s = shapes["transformer.h.0.attn.c_attn"]
+        assert (s.d_in, s.d_out) == (32, 96)  # n_embd → 3 · n_embd
 
 
 def test_the_matching_rule_is_peft_s():
@@ -48,6 +65,11 @@ def test_a_name_or_pattern_that_matches_nothing_names_the_near_misses(tiny_raw):
         target_shapes(ModelConfig(target_modules=("q_prj", "v_proj")))
     with pytest.raises(ScenarioError, match="the regular expression 'q_proj' matches no linear layer's full name"):
         target_shapes(ModelConfig(target_modules="q_proj"))
+    with pytest.raises(ScenarioError, match=r"matches model.layers.0.mlp.act_fn of tiny, a SiLUActivation: LoRA "
+                                            "adapts linear layers only"):
+        target_shapes(ModelConfig(target_modules=r".*\.mlp\..*"))  # PEFT itself fails on the activation
+    with pytest.raises(ScenarioError, match="matches model.layers.0.mlp of tiny, a LlamaMLP"):
+        target_shapes(ModelConfig(target_modules=("mlp",)))
     tiny_raw["model"]["target_modules"] = "(unclosed"
     with pytest.raises(ScenarioError, match="neither all-linear nor a regular expression"):
         scenario_from_dict(tiny_raw)

@@ -17,6 +17,8 @@ import torch
 
 from fedsim import registry
 from fedsim.config import ModelConfig
+from fedsim.errors import ScenarioError
+from fedsim.models.base import CAUSAL_LM, hf_config, is_tiny
 
 model_task = registry.decorator("model_task")
 
@@ -29,11 +31,14 @@ class ModelTask(ABC):
     Attributes:
         name: the registered name.
         peft_task_type: PEFT's ``task_type`` for the exported adapter (``CAUSAL_LM``, ``SEQ_CLS``, ...).
+        classes: the transformers auto class a model of this task is loaded and built with, and the class the
+            built-in tiny model is built as.
         packable: whether clients of this task can be trained together in one pass (:mod:`fedsim.client.packed`).
     """
 
     name: ClassVar[str] = ""
     peft_task_type: ClassVar[str] = ""
+    classes: ClassVar[tuple[str, str]] = CAUSAL_LM  # (transformers auto class, the tiny model's class)
     packable: ClassVar[bool] = False
 
     @abstractmethod
@@ -60,5 +65,36 @@ class ModelTask(ABC):
 
 
 def task_for(cfg: ModelConfig) -> ModelTask:
-    """The model task of a model section (today every model is a causal LM)."""
-    return registry.get("model_task", "causal_lm")()
+    """The model task of a model section: ``model.task``, or with ``auto`` the one its architecture names (a
+    ``...ForSequenceClassification`` is ``seq_cls``; anything else, and the tiny model, ``causal_lm``).
+
+    Raises:
+        ScenarioError: an unknown task, or a config that cannot be read.
+    """
+    name = cfg.task
+    if name == "auto":
+        archs = architectures(cfg)
+        name = "seq_cls" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    return registry.get("model_task", name)()
+
+
+def architectures(cfg: ModelConfig) -> list[str]:
+    """The ``architectures`` the model's config names ([] for the tiny model and a stand-in mapping without them);
+    a local config is read as JSON, a hub id's through transformers (cached by the hub client)."""
+    import json
+    import os
+
+    if is_tiny(cfg):
+        return []
+    if isinstance(cfg.config, dict):
+        return list(cfg.config.get("architectures") or [])
+    path = cfg.config if cfg.config is not None else cfg.name
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return list(json.load(f).get("architectures") or [])
+        except (OSError, ValueError, AttributeError) as e:
+            key = "model.config" if cfg.config is not None else "model.name"
+            raise ScenarioError(key, f"cannot read {path}: {e}", "give a config.json saved by transformers") from None
+    return list(getattr(hf_config(cfg, ""), "architectures", None) or [])

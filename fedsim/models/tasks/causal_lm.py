@@ -21,7 +21,7 @@ class CausalLM(ModelTask):
     packable = True
 
     def build(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-        return base.build_base_model(cfg, device, base.CAUSAL_LM)
+        return base.build_base_model(cfg, device, self.classes)
 
     def tokenizer(self, cfg: ModelConfig) -> Any:
         return base.load_tokenizer(cfg)
