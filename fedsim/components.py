@@ -93,7 +93,11 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
         why = partials_refusal(strategy, stages)
         if why:
             raise ScenarioError("resources.worker_partials", why, "set resources.worker_partials: false")
-    return Components(strategy=strategy, task=task_for(scenario.model),
+    task = task_for(scenario.model)
+    refused = task.refusal(scenario, strategy)
+    if refused is not None:
+        raise ScenarioError(*refused)
+    return Components(strategy=strategy, task=task,
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=run_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())
 

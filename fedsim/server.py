@@ -25,6 +25,28 @@ from fedsim.types import (
 )
 
 STAGES_KEY = "__stages__"  # the stages' own state, inside the server's checkpointed state (only when they have one)
+HEAD_KEY = "__head__"  # the global head (a model task's modules trained in full), inside the checkpointed state
+HEAD_TOTAL = "__head_weight__"  # the head's Σ n_k in a partial's totals
+
+
+def fold_head(acc: Partial, update: ClientUpdate) -> None:
+    """Add an update's head (a classifier trained in full) to the round's sums, weighted by its sample count: the
+    server averages it beside the strategy's aggregation, whatever the strategy."""
+    if update.head:
+        acc.add_all(update.head, float(update.num_examples))
+        acc.count(HEAD_TOTAL, float(update.num_examples))
+
+
+def take_head(acc: Partial) -> Tensors:
+    """The round's head, Σ n_k h_k / Σ n_k, taken out of ``acc`` (so the strategy's finish never sees it); {} when no
+    update had one."""
+    keys = [k for k in acc.sums if k.startswith(ops.HEAD_PREFIX)]
+    if not keys:
+        return {}
+    total = acc.totals.pop(HEAD_TOTAL, 0.0)
+    if total <= 0:
+        raise AggregationError("client weights sum to zero: every update has num_examples == 0")
+    return {k: (acc.sums.pop(k) / total).to(acc.dtypes.pop(k)) for k in keys}
 
 
 def partials_refusal(strategy: Strategy, stages: Sequence[ServerStage]) -> str | None:
@@ -41,9 +63,14 @@ def partials_refusal(strategy: Strategy, stages: Sequence[ServerStage]) -> str |
 
 
 def upload_cost(strategy: Strategy, update: ClientUpdate) -> tuple[int, int]:
-    """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads."""
+    """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads and its head."""
     params, nbytes = strategy.upload_cost(update)
-    return params + ops.num_params(update.extra), nbytes + ops.num_bytes(update.extra)
+    return (params + ops.num_params(update.extra) + ops.num_params(update.head),
+            nbytes + ops.num_bytes(update.extra) + ops.num_bytes(update.head))
+
+
+def _moved(update: ClientUpdate) -> int:
+    return ops.num_bytes(update.tensors) + ops.num_bytes(update.extra) + ops.num_bytes(update.head)
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,7 @@ class Folder:
         if why is not None:
             return cost, f"update rejected: {why}"
         self.strategy.fold(spec.ctx, spec.state, self.partial, update)
+        fold_head(self.partial, update)
         return cost, None
 
     def take(self, server_round: int) -> Partial | None:
@@ -106,6 +134,7 @@ class Server:
         self.stages: list[ServerStage] = [self.validation, *stages]
         self.objectives = tuple(objectives)
         self.state: GlobalState = self.strategy.init_state(spec)
+        self.head: Tensors = {}  # the global head ({}: the base model's initial one, until a round trains it)
 
     def invalid_reason(self, update: ClientUpdate) -> str | None:
         """Why ``update`` must not be aggregated (missing/unexpected keys, wrong shapes, NaN/Inf), or None."""
@@ -122,14 +151,18 @@ class Server:
         distinct = {id(p): p for p in payloads.values()}
         if self.objectives:
             distinct = {i: replace(p, objectives=p.objectives + self.objectives) for i, p in distinct.items()}
+        if self.head:
+            distinct = {i: replace(p, head=self.head) for i, p in distinct.items()}
         for stage in self.stages:
             distinct = {i: stage.configure(ctx, self.state, p) for i, p in distinct.items()}
         payloads = {cid: distinct[id(p)] for cid, p in payloads.items()}
         return payloads, {cid: self.download_cost(p) for cid, p in payloads.items()}
 
     def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
-        """(params, bytes) one client downloads: the strategy's count plus what its objectives carry."""
+        """(params, bytes) one client downloads: the strategy's count plus what its objectives carry and the head."""
         params, nbytes = self.strategy.download_cost(payload)
+        if payload.head:
+            params, nbytes = params + ops.num_params(payload.head), nbytes + ops.num_bytes(payload.head)
         for o in payload.objectives:
             carried = o.carried()
             params, nbytes = params + ops.num_params(carried), nbytes + ops.num_bytes(carried)
@@ -164,7 +197,7 @@ class Server:
             for u in updates:
                 cid = u.client_id
                 costs[cid] = self.upload_cost(u)
-                moved += ops.num_bytes(u.tensors) + ops.num_bytes(u.extra)
+                moved += _moved(u)
                 for stage in self.stages:
                     u, why = stage.admit(ctx, old, u)
                     if u is None:
@@ -172,21 +205,29 @@ class Server:
                         break
                 else:
                     self.strategy.fold(ctx, old, acc, u)
+                    fold_head(acc, u)
                     kept += 1
                 u = None  # noqa: F841 -- the update goes before the next one comes
+            head = take_head(acc)
             new = self.strategy.finish(ctx, old, acc) if kept else old
         else:
             batch = sorted(updates, key=lambda u: u.client_id)
             costs = {u.client_id: self.upload_cost(u) for u in batch}
-            moved = sum(ops.num_bytes(u.tensors) + ops.num_bytes(u.extra) for u in batch)
+            moved = sum(_moved(u) for u in batch)
             for stage in self.stages:
                 result = stage.before(ctx, old, batch)
                 batch, rejected = result.updates, {**rejected, **result.rejected}
             kept = len(batch)
+            heads = Partial(ctx.server_round, old.base_version)
+            for u in batch:
+                fold_head(heads, u)
+            head = take_head(heads)
             # a round in which every update failed or was rejected leaves the global state unchanged (unless a
             # stage moves it regardless: central differential privacy's noise)
             new = self.strategy.aggregate(ctx, old, batch) if batch else old
             del batch
+        if head:
+            self.head = head
         return self._end_round(ctx, old, new, kept, costs, rejected, (moved, len(costs)))
 
     def _end_round(self, ctx: RoundContext, old: GlobalState, new: GlobalState, kept: int,
@@ -245,7 +286,10 @@ class Server:
         for cid in sorted(set(results) - set(rejected) - set(acc.clients)):
             rejected[cid] = "update rejected: no partial of its worker reached the server"
         kept = len(acc.clients)
+        head = take_head(acc)
         new = self.strategy.finish(ctx, old, acc) if kept else old
+        if head:
+            self.head = head
         costs = {cid: cost for cid, (cost, _) in results.items()}
         return self._end_round(ctx, old, new, kept, costs, rejected, (moved, merged))
 
@@ -255,12 +299,14 @@ class Server:
         extra = self.strategy.state_dict()
         stages = {str(i): s.state_dict() for i, s in enumerate(self.stages)}
         stages = {i: s for i, s in stages.items() if s}
-        return self.state, ({**extra, STAGES_KEY: stages} if stages else extra)
+        extra = {**extra, STAGES_KEY: stages} if stages else extra
+        return self.state, ({**extra, HEAD_KEY: dict(self.head)} if self.head else extra)
 
     def set_state(self, state: GlobalState, strategy_state: dict) -> None:
         """Restore what :meth:`get_state` returned."""
         own = dict(strategy_state)
         stages = own.pop(STAGES_KEY, {})
+        self.head = dict(own.pop(HEAD_KEY, {}))
         self.state = state
         self.strategy.load_state_dict(own)
         for i, stage in enumerate(self.stages):
@@ -272,9 +318,11 @@ class Server:
         return [(v, d) for v, d in enumerate(self.state.base_deltas, start=1) if v > since]
 
     def eval_payload(self) -> ClientPayload:
-        return self.strategy.eval_payload(self.state)
+        p = self.strategy.eval_payload(self.state)
+        return replace(p, head=self.head) if self.head else p
 
     def global_adapter(self) -> ExportedAdapter:
-        """The global model as one PEFT adapter: the updates merged into the base folded in, exactly."""
+        """The global model as one PEFT adapter: the updates merged into the base folded in, exactly (with the
+        head, when the model task trains one)."""
         p = self.strategy.eval_payload(self.state)
-        return complete_adapter(p.tensors, p.lora, self.state.base_deltas)
+        return replace(complete_adapter(p.tensors, p.lora, self.state.base_deltas), head=dict(self.head))

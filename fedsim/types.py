@@ -164,6 +164,8 @@ class ClientPayload:
         measure_qa: evaluation measures how well the personal adapter estimates the quantization error (FedQLoRA).
         no_personal_for: base labels (e.g. ``"16bit"``) whose clients are evaluated without the personal adapter.
         dynamic_mix: FedDPA-D's instance-wise weights at evaluation, else None.
+        head: the global head of a model task that trains one in full (a classifier; keys ``head.<module>.<param>``),
+            set by the server; None: the base model's initial head.
     """
 
     tensors: Tensors
@@ -181,6 +183,7 @@ class ClientPayload:
     measure_qa: bool = False
     no_personal_for: tuple[str, ...] = ()
     dynamic_mix: DynamicMix | None = None
+    head: Tensors | None = None
 
 
 @dataclass
@@ -195,6 +198,9 @@ class ClientUpdate:
     # what client objectives upload besides the adapter (SCAFFOLD's Δc_i), keyed objective.<state_key>.<key>: the
     # server stages read them; strategies never see them
     extra: Tensors = field(default_factory=dict)
+    # the client's trained head (a model task's modules trained in full, keys head.<module>.<param>): the server
+    # averages it beside the strategy's aggregation; strategies never see it
+    head: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,27 @@ GPT2 = {"name": "openai-community/gpt2", "target_modules": ["c_attn", "c_proj", 
                    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
 
 
+# encoder classifiers (model.task seq_cls, a fresh two-way head)
+ROBERTA = {"name": "FacebookAI/roberta-base", "task": "seq_cls", "num_labels": 2, "target_modules": ["query", "value"],
+           "config": {"model_type": "roberta", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 64, "max_position_embeddings": 80, "hidden_dropout_prob": 0.0,
+                      "attention_probs_dropout_prob": 0.0}}
+DISTILBERT = {"name": "distilbert/distilbert-base-multilingual-cased", "task": "seq_cls", "num_labels": 2,
+              "target_modules": ["q_lin", "v_lin"],
+              "config": {"model_type": "distilbert", "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64,
+                         "max_position_embeddings": 80, "dropout": 0.0, "attention_dropout": 0.0}}
+
+
+def classifier_raw(raw: dict[str, Any], tmp_path, model: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` turned into a sequence classification scenario: ``model``, a two-label news CSV whose prompt is the
+    text alone, an IID split."""
+    raw["model"] = copy.deepcopy(model)
+    raw["data"] = news_data(tmp_path, rows=80)
+    raw["data"]["prompt_template"] = "{title}: {body}"
+    raw["partition"] = {"method": "iid"}
+    return raw
+
+
 def news_data(tmp_path, rows: int = 60, test_fraction: float = 0.25) -> dict[str, Any]:
     """A ``data`` section for a header-less two-label news CSV written into ``tmp_path`` (classification)."""
     lines = [f'{1 + i % 2},"title {i}","text number {i}"' for i in range(rows)]

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from fedsim import registry
-from fedsim.client.batching import collate
 from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.client.trainer import autocast, batch_schedule, compute_dtype, make_optimizer, train_local
 from fedsim.config import TrainingConfig
@@ -190,7 +189,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
         if scheduled(cfg):
             for group in opt.param_groups:
                 group["lr"] = base_lr * lr_factor(cfg, step, steps)
-        batch = collate(job.split, batch_idx, job.pad_id, job.device)
+        batch = job.task.collate(job.split, batch_idx, job.pad_id, job.device)
 
         def f(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch=batch) -> torch.Tensor:
             override = dict(zip(x_names, xs)) | dict(zip(y_names, ys))

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.client.batching import collate
 from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
@@ -179,8 +178,8 @@ def _step_loss(model: torch.nn.Module, task: Any, split: TokenizedSplit, micro: 
                device: torch.device, objectives: Sequence[BoundObjective], scaler: Any = None) -> tuple[float, int]:
     """Backpropagate one optimizer step's loss (its micro-batches', token-weighted, plus the objectives' penalties);
     return (the step's mean loss, its labelled tokens)."""
-    batches = [collate(split, idx, pad_id, device) for idx in micro]
-    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches] if len(batches) > 1 else [0]
+    batches = [task.collate(split, idx, pad_id, device) for idx in micro]
+    counts = [task.count(b) for b in batches] if len(batches) > 1 else [0]
     step_tokens, value = sum(counts), 0.0
     for i, batch in enumerate(batches):
         loss = task.loss(model, batch)  # causal LM: the LM head at labelled positions only

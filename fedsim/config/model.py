@@ -54,6 +54,8 @@ class ModelConfig(Frozen):
     # what the model is fine-tuned as (a registered model task: causal_lm, seq_cls, ...); auto: a sequence classifier
     # (its architectures end in ForSequenceClassification) is seq_cls, anything else causal_lm
     task: str = "auto"
+    # the classification head's outputs (model.task seq_cls); default: the classifier's own when the model is one
+    num_labels: int | None = Field(None, ge=1, le=100_000)
     # PEFT's forms: a list of names (a module matches one by its full name or by a name suffix after a dot), a regular
     # expression (matched against the full module name), or "all-linear" (every linear layer but the output layer)
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES

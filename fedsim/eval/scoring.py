@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.client.batching import collate
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
 from fedsim.eval.metrics import default_metrics, scored
 from fedsim.eval.outputs import EvalOutputs
@@ -23,11 +22,14 @@ def score_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequence[i
     """Score one batch of samples of ``split`` (default: the global test set) with the model task's token scores."""
     split = data.test if split is None else split
     set_training(model, False)  # training sets its own mode when it starts
-    batch = collate(split, indices, data.pad_id, device)
-    logp, hit = task.token_scores(model, batch)
-    valid = batch["labels"][:, 1:] != IGNORE
+    batch = task.collate(split, indices, data.pad_id, device)
+    logp, valid, hit, classes = task.score(model, batch)
     predicted = label = None
-    if data.options:
+    if classes is not None:  # the task predicts classes itself (a sequence classifier's head)
+        predicted = classes.cpu().numpy()
+        label = np.asarray(split.label[np.asarray(indices)])
+        correct = torch.as_tensor(predicted == label)
+    elif data.options:
         predicted = _score_options(model, data, split, indices, device, task).numpy()
         label = np.asarray(split.label[np.asarray(indices)])
         correct = torch.as_tensor(predicted == label)

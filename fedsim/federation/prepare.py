@@ -49,8 +49,10 @@ def prepare(scenario: Scenario) -> Prepared:
     if bad is not None and bad.attack == "label_flip":  # data poisoning: the attackers train on flipped copies
         data, parts, _ = flip_labels(data, parts, bad.clients(scenario.clients.num_clients, scenario.seed))
     lcfg = scenario.clients.lora
-    auto_class = task_for(scenario.model).classes[0]
-    shapes = target_shapes(scenario.model, auto_class)
+    task = task_for(scenario.model)
+    task.check(scenario.model, data)
+    auto_class = task.classes[0]
+    shapes = target_shapes(scenario.model, auto_class, task.head_names)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
     ranks = {"clients.lora": lcfg.max_rank(), **strategy_ranks(scenario)}
     for key, rank in ranks.items():

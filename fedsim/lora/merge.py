@@ -27,12 +27,14 @@ RELATIVE_CUTOFF = 1e-7
 @dataclass
 class ExportedAdapter:
     """An adapter in PEFT's layout: ``tensors`` keyed like the simulator's (``<module>.lora_A.weight`` …), the default
-    ``lora`` and, where modules differ from it, per-module ranks and alphas (keys: escaped module paths)."""
+    ``lora`` and, where modules differ from it, per-module ranks and alphas (keys: escaped module paths); ``head``: a
+    model task's head trained in full (``head.<module>.<parameter>``; PEFT's ``modules_to_save``)."""
 
     tensors: Tensors
     lora: LoraSpec
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    head: Tensors = field(default_factory=dict)
 
 
 def complete_adapter(tensors: Tensors, lora: LoraSpec, deltas: Sequence[Tensors]) -> ExportedAdapter:

@@ -21,6 +21,9 @@ B_SUFFIX = ".lora_B.weight"
 PERSONAL_PREFIX = "personal."
 # Keys of a client objective's own state (fedsim.objectives: objective.<state_key>.<key>): neither adapter's.
 OBJECTIVE_PREFIX = "objective."
+# Keys of a model task's head trained in full beside the adapter (a classifier: head.<module>.<parameter>); they
+# travel in ClientPayload.head / ClientUpdate.head, never among an adapter's factors.
+HEAD_PREFIX = "head."
 
 
 def a_key(module: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedsim.config import Scenario
 from fedsim.lora.merge import ExportedAdapter
+from fedsim.lora.ops import HEAD_PREFIX
 from fedsim.models.base import fan_in_fan_out
 from fedsim.models.tasks import ModelTask
 
@@ -23,7 +24,8 @@ def save_peft_adapter(adapter: ExportedAdapter, scenario: Scenario, path: Path, 
     path.mkdir(parents=True, exist_ok=True)
     config = peft_config_dict(adapter, scenario, task)
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.tensors.items()},
+    tensors = {**adapter.tensors, **{k[len(HEAD_PREFIX):]: v for k, v in adapter.head.items()}}  # PEFT's keys
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
               str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -35,7 +37,10 @@ def peft_config_dict(adapter: ExportedAdapter, scenario: Scenario, task: ModelTa
 
         task = CausalLM()
     lora = adapter.lora
-    extra: dict = {"fan_in_fan_out": True} if fan_in_fan_out(scenario.model, task.classes[0]) else {}
+    extra: dict = {"fan_in_fan_out": True} if fan_in_fan_out(scenario.model, task.classes[0], task.head_names) else {}
+    heads = sorted({k[len(HEAD_PREFIX):].split(".")[0] for k in adapter.head})
+    if heads:
+        extra["modules_to_save"] = heads
     return {"peft_type": "LORA", "task_type": task.peft_task_type, "base_model_name_or_path": scenario.model.name,
             "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
             "rank_pattern": dict(adapter.rank_pattern), "alpha_pattern": dict(adapter.alpha_pattern),

@@ -56,6 +56,16 @@ def _install_fused_forward(model: torch.nn.Module) -> int:
     return count
 
 
+def head_exclusion(head_modules: list[str] | tuple[str, ...]) -> str | None:
+    """PEFT's exclusion of the modules inside ``modules_to_save`` from LoRA's targets, as a regular expression (or
+    None without a head)."""
+    if not head_modules:
+        return None
+    import re
+
+    return rf"(.*\.)?({'|'.join(re.escape(m) for m in head_modules)})(\..*)?"
+
+
 def adapter_name(lora: LoraSpec, personal: bool = False) -> str:
     a = f"{lora.alpha:g}".replace(".", "p").replace("-", "m")
     return ("p_" if personal else "") + f"r{lora.rank}_a{a}" + ("_rs" if lora.rslora else "")
@@ -64,14 +74,27 @@ def adapter_name(lora: LoraSpec, personal: bool = False) -> str:
 class AdapterHost:
     """A PEFT model over a frozen base, with one adapter per LoRA spec, created lazily.
 
+    A model task's head (``head_modules``: a classifier) is trained in full beside the main adapter. It is not
+    PEFT's ``modules_to_save`` copy per adapter (PEFT refuses two active adapters over one), but the base's own head
+    modules, whose values are swapped per client like the adapters' (:meth:`load_head`, :meth:`read_head`) and reset
+    to the base's initial head when a payload carries none. Their tensors are keyed ``head.<module>.<parameter>``.
+
     Args:
         base: the frozen base model.
         target_modules: module names LoRA adapts, a regular expression, or ``all-linear`` (PEFT's forms).
         lora_dropout: dropout on the LoRA input.
+        head_modules: paths of the modules trained in full (the model task's ``modules_to_save``).
     """
 
-    def __init__(self, base: torch.nn.Module, target_modules: tuple[str, ...] | str, lora_dropout: float = 0.0):
+    def __init__(self, base: torch.nn.Module, target_modules: tuple[str, ...] | str, lora_dropout: float = 0.0,
+                 head_modules: list[str] | tuple[str, ...] = ()):
         self.base = base
+        # PEFT's rule for modules_to_save: nothing inside the head is adapted
+        self.exclude = head_exclusion(head_modules)
+        self.head = {ops.HEAD_PREFIX + f"{m}.{n}": p for m in head_modules
+                     for n, p in base.get_submodule(m).named_parameters()}
+        with torch.no_grad():
+            self._initial_head = {k: p.detach().clone() for k, p in self.head.items()}
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.lora_dropout = lora_dropout
         self.model: torch.nn.Module | None = None
@@ -85,7 +108,7 @@ class AdapterHost:
 
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora,
                           target_modules=self.target_modules, lora_dropout=self.lora_dropout, bias="none",
-                          fan_in_fan_out=self._fan_in_fan_out())
+                          fan_in_fan_out=self._fan_in_fan_out(), exclude_modules=self.exclude)
 
     def _fan_in_fan_out(self) -> bool:
         """PEFT's ``fan_in_fan_out``: whether the adapted layers store their weight as (d_in, d_out) — GPT-2's
@@ -205,14 +228,37 @@ class AdapterHost:
 
     def set_trainable(self, lora: LoraSpec, factors: tuple[str, ...], personal: bool = False
                       ) -> list[torch.nn.Parameter]:
-        """Enable gradients on the chosen factors ("A", "B") of an adapter (others off); return them."""
+        """Enable gradients on the chosen factors ("A", "B") of an adapter (others off); return them. The head, if
+        any, trains with the main adapter (whenever it trains a factor)."""
         out = []
         for k, p in self.params(lora, personal).items():
             on = ops.factor_of(k) in factors
             p.requires_grad_(on)
             if on:
                 out.append(p)
+        if not personal:
+            for p in self.head.values():
+                p.requires_grad_(bool(factors))
+            out += list(self.head.values()) if factors else []
         return out
+
+    def load_head(self, tensors: Tensors | None) -> None:
+        """Copy a head into the base's head modules; None: the base's initial head. Every key is needed."""
+        if not self.head:
+            return
+        src = self._initial_head if tensors is None else tensors
+        if sorted(src) != sorted(self.head):
+            missing = sorted(set(self.head) - set(src))[:3]
+            raise AggregationError(f"the payload's head does not match the model's (missing e.g. {missing})")
+        with torch.no_grad():
+            for k, p in self.head.items():
+                if src[k].shape != p.shape:
+                    raise AggregationError(f"{k}: payload shape {tuple(src[k].shape)} != head shape {tuple(p.shape)}")
+                p.copy_(src[k])
+
+    def read_head(self) -> Tensors:
+        """A CPU float32 copy of the head's tensors ({} without a head)."""
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self.head.items()}
 
     def read(self, lora: LoraSpec, personal: bool = False) -> Tensors:
         """A CPU float32 copy of the adapter's tensors."""

@@ -97,13 +97,14 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 CAUSAL_LM = ("AutoModelForCausalLM", "LlamaForCausalLM")  # (auto class, tiny model's class) of a causal LM
 
 
-def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", classes: tuple[str, str] = CAUSAL_LM
-                     ) -> torch.nn.Module:
+def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", classes: tuple[str, str] = CAUSAL_LM,
+                     num_labels: int | None = None) -> torch.nn.Module:
     """Build (tiny or a config stand-in, seeded) or load (hub/local) the base model, frozen, in eval mode, on
     ``device``.
 
     ``classes``: the transformers auto class a model loads with, and the class the tiny model is built as (default:
-    a causal LM).
+    a causal LM). ``num_labels``: a classification head's outputs (a head the checkpoint lacks is initialised seeded
+    by ``model.seed``, the same on every worker).
 
     Raises:
         ScenarioError: the model cannot be loaded or built, or its architecture is not of the auto class.
@@ -113,23 +114,24 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", class
     auto_class, tiny_class = classes
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
-    if is_tiny(cfg) or is_standin(cfg):
-        hf_cfg = hf_config(cfg, auto_class)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.tiny.init_seed if is_tiny(cfg) else cfg.seed)
-            if is_tiny(cfg):
-                model = getattr(transformers, tiny_class)(hf_cfg)
-            else:
-                model = getattr(transformers, auto_class).from_config(hf_cfg)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        hf_config(cfg, auto_class)  # its architecture checked before any weight is read
-        try:
-            model = getattr(transformers, auto_class).from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
-        except Exception as e:
-            raise ScenarioError("model.name", f"cannot load {cfg.name!r}: {e.__class__.__name__}: {e}",
-                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
-        model = model.to(device)
+    hf_cfg = hf_config(cfg, auto_class)  # its architecture checked before any weight is read
+    if num_labels is not None:
+        hf_cfg.num_labels = num_labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.tiny.init_seed if is_tiny(cfg) else cfg.seed)
+        if is_tiny(cfg):
+            model = getattr(transformers, tiny_class)(hf_cfg).to(dtype=dtype)
+        elif is_standin(cfg):
+            model = getattr(transformers, auto_class).from_config(hf_cfg).to(dtype=dtype)
+        else:
+            try:
+                model = getattr(transformers, auto_class).from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype,
+                                                                          config=hf_cfg)
+            except Exception as e:
+                raise ScenarioError("model.name", f"cannot load {cfg.name!r}: {e.__class__.__name__}: {e}",
+                                    "give a hub id you can reach or a local directory saved with save_pretrained"
+                                    ) from None
+    model = model.to(device)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -240,19 +242,23 @@ def in_blocks(name: str) -> bool:
     return re.search(r"(^|\.)\d+(\.|$)", name) is not None
 
 
-def target_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> dict[str, ModuleShape]:
+def target_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], heads: tuple[str, ...] = ()
+                  ) -> dict[str, ModuleShape]:
     """Module path → (d_in, d_out) of every linear layer LoRA adapts, by PEFT's own matching of
     ``model.target_modules`` (a list, a regular expression, or ``all-linear``: every linear layer but the output
-    layer and, for a classifier, its head).
+    layer and, for a classifier, its head). ``heads``: the modules a model task trains in full; nothing inside them
+    is adapted, whatever the form (PEFT's rule for ``modules_to_save``).
 
     Raises:
         ScenarioError: the model's config cannot be read, no module matches, or a listed name matches none (each
             with the model's near misses).
     """
-    linear, heads = linear_shapes(cfg, auto_class), linear_shapes(cfg, auto_class, part="heads")
+    linear, outputs = linear_shapes(cfg, auto_class), linear_shapes(cfg, auto_class, part="heads")
     target = cfg.target_modules
+    inside = re.compile(rf"(.*\.)?({'|'.join(re.escape(h) for h in heads)})(\..*)?") if heads else None
+    linear = {n: s for n, s in linear.items() if inside is None or not inside.fullmatch(n)}
     if target == "all-linear":
-        names = [n for n in linear if not any(n == h or n.startswith(f"{h}.") for h in heads)]
+        names = [n for n in linear if not any(n == h or n.startswith(f"{h}.") for h in outputs)]
     else:
         names = [n for n in linear if peft_matches(n, target)]
     ends = sorted({n.split(".")[-1] for n in linear})
@@ -293,11 +299,11 @@ def decoder_linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> d
     return {n: (d_out, d_in) for n, (d_in, d_out) in linear_shapes(cfg, auto_class).items() if in_blocks(n)}
 
 
-def fan_in_fan_out(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> bool:
+def fan_in_fan_out(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], heads: tuple[str, ...] = ()) -> bool:
     """Whether the layers LoRA adapts store their weights as (d_in, d_out) (GPT-2's ``Conv1D``): PEFT's
     ``fan_in_fan_out``, written into an exported adapter's config."""
     conv = set(linear_shapes(cfg, auto_class, part="conv1d"))
-    return any(n in conv for n in target_shapes(cfg, auto_class))
+    return any(n in conv for n in target_shapes(cfg, auto_class, heads))
 
 
 def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = "shapes") -> Any:

@@ -122,6 +122,8 @@ class ValidateUpdates(ServerStage):
             if tuple(t.shape) != dims:
                 return f"{key} has shape {tuple(t.shape)}, expected {dims} for rank {r}"
         bad = ops.first_nonfinite({k: update.tensors[k] for k in expected})
+        if bad is None and update.head:
+            bad = ops.first_nonfinite(update.head)
         return None if bad is None else f"{bad} holds NaN or Inf values"
 
     def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate

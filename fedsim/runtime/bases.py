@@ -81,7 +81,8 @@ class BaseCache:
                 base = quantize_model(master, quant, self.device, self.compute_dtype())
             self.quantizations[f"v{self.version}/{quant.label}"] += 1
         self.base_bytes[quant.label] = packed_bytes(base, quant)
-        host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout)
+        host = AdapterHost(base, self.scenario.model.target_modules, self.scenario.model.lora_dropout,
+                           self.task.modules_to_save(base))
         self.hosts[quant] = (self.version, host)
         return host
 

@@ -50,6 +50,7 @@ class AdapterStarts:
              quant: QuantSpec = FULL) -> None:
         """Payload tensors, then the client's personal ones (:meth:`initial`); the same for the personal adapter."""
         host.load(payload.lora, self.initial(host.shapes(payload.lora), payload, client_id, personal))
+        host.load_head(payload.head)
         self.load_personal(host, payload, client_id, personal, quant)
 
     def load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,

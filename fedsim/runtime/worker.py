@@ -191,6 +191,7 @@ class Worker:
         if payload.fresh:
             fresh = self.starts.fresh(host.shapes(payload.lora), payload, job)
             host.load(payload.lora, fresh)
+            host.load_head(payload.head)
             self.starts.load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
@@ -208,15 +209,17 @@ class Worker:
         personal_adapter = host.read(payload.personal_lora, True) if payload.personal_lora is not None else None
         return self.finish(job, payload, trained, personal_adapter, metrics, time.perf_counter() - t0,
                            procedure=procedure, objective_state=state_out(list(payload.objectives), objectives),
-                           extra=state_out(list(payload.objectives), objectives, upload=True), start=fresh)
+                           extra=state_out(list(payload.objectives), objectives, upload=True), start=fresh,
+                           head=host.read_head())
 
     def finish(self, job: ClientJob, payload: ClientPayload, trained: Tensors, personal_adapter: Tensors | None,
                metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None,
-               objective_state: Tensors | None = None, extra: Tensors | None = None, start: Tensors | None = None
-               ) -> tuple[ClientResult, ClientUpdate]:
+               objective_state: Tensors | None = None, extra: Tensors | None = None, start: Tensors | None = None,
+               head: Tensors | None = None) -> tuple[ClientResult, ClientUpdate]:
         """The client's result and update from its trained tensors: the shared ones through the client-side
         transforms, the private ones (the personal adapter, the objectives' state) into the result for the client
-        state store. ``start``: the adapter the client began from when the payload did not carry it (a fresh one)."""
+        state store. ``start``: the adapter the client began from when the payload did not carry it (a fresh one);
+        ``head``: the trained head of a model task that has one (uploaded beside the adapter)."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
         began = payload.tensors if start is None else start
         start = {k: began[k] for k in tensors if k in began}
@@ -226,10 +229,10 @@ class Worker:
             metrics.update(transform_metrics)
         self.num_clients += 1
         metrics["client/time_s"] = time_s
-        metrics["client/up_bytes"] = float(ops.num_bytes(tensors) + ops.num_bytes(extra or {}))
+        metrics["client/up_bytes"] = float(ops.num_bytes(tensors) + ops.num_bytes(extra or {}) + ops.num_bytes(head or {}))
         logged = self._declared(metrics, payload, procedure)
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
-                              tensors=tensors, metrics=metrics, extra=extra or {})
+                              tensors=tensors, metrics=metrics, extra=extra or {}, head=head or {})
         personal = None
         if self.strategy.has_personal_state:  # private keys of the main adapter and the whole personal adapter
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}

@@ -18,6 +18,7 @@ import torch
 from fedsim import registry
 from fedsim.config import ModelConfig
 from fedsim.errors import ScenarioError
+from fedsim.models import batches
 from fedsim.models.base import CAUSAL_LM, hf_config, is_tiny
 
 model_task = registry.decorator("model_task")
@@ -39,6 +40,7 @@ class ModelTask(ABC):
     name: ClassVar[str] = ""
     peft_task_type: ClassVar[str] = ""
     classes: ClassVar[tuple[str, str]] = CAUSAL_LM  # (transformers auto class, the tiny model's class)
+    head_names: ClassVar[tuple[str, ...]] = ()  # names of the modules it may train in full (never adapted)
     packable: ClassVar[bool] = False
 
     @abstractmethod
@@ -50,8 +52,40 @@ class ModelTask(ABC):
         """The model's tokenizer (with a pad token)."""
 
     def modules_to_save(self, model: torch.nn.Module) -> list[str]:
-        """Modules trained in full beside the adapters (PEFT's ``modules_to_save``); none by default."""
+        """Modules trained in full beside the adapters (PEFT's ``modules_to_save``: a classification head), by their
+        paths in the base model; none by default. Every client trains them; the server averages them (weighted by
+        sample counts) and sends them with the adapter."""
         return []
+
+    def check(self, cfg: ModelConfig, data: Any) -> None:
+        """Refuse data this task cannot train on (:class:`~fedsim.errors.ScenarioError`); the driver calls it once
+        the data is tokenized (``data``: :class:`~fedsim.data.tokenized.TokenizedData`). Accepts anything by
+        default."""
+        return None
+
+    def refusal(self, scenario: Any, strategy: Any) -> tuple[str, str, str] | None:
+        """(scenario key, why, fix) when the scenario asks for what this task cannot do with ``strategy``, or None
+        (the default: anything goes). The components check calls it before a run starts."""
+        return None
+
+    def collate(self, split: Any, indices: Any, pad_id: int, device: torch.device | str = "cpu"
+                ) -> dict[str, torch.Tensor]:
+        """A batch of ``split``'s rows ``indices``: right-padded ``input_ids``, ``attention_mask`` and the
+        ``labels`` the task's loss reads (default: token labels on the response, :func:`fedsim.models.batches.collate`)."""
+        return batches.collate(split, indices, pad_id, device)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What a batch's mean loss is a mean over (its labelled tokens, by default): micro-batches of one step are
+        weighted by it."""
+        return int((batch["labels"][:, 1:] != batches.IGNORE).sum())
+
+    def score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What evaluation reads from one batch: (log-likelihood of each scored target (B, P), which are valid
+        (B, P), whether the model's argmax hit each (B, P), the predicted class per row (B,) or None when the task
+        does not predict classes itself). Default: :meth:`token_scores` over the labelled tokens."""
+        logp, hit = self.token_scores(model, batch)
+        return logp, batch["labels"][:, 1:] != batches.IGNORE, hit, None
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Forward | None = None

@@ -1,0 +1,54 @@
+"""Collate tokenized samples into padded tensors. ``split`` is a :class:`fedsim.data.tokenized.TokenizedSplit` (its
+``sample``, ``prompt_len``, ``label`` and ``label_row``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.models.lm_loss import IGNORE
+
+
+def collate(split: Any, indices: Sequence[int] | np.ndarray, pad_id: int,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` and ``labels`` that cover only response tokens.
+
+    With right padding a causal model never lets a real token attend to a pad (pads come after it), and pad positions
+    carry no label, so callers may leave ``attention_mask`` out of the forward pass: same result, and the model can
+    take its faster pure-causal attention path.
+
+    Returns:
+        ``input_ids`` (B, T) int64, ``attention_mask`` (B, T), ``labels`` (B, T) with -100 on prompt and padding.
+    """
+    seqs = [split.sample(int(i)) for i in indices]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+    for row, (i, s) in enumerate(zip(indices, seqs)):
+        n = len(s)
+        ids[row, :n] = s
+        mask[row, :n] = 1
+        split.label_row(int(i), labels[row])
+    return {k: torch.from_numpy(v).to(device) for k, v in
+            (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+
+
+def collate_prompts(split: Any, indices: Sequence[int] | np.ndarray, pad_id: int,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Sequence classification's batch: each row's prompt alone (its text as the format rendered it, without the
+    answer), right-padded, with ``attention_mask`` (an encoder attends both ways: it must not see the pads) and
+    ``labels`` (B,) the rows' class indices."""
+    seqs = [split.sample(int(i))[: int(split.prompt_len[int(i)])] for i in indices]
+    width = max(1, max(len(s) for s in seqs))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+    labels = np.asarray(split.label[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
+    return {k: torch.from_numpy(v).to(device) for k, v in
+            (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
