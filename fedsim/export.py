@@ -23,6 +23,7 @@ from fedsim.config import Scenario, load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.federation.prepare import prepare
 from fedsim.lora.merge import combine, dense_totals
+from fedsim.lora.ops import HEAD_PREFIX
 from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.runtime.personal_eval import own_payload
 from fedsim.runtime.worker import Worker
@@ -76,7 +77,7 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     if merged:
         _write_merged(sc, host, parts, quant, components.task, out)
     else:
-        _write_adapter(sc, parts, quant, [d for _, d in deltas], client_id, components.task, out)
+        _write_adapter(sc, parts, quant, [d for _, d in deltas], client_id, components.task, out, host.read_head())
     (out / "fedsim_export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
 
@@ -115,6 +116,10 @@ def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: 
                 weight_matrix(layer).detach().cpu().double()
             target = weight_matrix(model.get_submodule(m))
             target.copy_((base + totals.get(m, 0.0)).to(target.dtype))
+        params = dict(model.named_parameters())
+        for k, v in host.read_head().items():  # the trained classifier head, in place of the initial one
+            target = params[k[len(HEAD_PREFIX):]]
+            target.copy_(v.to(target.dtype))
     model.save_pretrained(str(out))
     tokenizer = task.tokenizer(sc.model)
     if sc.data.format == "chat":  # inference renders conversations as training did
@@ -125,8 +130,9 @@ def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: 
 
 
 def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Tensors], client_id: int | None,
-                   task: Any, out: Path) -> None:
-    """One PEFT adapter on the client's own base: its adapters, plus (full-precision bases) every merged update.
+                   task: Any, out: Path, head: Tensors) -> None:
+    """One PEFT adapter on the client's own base: its adapters, plus (full-precision bases) every merged update, and
+    the trained head of a model task that has one.
 
     Raises:
         ScenarioError: a quantized base re-quantized after merges (no adapter on the original base reproduces it).
@@ -137,4 +143,4 @@ def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Ten
         raise ScenarioError("--merged", f"client {client_id}'s base is {quant.label}, re-quantized after the run "
                             "merged updates into it: no adapter on the original quantized base reproduces it",
                             "export with --merged (its dequantized base with everything merged in)")
-    save_peft_adapter(combine(parts, deltas if not quantized else []), sc, out, task)
+    save_peft_adapter(replace(combine(parts, deltas if not quantized else []), head=head), sc, out, task)

@@ -199,3 +199,44 @@ def test_classifier_mistakes_are_one_line_errors(tiny_raw, tmp_path):
     task = task_for(sc.model)
     names = target_shapes(sc.model, task.classes[0], task.head_names)
     assert names and not any(n.startswith("classifier") for n in names)
+
+
+def test_a_client_export_of_a_classifier_holds_the_head(tiny_raw, tmp_path):
+    """`fedsim export --client K` (and --merged) of a FedSA-LoRA classifier run: client K's personal B on the global
+    A, with the global head, reproduces its personalized evaluation; macro-F1 and Matthews' correlation are
+    reported from the head's predictions."""
+    import csv
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedsim.driver import prepare
+    from fedsim.eval.scoring import evaluate_batch
+    from fedsim.export import export_client
+    from fedsim.models.tasks import task_for
+
+    raw = classifier_raw(tiny_raw, tmp_path, ROBERTA)
+    raw.update(strategy={"name": "fedsa"})
+    raw["clients"]["per_round"] = 8
+    raw["eval"].update(local_test_fraction=0.25, metrics=["accuracy", "macro_f1", "mcc"])
+    sc = scenario_from_dict(raw)
+    out = tmp_path / "run"
+    run_scenario(sc, out)
+    last = _rows(out)[-1]
+    assert "eval/macro_f1" in last and "eval/mcc" in last
+    with open(out / "personalized.csv") as f:
+        table = {int(r["client_id"]): r for r in csv.DictReader(f)}
+    k = 3
+    prep = prepare(sc)
+
+    def local(model):
+        r = evaluate_batch(model, prep.data, prep.local_test[k], torch.device("cpu"), split=prep.data.train,
+                           task=task_for(sc.model))
+        return r["loss_sum"] / r["tokens"]
+
+    export_client(out, k, tmp_path / "adapter")
+    model = PeftModel.from_pretrained(task_for(sc.model).build(sc.model), str(tmp_path / "adapter"))
+    assert local(model) == pytest.approx(float(table[k]["personal_loss"]), rel=1e-5)
+    export_client(out, k, tmp_path / "merged", merged=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+    assert local(merged) == pytest.approx(float(table[k]["personal_loss"]), rel=1e-5)

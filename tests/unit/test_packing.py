@@ -254,3 +254,21 @@ def test_scaffold_does_not_pack_and_says_so(tiny_raw):
     worker = Worker(sc, prep.data)
     assert "['Scaffold'] do not work in a packed pass" in worker.unpackable(replace(items[0][1],
                                                                                   objectives=(Scaffold(),)))
+
+
+def test_a_classifier_trains_one_by_one_with_a_note(tiny_raw, tmp_path):
+    """Packed passes compute causal-LM losses: a sequence classifier's clients fall back to one at a time, each
+    saying why, with the same updates as unpacked training."""
+    from conftest import ROBERTA, classifier_raw
+
+    classifier_raw(tiny_raw, tmp_path, ROBERTA)
+    sc, prep, clients, spec = _setup(tiny_raw, "fedit")
+    strategy = make_strategy("fedit")
+    items, _ = _round(Worker(sc, prep.data), strategy, strategy.init_state(spec), prep, clients[:2], 1)
+    worker = Worker(sc, prep.data)
+    assert "seq_cls" in worker.unpackable(items[0][1])
+    outs = worker.run_pack(items)
+    alone = [Worker(sc, prep.data).run_client(j, p) for j, p in items]
+    for (r, u), (_, u1) in zip(outs, alone):
+        assert "seq_cls" in r.note and sorted(u.head) == sorted(u1.head) and u.head
+        assert all(torch.equal(u.tensors[k], u1.tensors[k]) for k in u1.tensors)

@@ -30,15 +30,19 @@ def _random_adapter(lora: LoraSpec, seed: int, shapes=None) -> dict:
 
 
 def _family_shapes(family: str) -> dict[str, ModuleShape]:
-    """The adapted layers of a model family's tiny stand-in (GPT-2's Conv1D: c_attn 32 → 96, c_fc 32 → 128, ...)."""
+    """The adapted layers of a model family's tiny stand-in (GPT-2's Conv1D: c_attn 32 → 96, c_fc 32 → 128, ...;
+    RoBERTa's query and value under a sequence-classification head)."""
     if family == "llama":
         return SHAPES
-    from conftest import GPT2
+    from conftest import GPT2, ROBERTA
 
     from fedsim.config import ModelConfig
     from fedsim.models.base import target_shapes
+    from fedsim.models.tasks import task_for
 
-    return target_shapes(ModelConfig(**GPT2))
+    cfg = ModelConfig(**(GPT2 if family == "gpt2" else ROBERTA))
+    task = task_for(cfg)
+    return target_shapes(cfg, task.classes[0], task.head_names)
 
 
 def _round(name: str, specs: list[ClientSpec], params: dict | None = None, seed: int = 0, shapes=None):
@@ -74,7 +78,7 @@ def _equal(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------------------------------------ conformance
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "roberta"])
 @pytest.mark.parametrize("name", ALL)
 def test_no_input_mutation_and_determinism(name, family):
     strategy, state, _, updates = _round(name, _uniform(), shapes=_family_shapes(family))
@@ -126,7 +130,7 @@ def test_mismatched_update_raises(name):
         strategy.aggregate(CTX, state, [])
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "roberta"])
 @pytest.mark.parametrize("name", ALL)
 def test_mixed_ranks_supported_or_refused(name, family):
     shapes = _family_shapes(family)
