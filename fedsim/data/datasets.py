@@ -154,9 +154,12 @@ def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_group
 
 def model_max_length(scenario: Scenario, tokenizer: Any) -> int | None:
     """The longest input the model takes: the tokenizer's ``model_max_length`` (when set: transformers' sentinel
-    for none is ~1e30) and the built-in tiny model's positions."""
+    for none is ~1e30) and the positions of the built-in tiny model or of a ``model.config`` stand-in."""
+    from fedsim.models.base import position_limit
+
     cap = getattr(tokenizer, "model_max_length", None)
     caps = [int(cap)] if isinstance(cap, int) and 0 < cap < 1_000_000 else []
-    if scenario.model.name == "tiny":
-        caps.append(scenario.model.tiny.max_position_embeddings)
+    limit = position_limit(scenario.model)
+    if limit is not None:
+        caps.append(limit)
     return min(caps) if caps else None

@@ -191,6 +191,22 @@ def standin_config(cfg: ModelConfig) -> Any:
     return hf_cfg
 
 
+def position_limit(cfg: ModelConfig) -> int | None:
+    """The positions a randomly built model has (the tiny model, a ``model.config`` stand-in; None for a loaded
+    model, whose tokenizer says). RoBERTa-style models number positions from the padding id + 1."""
+    if is_tiny(cfg):
+        return cfg.tiny.max_position_embeddings
+    if not is_standin(cfg):
+        return None
+    hf_cfg = standin_config(cfg)
+    n = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
+    if not n:
+        return None
+    if getattr(hf_cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"):
+        n -= (getattr(hf_cfg, "pad_token_id", None) or 0) + 1
+    return int(n)
+
+
 BYTE_VOCAB = 384
 # the heads of models fedsim would load as something else, and the task that fits (or None)
 TASK_HEADS = {"ForSequenceClassification": "seq_cls", "ForTokenClassification": None,

@@ -118,3 +118,30 @@ def test_the_exported_config_of_a_gpt2_run_says_fan_in_fan_out(tmp_path):
     sc = scenario_from_dict({"model": json.loads(json.dumps(gpt2().model_dump(mode="json")))})
     save_peft_adapter(ExportedAdapter(tensors={}, lora=LoraSpec(4, 8.0)), sc, tmp_path)
     assert LoraConfig.from_pretrained(str(tmp_path)).fan_in_fan_out is True
+
+
+def test_a_standin_caps_the_sequence_length_at_its_positions():
+    from conftest import ROBERTA
+
+    from fedsim.models.base import position_limit
+
+    assert position_limit(gpt2()) == 64  # n_positions
+    assert position_limit(ModelConfig(**ROBERTA)) == 80 - 1  # RoBERTa numbers positions from the padding id + 1
+    assert position_limit(ModelConfig(name="/some/local/dir")) is None  # a loaded model: its tokenizer says
+
+
+def test_data_to_text_rows_join_their_triples():
+    from fedsim.config import DataConfig
+    from fedsim.data.formats.data_to_text import DataToText
+    from fedsim.errors import DataError
+
+    cfg = DataConfig(format="data_to_text", prompt_template="Triples: {input}\nText: ", response_field="target")
+    row = {"input": ["Alan_Bean | occupation | Test_pilot", "Alan_Bean | birthPlace | Wheeler"],
+           "target": "Alan Bean, born in Wheeler, was a test pilot."}
+    fmt = DataToText()
+    fmt.check_row(row, cfg, "row 1")
+    ex = fmt.example(row, cfg)
+    assert ex.prompt == "Triples: Alan_Bean | occupation | Test_pilot ; Alan_Bean | birthPlace | Wheeler\nText: "
+    assert ex.response == row["target"]
+    with pytest.raises(DataError, match=r"row 2 field 'input\[\]' is a list"):
+        fmt.check_row({"input": [["nested"]], "target": "x"}, cfg, "row 2")

@@ -1,0 +1,221 @@
+"""Model families: fedsim's round against a plain PEFT training loop on the same steps, per family, side by side in
+one run (issue #25, point 7; the method of benchmarks/overhead.py).
+
+Families (offline stand-ins built from config by ``model.config``, randomly initialised, byte-level tokenizer; no
+dropout): Llama (the tiny model, hidden 64, 2 layers, LoRA on its seven projections), GPT-2 (n_embd 64, 2 layers,
+LoRA on its Conv1D c_attn / c_proj / c_fc) and a RoBERTa sequence classifier (hidden 64, 2 layers, LoRA on query and
+value, the classification head trained in full and averaged by the server).
+
+Workload per round: every client × 5 local steps of batch 8 × 64 tokens (the classifier: 60 tokens of text and a
+label), r = 8, AdamW, gradient clipping at 1.0; 2 Ray workers (1 CPU, 1 thread each).
+
+Floor (measured before and after fedsim, in the same run): the same steps on a model wrapped once by PEFT's
+``get_peft_model`` (the classifier's head trainable), split over 2 plain processes with one thread each — a fresh
+AdamW per client, the task's own loss (fedsim's: the causal LM's at the labelled positions; the classifier's
+cross-entropy), nothing else: no adapter swaps, no data collation, no communication, no aggregation. Its round time
+is the slower process's. fedsim's is the fit time (sample → configure → train → aggregate; no evaluation).
+Printed and saved: per family the steady round (median of rounds 2..) of both and their ratio (target ≤ 1.10), and
+where packing applies (the causal LMs), fedsim with every worker's clients packed into one pass
+(``resources.clients_per_pass: auto``).
+
+Usage: python benchmarks/model_families.py [--rounds 4] [--clients 40] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEQ = 64
+BATCH = 8
+STEPS = 5
+RANK = 8
+CLS_LEN = SEQ - 4  # a classifier row: its text, truncated so that the text and its 3-byte label fill SEQ tokens
+
+FAMILIES = {
+    "llama": {"name": "tiny", "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+                                       "num_heads": 4}},
+    "gpt2": {"name": "openai-community/gpt2", "target_modules": ["c_attn", "c_proj", "c_fc"],
+             "config": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}},
+    "roberta": {"name": "FacebookAI/roberta-base", "task": "seq_cls", "num_labels": 2,
+                "target_modules": ["query", "value"],
+                "config": {"model_type": "roberta", "hidden_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 130,
+                           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+}
+
+
+def scenario_dict(family: str, data_path: str, num_clients: int, rounds: int, packed: bool = False) -> dict:
+    classifier = family == "roberta"
+    data = ({"source": data_path, "format": "classification", "columns": ["label", "text"],
+             "prompt_template": "{text}", "task_field": None, "max_seq_len": SEQ, "test": {"fraction": 0.05}}
+            if classifier else {"source": data_path, "max_seq_len": SEQ, "task_field": None,
+                                "test": {"fraction": 0.05}})
+    return {
+        "name": f"families-{family}", "seed": 0, "rounds": rounds, "model": FAMILIES[family], "data": data,
+        "partition": {"method": "iid", "min_samples": BATCH},
+        "clients": {"num_clients": num_clients, "per_round": num_clients, "lora": {"rank": RANK, "alpha": 16}},
+        "training": {"local_steps": STEPS, "batch_size": BATCH, "lr": 0.001},
+        "eval": {"every": 10_000, "at_start": False, "batch_size": 256},
+        "resources": {"backend": "ray", "num_workers": 2, "num_cpus": 1,
+                      "clients_per_pass": "auto" if packed else 1},
+        "logging": {"console": False, "jsonl": True, "wandb": {"mode": "disabled"}},
+    }
+
+
+def write_data(family: str, path: Path, n: int) -> None:
+    """Rows long enough that every sample is SEQ tokens after truncation (the classifier's: its text CLS_LEN)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz "))
+    if family == "roberta":
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            for i in range(n):
+                w.writerow(["pos" if i % 2 else "neg", "".join(rng.choice(letters, size=3 * SEQ))])
+        return
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"instruction": "".join(rng.choice(letters, size=3 * SEQ)),
+                                "output": "".join(rng.choice(letters[:26], size=6))}) + "\n")
+
+
+def _floor_worker(args: tuple, queue) -> None:
+    family, num_clients, rounds = args
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from fedsim.config import ModelConfig
+    from fedsim.models.base import configure_threads
+    from fedsim.models.tasks import task_for
+
+    configure_threads(1)
+    cfg = ModelConfig(**FAMILIES[family])
+    task = task_for(cfg)
+    base = task.build(cfg)
+    targets = list(cfg.target_modules)
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=16, target_modules=targets,
+                                            exclude_modules=r"(.*\.)?(classifier)(\..*)?" if family == "roberta"
+                                            else None))
+    head = [p for m in task.modules_to_save(base) for p in base.get_submodule(m).parameters()]
+    for p in head:
+        p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    if family == "roberta":
+        ids = torch.randint(3, 300, (BATCH, CLS_LEN), generator=gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "labels": torch.randint(0, 2, (BATCH,), generator=gen)}
+    else:
+        ids = torch.randint(3, 300, (BATCH, SEQ), generator=gen)
+        labels = ids.clone()
+        labels[:, : SEQ - 7] = -100
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(num_clients):
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            for _ in range(STEPS):
+                task.loss(model, batch).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    queue.put(times)
+
+
+def measure_floor(family: str, num_clients: int, rounds: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    share = [num_clients // 2 + (i < num_clients % 2) for i in range(2)]
+    procs = [ctx.Process(target=_floor_worker, args=((family, share[i], rounds), queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return [max(ts) for ts in zip(*results)]  # a round ends when the slower process ends
+
+
+def measure_fedsim(family: str, num_clients: int, rounds: int, workdir: Path, packed: bool = False) -> list[float]:
+    from fedsim.config import scenario_from_dict
+    from fedsim.driver import run_scenario
+
+    data = workdir / ("data.csv" if family == "roberta" else "data.jsonl")
+    if not data.exists():
+        write_data(family, data, max(2000, num_clients * BATCH * 2))
+    out = workdir / ("packed" if packed else "run")
+    run_scenario(scenario_from_dict(scenario_dict(family, str(data), num_clients, rounds, packed)), out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["time/fit_s"] for r in rows if r["round"] >= 1]
+
+
+def steady(xs: list[float]) -> float:
+    """Median of rounds 2.. (round 1 builds the workers' models and wraps them)."""
+    return statistics.median(xs[1:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=40)
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    results: dict[str, dict] = {}
+    lines = [
+        "# Model families: fedsim against a plain PEFT loop (benchmarks/model_families.py)", "",
+        f"command: python benchmarks/model_families.py --rounds {args.rounds} --clients {args.clients}",
+        f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}",
+        f"workload per round: {args.clients} clients × {STEPS} steps, batch {BATCH} × {SEQ} tokens, LoRA r={RANK}, "
+        "2 Ray workers (1 CPU, 1 thread each); floor: the same steps on one PEFT-wrapped model per process, "
+        "2 plain processes, measured before and after fedsim", "",
+        "| family | fedsim steady round (s) | floor steady round (s) | ratio (target ≤ 1.10) | "
+        "fedsim packed (s) | packed / floor |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for family in args.families:
+        before = measure_floor(family, args.clients, args.rounds)
+        with tempfile.TemporaryDirectory() as tmp:
+            fed = measure_fedsim(family, args.clients, args.rounds, Path(tmp))
+            packed = (measure_fedsim(family, args.clients, args.rounds, Path(tmp), packed=True)
+                      if family != "roberta" else None)
+        after = measure_floor(family, args.clients, args.rounds)
+        floor = statistics.median(before[1:] + after[1:])
+        r = {"fedsim_rounds_s": fed, "floor_before_s": before, "floor_after_s": after, "fedsim_steady_s": steady(fed),
+             "floor_steady_s": floor, "ratio": steady(fed) / floor,
+             "packed_rounds_s": packed, "packed_steady_s": steady(packed) if packed else None}
+        results[family] = r
+        pk = (f"{r['packed_steady_s']:.2f} | {r['packed_steady_s'] / floor:.3f}" if packed else
+              "— (a classifier trains one by one) | —")
+        lines.append(f"| {family} | {r['fedsim_steady_s']:.2f} | {floor:.2f} | **{r['ratio']:.3f}** | {pk} |")
+        print(lines[-1], flush=True)
+    lines += ["", "rounds (s), fedsim | floor before | floor after:"]
+    for family, r in results.items():
+        lines.append(f"- {family}: {', '.join(f'{t:.2f}' for t in r['fedsim_rounds_s'])} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['floor_before_s'])} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['floor_after_s'])}")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_families.md").write_text(text + "\n")
+    (out / "model_families.json").write_text(json.dumps({"clients": args.clients, "rounds": args.rounds,
+                                                         "families": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
