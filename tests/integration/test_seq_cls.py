@@ -240,3 +240,23 @@ def test_a_client_export_of_a_classifier_holds_the_head(tiny_raw, tmp_path):
     export_client(out, k, tmp_path / "merged", merged=True)
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
     assert local(merged) == pytest.approx(float(table[k]["personal_loss"]), rel=1e-5)
+
+
+def test_a_stopped_classifier_run_resumes_to_the_same_numbers(tiny_raw, tmp_path):
+    """The head checkpoints with the server: a run stopped after round 1 and resumed equals the uninterrupted one."""
+    from fedsim.driver import resume_run
+    from fedsim.federation.callbacks import RoundCallback, StopRun
+
+    class Stop(RoundCallback):
+        def on_round_end(self, server_round, row):
+            if server_round == 1:
+                raise StopRun("test")
+
+    raw = classifier_raw(tiny_raw, tmp_path, ROBERTA)
+    raw["rounds"] = 3
+    run_scenario(scenario_from_dict(raw), tmp_path / "ref")
+    run_scenario(scenario_from_dict(raw), tmp_path / "cut", callbacks=[Stop()])
+    resume_run(tmp_path / "cut")
+    a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    assert [r["eval/loss"] for r in a] == [r["eval/loss"] for r in b]

@@ -145,3 +145,24 @@ def test_data_to_text_rows_join_their_triples():
     assert ex.response == row["target"]
     with pytest.raises(DataError, match=r"row 2 field 'input\[\]' is a list"):
         fmt.check_row({"input": [["nested"]], "target": "x"}, cfg, "row 2")
+
+
+@pytest.mark.parametrize("backend,bits", [("bnb", 4), ("bnb", 8), ("hqq", 3)])
+def test_a_quantized_encoder_classifier_keeps_its_head_in_full_precision(backend, bits):
+    from conftest import ROBERTA
+
+    from fedsim.models.quant import quantizable_layers, quantize_model
+    from fedsim.models.tasks import task_for
+    from fedsim.types import QuantSpec
+
+    cfg = ModelConfig(**ROBERTA)
+    base = task_for(cfg).build(cfg)
+    assert not any(n.startswith("classifier") for n in quantizable_layers(base))
+    q = quantize_model(base, QuantSpec(bits=bits, backend=backend, group_size=32), torch.device("cpu"), torch.float32)
+    assert type(q.classifier.dense) is torch.nn.Linear and type(q.classifier.out_proj) is torch.nn.Linear
+    assert torch.equal(q.classifier.out_proj.weight, base.classifier.out_proj.weight)
+    assert type(q.roberta.encoder.layer[0].attention.self.query) is not torch.nn.Linear
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        a, b = base(input_ids=ids).logits, q(input_ids=ids).logits
+    assert torch.isfinite(b).all() and float((a - b).abs().max()) < 1.0
