@@ -46,6 +46,7 @@ class RayBackend(Backend):
         self._data_ref: Any = None
         self._components_ref: Any = None
         self.num_replaced = 0
+        self.starting: dict[int, Any] = {}  # slot → the ping of a replacement still starting (replace_worker)
         self._base_history: list[tuple[int, Any]] = []
         self.pack_size = 1
         self.slots: list[tuple[int, float, float]] = []
@@ -97,9 +98,11 @@ class RayBackend(Backend):
             actor.apply_base_delta.remote(version, delta)
         return actor
 
-    def replace_worker(self, slot: int) -> None:
-        """Kill the worker in ``slot`` (dead or hung) and start a new one there, ready (model built, base caught up)
-        before this returns, so that no client's clock pays for it."""
+    def replace_worker(self, slot: int, wait: bool = True) -> None:
+        """Kill the worker in ``slot`` (dead or hung) and start a new one there. With ``wait``, it is ready (started,
+        base caught up) before this returns; without, calls may queue behind its start while the other workers go on,
+        and :meth:`ready` says when it has started — a dispatch starts the clock of a client's time limit only then,
+        so that no client's clock pays for a replacement."""
         import ray
 
         try:
@@ -108,7 +111,25 @@ class RayBackend(Backend):
             pass
         self.actors[slot] = self._new_actor(slot)
         self.num_replaced += 1
-        ray.get(self.actors[slot].ping.remote())
+        ping = self.actors[slot].ping.remote()
+        if wait:
+            self.starting.pop(slot, None)
+            ray.get(ping)
+        else:
+            self.starting[slot] = ping
+
+    def ready(self, slot: int) -> bool:
+        """Whether the worker in ``slot`` has started (a replacement started without waiting may still be starting;
+        one that died starting counts as started: its calls fail, and the dispatch replaces it again)."""
+        import ray
+
+        ping = self.starting.get(slot)
+        if ping is None:
+            return True
+        if not ray.wait([ping], timeout=0)[0]:
+            return False
+        del self.starting[slot]
+        return True
 
     def sync_base(self, deltas: Sequence[tuple[int, Handle]]) -> None:
         """Queue the updates on every actor: actor calls run in order, so each applies them before its next job."""

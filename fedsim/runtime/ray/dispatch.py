@@ -9,7 +9,8 @@ The policy (:class:`RetryPolicy`), when a worker dies or a call outlives ``resou
 in it: the worker is replaced; calls it had finished keep their results; the first unfinished one — the clients it
 was running — is *charged* an attempt and retried (in the same pack) until ``resources.max_retries`` is spent; the
 calls queued behind it are resubmitted uncharged. A client that raises (e.g. a non-finite loss) is not retried: it
-would fail the same way.
+would fail the same way. The replacement starts while the other workers go on; calls queue behind its start, and the
+clock of a call's time limit starts when the new worker is up.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class RetryPolicy:
 
 class Dispatch:
     """One round's jobs on the pool of ``backend`` (a :class:`~fedsim.runtime.ray.backend.RayBackend`: its
-    ``actors``, slots, resources, pack size and :meth:`replace_worker`)."""
+    ``actors``, slots, resources, pack size, :meth:`replace_worker` and :meth:`ready`)."""
 
     def __init__(self, backend: Any, jobs: Sequence[tuple[ClientJob, Handle]],
                  on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy,
@@ -85,7 +86,9 @@ class Dispatch:
         while any(self.waiting.values()) or self.inflight:
             for slot in range(len(self.backend.actors)):
                 self._fill(slot)
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
+            self._start_clocks()
+            starting = [p for s, p in self.backend.starting.items() if self.queues[s]]
+            ready, _ = ray.wait(list(self.inflight) + starting, num_returns=1, timeout=self._wait_s())
             for ref in ready:
                 if ref in self.inflight:  # else dropped together with its worker
                     self._collect(ref)
@@ -99,9 +102,15 @@ class Dispatch:
             unit = pending.popleft()
             meta_ref, update_refs = self._submit(slot, unit)
             self.inflight[meta_ref] = (slot, unit, update_refs)
-            if not self.queues[slot]:
-                self.started[meta_ref] = time.monotonic()
             self.queues[slot].append(meta_ref)
+
+    def _start_clocks(self) -> None:
+        """The call at the head of each started worker's queue is running: its time limit counts from now (a
+        replacement still starting runs nothing yet)."""
+        now = time.monotonic()
+        for slot, queue in enumerate(self.queues):
+            if queue and queue[0] not in self.started and self.backend.ready(slot):
+                self.started[queue[0]] = now
 
     def _submit(self, slot: int, unit: Unit) -> tuple[Any, list]:
         actor = self.backend.actors[slot]
@@ -163,8 +172,7 @@ class Dispatch:
         del self.inflight[ref]
         self.started.pop(ref, None)
         self.queues[slot].remove(ref)
-        if self.queues[slot]:
-            self.started.setdefault(self.queues[slot][0], time.monotonic())
+        self._start_clocks()
         if cause is not None:
             self._fail_unit(unit, cause)
         else:
@@ -202,7 +210,7 @@ class Dispatch:
             charged = True
         self.queues[slot].clear()
         self._lose_partial(slot, reason)
-        self.backend.replace_worker(slot)
+        self.backend.replace_worker(slot, wait=False)
 
     def _enforce_timeouts(self) -> None:
         if self.policy.timeout_s is None:
