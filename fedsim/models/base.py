@@ -137,9 +137,9 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", class
     return model
 
 
-def hf_config(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> Any:
+def hf_config(cfg: ModelConfig, auto_class: str | None = CAUSAL_LM[0]) -> Any:
     """The transformers config the model is built or loaded with: the tiny model's, a stand-in's (``model.config``),
-    or the hub / local model's own; its architecture checked against ``auto_class``.
+    or the hub / local model's own; its architecture checked against ``auto_class`` (None: not checked).
 
     Raises:
         ScenarioError: the config cannot be read or built, or names a model of another kind (a sequence classifier
@@ -157,7 +157,8 @@ def hf_config(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0]) -> Any:
         except Exception as e:
             raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
                                 "give a hub id you can reach or a local directory saved with save_pretrained") from None
-    check_architecture(cfg, hf_cfg, auto_class)
+    if auto_class is not None:
+        check_architecture(cfg, hf_cfg, auto_class)
     return hf_cfg
 
 

@@ -177,14 +177,19 @@ def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
 
 @pytest.mark.parametrize("name", ["quickstart", "hetero_ranks", "personalized", "mixed_precision", "scale", "alpaca",
                                   "chat"])
-def test_every_shipped_scenario_runs(name, tmp_path):
-    """Each scenario in scenarios/ validates and runs (one short round, in process) as a user would start it."""
+def test_every_shipped_scenario_runs(name, tmp_path, capsys):
+    """Each scenario in scenarios/ validates (what `fedsim validate` runs) and runs one short round, in this process
+    (the command line itself is tested above: two processes per scenario cost ~10 s each)."""
+    import argparse
+
+    import fedsim
+    from fedsim.cli import _cmd_validate
+
     path = os.path.join(os.path.dirname(__file__), "..", "..", "scenarios", f"{name}.yaml")
-    r = _fedsim("validate", path)
-    assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
-    r = _fedsim("run", path, "--out", str(tmp_path / "run"), "--set", "rounds=1", "--set", "training.local_steps=2",
-                "--set", "resources.backend=local", "--set", "logging.wandb.mode=disabled", "--set", "eval.at_start=false")
-    assert r.returncode == 0, r.stderr
+    assert _cmd_validate(argparse.Namespace(scenario=path, overrides=[])) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+    fedsim.run(path, overrides=["rounds=1", "training.local_steps=2", "resources.backend=local",
+                                "logging.wandb.mode=disabled", "eval.at_start=false"], out=tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final/eval/accuracy"] is not None
     assert (tmp_path / "run" / "clients.csv").exists()

@@ -131,4 +131,4 @@ def architectures(cfg: ModelConfig) -> list[str]:
         except (OSError, ValueError, AttributeError) as e:
             key = "model.config" if cfg.config is not None else "model.name"
             raise ScenarioError(key, f"cannot read {path}: {e}", "give a config.json saved by transformers") from None
-    return list(getattr(hf_config(cfg, ""), "architectures", None) or [])
+    return list(getattr(hf_config(cfg, None), "architectures", None) or [])
