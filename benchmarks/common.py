@@ -43,6 +43,42 @@ def in_subprocess(target: Callable, args: tuple) -> dict:
     return out
 
 
+def floor_rounds(target: Callable, num_clients: int, args: tuple = ()) -> list[float]:
+    """The compute floor's round times: ``target(args + (clients, ), queue)`` in 2 spawned processes that share the
+    round's clients (each puts its per-round times on the queue); a round ends when the slower process ends."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    share = [num_clients // 2 + (i < num_clients % 2) for i in range(2)]
+    procs = [ctx.Process(target=target, args=((*args, share[i]), queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return [max(ts) for ts in zip(*results)]
+
+
+def floor_loop(step: Callable[[], None], params: list, num_clients: int, rounds: int) -> list[float]:
+    """Per-round times of the floor's loop in one process: per client a fresh AdamW, then ``step`` (forward and
+    backward) with gradient clipping at 1.0 and the optimizer's step, 5 times (the benchmarks' local steps)."""
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(num_clients):
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            for _ in range(5):
+                step()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 MODEL_ENV = "FEDSIM_BENCH_MODEL"  # the base model of a benchmark's runs (inherited by its worker processes)
 
 

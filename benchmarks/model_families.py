@@ -31,8 +31,10 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import floor_loop, floor_rounds  # noqa: E402
 
 SEQ = 64
 BATCH = 8
@@ -91,7 +93,7 @@ def write_data(family: str, path: Path, n: int) -> None:
 
 
 def _floor_worker(args: tuple, queue) -> None:
-    family, num_clients, rounds = args
+    family, rounds, num_clients = args
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -122,31 +124,11 @@ def _floor_worker(args: tuple, queue) -> None:
         labels = ids.clone()
         labels[:, : SEQ - 7] = -100
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(num_clients):
-            opt = torch.optim.AdamW(params, lr=1e-3)
-            for _ in range(STEPS):
-                task.loss(model, batch).backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    queue.put(times)
+    queue.put(floor_loop(lambda: task.loss(model, batch).backward(), params, num_clients, rounds))
 
 
 def measure_floor(family: str, num_clients: int, rounds: int) -> list[float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    share = [num_clients // 2 + (i < num_clients % 2) for i in range(2)]
-    procs = [ctx.Process(target=_floor_worker, args=((family, share[i], rounds), queue)) for i in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return [max(ts) for ts in zip(*results)]  # a round ends when the slower process ends
+    return floor_rounds(_floor_worker, num_clients, (family, rounds))
 
 
 def measure_fedsim(family: str, num_clients: int, rounds: int, workdir: Path, packed: bool = False) -> list[float]:

@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import floor_loop, floor_rounds  # noqa: E402
+
 SEQ = 64
 BATCH = 8
 STEPS = 5
@@ -58,7 +61,8 @@ def write_data(path: Path, n: int) -> None:
             f.write(json.dumps({"instruction": prompt, "output": answer}) + "\n")
 
 
-def _floor_worker(num_clients: int, rounds: int, queue: mp.Queue) -> None:
+def _floor_worker(args: tuple, queue: mp.Queue) -> None:
+    rounds, num_clients = args
     import torch
 
     torch.set_num_threads(1)
@@ -79,32 +83,12 @@ def _floor_worker(num_clients: int, rounds: int, queue: mp.Queue) -> None:
     ids = torch.randint(2, 384, (BATCH, SEQ), generator=gen)
     labels = ids.clone()
     labels[:, : SEQ - 7] = -100
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(num_clients):
-            opt = torch.optim.AdamW(params, lr=1e-3)
-            for _ in range(STEPS):
-                loss = causal_lm_loss(model, ids, labels)  # the loss a fedsim client computes
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    queue.put(times)
+    # the loss a fedsim client computes
+    queue.put(floor_loop(lambda: causal_lm_loss(model, ids, labels).backward(), params, num_clients, rounds))
 
 
 def measure_floor(num_clients: int, rounds: int) -> list[float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    share = [num_clients // 2 + (i < num_clients % 2) for i in range(2)]
-    procs = [ctx.Process(target=_floor_worker, args=(share[i], rounds, queue)) for i in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return [max(ts) for ts in zip(*results)]  # a round ends when the slower process ends
+    return floor_rounds(_floor_worker, num_clients, (rounds,))
 
 
 def measure_fedsim(num_clients: int, rounds: int, workdir: Path) -> tuple[list[float], dict]:
