@@ -260,3 +260,28 @@ def test_a_stopped_classifier_run_resumes_to_the_same_numbers(tiny_raw, tmp_path
     a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
     assert [r["round"] for r in b] == [0, 1, 2, 3]
     assert [r["eval/loss"] for r in a] == [r["eval/loss"] for r in b]
+
+
+@pytest.mark.parametrize("model_type,config,targets,head", [
+    ("bert", {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+     ["query", "value"], ["classifier"]),
+    ("deberta-v2", {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                    "pooler_hidden_size": 32, "max_position_embeddings": 96}, ["query_proj", "value_proj"],
+     ["classifier", "pooler"]),
+    ("qwen2", {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+               "intermediate_size": 64}, "all-linear", ["score"])])
+def test_other_classifier_families_train_their_heads(tiny_raw, tmp_path, model_type, config, targets, head):
+    """BERT, DeBERTa-v2 (its ContextPooler trains with the classifier) and a decoder with a score head (Qwen2, with
+    all-linear: every linear layer but the head)."""
+    from safetensors.torch import load_file
+
+    model = {"name": f"stand-in/{model_type}", "task": "seq_cls", "num_labels": 2, "target_modules": targets,
+             "config": {"model_type": model_type, **config}}
+    raw = classifier_raw(tiny_raw, tmp_path, model)
+    raw["rounds"] = 1
+    run_scenario(scenario_from_dict(raw), tmp_path / "run")
+    assert np.isfinite(_rows(tmp_path / "run")[-1]["eval/loss"])
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == sorted(head)
+    keys = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert not any(k.split(".")[2] in head and "lora_" in k for k in keys)  # nothing adapted inside the head

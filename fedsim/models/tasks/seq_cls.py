@@ -25,8 +25,10 @@ from fedsim.errors import ScenarioError
 from fedsim.models import base, batches
 from fedsim.models.tasks import Forward, ModelTask, architectures, model_task
 
-HEADS = ("pre_classifier", "classifier", "score")  # PEFT's SEQ_CLS_HEAD_NAMES, and DistilBERT's layer before its
-# classifier (randomly initialised with it: a frozen random layer under the head would cap what the head learns)
+# PEFT's SEQ_CLS_HEAD_NAMES, plus the layers a classifier puts under its head and initialises with it (DistilBERT's
+# pre_classifier, DeBERTa-v2's ContextPooler — a top-level `pooler`; BERT's pretrained pooler lies inside `bert` and is
+# not one): left frozen at their random start, they would cap what the head learns
+HEADS = ("pre_classifier", "pooler", "classifier", "score")
 
 
 @model_task("seq_cls")
