@@ -128,10 +128,12 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from fedsim.components import resolve
     from fedsim.config import load_scenario
     from fedsim.federation.prepare import prepare
 
     scenario = load_scenario(args.scenario, args.overrides)
+    resolve(scenario)  # what the components refuse (a model task's limits, worker partials with a stage)
     prep = prepare(scenario)
     sizes = [len(p) for p in prep.parts]
     print(f"ok: {args.scenario} — {scenario.strategy.name}, {len(prep.parts)} clients "

@@ -190,6 +190,17 @@ def test_classifier_mistakes_are_one_line_errors(tiny_raw, tmp_path):
         raw = json.loads(json.dumps(base))
         raw[key] = value
         refused(raw, match)
+    import argparse
+
+    import yaml
+
+    from fedsim.cli import _cmd_validate
+
+    raw = json.loads(json.dumps(base))
+    raw["strategy"] = {"name": "local"}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ScenarioError, match="strategy 'local' keeps every client's model"):  # validate says it too
+        _cmd_validate(argparse.Namespace(scenario=str(tmp_path / "local.yaml"), overrides=[]))
     inside = json.loads(json.dumps(base))
     inside["model"]["target_modules"] = ["dense"]  # also the classifier's own dense layer: never adapted
     from fedsim.models.base import target_shapes
