@@ -43,9 +43,8 @@ def take_head(acc: Partial) -> Tensors:
     keys = [k for k in acc.sums if k.startswith(ops.HEAD_PREFIX)]
     if not keys:
         return {}
-    total = acc.totals.pop(HEAD_TOTAL, 0.0)
-    if total <= 0:
-        raise AggregationError("client weights sum to zero: every update has num_examples == 0")
+    total = acc.denominator(HEAD_TOTAL)
+    del acc.totals[HEAD_TOTAL]
     return {k: (acc.sums.pop(k) / total).to(acc.dtypes.pop(k)) for k in keys}
 
 

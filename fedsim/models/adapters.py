@@ -13,7 +13,7 @@ import torch
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
-from fedsim.models.base import is_conv1d, weight_matrix
+from fedsim.models.base import head_exclusion, is_conv1d, weight_matrix
 from fedsim.types import LoraSpec, ModuleShape, Tensors
 
 MAX_ADAPTERS = 8  # named adapters kept per worker (one per distinct rank/alpha in use)
@@ -54,16 +54,6 @@ def _install_fused_forward(model: torch.nn.Module) -> int:
             mod.forward = fused_lora_forward.__get__(mod)
             count += 1
     return count
-
-
-def head_exclusion(head_modules: list[str] | tuple[str, ...]) -> str | None:
-    """PEFT's exclusion of the modules inside ``modules_to_save`` from LoRA's targets, as a regular expression (or
-    None without a head)."""
-    if not head_modules:
-        return None
-    import re
-
-    return rf"(.*\.)?({'|'.join(re.escape(m) for m in head_modules)})(\..*)?"
 
 
 def adapter_name(lora: LoraSpec, personal: bool = False) -> str:

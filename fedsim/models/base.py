@@ -259,6 +259,14 @@ def in_blocks(name: str) -> bool:
     return re.search(r"(^|\.)\d+(\.|$)", name) is not None
 
 
+def head_exclusion(head_modules: list[str] | tuple[str, ...]) -> str | None:
+    """PEFT's exclusion of the modules inside ``modules_to_save`` from LoRA's targets, as a regular expression over
+    full module names (None without a head)."""
+    if not head_modules:
+        return None
+    return rf"(.*\.)?({'|'.join(re.escape(m) for m in head_modules)})(\..*)?"
+
+
 def target_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], heads: tuple[str, ...] = ()
                   ) -> dict[str, ModuleShape]:
     """Module path → (d_in, d_out) of every linear layer LoRA adapts, by PEFT's own matching of
@@ -272,8 +280,8 @@ def target_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], heads: tuple
     """
     linear, outputs = linear_shapes(cfg, auto_class), linear_shapes(cfg, auto_class, part="heads")
     target = cfg.target_modules
-    inside = re.compile(rf"(.*\.)?({'|'.join(re.escape(h) for h in heads)})(\..*)?") if heads else None
-    linear = {n: s for n, s in linear.items() if inside is None or not inside.fullmatch(n)}
+    inside = head_exclusion(heads)
+    linear = {n: s for n, s in linear.items() if inside is None or not re.fullmatch(inside, n)}
     if target == "all-linear":
         names = [n for n in linear if not any(n == h or n.startswith(f"{h}.") for h in outputs)]
     else:
