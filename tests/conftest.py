@@ -42,7 +42,8 @@ ROBERTA = {"name": "FacebookAI/roberta-base", "task": "seq_cls", "num_labels": 2
 DISTILBERT = {"name": "distilbert/distilbert-base-multilingual-cased", "task": "seq_cls", "num_labels": 2,
               "target_modules": ["q_lin", "v_lin"],
               "config": {"model_type": "distilbert", "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64,
-                         "max_position_embeddings": 80, "dropout": 0.0, "attention_dropout": 0.0}}
+                         "max_position_embeddings": 80, "dropout": 0.0, "attention_dropout": 0.0,
+                         "seq_classif_dropout": 0.0}}
 
 
 def classifier_raw(raw: dict[str, Any], tmp_path, model: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,13 @@ Why the result equals training the clients one by one:
 
 - the loss of the pass is the *sum* of the clients' own mean losses, and the clients' parameters are disjoint, so
   each client's gradient is exactly the gradient of its own loss;
-- rows never interact in a causal LM (attention is within a sequence; right padding puts pads after every real
-  token, and pad positions carry no label), so a longer packed batch, or dummy rows that fill a client's sub-batch up
-  to the pack's row count, change nothing for the real tokens;
+- rows never interact (attention is within a sequence; in a causal LM right padding puts pads after every real
+  token and pad positions carry no label; an encoder's attention mask hides the pads), so a longer packed batch, or
+  filler rows that bring a client's sub-batch up to the pack's row count, change nothing for the real rows — the
+  model task builds the packed batch and each client's mean loss over its own block (``pack_collate``,
+  ``pack_losses``);
+- a model task's head (a classifier's linear layers) is per client too: each head layer's output is recomputed
+  block by block with that client's weight and bias, trained and clipped with its adapter;
 - each client keeps its own data order (the same seeded batch schedule as :func:`~fedsim.client.trainer.train_local`),
   its own scaling (alpha/r or alpha/√r), its own gradient-norm clipping (per-client norm over its own tensors) and its
   own optimizer state; the optimizers below are torch's AdamW and SGD written over the client axis with a mask, so
@@ -39,7 +43,7 @@ from fedsim.data.tokenized import TokenizedSplit
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.models.base import set_training
-from fedsim.models.lm_loss import IGNORE, labelled_logits
+from fedsim.models.tasks import ModelTask
 from fedsim.objectives import BoundObjective, ClientObjective, bind, state_out
 from fedsim.types import LoraSpec, ModuleShape, Tensors
 
@@ -63,6 +67,10 @@ class PackMember:
     seed: tuple[int, ...]
     objectives: tuple[ClientObjective, ...] = ()
     personal: Tensors | None = None
+    head: Tensors | None = None  # the head to start from (a model task's, e.g. a classifier's), checked
+
+
+HeadLayers = dict  # path in the base → (nn.Linear, its weight's key, its bias's key or None): AdapterHost.head_layers
 
 
 class _PackedOptimizer:
@@ -201,52 +209,78 @@ class _PackedLora:
                 for o in member.objectives]
 
 
+class _PackedHead:
+    """Each client's copy of a model task's head (a classifier's linear layers), trained in full: all of it in one
+    tensor (K, Σ sizes), and forward hooks that replace each head layer's output, block k of its rows computed with
+    client k's weight and bias — ``x W_kᵀ + b_k`` by one batched matmul, as ``nn.Linear`` computes it for one client.
+    The base's own head modules stay as they are (their output is discarded, their parameters frozen meanwhile)."""
+
+    def __init__(self, layers: HeadLayers, starts: Sequence[Tensors], device: torch.device):
+        self.layers = layers
+        params = {k: p for layer, w, b in layers.values() for k, p in ((w, layer.weight), (b, layer.bias)) if k}
+        self.keys = sorted(params)
+        self.shapes = {k: tuple(params[k].shape) for k in self.keys}
+        dtype = next(iter(params.values())).dtype  # the head's own dtype: the same arithmetic as one by one
+        flat = torch.stack([torch.cat([s[k].reshape(-1).to(dtype) for k in self.keys]) for s in starts])
+        self.flat = flat.to(device).requires_grad_(True)
+        self.select(None)
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, off, n = {}, 0, flat.shape[0]
+        for k in self.keys:
+            size = math.prod(self.shapes[k])
+            out[k] = flat[:, off:off + size].view(n, *self.shapes[k])
+            off += size
+        return out
+
+    def select(self, active: torch.Tensor | None) -> None:
+        """The clients whose rows the next pass holds (None: all, in order)."""
+        self.current = self._views(self.flat if active is None else self.flat[active])
+
+    def hook(self, path: str):
+        _, w_key, b_key = self.layers[path]
+
+        def per_client(_layer: torch.nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            w = self.current[w_key]  # (n, d_out, d_in)
+            n = w.shape[0]
+            xs = x.reshape(n, -1, x.shape[-1])  # client k's rows are block k
+            y = torch.bmm(xs, w.transpose(1, 2)) if b_key is None else \
+                torch.baddbmm(self.current[b_key].unsqueeze(1), xs, w.transpose(1, 2))
+            return y.reshape(*x.shape[:-1], w.shape[1])
+
+        return per_client
+
+    def client_tensors(self, i: int) -> Tensors:
+        """Client i's head, float32 on the CPU (as :meth:`AdapterHost.read_head` reads it)."""
+        views = self._views(self.flat.detach())
+        return {k: v[i].to("cpu", torch.float32, copy=True) for k, v in views.items()}
+
+
 @contextlib.contextmanager
-def _packed_forward(peft_model: torch.nn.Module, packed: _PackedLora) -> Iterator[None]:
-    """PEFT's own adapters off, the packed LoRA terms on, for the duration of the block."""
+def _packed_forward(peft_model: torch.nn.Module, packed: _PackedLora, head: _PackedHead | None = None
+                    ) -> Iterator[None]:
+    """PEFT's own adapters off, the packed LoRA terms (and each client's head) on, for the duration of the block."""
     layers = {m: peft_model.get_submodule("base_model.model." + m) for m in packed.modules}
+    heads = {} if head is None else {path: layer for path, (layer, _, _) in head.layers.items()}
+    frozen = [p for layer in heads.values() for p in layer.parameters() if p.requires_grad]
     handles = []
     try:
         for m, layer in layers.items():
             layer.enable_adapters(False)  # the layer computes its base output only (quantized or not)
             handles.append(layer.register_forward_hook(packed.hook(m)))
+        for path, layer in heads.items():
+            handles.append(layer.register_forward_hook(head.hook(path)))
+        for p in frozen:
+            p.requires_grad_(False)
         yield
     finally:
         for h in handles:
             h.remove()
         for layer in layers.values():
             layer.enable_adapters(True)
-
-
-def collate_pack(split: TokenizedSplit, batches: Sequence[np.ndarray], pad_id: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clients' batches one after another, each padded to the same number of rows with empty rows (all pad, no
-    label), right-padded to the longest sequence of the pack.
-
-    Returns:
-        ``input_ids`` (n·rows, T) and ``labels`` (n·rows, T) with -100 on prompt and padding.
-    """
-    rows = max(len(b) for b in batches)
-    seqs = [[split.sample(int(i)) for i in b] for b in batches]
-    width = max(len(s) for client in seqs for s in client)
-    ids = np.full((len(batches) * rows, width), pad_id, dtype=np.int64)
-    labels = np.full((len(batches) * rows, width), IGNORE, dtype=np.int64)
-    for c, (b, client) in enumerate(zip(batches, seqs)):
-        for j, (i, s) in enumerate(zip(b, client)):
-            ids[c * rows + j, : len(s)] = s
-            split.label_row(int(i), labels[c * rows + j])
-    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
-
-
-def _client_losses(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
-    """Each client's mean next-token loss over its own labelled tokens, as transformers' causal-LM loss computes it
-    for one client's batch (logits upcast to float32), from :func:`~fedsim.models.lm_loss.labelled_logits`'
-    (logits, targets) at the pack's labelled positions. Returns (n,)."""
-    tok = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                            ignore_index=IGNORE, reduction="none")
-    tok = tok.view(n, -1)
-    count = (target != IGNORE).view(n, -1).sum(dim=1)
-    return tok.sum(dim=1) / count  # 0/0 = nan for a batch without labels, as for one client alone
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
@@ -263,20 +297,25 @@ def check_member(member: PackMember, shapes: dict[str, ModuleShape]) -> None:
                                        f"{shape}")
 
 
+Trained = tuple[Tensors, dict[str, float], Tensors, Tensors, Tensors]
+
+
 def train_packed(model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
-                 device: torch.device, lr: float | None = None
-                 ) -> list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception]:
-    """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model).
+                 device: torch.device, task: ModelTask, lr: float | None = None, head: HeadLayers | None = None
+                 ) -> list[Trained | Exception]:
+    """Train every member's adapter together, one pass per step over the base inside ``model`` (a PEFT model), with
+    ``task``'s packed batches and losses; ``head``: the model task's head layers (each member starts from its own
+    ``head``, trained with its adapter).
 
     Returns, per member in order, (trained adapter tensors, metrics as :func:`train_local` reports them plus
-    ``train/clients_per_pass``, the state its objectives keep, what they upload) or the exception that ended that client (e.g. a
-    non-finite loss); the others go on.
+    ``train/clients_per_pass``, the state its objectives keep, what they upload, its trained head or {}) or the
+    exception that ended that client (e.g. a non-finite loss); the others go on.
     """
     t0 = time.perf_counter()
-    run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device, lr)
+    run = _PackRun(model, shapes, members, trainable, split, cfg, pad_id, device, task, lr, head)
     set_training(model, True)
-    with _packed_forward(model, run.packed):
+    with _packed_forward(model, run.packed, run.head):
         for step in range(max(run.steps)):
             if not run.step(step):
                 break
@@ -288,11 +327,15 @@ class _PackRun:
 
     def __init__(self, model: torch.nn.Module, shapes: dict[str, ModuleShape], members: Sequence[PackMember],
                  trainable: tuple[str, ...], split: TokenizedSplit, cfg: TrainingConfig, pad_id: int,
-                 device: torch.device, lr: float | None = None):
+                 device: torch.device, task: ModelTask, lr: float | None = None, head: HeadLayers | None = None):
         self.model, self.split, self.cfg, self.pad_id, self.device = model, split, cfg, pad_id, device
+        self.task = task
         self.base_lr = cfg.lr if lr is None else lr
         self.k, self.members = len(members), members
         self.packed = _PackedLora(members, shapes, device, trainable)
+        self.head = _PackedHead(head, [m.head for m in members], device) if head and trainable else None
+        # dropout in the base, if any: the pack's own stream, a function of its first client's (seed, round, id)
+        torch.manual_seed(int(np.random.default_rng(list(members[0].seed) + [1]).integers(2**62)))
         self.schedules, self.steps = [], []
         for m in members:
             rng = np.random.default_rng(list(m.seed))
@@ -300,7 +343,8 @@ class _PackRun:
             n_steps = cfg.steps_for(len(m.indices))
             self.steps.append(n_steps)
             self.schedules.append(batch_schedule(m.indices, n_steps, cfg.batch_size, rng))
-        self.opt = _PackedOptimizer(self.packed.trainable, cfg)
+        self.params = self.packed.trainable + ([self.head.flat] if self.head is not None else [])
+        self.opt = _PackedOptimizer(self.params, cfg)
         self.failed: dict[int, Exception] = {}
         self.totals = [0.0] * self.k
         self.tokens = [0] * self.k
@@ -312,11 +356,13 @@ class _PackRun:
         active = [i for i in range(k) if step < self.steps[i] and i not in self.failed]
         if not active:
             return False
-        packed.select(None if len(active) == k else torch.tensor(active, device=device))
-        ids, labels = collate_pack(self.split, [self.schedules[i][step] for i in active], self.pad_id, device)
-        logits, target = labelled_logits(self.model, ids, labels)  # the LM head at labelled positions only
-        losses = _client_losses(logits, target, len(active))
-        objective = self._objective(active, losses, labels)
+        chosen = None if len(active) == k else torch.tensor(active, device=device)
+        packed.select(chosen)
+        if self.head is not None:
+            self.head.select(chosen)
+        batch = self.task.pack_collate(self.split, [self.schedules[i][step] for i in active], self.pad_id, device)
+        losses, counts = self.task.pack_losses(self.model, batch, len(active))
+        objective = self._objective(active, losses, counts)
         stepping = [i for i in active if i not in self.failed]
         if not stepping:
             return True
@@ -326,9 +372,9 @@ class _PackRun:
             mask = torch.zeros(k, dtype=torch.bool, device=device)
             mask[stepping] = True
         if self.cfg.max_grad_norm is not None:
-            _clip_per_client(packed.trainable, self.cfg.max_grad_norm)
+            _clip_per_client(self.params, self.cfg.max_grad_norm)
         self.opt.step(mask, self._rates(step))
-        for p in packed.trainable:
+        for p in self.params:
             p.grad = None
         return True
 
@@ -339,10 +385,10 @@ class _PackRun:
         rates = [self.base_lr * lr_factor(self.cfg, step, n) for n in self.steps]
         return torch.tensor(rates, dtype=torch.float32, device=self.device)
 
-    def _objective(self, active: list[int], losses: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def _objective(self, active: list[int], losses: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
         """Each active client's loss plus its objectives' penalties (a client with a non-finite loss fails)."""
         values = losses.detach().cpu().tolist()
-        labelled = (labels != IGNORE).view(len(active), -1).sum(dim=1).tolist()  # tokens per client this step
+        labelled = counts.tolist()  # what each client's loss is a mean over this step (labelled tokens, rows)
         objective = []
         for j, i in enumerate(active):
             if not math.isfinite(values[j]):
@@ -358,9 +404,9 @@ class _PackRun:
             self.tokens[i] += int(labelled[j])
         return objective
 
-    def results(self, elapsed: float) -> list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception]:
-        """Per client: its trained tensors, metrics, objective state and objective uploads (or its failure)."""
-        out: list[tuple[Tensors, dict[str, float], Tensors, Tensors] | Exception] = []
+    def results(self, elapsed: float) -> list[Trained | Exception]:
+        """Per client: its trained tensors, metrics, objective state, objective uploads and head (or its failure)."""
+        out: list[Trained | Exception] = []
         for i in range(self.k):
             if i in self.failed:
                 out.append(self.failed[i])
@@ -373,7 +419,9 @@ class _PackRun:
                 metrics.update(b.finish())
             objectives = list(self.members[i].objectives)
             state = state_out(objectives, self.bound[i])
-            out.append((self.packed.client_tensors(i), metrics, state, state_out(objectives, self.bound[i], True)))
+            head = self.head.client_tensors(i) if self.head is not None else {}
+            out.append((self.packed.client_tensors(i), metrics, state, state_out(objectives, self.bound[i], True),
+                        head))
         return out
 
 

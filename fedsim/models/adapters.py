@@ -236,15 +236,36 @@ class AdapterHost:
         """Copy a head into the base's head modules; None: the base's initial head. Every key is needed."""
         if not self.head:
             return
+        src = self.head_source(tensors)
+        with torch.no_grad():
+            for k, p in self.head.items():
+                p.copy_(src[k])
+
+    def head_source(self, tensors: Tensors | None) -> Tensors:
+        """The head a client starts from: ``tensors`` once checked against the model's, or (None) the base's initial
+        head.
+
+        Raises:
+            AggregationError: a key missing or a shape that differs."""
         src = self._initial_head if tensors is None else tensors
         if sorted(src) != sorted(self.head):
             missing = sorted(set(self.head) - set(src))[:3]
             raise AggregationError(f"the payload's head does not match the model's (missing e.g. {missing})")
-        with torch.no_grad():
-            for k, p in self.head.items():
-                if src[k].shape != p.shape:
-                    raise AggregationError(f"{k}: payload shape {tuple(src[k].shape)} != head shape {tuple(p.shape)}")
-                p.copy_(src[k])
+        for k, p in self.head.items():
+            if src[k].shape != p.shape:
+                raise AggregationError(f"{k}: payload shape {tuple(src[k].shape)} != head shape {tuple(p.shape)}")
+        return src
+
+    def head_layers(self) -> dict[str, tuple[torch.nn.Linear, str, str | None]] | None:
+        """The head's linear layers: path in the base → (layer, its weight's key, its bias's key or None); None when
+        some head parameter is not a linear layer's (a packed pass computes linear heads only)."""
+        keys = {id(p): k for k, p in self.head.items()}
+        layers = {}
+        for path, mod in self.base.named_modules():
+            if isinstance(mod, torch.nn.Linear) and id(mod.weight) in keys:
+                layers[path] = (mod, keys[id(mod.weight)], keys.get(id(mod.bias)) if mod.bias is not None else None)
+        covered = {k for _, w, b in layers.values() for k in (w, b) if k is not None}
+        return layers if covered == set(self.head) else None
 
     def read_head(self) -> Tensors:
         """A CPU float32 copy of the head's tensors ({} without a head)."""

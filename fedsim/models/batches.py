@@ -52,3 +52,47 @@ def collate_prompts(split: Any, indices: Sequence[int] | np.ndarray, pad_id: int
     labels = np.asarray(split.label[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
     return {k: torch.from_numpy(v).to(device) for k, v in
             (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+
+
+def collate_pack(split: Any, client_batches: Sequence[np.ndarray], pad_id: int, device: torch.device | str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """A packed pass's causal-LM batch (:mod:`fedsim.client.packed`): the clients' batches one after another, each
+    padded to the same number of rows with empty rows (all pad, no label), right-padded to the longest sequence of
+    the pack. No attention mask: right padding puts every pad after the real tokens of a causal model.
+
+    Returns:
+        ``input_ids`` (n·rows, T) and ``labels`` (n·rows, T) with -100 on prompt and padding.
+    """
+    rows = max(len(b) for b in client_batches)
+    seqs = [[split.sample(int(i)) for i in b] for b in client_batches]
+    width = max(len(s) for client in seqs for s in client)
+    ids = np.full((len(client_batches) * rows, width), pad_id, dtype=np.int64)
+    labels = np.full((len(client_batches) * rows, width), IGNORE, dtype=np.int64)
+    for c, (b, client) in enumerate(zip(client_batches, seqs)):
+        for j, (i, s) in enumerate(zip(b, client)):
+            ids[c * rows + j, : len(s)] = s
+            split.label_row(int(i), labels[c * rows + j])
+    return {"input_ids": torch.from_numpy(ids).to(device), "labels": torch.from_numpy(labels).to(device)}
+
+
+def collate_prompts_pack(split: Any, client_batches: Sequence[np.ndarray], pad_id: int,
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A packed pass's classification batch: each client's :func:`collate_prompts` rows one block after another,
+    each block filled up to the pack's row count with filler rows (one attended pad token, label -100, which no loss
+    reads), right-padded to the pack's longest prompt. The attention mask keeps every real row's result what it is
+    in a batch of its own."""
+    rows = max(len(b) for b in client_batches)
+    n = len(client_batches)
+    seqs = [[split.sample(int(i))[: int(split.prompt_len[int(i)])] for i in b] for b in client_batches]
+    width = max(1, max(len(s) for client in seqs for s in client))
+    ids = np.full((n * rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n * rows, width), dtype=np.int64)
+    mask[:, 0] = 1  # a filler row attends to its one pad token: finite values, never read
+    labels = np.full(n * rows, IGNORE, dtype=np.int64)
+    for c, (b, client) in enumerate(zip(client_batches, seqs)):
+        labels[c * rows: c * rows + len(b)] = split.label[np.asarray(b, dtype=np.int64)]
+        for j, s in enumerate(client):
+            ids[c * rows + j, : len(s)] = s
+            mask[c * rows + j, : len(s)] = 1
+    return {k: torch.from_numpy(v).to(device) for k, v in
+            (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}

@@ -53,3 +53,21 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     logits, target = labelled_logits(model, input_ids, labels, forward)
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE)
+
+
+def pack_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed pass's causal-LM losses: ``n`` clients' row blocks of equal size, one after another. Returns each
+    client's mean next-token loss over its own labelled tokens (n,) — what :func:`causal_lm_loss` gives for its batch
+    alone (NaN without a label) — and how many tokens that is (n,)."""
+    logits, target = labelled_logits(model, input_ids, labels)  # the LM head at the pack's labelled positions
+    return block_means(logits, target, n)
+
+
+def block_means(logits: torch.Tensor, target: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 cross-entropy of ``logits`` (rows, ..., classes) against ``target`` (rows, ...), averaged within
+    each of ``n`` equal row blocks over its targets that are not ``IGNORE``: ((n,) means, (n,) counts)."""
+    each = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="none").view(n, -1)
+    count = (target != IGNORE).view(n, -1).sum(dim=1)
+    return each.sum(dim=1) / count, count  # 0/0 = nan for a block without labels, as for one client alone

@@ -37,8 +37,9 @@ def run_pack(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]) -
             key = (payload.base_version, job.spec.quant if worker.bases.quantized_run else FULL, payload.trainable)
             groups.setdefault(key, []).append(pos)
     for positions in groups.values():
-        if len(positions) == 1:
-            alone.append((positions[0], ""))
+        why = _head_unpackable(worker, items[positions[0]][1], items[positions[0]][0])
+        if len(positions) == 1 or why:
+            alone += [(p, why) for p in positions]
             continue
         for pos, outcome in zip(positions, train_group(worker, [items[p] for p in positions])):
             out[pos] = outcome
@@ -79,6 +80,15 @@ def unpackable(worker: Worker, payload: ClientPayload) -> str:
     return ""
 
 
+def _head_unpackable(worker: Worker, payload: ClientPayload, job: ClientJob) -> str:
+    """Why clients of this model cannot share a pass because of its head ("" when they can)."""
+    host = worker.host(payload.base_version, job.spec.quant)
+    if host.head and host.head_layers() is None:
+        return ("resources.clients_per_pass: the model task's head has layers other than linear ones; its clients "
+                "train one by one")
+    return ""
+
+
 def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]) -> list:
     """One packed pass for clients of one base version, bit width and set of trainable factors."""
     t0 = time.perf_counter()
@@ -94,7 +104,7 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             tensors = worker.starts.fresh(shapes, payload, job) if payload.fresh else \
                 worker.starts.initial(shapes, payload, job.spec.client_id, job.personal)
             member = PackMember(payload.lora, tensors, job.indices, (seed, job.server_round, job.spec.client_id),
-                                tuple(payload.objectives), job.personal)
+                                tuple(payload.objectives), job.personal, host.head_source(payload.head))
             check_member(member, shapes)
             members.append(member)
         except Exception as e:
@@ -104,8 +114,8 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
     if live:
         cfg = worker.scenario.training
         trained = train_packed(host.model, shapes, [members[i] for i in live], first.trainable, worker.data.train,
-                               cfg, worker.data.pad_id, worker.device,
-                               round_lr(cfg, first_job.server_round, worker.scenario.rounds))
+                               cfg, worker.data.pad_id, worker.device, worker.components.task,
+                               round_lr(cfg, first_job.server_round, worker.scenario.rounds), host.head_layers())
         elapsed = (time.perf_counter() - t0) / len(live)  # the pass's time, shared by its clients
         joint = registry.get("procedure", "joint")
         for i, res in zip(live, trained):
@@ -113,8 +123,8 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             if isinstance(res, Exception):
                 out[i] = ClientFailure.of(job.spec.client_id, res)
                 continue
-            tensors, metrics, state, extra = res
+            tensors, metrics, state, extra, head = res
             out[i] = worker.finish(job, payload, tensors, None, metrics, elapsed, procedure=joint,
                                    objective_state=state, extra=extra,
-                                   start=members[i].tensors if payload.fresh else None)
+                                   start=members[i].tensors if payload.fresh else None, head=head or None)
     return out

@@ -108,16 +108,22 @@ def test_every_strategy_runs_on_an_encoder_classifier(tiny_raw, tmp_path, strate
 
 
 def test_a_decoder_classifier_and_worker_partials(tiny_raw, tmp_path):
-    """The tiny Llama as LlamaForSequenceClassification (its score head reads each row's last token): the run with
-    resources.worker_partials (each worker folds its clients' heads too) equals the plain one."""
+    """The tiny Llama as LlamaForSequenceClassification (its score head reads each row's last token): the runs with
+    resources.worker_partials (each worker folds its clients' heads too) and with packed clients equal the plain
+    one."""
     raw = classifier_raw(tiny_raw, tmp_path, {"name": "tiny", "task": "seq_cls", "num_labels": 2,
                                               "tiny": tiny_raw["model"]["tiny"]})
     plain = scenario_from_dict(raw)
     run_scenario(plain, tmp_path / "plain")
     raw["resources"]["worker_partials"] = True
     run_scenario(scenario_from_dict(raw), tmp_path / "partials")
-    a, b = _rows(tmp_path / "plain"), _rows(tmp_path / "partials")
+    raw["resources"]["worker_partials"] = False
+    raw["resources"]["clients_per_pass"] = "auto"  # every round's clients in one pass, each with its own head
+    run_scenario(scenario_from_dict(raw), tmp_path / "packed")
+    a, b, c = _rows(tmp_path / "plain"), _rows(tmp_path / "partials"), _rows(tmp_path / "packed")
     assert a[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], rel=1e-6)
+    assert a[-1]["eval/loss"] == pytest.approx(c[-1]["eval/loss"], rel=1e-5)
+    assert all(r["train/clients_per_pass"] > 1 for r in c[1:])
     assert a[-1]["train/loss"] < a[1]["train/loss"] or a[-1]["eval/loss"] < a[0]["eval/loss"]
 
 

@@ -59,6 +59,9 @@ def _assert_same(sequential, packed, pack_size):
         assert (r1.personal is None) == (r2.personal is None)
         for k in r1.personal or {}:
             assert _rel(r2.personal[k], r1.personal[k]) <= TOL, k
+        assert sorted(u1.head) == sorted(u2.head)  # a classifier's head: trained per client in the pass
+        for k in u1.head:
+            assert _rel(u2.head[k], u1.head[k]) <= TOL, (r1.client_id, k, _rel(u2.head[k], u1.head[k]))
         assert ("train/lr" in r1.metrics) == ("train/lr" in r2.metrics)
         for m in ("train/loss", "train/steps", "train/tokens", "train/lr", "reg/tail_norm_end", "hetlora/rank"):
             if m in r1.metrics:
@@ -256,19 +259,37 @@ def test_scaffold_does_not_pack_and_says_so(tiny_raw):
                                                                                   objectives=(Scaffold(),)))
 
 
-def test_a_classifier_trains_one_by_one_with_a_note(tiny_raw, tmp_path):
-    """Packed passes compute causal-LM losses: a sequence classifier's clients fall back to one at a time, each
-    saying why, with the same updates as unpacked training."""
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "llama"])
+def test_classifiers_pack_exactly_with_their_heads(tiny_raw, tmp_path, family):
+    """Sequence classifiers pack: prompts of different lengths (padding under an encoder's attention mask), filler
+    rows, each client's head (RoBERTa's dense + out_proj, DistilBERT's pre_classifier + classifier, Llama's
+    bias-free score on each row's last token) trained and clipped with its adapter; in round 2 from the averaged
+    head the payload carries."""
+    from conftest import DISTILBERT, ROBERTA, classifier_raw
+
+    model = {"roberta": ROBERTA, "distilbert": DISTILBERT,
+             "llama": {"name": "tiny", "task": "seq_cls", "num_labels": 2, "tiny": tiny_raw["model"]["tiny"]}}
+    classifier_raw(tiny_raw, tmp_path, model[family])
+    sc, prep, clients, spec = _setup(tiny_raw, "fedit", max_grad_norm=0.05, weight_decay=0.1, local_steps=3)
+    sequential = _check(sc, prep, clients, spec, rounds=2)
+    assert all(u.head for _, u in sequential)
+
+
+def test_a_head_with_other_than_linear_layers_trains_one_by_one(tiny_raw, tmp_path, monkeypatch):
+    """A head the packed pass cannot compute (a layer other than nn.Linear) falls back with the reason, same
+    updates."""
     from conftest import ROBERTA, classifier_raw
+
+    from fedsim.models.adapters import AdapterHost
 
     classifier_raw(tiny_raw, tmp_path, ROBERTA)
     sc, prep, clients, spec = _setup(tiny_raw, "fedit")
     strategy = make_strategy("fedit")
     items, _ = _round(Worker(sc, prep.data), strategy, strategy.init_state(spec), prep, clients[:2], 1)
-    worker = Worker(sc, prep.data)
-    assert "seq_cls" in worker.unpackable(items[0][1])
-    outs = worker.run_pack(items)
     alone = [Worker(sc, prep.data).run_client(j, p) for j, p in items]
+    monkeypatch.setattr(AdapterHost, "head_layers", lambda self: None)
+    outs = Worker(sc, prep.data).run_pack(items)
     for (r, u), (_, u1) in zip(outs, alone):
-        assert "seq_cls" in r.note and sorted(u.head) == sorted(u1.head) and u.head
+        assert "other than linear" in r.note and r.metrics["train/clients_per_pass"] == 1.0
+        assert sorted(u.head) == sorted(u1.head) and u.head
         assert all(torch.equal(u.tensors[k], u1.tensors[k]) for k in u1.tensors)

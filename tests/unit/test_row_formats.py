@@ -297,12 +297,12 @@ def test_validate_and_a_run_say_what_was_truncated(tmp_path, tiny_raw, capsys):
 def test_packed_batches_label_a_conversation_as_single_batches_do(tmp_path, tiny_raw):
     import torch
 
-    from fedsim.client.packed import collate_pack
+    from fedsim.models.batches import collate_pack
 
     sc = scenario(tiny_raw, write_jsonl(tmp_path / "c.jsonl", chat_rows(12)), format="chat", max_seq_len=512)
     data = D.load_data(sc, use_cache=False)
     batches = [np.asarray([0, 3]), np.asarray([5]), np.asarray([1, 2])]
-    ids, labels = collate_pack(data.train, batches, data.pad_id, torch.device("cpu"))
+    labels = collate_pack(data.train, batches, data.pad_id, torch.device("cpu"))["labels"]
     for c, b in enumerate(batches):
         single = collate(data.train, b, data.pad_id)
         for j in range(len(b)):

@@ -18,7 +18,7 @@ import torch
 from fedsim import registry
 from fedsim.config import ModelConfig
 from fedsim.errors import ScenarioError
-from fedsim.models import batches
+from fedsim.models import batches, lm_loss
 from fedsim.models.base import CAUSAL_LM, hf_config, is_tiny
 
 model_task = registry.decorator("model_task")
@@ -86,6 +86,19 @@ class ModelTask(ABC):
         does not predict classes itself). Default: :meth:`token_scores` over the labelled tokens."""
         logp, hit = self.token_scores(model, batch)
         return logp, batch["labels"][:, 1:] != batches.IGNORE, hit, None
+
+    def pack_collate(self, split: Any, client_batches: Any, pad_id: int, device: torch.device | str = "cpu"
+                     ) -> dict[str, torch.Tensor]:
+        """A packed pass's batch (:mod:`fedsim.client.packed`, for a ``packable`` task): the clients' batches one
+        after another, each filled with unlabelled rows up to the same number of rows, so that client k's rows are
+        block k (default: the causal LM's, :func:`fedsim.models.batches.collate_pack`)."""
+        return batches.collate_pack(split, client_batches, pad_id, device)
+
+    def pack_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` clients' losses of a packed batch: each client's :meth:`loss` over its own block (n,) — what
+        that client's batch alone would give — and what each is a mean over (n,): labelled tokens by default."""
+        return lm_loss.pack_losses(model, batch["input_ids"], batch["labels"], n)
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Forward | None = None

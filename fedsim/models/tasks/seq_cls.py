@@ -22,7 +22,7 @@ import torch
 
 from fedsim.config import ModelConfig
 from fedsim.errors import ScenarioError
-from fedsim.models import base, batches
+from fedsim.models import base, batches, lm_loss
 from fedsim.models.tasks import Forward, ModelTask, architectures, model_task
 
 # PEFT's SEQ_CLS_HEAD_NAMES, plus the layers a classifier puts under its head and initialises with it (DistilBERT's
@@ -39,7 +39,7 @@ class SequenceClassification(ModelTask):
     name = "seq_cls"
     peft_task_type = "SEQ_CLS"
     classes = ("AutoModelForSequenceClassification", "LlamaForSequenceClassification")
-    packable = False  # packed passes compute causal-LM losses
+    packable = True  # each client's head in the pass: fedsim.client.packed
     head_names = HEADS
 
     def build(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -94,6 +94,14 @@ class SequenceClassification(ModelTask):
     def collate(self, split: Any, indices: Any, pad_id: int, device: torch.device | str = "cpu"
                 ) -> dict[str, torch.Tensor]:
         return batches.collate_prompts(split, indices, pad_id, device)
+
+    def pack_collate(self, split: Any, client_batches: Any, pad_id: int, device: torch.device | str = "cpu"
+                     ) -> dict[str, torch.Tensor]:
+        return batches.collate_prompts_pack(split, client_batches, pad_id, device)
+
+    def pack_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm_loss.block_means(self._logits(model, batch), batch["labels"], n)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
