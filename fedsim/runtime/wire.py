@@ -47,13 +47,17 @@ def unpack(packed: Packed) -> Tensors:
     return out
 
 
+FIELDS = ("tensors", "extra", "head")  # the tensor dicts of payloads, updates and server states that travel packed
+
+
 def pack_tensors_of(obj: Any) -> Any:
-    """A copy of a dataclass (payload or update) whose ``tensors`` field is packed."""
-    return dataclasses.replace(obj, tensors=pack(obj.tensors))
+    """A copy of a dataclass (payload, update, server state) whose tensor dicts (:data:`FIELDS`: the adapter, an
+    objective's uploads, a model task's head) are packed; empty or absent ones stay as they are."""
+    changes = {f: pack(v) for f in FIELDS if isinstance(v := getattr(obj, f, None), dict) and v}
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 def unpack_tensors_of(obj: Any) -> Any:
-    """Inverse of :func:`pack_tensors_of` (objects whose tensors are not packed pass through)."""
-    if isinstance(obj.tensors, Packed):
-        return dataclasses.replace(obj, tensors=unpack(obj.tensors))
-    return obj
+    """Inverse of :func:`pack_tensors_of` (fields that are not packed pass through)."""
+    changes = {f: unpack(v) for f in FIELDS if isinstance(v := getattr(obj, f, None), Packed)}
+    return dataclasses.replace(obj, **changes) if changes else obj
