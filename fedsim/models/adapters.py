@@ -258,7 +258,13 @@ class AdapterHost:
 
     def head_layers(self) -> dict[str, tuple[torch.nn.Linear, str, str | None]] | None:
         """The head's linear layers: path in the base → (layer, its weight's key, its bias's key or None); None when
-        some head parameter is not a linear layer's (a packed pass computes linear heads only)."""
+        some head parameter is not a linear layer's (a packed pass computes linear heads only). Found once: the
+        head's modules never change."""
+        if not hasattr(self, "_head_layers"):
+            self._head_layers = self._find_head_layers()
+        return self._head_layers
+
+    def _find_head_layers(self) -> dict[str, tuple[torch.nn.Linear, str, str | None]] | None:
         keys = {id(p): k for k, p in self.head.items()}
         layers = {}
         for path, mod in self.base.named_modules():

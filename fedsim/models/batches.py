@@ -41,17 +41,8 @@ def collate_prompts(split: Any, indices: Sequence[int] | np.ndarray, pad_id: int
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Sequence classification's batch: each row's prompt alone (its text as the format rendered it, without the
     answer), right-padded, with ``attention_mask`` (an encoder attends both ways: it must not see the pads) and
-    ``labels`` (B,) the rows' class indices."""
-    seqs = [split.sample(int(i))[: int(split.prompt_len[int(i)])] for i in indices]
-    width = max(1, max(len(s) for s in seqs))
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = s
-        mask[row, : len(s)] = 1
-    labels = np.asarray(split.label[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
-    return {k: torch.from_numpy(v).to(device) for k, v in
-            (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+    ``labels`` (B,) the rows' class indices — a packed batch of one client (:func:`collate_prompts_pack`)."""
+    return collate_prompts_pack(split, [np.asarray(indices, dtype=np.int64)], pad_id, device)
 
 
 def collate_pack(split: Any, client_batches: Sequence[np.ndarray], pad_id: int, device: torch.device | str = "cpu"
@@ -87,10 +78,10 @@ def collate_prompts_pack(split: Any, client_batches: Sequence[np.ndarray], pad_i
     width = max(1, max(len(s) for client in seqs for s in client))
     ids = np.full((n * rows, width), pad_id, dtype=np.int64)
     mask = np.zeros((n * rows, width), dtype=np.int64)
-    mask[:, 0] = 1  # a filler row attends to its one pad token: finite values, never read
     labels = np.full(n * rows, IGNORE, dtype=np.int64)
     for c, (b, client) in enumerate(zip(client_batches, seqs)):
         labels[c * rows: c * rows + len(b)] = split.label[np.asarray(b, dtype=np.int64)]
+        mask[c * rows + len(b): (c + 1) * rows, 0] = 1  # a filler row attends to its one pad: finite, never read
         for j, s in enumerate(client):
             ids[c * rows + j, : len(s)] = s
             mask[c * rows + j, : len(s)] = 1
