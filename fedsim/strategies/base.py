@@ -258,22 +258,21 @@ class Strategy(ABC):
         if not updates:
             raise AggregationError("no client updates to aggregate")
         keys = sorted(updates[0].tensors)
+        rank_dim = {k: 0 if ops.factor_of(k) == "A" else 1 for k in keys}  # A: (r, d_in), B: (d_out, r)
+        ref = shapes_from.tensors if shapes_from is not None else {}
+        other = {k: ref[k].shape[1 - rank_dim[k]] for k in keys if k in ref}
         for u in updates:
-            if sorted(u.tensors) != keys:
+            if len(u.tensors) != len(keys) or any(k not in rank_dim for k in u.tensors):
                 missing = sorted(set(keys) - set(u.tensors))[:3]
                 raise AggregationError(f"client {u.client_id} sent different keys (missing e.g. {missing})")
             for k, t in u.tensors.items():
-                r = t.shape[0] if ops.factor_of(k) == "A" else t.shape[1]
+                r = t.shape[rank_dim[k]]
                 if r != u.lora.rank:
                     raise AggregationError(f"client {u.client_id}: {k} has shape {tuple(t.shape)}, rank {r}; "
                                            f"its spec says rank {u.lora.rank}")
-                if shapes_from is not None and k in shapes_from.tensors:
-                    ref = shapes_from.tensors[k]
-                    other = ref.shape[1] if ops.factor_of(k) == "A" else ref.shape[0]
-                    mine = t.shape[1] if ops.factor_of(k) == "A" else t.shape[0]
-                    if other != mine:
-                        raise AggregationError(f"client {u.client_id}: {k} has shape {tuple(t.shape)}, "
-                                               f"incompatible with the global {tuple(ref.shape)}")
+                if k in other and t.shape[1 - rank_dim[k]] != other[k]:
+                    raise AggregationError(f"client {u.client_id}: {k} has shape {tuple(t.shape)}, "
+                                           f"incompatible with the global {tuple(ref[k].shape)}")
         return keys
 
     @staticmethod

@@ -60,6 +60,34 @@ def test_median_and_trimmed_mean_equal_numpy_in_float64(n, ties):
         np.testing.assert_allclose(new.tensors[k].double().numpy(), ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_median_and_trimmed_mean_of_many_updates_in_blocks_and_threads(threads, monkeypatch):
+    """More updates than one copy block (64), an odd count, a bf16 tensor, NaN and ties: every coordinate as numpy's
+    median / sorted trimmed mean (NaN sorts last, as numpy.sort), whichever thread reduced its tensor."""
+    n = 151
+    g = torch.Generator().manual_seed(5)
+    ups = []
+    for i in range(n):
+        t = {"m.lora_A": torch.randn(3, 70, generator=g), "m.lora_B": (torch.randn(40, 3, generator=g) * 2).round(),
+             "n.lora_A": torch.randn(2, 9, generator=g).to(torch.bfloat16)}
+        if i == 7:
+            t["m.lora_A"][0, 0] = float("nan")
+        ups.append(ClientUpdate(client_id=i, num_examples=1, lora=LORA, tensors=t))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    st = GlobalState(tensors={k: torch.zeros(v.shape) for k, v in ups[0].tensors.items()}, lora=LORA)
+    ctx = RoundContext(server_round=1, num_rounds=1, seed=0)
+    for stage, ref in [(RobustAggregation("median"), lambda a: np.median(a, axis=0)),
+                       (RobustAggregation("trimmed_mean", trim=0.1),
+                        lambda a: np.sort(a, axis=0)[15 : n - 15].mean(axis=0))]:
+        stage.before(ctx, st, ups)
+        new, _ = stage.after(ctx, st, st)
+        for k in st.tensors:
+            a = np.stack([u.tensors[k].double().numpy() for u in ups])
+            if k == "m.lora_A":  # numpy.median would give NaN where a NaN is; the sort puts it last like numpy.sort
+                a[7, 0, 0] = np.inf
+            np.testing.assert_allclose(new.tensors[k].double().numpy(), ref(a), rtol=1e-6)
+
+
 def krum_reference(ups, f, m):
     flat = np.stack([np.concatenate([u.tensors[k].double().numpy().ravel() for k in sorted(SHAPES)]) for u in ups])
     n = len(ups)
