@@ -14,11 +14,12 @@ Floor (measured before and after fedsim, in the same run): the same steps on a m
 AdamW per client, the task's own loss (fedsim's: the causal LM's at the labelled positions; the classifier's
 cross-entropy), nothing else: no adapter swaps, no data collation, no communication, no aggregation. Its round time
 is the slower process's. fedsim's is the fit time (sample → configure → train → aggregate; no evaluation).
-Printed and saved: per family the steady round (median of rounds 2..) of both and their ratio (target ≤ 1.10), and
+Printed and saved: per family the steady round (median of rounds 2..) of both and their ratio (target ≤ 1.10) —
+with ``--repeats R``, R fedsim runs each between two floor runs and the median of their ratios —, and
 fedsim with each worker's clients packed into shared passes (``resources.clients_per_pass: auto``; the classifier's
 clients each with their own head in the pass).
 
-Usage: python benchmarks/model_families.py [--rounds 4] [--clients 40] [--out benchmarks/results]
+Usage: python benchmarks/model_families.py [--rounds 4] [--clients 40] [--repeats 1] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -153,47 +154,65 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clients", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fedsim runs per family, each between two floor runs; the ratio is the median of the "
+                         "repeats' (this machine's speed drifts by up to half within minutes)")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     results: dict[str, dict] = {}
     lines = [
         "# Model families: fedsim against a plain PEFT loop (benchmarks/model_families.py)", "",
-        f"command: python benchmarks/model_families.py --rounds {args.rounds} --clients {args.clients}",
+        f"command: python benchmarks/model_families.py --rounds {args.rounds} --clients {args.clients} "
+        f"--repeats {args.repeats}",
         f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}",
         f"workload per round: {args.clients} clients × {STEPS} steps, batch {BATCH} × {SEQ} tokens, LoRA r={RANK}, "
         "2 Ray workers (1 CPU, 1 thread each); floor: the same steps on one PEFT-wrapped model per process, "
-        "2 plain processes, measured before and after fedsim", "",
+        f"2 plain processes, measured before and after each of the {args.repeats} fedsim run(s); a repeat's ratio: "
+        "fedsim's steady round over the median steady round of the floor runs on either side; shown: the median "
+        "of the repeats (their range)", "",
         "| family | fedsim steady round (s) | floor steady round (s) | ratio (target ≤ 1.10) | "
         "fedsim packed (s) | packed / floor |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def span(xs: list[float]) -> str:
+        mid = statistics.median(xs)
+        return f"{mid:.3f}" if len(xs) == 1 else f"{mid:.3f} ({min(xs):.3f}–{max(xs):.3f})"
+
     for family in args.families:
-        before = measure_floor(family, args.clients, args.rounds)
-        with tempfile.TemporaryDirectory() as tmp:
-            fed = measure_fedsim(family, args.clients, args.rounds, Path(tmp))
-            packed = measure_fedsim(family, args.clients, args.rounds, Path(tmp), packed=True)
-        after = measure_floor(family, args.clients, args.rounds)
-        floor = statistics.median(before[1:] + after[1:])
-        r = {"fedsim_rounds_s": fed, "floor_before_s": before, "floor_after_s": after, "fedsim_steady_s": steady(fed),
-             "floor_steady_s": floor, "ratio": steady(fed) / floor,
-             "packed_rounds_s": packed, "packed_steady_s": steady(packed)}
+        floors = [measure_floor(family, args.clients, args.rounds)]
+        feds, packs = [], []
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                feds.append(measure_fedsim(family, args.clients, args.rounds, Path(tmp)))
+                packs.append(measure_fedsim(family, args.clients, args.rounds, Path(tmp), packed=True))
+            floors.append(measure_floor(family, args.clients, args.rounds))
+        around = [statistics.median(floors[i][1:] + floors[i + 1][1:]) for i in range(args.repeats)]
+        ratios = [steady(f) / fl for f, fl in zip(feds, around)]
+        packed = [steady(p) / fl for p, fl in zip(packs, around)]
+        r = {"fedsim_rounds_s": feds, "floor_rounds_s": floors, "packed_rounds_s": packs,
+             "fedsim_steady_s": statistics.median(steady(f) for f in feds),
+             "floor_steady_s": statistics.median(around), "packed_steady_s": statistics.median(steady(p) for p in packs),
+             "ratios": ratios, "ratio": statistics.median(ratios), "packed_ratios": packed,
+             "packed_ratio": statistics.median(packed)}
         results[family] = r
-        pk = f"{r['packed_steady_s']:.2f} | {r['packed_steady_s'] / floor:.3f}"
-        lines.append(f"| {family} | {r['fedsim_steady_s']:.2f} | {floor:.2f} | **{r['ratio']:.3f}** | {pk} |")
+        lines.append(f"| {family} | {r['fedsim_steady_s']:.2f} | {r['floor_steady_s']:.2f} | **{span(ratios)}** | "
+                     f"{r['packed_steady_s']:.2f} | {span(packed)} |")
         print(lines[-1], flush=True)
-    lines += ["", "rounds (s), fedsim | floor before | floor after:"]
+    lines += ["", "rounds (s), floor | fedsim | fedsim packed | floor ...:"]
     for family, r in results.items():
-        lines.append(f"- {family}: {', '.join(f'{t:.2f}' for t in r['fedsim_rounds_s'])} | "
-                     f"{', '.join(f'{t:.2f}' for t in r['floor_before_s'])} | "
-                     f"{', '.join(f'{t:.2f}' for t in r['floor_after_s'])}")
+        runs = [r["floor_rounds_s"][0]]
+        for i in range(args.repeats):
+            runs += [r["fedsim_rounds_s"][i], r["packed_rounds_s"][i], r["floor_rounds_s"][i + 1]]
+        lines.append(f"- {family}: " + " | ".join(", ".join(f"{t:.2f}" for t in ts) for ts in runs))
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_families.md").write_text(text + "\n")
     (out / "model_families.json").write_text(json.dumps({"clients": args.clients, "rounds": args.rounds,
-                                                         "families": results}, indent=2))
+                                                         "repeats": args.repeats, "families": results}, indent=2))
     return 0
 
 
