@@ -42,7 +42,7 @@ from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
-from fedsim.models.base import set_training
+from fedsim.models.base import seed_torch, set_training
 from fedsim.models.tasks import ModelTask
 from fedsim.objectives import BoundObjective, ClientObjective, bind, state_out
 from fedsim.types import LoraSpec, ModuleShape, Tensors
@@ -335,7 +335,7 @@ class _PackRun:
         self.packed = _PackedLora(members, shapes, device, trainable)
         self.head = _PackedHead(head, [m.head for m in members], device) if head and trainable else None
         # dropout in the base, if any: the pack's own stream, a function of its first client's (seed, round, id)
-        torch.manual_seed(int(np.random.default_rng(list(members[0].seed) + [1]).integers(2**62)))
+        seed_torch(int(np.random.default_rng(list(members[0].seed) + [1]).integers(2**62)), device)
         self.schedules, self.steps = [], []
         for m in members:
             rng = np.random.default_rng(list(m.seed))

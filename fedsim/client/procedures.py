@@ -29,7 +29,7 @@ from fedsim.client.trainer import autocast, batch_schedule, compute_dtype, make_
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
 from fedsim.models.adapters import AdapterHost
-from fedsim.models.base import set_training
+from fedsim.models.base import seed_torch, set_training
 from fedsim.models.tasks import ModelTask
 from fedsim.objectives import BoundObjective
 from fedsim.types import AlternateOptions, BilevelOptions, ClientPayload
@@ -175,7 +175,7 @@ def bilevel(job: LocalJob) -> dict[str, float]:
     names = {id(t): n for n, t in model.named_parameters()}
     x_names, y_names = [names[id(t)] for t in x], [names[id(t)] for t in y]
     rng = np.random.default_rng(list(job.seed))
-    torch.manual_seed(int(rng.integers(2**62)))
+    seed_torch(int(rng.integers(2**62)), job.device)
     steps = cfg.steps_for(len(job.indices))
     base_lr = cfg.lr if job.lr is None else job.lr
     opt = make_optimizer(x, cfg, base_lr)

@@ -18,7 +18,7 @@ import torch
 from fedsim.client.schedule import lr_factor, lr_metrics, scheduled
 from fedsim.config import TrainingConfig
 from fedsim.data.tokenized import TokenizedSplit
-from fedsim.models.base import set_training
+from fedsim.models.base import seed_torch, set_training
 from fedsim.objectives import BoundObjective, bind
 
 METRIC_KEYS = ("train/loss", "train/steps", "train/tokens", "train/time_s", "train/lr")  # what train_local reports
@@ -115,7 +115,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter], split:
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(list(seed))
-    torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any, is a function of (seed, round, client)
+    seed_torch(int(rng.integers(2**62)), device)  # dropout, if any, is a function of (seed, round, client)
     steps = cfg.steps_for(len(indices))
     base_lr = cfg.lr if lr is None else lr
     opt = make_optimizer(params, cfg, base_lr)

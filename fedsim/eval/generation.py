@@ -13,7 +13,7 @@ import torch
 from fedsim.config.training import GenerateConfig
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit
 from fedsim.eval.text_metrics import GenerationOutputs
-from fedsim.models.base import set_training
+from fedsim.models.base import seed_torch, set_training
 
 
 def left_padded(split: TokenizedSplit, indices: Sequence[int], pad_id: int, device: torch.device
@@ -59,7 +59,7 @@ def generate_batch(model: torch.nn.Module, data: TokenizedData, indices: Sequenc
         kwargs.update(temperature=None, top_p=None, top_k=None)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the training RNG stays where it was
-        torch.manual_seed(seed)
+        seed_torch(seed, device)
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out[:, ids.shape[1]:].cpu().tolist()
     predictions, references, samples = [], [], []
