@@ -33,13 +33,18 @@ from fedsim.types import ClientUpdate, GlobalState, RoundContext, Tensors
 METHODS = ("median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
 
 
+def numels(updates: Sequence[ClientUpdate], keys: Sequence[str]) -> dict[str, int]:
+    """Each key's element count (the updates share their shapes: the server checked them)."""
+    return {k: updates[0].tensors[k].numel() for k in keys}
+
+
 class RowBuffer:
     """One reused float32 buffer in which the clients' values of a tensor are stacked as (clients, numel) rows, key
     after key: a fresh (500, numel) stack per tensor costs about as much in page faults as the work done on it."""
 
     def __init__(self, updates: Sequence[ClientUpdate], keys: Sequence[str]):
         self.updates = updates
-        self.sizes = {k: updates[0].tensors[k].numel() for k in keys}
+        self.sizes = numels(updates, keys)
         self._buf = torch.empty(len(updates) * max(self.sizes.values(), default=0))
 
     def rows(self, key: str, which: Sequence[int] | None = None) -> torch.Tensor:
@@ -73,7 +78,7 @@ def sorted_columns(updates: Sequence[ClientUpdate], keys: Sequence[str],
     at two positions, which falls back to scalar introselect. The keys are split over torch's thread count (torch's
     copies and numpy's sort release the GIL)."""
     n = len(updates)
-    sizes = {k: updates[0].tensors[k].numel() for k in keys}
+    sizes = numels(updates, keys)
     threads = max(1, min(torch.get_num_threads(), len(keys)))
     shares: list[list[str]] = [[] for _ in range(threads)]
     load = [0] * threads
