@@ -13,7 +13,9 @@ Floor (measured before and after fedsim, in the same run): the same steps on a m
 ``get_peft_model`` (the classifier's head trainable), split over 2 plain processes with one thread each — a fresh
 AdamW per client, the task's own loss (fedsim's: the causal LM's at the labelled positions; the classifier's
 cross-entropy), nothing else: no adapter swaps, no data collation, no communication, no aggregation. Its round time
-is the slower process's. fedsim's is the fit time (sample → configure → train → aggregate; no evaluation).
+is the slower process's. fedsim's is the fit time (sample → configure → train → aggregate; no evaluation), in its
+default settings (``resources.clients_per_call: auto``: from round 2 each Ray call trains several clients one after
+another; ``--one-per-call`` measures one client per call beside it).
 Printed and saved: per family the steady round (median of rounds 2..) of both and their ratio (target ≤ 1.10) —
 with ``--repeats R``, R fedsim runs each between two floor runs and the median of their ratios —, and
 fedsim with each worker's clients packed into shared passes (``resources.clients_per_pass: auto``; the classifier's
@@ -57,7 +59,8 @@ FAMILIES = {
 }
 
 
-def scenario_dict(family: str, data_path: str, num_clients: int, rounds: int, packed: bool = False) -> dict:
+def scenario_dict(family: str, data_path: str, num_clients: int, rounds: int, packed: bool = False,
+                  per_call: int | str = "auto") -> dict:
     classifier = family == "roberta"
     data = ({"source": data_path, "format": "classification", "columns": ["label", "text"],
              "prompt_template": "{text}", "task_field": None, "max_seq_len": SEQ, "test": {"fraction": 0.05}}
@@ -70,7 +73,7 @@ def scenario_dict(family: str, data_path: str, num_clients: int, rounds: int, pa
         "training": {"local_steps": STEPS, "batch_size": BATCH, "lr": 0.001},
         "eval": {"every": 10_000, "at_start": False, "batch_size": 256},
         "resources": {"backend": "ray", "num_workers": 2, "num_cpus": 1,
-                      "clients_per_pass": "auto" if packed else 1},
+                      "clients_per_pass": "auto" if packed else 1, "clients_per_call": per_call},
         "logging": {"console": False, "jsonl": True, "wandb": {"mode": "disabled"}},
     }
 
@@ -132,17 +135,44 @@ def measure_floor(family: str, num_clients: int, rounds: int) -> list[float]:
     return floor_rounds(_floor_worker, num_clients, (family, rounds))
 
 
-def measure_fedsim(family: str, num_clients: int, rounds: int, workdir: Path, packed: bool = False) -> list[float]:
+def measure_fedsim(family: str, num_clients: int, rounds: int, workdir: Path, packed: bool = False,
+                   per_call: int | str = "auto") -> list[float]:
     from fedsim.config import scenario_from_dict
     from fedsim.driver import run_scenario
 
     data = workdir / ("data.csv" if family == "roberta" else "data.jsonl")
     if not data.exists():
         write_data(family, data, max(2000, num_clients * BATCH * 2))
-    out = workdir / ("packed" if packed else "run")
-    run_scenario(scenario_from_dict(scenario_dict(family, str(data), num_clients, rounds, packed)), out)
+    out = workdir / ("packed" if packed else f"run-{per_call}")
+    run_scenario(scenario_from_dict(scenario_dict(family, str(data), num_clients, rounds, packed, per_call)), out)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["time/fit_s"] for r in rows if r["round"] >= 1]
+
+
+def measure_family(family: str, args: argparse.Namespace) -> dict:
+    """R repeats of fedsim (default, packed, and with ``--one-per-call`` one client per call), each between two
+    floor runs; each repeat's ratios against the floor runs on either side."""
+    floors = [measure_floor(family, args.clients, args.rounds)]
+    runs: dict[str, list] = {"fedsim": [], "packed": [], "one": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs["fedsim"].append(measure_fedsim(family, args.clients, args.rounds, Path(tmp)))
+            runs["packed"].append(measure_fedsim(family, args.clients, args.rounds, Path(tmp), packed=True))
+            if args.one_per_call:
+                runs["one"].append(measure_fedsim(family, args.clients, args.rounds, Path(tmp), per_call=1))
+        floors.append(measure_floor(family, args.clients, args.rounds))
+    around = [statistics.median(floors[i][1:] + floors[i + 1][1:]) for i in range(args.repeats)]
+    r: dict = {"floor_rounds_s": floors, "floor_steady_s": statistics.median(around)}
+    for name, xs in runs.items():
+        if xs:
+            r[f"{name}_rounds_s"] = xs
+            r[f"{name}_steady_s"] = statistics.median(steady(x) for x in xs)
+            r[f"{name}_ratios"] = [steady(x) / fl for x, fl in zip(xs, around)]
+    r["ratios"] = r.pop("fedsim_ratios")
+    for name in ("", "packed_", "one_"):
+        if f"{name}ratios" in r:
+            r[f"{name}ratio"] = statistics.median(r[f"{name}ratios"])
+    return r
 
 
 def steady(xs: list[float]) -> float:
@@ -158,13 +188,15 @@ def main() -> int:
                     help="fedsim runs per family, each between two floor runs; the ratio is the median of the "
                          "repeats' (this machine's speed drifts by up to half within minutes)")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--one-per-call", action="store_true",
+                    help="also run fedsim with one client per Ray call (resources.clients_per_call: 1) in each repeat")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     results: dict[str, dict] = {}
     lines = [
         "# Model families: fedsim against a plain PEFT loop (benchmarks/model_families.py)", "",
         f"command: python benchmarks/model_families.py --rounds {args.rounds} --clients {args.clients} "
-        f"--repeats {args.repeats}",
+        f"--repeats {args.repeats}" + (" --one-per-call" if args.one_per_call else ""),
         f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}",
         f"workload per round: {args.clients} clients × {STEPS} steps, batch {BATCH} × {SEQ} tokens, LoRA r={RANK}, "
         "2 Ray workers (1 CPU, 1 thread each); floor: the same steps on one PEFT-wrapped model per process, "
@@ -172,8 +204,8 @@ def main() -> int:
         "fedsim's steady round over the median steady round of the floor runs on either side; shown: the median "
         "of the repeats (their range)", "",
         "| family | fedsim steady round (s) | floor steady round (s) | ratio (target ≤ 1.10) | "
-        "fedsim packed (s) | packed / floor |",
-        "|---|---:|---:|---:|---:|---:|",
+        "fedsim packed (s) | packed / floor |" + (" one client per call (s) | its ratio |" if args.one_per_call else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.one_per_call else ""),
     ]
 
     def span(xs: list[float]) -> str:
@@ -181,30 +213,18 @@ def main() -> int:
         return f"{mid:.3f}" if len(xs) == 1 else f"{mid:.3f} ({min(xs):.3f}–{max(xs):.3f})"
 
     for family in args.families:
-        floors = [measure_floor(family, args.clients, args.rounds)]
-        feds, packs = [], []
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                feds.append(measure_fedsim(family, args.clients, args.rounds, Path(tmp)))
-                packs.append(measure_fedsim(family, args.clients, args.rounds, Path(tmp), packed=True))
-            floors.append(measure_floor(family, args.clients, args.rounds))
-        around = [statistics.median(floors[i][1:] + floors[i + 1][1:]) for i in range(args.repeats)]
-        ratios = [steady(f) / fl for f, fl in zip(feds, around)]
-        packed = [steady(p) / fl for p, fl in zip(packs, around)]
-        r = {"fedsim_rounds_s": feds, "floor_rounds_s": floors, "packed_rounds_s": packs,
-             "fedsim_steady_s": statistics.median(steady(f) for f in feds),
-             "floor_steady_s": statistics.median(around), "packed_steady_s": statistics.median(steady(p) for p in packs),
-             "ratios": ratios, "ratio": statistics.median(ratios), "packed_ratios": packed,
-             "packed_ratio": statistics.median(packed)}
-        results[family] = r
-        lines.append(f"| {family} | {r['fedsim_steady_s']:.2f} | {r['floor_steady_s']:.2f} | **{span(ratios)}** | "
-                     f"{r['packed_steady_s']:.2f} | {span(packed)} |")
+        r = results[family] = measure_family(family, args)
+        one = (f" | {r['one_steady_s']:.2f} | {span(r['one_ratios'])}" if args.one_per_call else "")
+        lines.append(f"| {family} | {r['fedsim_steady_s']:.2f} | {r['floor_steady_s']:.2f} | **{span(r['ratios'])}** | "
+                     f"{r['packed_steady_s']:.2f} | {span(r['packed_ratios'])}{one} |")
         print(lines[-1], flush=True)
-    lines += ["", "rounds (s), floor | fedsim | fedsim packed | floor ...:"]
+    lines += ["", "rounds (s), floor | fedsim | fedsim packed " + ("| one per call " if args.one_per_call else "")
+              + "| floor ...:"]
     for family, r in results.items():
         runs = [r["floor_rounds_s"][0]]
         for i in range(args.repeats):
-            runs += [r["fedsim_rounds_s"][i], r["packed_rounds_s"][i], r["floor_rounds_s"][i + 1]]
+            runs += [r["fedsim_rounds_s"][i], r["packed_rounds_s"][i]] + (
+                [r["one_rounds_s"][i]] if args.one_per_call else []) + [r["floor_rounds_s"][i + 1]]
         lines.append(f"- {family}: " + " | ".join(", ".join(f"{t:.2f}" for t in ts) for ts in runs))
     text = "\n".join(lines)
     print(text)

@@ -27,6 +27,7 @@ class WorkerPool(Frozen):
     num_gpus: float = Field(0.0, ge=0.0, le=64)
 
 MAX_CLIENTS_PER_PASS = 256
+MAX_CLIENTS_PER_CALL = 1024
 
 
 class ResourcesConfig(Frozen):
@@ -53,6 +54,27 @@ class ResourcesConfig(Frozen):
     # workers' partials: the server and the object store hold a few partials, not every update of the round (for
     # strategies that stream; equal to the server's own aggregation to float32 rounding, not bit for bit)
     worker_partials: bool = False
+    # clients a worker trains one after another in one call (Ray backend), so that Ray's cost per call (~2-4 ms of
+    # worker and driver time) is paid once for several short clients; the numbers are those of one call per client.
+    # auto: one per call in the first round, then calls of ~0.5 s by the previous round's client times
+    # (1 when faults inject kills or hangs: each client's draw must cost only that client). Calls shrink towards a
+    # round's end (guided self-scheduling) so that no worker waits on another's last long call
+    clients_per_call: int | Literal["auto"] = "auto"
+
+    @field_validator("clients_per_call")
+    @classmethod
+    def _per_call(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= MAX_CLIENTS_PER_CALL:
+            raise ValueError(f"clients_per_call must be between 1 and {MAX_CLIENTS_PER_CALL} or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _calls_or_passes(self) -> ResourcesConfig:
+        if self.clients_per_call not in ("auto", 1) and self.clients_per_pass != 1:
+            raise ValueError(f"clients_per_call {self.clients_per_call} with clients_per_pass "
+                             f"{self.clients_per_pass}: a pack is already one call; set one of them (clients_per_call "
+                             "for clients trained one after another, clients_per_pass for clients trained together)")
+        return self
 
     @field_validator("clients_per_pass")
     @classmethod

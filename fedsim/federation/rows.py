@@ -30,6 +30,9 @@ def round_row(result: RoundResult) -> dict[str, Any]:
         "train/clients_per_pass": float(np.mean([res.metrics.get("train/clients_per_pass", 1.0)
                                                  for res, _ in ok])) if ok else math.nan,
     }
+    # clients a worker trained in the same call (resources.clients_per_call, or a pack), mean over clients
+    row["engine/clients_per_call"] = float(np.mean([res.metrics.get("engine/clients_per_call", 1.0)
+                                                    for res, _ in ok])) if ok else math.nan
     # what the simulator itself moved into the server: every update, or the workers' partials (worker_partials)
     row.update({k: up[k] for k in ("engine/server_in_bytes", "engine/server_in_objects") if k in up})
     row.update(client_means(ok, n_ok, exclude=set(row)))

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,7 +52,8 @@ from fedsim.types import (
     Tensors,
 )
 
-WORKER_KEYS = ("client/time_s", "client/up_bytes", "train/clients_per_pass")  # metrics the worker itself adds
+# metrics the worker itself adds
+WORKER_KEYS = ("client/time_s", "client/up_bytes", "train/clients_per_pass", "engine/clients_per_call")
 PackOutcome = tuple[ClientResult, ClientUpdate] | ClientFailure
 
 
@@ -78,6 +79,14 @@ def pick_device(num_gpus: float) -> torch.device:
     if num_gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def in_call(outcomes: list[PackOutcome]) -> list[PackOutcome]:
+    """The outcomes of one call, each trained client's metrics saying how many clients the call had."""
+    for o in outcomes:
+        if not isinstance(o, ClientFailure):
+            o[0].metrics["engine/clients_per_call"] = float(len(outcomes))
+    return outcomes
 
 
 class Worker:
@@ -112,6 +121,7 @@ class Worker:
         self.bases = BaseCache(scenario, components.task if components else task_for(scenario.model), self.device)
         self.starts = AdapterStarts(scenario.seed, self.bases)
         self.num_clients = 0
+        self.num_calls = 0  # training calls: one per client, pack or run_clients
         self._tokenizer: Any = None
         self._folder: Folder | None = None
 
@@ -175,6 +185,11 @@ class Worker:
 
     def run_client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
         """Load the payload into the client's adapter, train locally, return its shared tensors."""
+        self.num_calls += 1
+        return self._client(job, payload)
+
+    def _client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
+        """One client: its injected process faults (a kill, a hang), then its training."""
         t0 = time.perf_counter()
         kill, hang = self.process_faults(job)
         if kill:
@@ -229,6 +244,7 @@ class Worker:
             metrics.update(transform_metrics)
         self.num_clients += 1
         metrics["client/time_s"] = time_s
+        metrics.setdefault("engine/clients_per_call", 1.0)  # a call of several clients says how many (in_call)
         metrics["client/up_bytes"] = float(ops.num_bytes(tensors) + ops.num_bytes(extra or {}) + ops.num_bytes(head or {}))
         logged = self._declared(metrics, payload, procedure)
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
@@ -285,7 +301,22 @@ class Worker:
 
     def run_pack(self, items: Sequence[tuple[ClientJob, ClientPayload]]) -> list[PackOutcome]:
         """Train several clients, packed into shared passes where they can be (:mod:`fedsim.runtime.pack_runner`)."""
-        return pack_runner.run_pack(self, items)
+        self.num_calls += 1
+        return in_call(pack_runner.run_pack(self, items))
+
+    def run_clients(self, items: Iterable[tuple[ClientJob, ClientPayload]]) -> list[PackOutcome]:
+        """Train several clients one after another in one call (``resources.clients_per_call``), each exactly as
+        :meth:`run_client` would — its own injected faults drawn in turn — and each failing alone: a client that
+        raises is a :class:`ClientFailure` and the next one trains. ``items`` may be lazy (a payload is unpacked
+        only when its client starts)."""
+        self.num_calls += 1
+        out: list[PackOutcome] = []
+        for job, payload in items:
+            try:
+                out.append(self._client(job, payload))
+            except Exception as e:
+                out.append(ClientFailure.of(job.spec.client_id, e))
+        return in_call(out)
 
     def unpackable(self, payload: ClientPayload) -> str:
         """Why this payload's client cannot share a pass ("" when it can)."""
@@ -355,7 +386,7 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         b = self.bases
         return {"name": self.name, "pid": os.getpid(), "num_builds": b.num_builds, "num_wraps": b.num_wraps(),
-                "num_clients": self.num_clients, "quantizations": dict(b.quantizations),
+                "num_clients": self.num_clients, "num_calls": self.num_calls, "quantizations": dict(b.quantizations),
                 "base_bytes": dict(b.base_bytes), "device": str(self.device), "max_rss_mb": peak_rss_mb()}
 
 

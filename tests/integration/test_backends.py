@@ -46,9 +46,11 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
     # the workers start before the data is prepared; the server (asking no resources) lives in the driver
     assert _Recording.events == ["launch", "prepare", "start", "DriverServerHandle"]
     _Recording.events = []
-    # the server in an actor of its own, and the workers folding their clients' updates into partials
+    # the server in an actor of its own, and one worker folding its clients' updates into partials, two clients
+    # a call and then one (resources.clients_per_call)
     actor = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.server.num_cpus=0.5",
-                                                       "resources.worker_partials=true"]),
+                                                       "resources.worker_partials=true", "resources.num_workers=1",
+                                                       "resources.clients_per_call=3"]),
                          tmp_path / "actor", _Recording())
     assert _Recording.events[-1] == "RayServerHandle"
     a, b, c = _rows(tmp_path / "local"), _rows(tmp_path / "ray"), _rows(tmp_path / "actor")
@@ -59,12 +61,15 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
         assert {k for k in ra if k.startswith("eval/task/")} == {k for k in rb if k.startswith("eval/task/")}
         if ra["round"]:  # every update reached the server; from the partials, at most one object per worker
             assert ra["engine/server_in_objects"] == rb["engine/server_in_objects"] == 3 >= rc["engine/server_in_objects"]
+            assert rb["engine/clients_per_call"] == 1.0  # auto, with 3 clients for 2 workers: one each
+            assert rc["engine/clients_per_call"] == pytest.approx(5 / 3)  # calls of 2 and 1
     assert local["final/eval/loss"] == ray_sum["final/eval/loss"] == actor["final/eval/loss"]
     # two long-lived actors, each built its model once and wrapped it with PEFT once, whatever it trained
     workers = ray_sum["workers"]
     assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in workers)
-    assert sum(w["num_clients"] for w in workers) == 6  # 3 clients × 2 rounds
+    assert sum(w["num_clients"] for w in workers) == sum(w["num_calls"] for w in workers) == 6  # 3 clients × 2 rounds
+    assert [(w["num_clients"], w["num_calls"]) for w in actor["workers"]] == [(6, 4)]
 
 
 def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):

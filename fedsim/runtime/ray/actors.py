@@ -30,6 +30,9 @@ class WorkerActor:
     def run_pack(self, jobs: Any, *payloads: Any, fold: Any = None) -> tuple:
         return self.worker.run_pack(jobs, *payloads, fold=fold)
 
+    def run_clients(self, jobs: Any, which: Any, *payloads: Any, fold: Any = None) -> tuple:
+        return self.worker.run_clients(jobs, which, *payloads, fold=fold)
+
     def take_partial(self, server_round: int) -> tuple[Any, Any]:
         return self.worker.take_partial(server_round)
 

@@ -26,7 +26,7 @@ from fedsim.data.tokenized import TokenizedData
 from fedsim.errors import BackendError
 from fedsim.models.base import configure_threads
 from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
-from fedsim.runtime.ray.dispatch import Dispatch, RetryPolicy
+from fedsim.runtime.ray.dispatch import Dispatch, RetryPolicy, auto_call_cap
 from fedsim.runtime.ray.pool import Pool, launch_pool, take_early
 from fedsim.runtime.ray.server_host import DriverServerHandle, ObjectStoreServer, RayServerHandle
 from fedsim.strategies import StrategySpec
@@ -49,6 +49,8 @@ class RayBackend(Backend):
         self.starting: dict[int, Any] = {}  # slot → the ping of a replacement still starting (replace_worker)
         self._base_history: list[tuple[int, Any]] = []
         self.pack_size = 1
+        self.faulty = False  # faults inject kills or hangs: one client per call
+        self.last_client: tuple[float, float] | None = None  # the last round's median client time (s), update bytes
         self.slots: list[tuple[int, float, float]] = []
         self.resources: Any = None
 
@@ -69,6 +71,7 @@ class RayBackend(Backend):
 
         self.launch(scenario)
         self.pack_size = scenario.pack_size(data.max_len)
+        self.faulty = scenario.faults.kill_worker_prob > 0 or scenario.faults.hang_prob > 0
         self._data_ref = ray.put(data)  # replacements get the data and the components when they are created
         self._components_ref = ray.put(components)
         ready = self._pool.ready + [a.attach.remote(self._data_ref, self._components_ref) for a in self.actors]
@@ -178,9 +181,20 @@ class RayBackend(Backend):
         policy = RetryPolicy(max_attempts=1 + self.resources.max_retries, timeout_s=self.resources.client_timeout_s)
         dispatch = Dispatch(self, jobs, on_done, policy, fold)
         outcomes = dispatch.run()
+        done = [r.metrics for r, _ in outcomes if isinstance(r, ClientResult) and "client/time_s" in r.metrics]
+        if done:
+            self.last_client = (float(np.median([m["client/time_s"] for m in done])),
+                                float(np.median([m.get("client/up_bytes", 0.0) for m in done])))
         self._folded = {slot: [jobs[pos][0].spec.client_id for pos in positions]
                         for slot, positions in dispatch.folded.items() if positions}
         return outcomes
+
+    def clients_per_call(self) -> int:
+        """The most clients a training call may take (``resources.clients_per_call``; ``auto``:
+        :func:`~fedsim.runtime.ray.dispatch.auto_call_cap` from the last round's clients, 1 with injected faults)."""
+        if self.resources.clients_per_call != "auto":
+            return int(self.resources.clients_per_call)
+        return 1 if self.faulty else auto_call_cap(*(self.last_client or (None, None)))
 
     def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:
         """Each worker that folded clients this round hands in its partial: the driver reads the list of clients

@@ -1,9 +1,10 @@
 """Dispatching a round's client jobs to the Ray worker pool, and what a lost worker costs its clients.
 
-Each actor keeps ``PIPELINE_DEPTH`` calls queued (one call: a client, or with ``resources.clients_per_pass`` K > 1 a
-pack of up to K clients from :func:`~fedsim.runtime.packs.make_packs`, cut from the job list alone so that the
-numbers never depend on timing); actor calls run in submission order, so no actor idles while the driver hands it
-the next client.
+Each actor keeps ``PIPELINE_DEPTH`` calls queued; actor calls run in submission order, so no actor idles while the
+driver hands it the next one. A call is one client; or with ``resources.clients_per_pass`` K > 1 a pack of up to K
+clients from :func:`~fedsim.runtime.packs.make_packs`, cut from the job list alone so that the numbers never depend
+on timing; or with ``resources.clients_per_call`` several clients trained one after another (:func:`call_size`: their
+numbers are each client's own, whichever call it is in).
 
 The policy (:class:`RetryPolicy`), when a worker dies or a call outlives ``resources.client_timeout_s`` per client
 in it: the worker is replaced; calls it had finished keep their results; the first unfinished one — the clients it
@@ -29,6 +30,24 @@ from fedsim.types import ClientFailure, ClientJob, ClientResult
 log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
+CALL_TARGET_S = 0.5  # clients_per_call: auto — a call of several clients lasts about this long (Ray's ~2-4 ms per
+# call, measured on 2 cores, is then under 1% of it)
+CALL_BYTES = 128 * 2**20  # ... and its clients' updates, which the worker holds until the call ends, stay under this
+
+
+def call_size(remaining: int, workers: int, cap: int) -> int:
+    """How many of a pool's ``remaining`` clients the next call takes: guided self-scheduling — a share of what is
+    left (half of an even split over the pool's ``workers``), at most ``cap`` — so that calls are long early in a
+    round and single clients at its end, where no worker should wait on another's last long call."""
+    return max(1, min(cap, -(-remaining // (2 * max(1, workers)))))
+
+
+def auto_call_cap(client_s: float | None, up_bytes: float | None) -> int:
+    """``clients_per_call: auto``'s largest call from the previous round's median client time and update size (1
+    before any client has trained)."""
+    if not client_s or up_bytes is None:
+        return 1
+    return max(1, min(int(CALL_TARGET_S / client_s), int(CALL_BYTES / max(up_bytes, 1.0))))
 
 Unit = list[tuple[int, ClientJob, Handle]]  # a call's clients: (position in the job list, job, payload handle)
 
@@ -67,7 +86,9 @@ class Dispatch:
         self.folded: dict[int, list[int]] = {}  # slot → positions of the jobs whose update its partial holds
         res = backend.resources
         self.depth = PIPELINE_DEPTH if backend.pack_size == 1 else 1  # a pack hides the dispatch latency itself
+        self.cap = backend.clients_per_call() if backend.pack_size == 1 else 1  # clients per call, at most
         self.waiting = {p: deque() for p in sorted({p for p, _, _ in backend.slots})}  # units per worker pool
+        self.workers = {p: [q for q, _, _ in backend.slots].count(p) for p in self.waiting}
         for unit in make_packs(jobs, backend.pack_size, res):
             self.waiting[self._pool(jobs[unit[0]][0])].append([(pos, *jobs[pos]) for pos in unit])
         self.queues: list[deque] = [deque() for _ in backend.actors]  # per actor: refs in submission order
@@ -100,6 +121,11 @@ class Dispatch:
         pending = self.waiting[self.backend.slots[slot][0]]
         while pending and len(self.queues[slot]) < self.depth:
             unit = pending.popleft()
+            if self.cap > 1:  # a call of several clients, one after another
+                size = call_size(len(unit) + sum(map(len, pending)), self.workers[self.backend.slots[slot][0]],
+                                 self.cap)
+                while pending and len(unit) + len(pending[0]) <= size:
+                    unit = unit + pending.popleft()
             meta_ref, update_refs = self._submit(slot, unit)
             self.inflight[meta_ref] = (slot, unit, update_refs)
             self.queues[slot].append(meta_ref)
@@ -118,6 +144,12 @@ class Dispatch:
         if len(unit) == 1:
             meta_ref, update_ref = actor.run_client.options(num_returns=2).remote(unit[0][1], unit[0][2], **fold)
             return meta_ref, [update_ref]
+        if self.backend.pack_size == 1:  # one after another; each payload once (a round's clients mostly share one)
+            index: dict[Any, int] = {}  # payload reference → its position among the call's payloads
+            which = [index.setdefault(p, len(index)) for _, _, p in unit]
+            refs = actor.run_clients.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit], which,
+                                                                               *index, **fold)
+            return refs[0], list(refs[1:])
         refs = actor.run_pack.options(num_returns=1 + len(unit)).remote([j for _, j, _ in unit],
                                                                         *[p for _, _, p in unit], **fold)
         return refs[0], list(refs[1:])

@@ -20,13 +20,23 @@ class RayWorker(Worker):
         return result, pack_tensors_of(update)
 
     def run_pack(self, jobs, *payloads, fold=None):
-        outs = super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)])
+        return self._returns(super().run_pack([(j, unpack_tensors_of(p)) for j, p in zip(jobs, payloads)]), fold)
+
+    def run_clients(self, jobs, which, *payloads, fold=None):
+        """Clients one after another (:meth:`Worker.run_clients`); ``which[i]``: the position of job i's payload in
+        ``payloads`` (a round's clients mostly share one: it crosses Ray once per call)."""
+        items = ((j, unpack_tensors_of(payloads[i])) for j, i in zip(jobs, which))
+        return self._returns(super().run_clients(items), fold)
+
+    def _returns(self, outs, fold):
+        """A call's objects: the results (or, with ``fold``, the results of folding), then one object per update,
+        so that the server gets each by reference."""
         if fold is not None:
             spec = _unpack_spec(fold)
             return ([self.fold(spec, o) for o in outs], *[None] * len(outs))
         results = [o if isinstance(o, ClientFailure) else o[0] for o in outs]
         updates = [None if isinstance(o, ClientFailure) else pack_tensors_of(o[1]) for o in outs]
-        return (results, *updates)  # one object per update, so that the server gets each by reference
+        return (results, *updates)
 
     def take_partial(self, server_round):
         """(the clients folded, the partial): two objects, so that the driver reads the small one and the server
