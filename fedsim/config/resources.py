@@ -30,6 +30,13 @@ MAX_CLIENTS_PER_PASS = 256
 MAX_CLIENTS_PER_CALL = 1024
 
 
+def count_or_auto(name: str, v: int | str, top: int) -> int | str:
+    """A setting that is a count from 1 to ``top``, or ``auto``."""
+    if isinstance(v, int) and not 1 <= v <= top:
+        raise ValueError(f"{name} must be between 1 and {top} or 'auto', got {v}")
+    return v
+
+
 class ResourcesConfig(Frozen):
     backend: Literal["local", "ray"] = "ray"
     num_workers: int = Field(2, ge=1, le=4096)
@@ -64,9 +71,7 @@ class ResourcesConfig(Frozen):
     @field_validator("clients_per_call")
     @classmethod
     def _per_call(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= MAX_CLIENTS_PER_CALL:
-            raise ValueError(f"clients_per_call must be between 1 and {MAX_CLIENTS_PER_CALL} or 'auto', got {v}")
-        return v
+        return count_or_auto("clients_per_call", v, MAX_CLIENTS_PER_CALL)
 
     @model_validator(mode="after")
     def _calls_or_passes(self) -> ResourcesConfig:
@@ -79,9 +84,7 @@ class ResourcesConfig(Frozen):
     @field_validator("clients_per_pass")
     @classmethod
     def _per_pass(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= MAX_CLIENTS_PER_PASS:
-            raise ValueError(f"clients_per_pass must be between 1 and {MAX_CLIENTS_PER_PASS} or 'auto', got {v}")
-        return v
+        return count_or_auto("clients_per_pass", v, MAX_CLIENTS_PER_PASS)
 
     def pack_size(self, tokens_per_client: int) -> int:
         """Clients per packed pass: ``clients_per_pass``, or for ``auto`` as many as fit the token budget
