@@ -97,10 +97,10 @@ class Scenario(Frozen):
     @model_validator(mode="after")
     def _faults_need_ray(self) -> Scenario:
         f = self.faults
-        if self.resources.backend == "local" and (f.kill_worker_prob > 0 or f.hang_prob > 0):
+        if self.resources.backend == "local" and f.in_process():
             raise ScenarioError("faults", "worker kills and hangs need the Ray backend (a local client runs inside "
                                 "the driver process)", "set resources.backend: ray, or use only nan_update_prob")
-        if self.resources.clients_per_call not in ("auto", 1) and (f.kill_worker_prob > 0 or f.hang_prob > 0):
+        if self.resources.clients_per_call not in ("auto", 1) and f.in_process():
             raise ScenarioError("resources.clients_per_call", f"{self.resources.clients_per_call} clients per worker "
                                 "call with injected kills or hangs: one client's draw would lose or hold every "
                                 "client of its call", "leave clients_per_call: auto (one client per call with "

@@ -139,6 +139,10 @@ class FaultsConfig(Frozen):
     def any(self) -> bool:
         return self.kill_worker_prob > 0 or self.nan_update_prob > 0 or self.hang_prob > 0
 
+    def in_process(self) -> bool:
+        """Whether worker kills or hangs are injected (faults of the worker process, not of the update)."""
+        return self.kill_worker_prob > 0 or self.hang_prob > 0
+
 
 class SpeedTier(Frozen):
     """A share of the clients with one compute speed."""

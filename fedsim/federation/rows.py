@@ -27,12 +27,10 @@ def round_row(result: RoundResult) -> dict[str, Any]:
         "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
         "train/client_time_s": float(np.mean([res.metrics["client/time_s"] for res, _ in ok])) if ok else math.nan,
         # clients trained together in one pass over the base (resources.clients_per_pass), mean over clients
-        "train/clients_per_pass": float(np.mean([res.metrics.get("train/clients_per_pass", 1.0)
-                                                 for res, _ in ok])) if ok else math.nan,
+        "train/clients_per_pass": client_mean(ok, "train/clients_per_pass"),
+        # clients a worker trained in the same call (resources.clients_per_call, or a pack), mean over clients
+        "engine/clients_per_call": client_mean(ok, "engine/clients_per_call"),
     }
-    # clients a worker trained in the same call (resources.clients_per_call, or a pack), mean over clients
-    row["engine/clients_per_call"] = float(np.mean([res.metrics.get("engine/clients_per_call", 1.0)
-                                                    for res, _ in ok])) if ok else math.nan
     # what the simulator itself moved into the server: every update, or the workers' partials (worker_partials)
     row.update({k: up[k] for k in ("engine/server_in_bytes", "engine/server_in_objects") if k in up})
     row.update(client_means(ok, n_ok, exclude=set(row)))
@@ -49,6 +47,11 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     elif not ok:
         row["note"] = "every sampled client failed; the global state is unchanged"
     return row
+
+
+def client_mean(ok: list, key: str) -> float:
+    """The plain mean over the round's clients of a count each reports (1 where one does not); NaN without any."""
+    return float(np.mean([res.metrics.get(key, 1.0) for res, _ in ok])) if ok else math.nan
 
 
 def client_means(ok: list, n_ok: int, exclude: set[str]) -> dict[str, float]:

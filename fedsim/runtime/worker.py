@@ -178,7 +178,7 @@ class Worker:
         """(kill the worker, hang) for this attempt: the injected process faults (``faults``), drawn from
         (seed, round, client, attempt); a corrupt update is a client-side transform (:class:`~fedsim.pipeline.NanFault`)."""
         f = self.scenario.faults
-        if f.kill_worker_prob <= 0 and f.hang_prob <= 0:
+        if not f.in_process():
             return False, False
         u = fault_draws(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt)
         return bool(u[0] < f.kill_worker_prob), bool(u[2] < f.hang_prob)

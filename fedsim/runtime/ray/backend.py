@@ -71,7 +71,7 @@ class RayBackend(Backend):
 
         self.launch(scenario)
         self.pack_size = scenario.pack_size(data.max_len)
-        self.faulty = scenario.faults.kill_worker_prob > 0 or scenario.faults.hang_prob > 0
+        self.faulty = scenario.faults.in_process()
         self._data_ref = ray.put(data)  # replacements get the data and the components when they are created
         self._components_ref = ray.put(components)
         ready = self._pool.ready + [a.attach.remote(self._data_ref, self._components_ref) for a in self.actors]
