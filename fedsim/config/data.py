@@ -49,6 +49,9 @@ class DataConfig(Frozen):
     longer than that loses the start of its prompt (``truncate``: the special tokens in front and the response stay) or
     is left out (``drop``); either way validation and the run's summary count them per split.
     ``chat_template``: a Jinja chat template for ``format: chat`` (default: the tokenizer's own, else ChatML).
+    ``text_pair``: for sentence-pair classification, the field of the second text: a classifier (``model.task:
+    seq_cls``) encodes the template's text and it as the tokenizer's pair (separator, segment ids); a causal LM reads
+    both through ``prompt_template``, which must name it.
 """
 
     source: str = "synthetic"
@@ -60,6 +63,7 @@ class DataConfig(Frozen):
     prompt_template: str | None = None
     response_field: str = "output"
     label_field: str = "label"
+    text_pair: str | None = None  # classification: the field of a sentence pair's second text (MNLI's hypothesis)
     label_names: dict[int | str, str] | None = None
     task_field: str | None = "task"
     test: TestSplitConfig = TestSplitConfig()

@@ -24,6 +24,8 @@ def flipped(data: TokenizedData, i: int) -> np.ndarray | None:
     if label < 0 or k < 2:
         return None
     s, p = split.sample(i), int(split.prompt_len[i])
+    if p == len(s):  # a classifier's input: the tokens stay, the label array carries the flip
+        return s.copy()
     if not np.array_equal(s[p:], data.options[label]):
         return None
     return np.concatenate([s[:p], data.options[(label + 1) % k]])
@@ -60,5 +62,7 @@ def flip_labels(data: TokenizedData, shards: list[np.ndarray], clients: Iterable
         task=np.concatenate([split.task, split.task[src]]), group=np.concatenate([split.group, split.group[src]]),
         # the flipped rows train on their response only (label data never has earlier trained turns)
         loss_mask=None if split.loss_mask is None else np.concatenate(
-            [split.loss_mask, np.zeros(end - int(split.offsets[-1]), dtype=bool)]))
+            [split.loss_mask, np.zeros(end - int(split.offsets[-1]), dtype=bool)]),
+        token_type=None if split.token_type is None else np.concatenate(
+            [split.token_type, *(split.token_type[split.offsets[i]: split.offsets[i + 1]] for i in src)]))
     return replace(data, train=train), shards, len(source)

@@ -20,6 +20,8 @@ class TokenizedSplit:
     group: np.ndarray  # (n,) int32: index into group_names (the partition field), -1 if none
     loss_mask: np.ndarray | None = None  # (total_tokens,) bool: trained tokens before the prompt's end (a chat's
     # earlier assistant turns); None when only the response is trained
+    token_type: np.ndarray | None = None  # (total_tokens,) int8: segment ids of a classifier's sentence pairs (BERT's
+    # token_type_ids); None when every token is in the first segment
 
     def __len__(self) -> int:
         return len(self.prompt_len)

@@ -1,7 +1,7 @@
 """Build or load the base model and its tokenizer, and read the shapes of its layers.
 
 ``model.name: tiny`` builds a small Llama-architecture model from config with a byte-level tokenizer that needs no
-files (transformers' ByT5Tokenizer), so tests and the quickstart download nothing. Any other name is a Hugging Face hub
+files (ByT5's vocabulary: :mod:`fedsim.models.tokenizer`), so tests and the quickstart download nothing. Any other name is a Hugging Face hub
 id or a local directory, loaded with ``from_pretrained``. Which transformers class a model is built as is the model
 task's choice (:mod:`fedsim.models.tasks`); the functions here take it by name.
 """
@@ -17,10 +17,10 @@ import torch
 
 from fedsim.config import ModelConfig
 from fedsim.errors import ScenarioError
+from fedsim.models.tokenizer import BYTE_LEVEL, BYTE_VOCAB, load_tokenizer, tokenizer_source  # noqa: F401  # re-exported
 from fedsim.types import ModuleShape
 
 TINY = "tiny"
-BYTE_LEVEL = "byte-level"  # the tokenizer of the tiny model and of config stand-ins (ByT5's: 384 ids, pad 0, eos 1)
 
 
 def is_tiny(cfg: ModelConfig) -> bool:
@@ -30,34 +30,6 @@ def is_tiny(cfg: ModelConfig) -> bool:
 def is_standin(cfg: ModelConfig) -> bool:
     """A randomly initialised model built from ``model.config`` (no weights are loaded)."""
     return cfg.config is not None
-
-
-def tokenizer_source(cfg: ModelConfig) -> str:
-    """Where the tokenizer comes from: ``model.tokenizer``, else the byte-level one for the tiny model and config
-    stand-ins, else the model's own (hub id or directory)."""
-    if cfg.tokenizer is not None:
-        return cfg.tokenizer
-    return BYTE_LEVEL if is_tiny(cfg) or is_standin(cfg) else cfg.name
-
-
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer of the model (pad token falls back to EOS)."""
-    source = tokenizer_source(cfg)
-    if source == BYTE_LEVEL:
-        from transformers import ByT5Tokenizer
-
-        return ByT5Tokenizer()
-    from transformers import AutoTokenizer
-
-    key = "model.tokenizer" if cfg.tokenizer is not None else "model.name"
-    try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg.tokenizer is None else None)
-    except Exception as e:
-        raise ScenarioError(key, f"cannot load the tokenizer of {source!r}: {e.__class__.__name__}: {e}",
-                            "give a hub id you can reach or a local directory saved with save_pretrained") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def set_training(model: torch.nn.Module, training: bool) -> None:
@@ -193,13 +165,14 @@ def standin_config(cfg: ModelConfig) -> Any:
 
 
 def position_limit(cfg: ModelConfig) -> int | None:
-    """The positions a randomly built model has (the tiny model, a ``model.config`` stand-in; None for a loaded
-    model, whose tokenizer says). RoBERTa-style models number positions from the padding id + 1."""
+    """The positions the model has (None when its config says nothing, or cannot be read here: a hub id out of
+    reach). RoBERTa-style models number positions from the padding id + 1."""
     if is_tiny(cfg):
         return cfg.tiny.max_position_embeddings
-    if not is_standin(cfg):
+    try:
+        hf_cfg = standin_config(cfg) if is_standin(cfg) else hf_config(cfg, None)
+    except ScenarioError:
         return None
-    hf_cfg = standin_config(cfg)
     n = getattr(hf_cfg, "max_position_embeddings", None) or getattr(hf_cfg, "n_positions", None)
     if not n:
         return None
@@ -208,7 +181,6 @@ def position_limit(cfg: ModelConfig) -> int | None:
     return int(n)
 
 
-BYTE_VOCAB = 384
 # the heads of models fedsim would load as something else, and the task that fits (or None)
 TASK_HEADS = {"ForSequenceClassification": "seq_cls", "ForTokenClassification": None,
               "ForQuestionAnswering": None, "ForMultipleChoice": None}

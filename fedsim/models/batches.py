@@ -79,11 +79,18 @@ def collate_prompts_pack(split: Any, client_batches: Sequence[np.ndarray], pad_i
     ids = np.full((n * rows, width), pad_id, dtype=np.int64)
     mask = np.zeros((n * rows, width), dtype=np.int64)
     labels = np.full(n * rows, IGNORE, dtype=np.int64)
+    types = getattr(split, "token_type", None)
+    segments = np.zeros((n * rows, width), dtype=np.int64) if types is not None else None
     for c, (b, client) in enumerate(zip(client_batches, seqs)):
         labels[c * rows: c * rows + len(b)] = split.label[np.asarray(b, dtype=np.int64)]
         mask[c * rows + len(b): (c + 1) * rows, 0] = 1  # a filler row attends to its one pad: finite, never read
         for j, s in enumerate(client):
             ids[c * rows + j, : len(s)] = s
             mask[c * rows + j, : len(s)] = 1
-    return {k: torch.from_numpy(v).to(device) for k, v in
-            (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+            if segments is not None:  # a sentence pair's segment ids (BERT's token_type_ids)
+                start = int(split.offsets[int(b[j])])
+                segments[c * rows + j, : len(s)] = types[start : start + len(s)]
+    out = [("input_ids", ids), ("attention_mask", mask), ("labels", labels)]
+    if segments is not None:
+        out.append(("token_type_ids", segments))
+    return {k: torch.from_numpy(v).to(device) for k, v in out}

@@ -180,18 +180,18 @@ def test_yaml_merge_keys_are_standard_yaml(tmp_path):
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_cache_entry_is_rebuilt(tiny_raw, damage):
     from fedsim.data import cache
-    from fedsim.data.datasets import load_data, partition_field
+    from fedsim.data.datasets import cache_entry, load_data
 
     sc = scenario_from_dict(tiny_raw)
     first = load_data(sc)
-    path = cache.cache_path(sc, partition_field(sc))
+    _, tok, path, key = cache_entry(sc)
     if damage == "garbage":
         path.write_bytes(b"not a zip file at all")  # BadZipFile
     else:
         path.write_bytes(path.read_bytes()[:200])  # cut short
     again = load_data(sc)
     assert np.array_equal(first.train.ids, again.train.ids)
-    assert np.array_equal(cache.load(path).train.ids, first.train.ids)  # the entry was rewritten whole
+    assert np.array_equal(cache.load(path, key, len(tok)).train.ids, first.train.ids)  # the entry was rewritten whole
 
 
 # -- 13. odd data paths and deep nesting --------------------------------------------------------------------------------

@@ -28,13 +28,15 @@ class Example:
 
     A conversation (``rendered``: text a chat template wrote, special tokens included) keeps its earlier turns in
     ``context``: (text before the reply, the assistant's reply) pairs, in order, before ``prompt`` and ``response``
-    (the last reply); the loss covers every reply."""
+    (the last reply); the loss covers every reply. A sentence pair's second text is ``pair`` (a classifier encodes
+    the two as the tokenizer's pair; a causal LM reads both through the template)."""
 
     prompt: str
     response: str
     label: str = ""
     context: tuple[tuple[str, str], ...] = ()
     rendered: bool = False
+    pair: str | None = None  # a classifier's second text (``data.text_pair``), encoded as the tokenizer's pair
 
 
 class RowFormat:

@@ -75,9 +75,12 @@ class Chat(RowFormat):
 
 
 def _render(tokenizer: Any, template: str, msgs: list[dict[str, str]], generation: bool, where: str) -> str:
+    extra = {}
+    if getattr(tokenizer, "eos_token", None) is None:  # BERT's WordPiece: its separator ends a message
+        extra["eos_token"] = getattr(tokenizer, "sep_token", None) or ""
     try:
         return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation)
+                                             add_generation_prompt=generation, **extra)
     except Exception as e:  # noqa: BLE001 - jinja2's errors, and templates raising their own
         raise DataError(f"{where}: the chat template cannot render this conversation: {e.__class__.__name__}: {e} "
                         "(fix the row, or set data.chat_template)") from None

@@ -42,6 +42,8 @@ class ModelTask(ABC):
     classes: ClassVar[tuple[str, str]] = CAUSAL_LM  # (transformers auto class, the tiny model's class)
     head_names: ClassVar[tuple[str, ...]] = ()  # names of the modules it may train in full (never adapted)
     packable: ClassVar[bool] = False
+    encodes_inputs: ClassVar[bool] = False  # rows are encoded as the model's whole input (``tokenizer(text[, pair])``,
+    # special tokens at both ends) with the label beside them, not as a prompt the model continues
 
     @abstractmethod
     def build(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:

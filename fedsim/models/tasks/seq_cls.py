@@ -40,6 +40,7 @@ class SequenceClassification(ModelTask):
     peft_task_type = "SEQ_CLS"
     classes = ("AutoModelForSequenceClassification", "LlamaForSequenceClassification")
     packable = True  # each client's head in the pass: fedsim.client.packed
+    encodes_inputs = True
     head_names = HEADS
 
     def build(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -109,7 +110,8 @@ class SequenceClassification(ModelTask):
     def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Forward | None = None
                 ) -> torch.Tensor:
         forward = forward or model
-        return forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        return forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits.float()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], forward: Forward | None = None
              ) -> torch.Tensor:
