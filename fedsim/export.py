@@ -21,6 +21,7 @@ from fedsim.client.store import ClientStateStore
 from fedsim.components import resolve
 from fedsim.config import Scenario, load_scenario
 from fedsim.errors import ScenarioError
+from fedsim.federation.artifacts import write_tokenizer
 from fedsim.federation.prepare import prepare
 from fedsim.lora.merge import combine, dense_totals
 from fedsim.lora.ops import HEAD_PREFIX
@@ -121,12 +122,7 @@ def _write_merged(sc: Scenario, host: Any, parts: list, quant: QuantSpec, task: 
             target = params[k[len(HEAD_PREFIX):]]
             target.copy_(v.to(target.dtype))
     model.save_pretrained(str(out))
-    tokenizer = task.tokenizer(sc.model)
-    if sc.data.format == "chat":  # inference renders conversations as training did
-        from fedsim.data.formats.chat import chat_template
-
-        tokenizer.chat_template = chat_template(sc.data, tokenizer)
-    tokenizer.save_pretrained(str(out))
+    write_tokenizer(sc, task, out)
 
 
 def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Tensors], client_id: int | None,
@@ -144,3 +140,4 @@ def _write_adapter(sc: Scenario, parts: list, quant: QuantSpec, deltas: list[Ten
                             "merged updates into it: no adapter on the original quantized base reproduces it",
                             "export with --merged (its dequantized base with everything merged in)")
     save_peft_adapter(replace(combine(parts, deltas if not quantized else []), head=head), sc, out, task)
+    write_tokenizer(sc, task, out)

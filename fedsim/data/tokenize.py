@@ -43,14 +43,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 def special_prefix(tokenizer: Any) -> list[int]:
     """The special tokens ``tokenizer(text)`` puts in front of a text ([BOS] for Llama, [CLS] for BERT, [] for GPT-2
     and the byte-level tokenizer)."""
-    probe = "a b"
-    plain = encode(tokenizer, probe)
-    full = list(tokenizer(probe)["input_ids"])
-    for k in range(len(full) - len(plain) + 1):
-        if full[k : k + len(plain)] == plain:
-            return full[:k]
-    bos = getattr(tokenizer, "bos_token_id", None)  # a tokenizer that merges across the boundary: its flag decides
-    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
+    from fedsim.models.tokenizer import special_ends
+
+    return special_ends(tokenizer)[0]
 
 
 class Flat:

@@ -61,12 +61,29 @@ def metric_objects(scenario: Scenario) -> tuple:
     return run_metrics(scenario.eval.metrics)
 
 
+def write_tokenizer(scenario: Scenario, task: Any, path: Path) -> None:
+    """The tokenizer beside an exported model, as inference must use it: a causal LM's gives for ``tokenizer(prompt)``
+    what the simulator trained on (special tokens in front, nothing appended:
+    :func:`~fedsim.models.tokenizer.for_inference`); a conversation's carries the chat template training used."""
+    from fedsim.models.tokenizer import for_inference
+
+    tokenizer = task.tokenizer(scenario.model)
+    if not task.encodes_inputs:
+        tokenizer = for_inference(tokenizer)
+    if scenario.data.format == "chat":  # inference renders conversations as training did
+        from fedsim.data.formats.chat import chat_template
+
+        tokenizer.chat_template = chat_template(scenario.data, tokenizer)
+    tokenizer.save_pretrained(str(path))
+
+
 def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], adapter: Any,
                     clients: list[ClientSpec], personal_table: list[dict[str, Any]], tracker: Any,
                     task: Any) -> None:
     """The adapter, the tables, W&B's summary, tables and artifact, then ``summary.json`` (last: its presence says
     the run finished)."""
     save_peft_adapter(adapter, scenario, run_dir / "adapter", task)
+    write_tokenizer(scenario, task, run_dir / "adapter")
     base_mb = {k.removeprefix("memory/base_mb/"): v for k, v in summary.items() if k.startswith("memory/base_mb/")}
     if personal_table:
         for row in personal_table:

@@ -145,3 +145,52 @@ def fingerprint(tokenizer: Any) -> str:
                        "chat": getattr(tokenizer, "chat_template", None), "flags": flags,
                        "pad": tokenizer.pad_token_id}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def special_ends(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(the special tokens ``tokenizer(text)`` puts in front of a text, those it appends): ([BOS], []) for Llama,
+    ([CLS], [SEP]) for BERT, ([], [EOS]) for T5, ([], []) for GPT-2 and the byte-level tokenizer."""
+    probe = "a b"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k], full[k + len(plain):]
+    bos = getattr(tokenizer, "bos_token_id", None)  # a tokenizer that merges across the boundary: its flag decides
+    return ([bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []), []
+
+
+def for_inference(tokenizer: Any) -> Any:
+    """A causal LM's tokenizer as exported: ``tokenizer(prompt)`` gives what the simulator trained on — the special
+    tokens in front, nothing appended. A tokenizer that appends (T5's EOS, BERT's SEP) has that taken out of its
+    post-processor (fast tokenizers; ``add_eos_token`` where it has the flag); ByT5's slow tokenizer becomes the
+    byte-level one (the same ids). Returns the tokenizer unchanged when nothing is appended, or when no rule can be
+    changed (then a caller says so: :func:`special_ends` still finds the appended tokens)."""
+    lead, tail = special_ends(tokenizer)
+    if not tail:
+        return tokenizer
+    if type(tokenizer).__name__ == "ByT5Tokenizer":
+        return byte_level_tokenizer()
+    if getattr(tokenizer, "add_eos_token", False):
+        tokenizer.add_eos_token = False
+        if not special_ends(tokenizer)[1]:
+            return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    names = tokenizer.convert_ids_to_tokens(lead)
+    front = " ".join([*names, ""]) if names else ""
+    rules = Tokenizer.from_str(backend.to_str())
+    rules.post_processor = processors.TemplateProcessing(
+        single=f"{front}$A", pair=f"{front}$A $B:1", special_tokens=sorted(set(zip(names, lead))))
+    # a generic fast tokenizer: a model's own class (BertTokenizer, ...) would rebuild its post-processor on loading
+    specials = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                                   "cls_token", "mask_token") if getattr(tokenizer, k, None)}
+    inputs = [n for n in tokenizer.model_input_names if n != "token_type_ids"]  # a causal LM takes no segments
+    out = PreTrainedTokenizerFast(tokenizer_object=rules, model_input_names=inputs,
+                                  padding_side=tokenizer.padding_side, **specials)
+    out.chat_template = getattr(tokenizer, "chat_template", None)
+    return out

