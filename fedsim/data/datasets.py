@@ -19,6 +19,8 @@ from fedsim.data.formats import check_fields, check_values, format_rows, get_for
 from fedsim.data.formats.classification import check_pair
 from fedsim.data.sources import data_digests, data_files, file_digest, load_rows  # noqa: F401  # re-exported
 from fedsim.data.tokenize import (
+    CHUNK,
+    Flat,
     _Progress,
     auto_length,
     encode,
@@ -137,45 +139,47 @@ def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_group
     """Format both splits and tokenize them (``max_seq_len: auto`` resolved from the training rows), with the names
     their integer codes refer to and what fitting them to the length did (``stats``). ``classifier``: the rows are a
     sequence classifier's inputs (:func:`~fedsim.data.tokenize.fit_inputs`), else a causal LM's prompt and response.
+    Rows are formatted and encoded :data:`~fedsim.data.tokenize.CHUNK` at a time: what a split holds while it is
+    tokenized is its arrays, its labels and tasks.
 
     Raises:
         ScenarioError: a token the format needs that the tokenizer lacks, a pair the model cannot read, a length the
             model's positions cannot hold. DataError: every row of a split dropped.
     """
-    from fedsim.models.tokenizer import end_token, pad_token
-
     cfg = data_config(scenario, classifier)
     fmt = get_format(cfg)
     check_pair(cfg, classifier)
-    source = scenario.model.tokenizer or scenario.model.name
-    pad = pad_token(tokenizer, repr(source))
-    try:
-        eos = end_token(tokenizer, repr(source))
-    except ScenarioError:
-        if not classifier:
-            raise
-        eos = pad  # a classifier's input ends as the tokenizer ends it: no response, no end token of its own
-    train_f = format_rows(train_rows, cfg, "training data", tokenizer)
-    test_f = format_rows(test_rows, cfg, "test data", tokenizer)
-    task_names = sorted({t for _, t in train_f + test_f if t is not None})
-    group_names = sorted({g for g in train_groups if g is not None})
-    label_names = sorted({ex.label for ex, _ in train_f + test_f}) if fmt.scored_by_options else []
-    task_index = {t: i for i, t in enumerate(task_names)}
-    group_index = {g: i for i, g in enumerate(group_names)}
-    label_index = {lab: i for i, lab in enumerate(label_names)}
-
-    def codes(formatted: list, groups: list[str | None]) -> np.ndarray:
-        return np.array([(label_index.get(ex.label, -1), task_index[t] if t is not None else -1,
-                          group_index[g] if g is not None else -1) for (ex, t), g in zip(formatted, groups)],
-                        dtype=np.int64).reshape(-1, 3)
-
-    meta = {"training": codes(train_f, train_groups), "test": codes(test_f, [None] * len(test_f))}
+    pad, eos = _specials(scenario, tokenizer, classifier)
     cap = model_max_length(scenario, tokenizer)
     auto = cfg.max_seq_len == "auto"
     if not auto and cap is not None and int(cfg.max_seq_len) > cap:
         raise ScenarioError("data.max_seq_len", f"{cfg.max_seq_len} tokens per row, but the model takes at most {cap}",
                             f"set data.max_seq_len to {cap} or less, or to auto")
-    max_len, splits = _encode_and_fit(tokenizer, {"training": train_f, "test": test_f}, meta, cfg, cap, classifier, eos)
+    encoder = _Encoder(tokenizer, cfg, classifier, eos)
+    progress = _Progress(len(train_rows) + len(test_rows), "tokenizing")
+    try:
+        enc = {name: encoder.split(rows, where, progress) for name, rows, where in
+               (("training", train_rows, "training data"), ("test", test_rows, "test data"))}
+    finally:
+        progress.close()
+    task_names = sorted({t for e in enc.values() for t in e.tasks if t is not None})
+    group_names = sorted({g for g in train_groups if g is not None})
+    label_names = sorted({lab for e in enc.values() for lab in e.labels}) if fmt.scored_by_options else []
+    index = {"label": {x: i for i, x in enumerate(label_names)}, "task": {t: i for i, t in enumerate(task_names)},
+             "group": {g: i for i, g in enumerate(group_names)}}
+
+    def codes(e: _EncodedSplit, groups: list[str | None]) -> np.ndarray:
+        return np.array([(index["label"].get(lab, -1), index["task"][t] if t is not None else -1,
+                          index["group"][g] if g is not None else -1) for lab, t, g in zip(e.labels, e.tasks, groups)],
+                        dtype=np.int64).reshape(-1, 3)
+
+    meta = {"training": codes(enc["training"], train_groups), "test": codes(enc["test"], [None] * len(test_rows))}
+    max_len = auto_length(enc["training"].lengths, cap) if auto else int(cfg.max_seq_len)
+    splits = {name: e.fit(max_len, cfg.too_long == "drop", meta[name]) for name, e in enc.items()}
+    for name, (split, st) in splits.items():
+        if not len(split):
+            raise DataError(f"every {name} row is longer than max_seq_len {max_len} (the longest has {st.longest} "
+                            "tokens) and data.too_long is drop: raise data.max_seq_len or set it to auto")
     (train, train_stats), (test, test_stats) = splits["training"], splits["test"]
     stats = {"max_seq_len": max_len, "auto": auto, "model_max": cap, "train": train_stats.as_dict(),
              "test": test_stats.as_dict(), "notes": fmt.advice(train_rows, cfg)}
@@ -186,32 +190,23 @@ def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_group
     )
 
 
-def _encode_and_fit(tokenizer: Any, formatted: dict[str, list], meta: dict[str, np.ndarray], cfg: DataConfig,
-                    cap: int | None, classifier: bool, eos: int) -> tuple[int, dict[str, tuple[Any, Any]]]:
-    """(max_seq_len in force, each split fitted to it with its :class:`~fedsim.data.tokenize.SplitStats`).
+def _specials(scenario: Scenario, tokenizer: Any, classifier: bool) -> tuple[int, int]:
+    """(pad id, end id): the tokenizer's or their substitutes (:mod:`fedsim.models.tokenizer`). A classifier's input
+    ends as the tokenizer ends it, so it needs no end token of its own.
 
     Raises:
-        DataError: every row of a split dropped.
+        ScenarioError: a causal LM's tokenizer without an end token, any tokenizer without a token to pad with.
     """
-    auto, drop = cfg.max_seq_len == "auto", cfg.too_long == "drop"
-    progress = _Progress(sum(len(f) for f in formatted.values()), "tokenizing")
+    from fedsim.models.tokenizer import end_token, pad_token
+
+    source = repr(scenario.model.tokenizer or scenario.model.name)
+    pad = pad_token(tokenizer, source)
     try:
-        if classifier:
-            encoded = {name: _inputs(tokenizer, rows, progress) for name, rows in formatted.items()}
-            max_len = auto_length(encoded["training"][2].lengths, cap) if auto else int(cfg.max_seq_len)
-            splits = {name: fit_inputs(tokenizer, *encoded[name], max_len, drop, meta[name]) for name in encoded}
-        else:
-            prefix = special_prefix(tokenizer)
-            encoded = {name: _prompts(tokenizer, rows, prefix, eos, progress) for name, rows in formatted.items()}
-            max_len = auto_length(encoded["training"].lengths, cap) if auto else int(cfg.max_seq_len)
-            splits = {name: encoded[name].fit(max_len, drop, meta[name]) for name in encoded}
-    finally:
-        progress.close()
-    for name, (split, st) in splits.items():
-        if not len(split):
-            raise DataError(f"every {name} row is longer than max_seq_len {max_len} (the longest has {st.longest} "
-                            "tokens) and data.too_long is drop: raise data.max_seq_len or set it to auto")
-    return max_len, splits
+        return pad, end_token(tokenizer, source)
+    except ScenarioError:
+        if not classifier:
+            raise
+        return pad, pad
 
 
 def data_config(scenario: Scenario, classifier: bool) -> DataConfig:
@@ -224,42 +219,72 @@ def data_config(scenario: Scenario, classifier: bool) -> DataConfig:
     return cfg
 
 
-def _inputs(tokenizer: Any, formatted: list, progress: Any) -> tuple[list[str], list[str] | None, Any]:
-    """A classifier's rows: (first texts, second texts or None, their encoding)."""
-    firsts = [ex.prompt for ex, _ in formatted]
-    pairs = [ex.pair for ex, _ in formatted] if formatted and formatted[0][0].pair is not None else None
-    return firsts, pairs, encode_inputs(tokenizer, firsts, pairs, progress=progress)
+class _EncodedSplit:
+    """A split encoded and not yet fitted to the length: its rows' label names and tasks, and their tokens — a
+    classifier's inputs, a causal LM's flat prompts and responses (each ending with the end token), or a chat's
+    rendered rows one by one (:class:`~fedsim.data.tokenize.Encoded`)."""
 
+    def __init__(self, encoder: _Encoder, rows: Rows, where: str) -> None:
+        self.encoder, self.rows, self.where = encoder, rows, where
+        self.labels: list[str] = []
+        self.tasks: list[str | None] = []
+        self.parts: dict[str, list] = {"inputs": [], "prompts": [], "responses": [], "rendered": []}
 
-class _Encoded:
-    """A causal LM's split, encoded and not yet fitted: plain rows as flat prompts and responses (each ending with
-    the end token), or a chat's rendered rows one by one (:class:`~fedsim.data.tokenize.Encoded`)."""
-
-    def __init__(self, prefix: list[int], prompts: Any = None, responses: Any = None, rendered: list | None = None
-                 ) -> None:
-        self.prefix, self.prompts, self.responses, self.rendered = prefix, prompts, responses, rendered
+    def flat(self, key: str) -> Any:
+        """The encoded parts of ``key`` joined into one (the parts then let go: one copy at a time)."""
+        if len(self.parts[key]) != 1:
+            self.parts[key] = [Flat.join(self.parts[key])]
+        return self.parts[key][0]
 
     @property
     def lengths(self) -> np.ndarray:
-        if self.rendered is not None:
-            return np.asarray([len(e) for e in self.rendered], dtype=np.int64)
-        return len(self.prefix) + self.prompts.lengths + self.responses.lengths
+        if self.encoder.classifier:
+            return np.concatenate([p.lengths for p in self.parts["inputs"]]) if self.parts["inputs"] else np.zeros(0)
+        if self.parts["rendered"]:
+            return np.asarray([len(e) for e in self.parts["rendered"]], dtype=np.int64)
+        prompts, responses = self.flat("prompts"), self.flat("responses")
+        return len(self.encoder.prefix) + prompts.lengths + responses.lengths
+
+    def texts(self, indices: np.ndarray) -> tuple[list[str], list[str] | None]:
+        """A classifier's (first texts, second texts or None) of the rows at ``indices``, formatted again."""
+        formatted = [format_rows([self.rows[int(i)]], self.encoder.cfg, self.where, self.encoder.tokenizer,
+                                 first=int(i) + 1)[0][0] for i in indices]
+        pairs = [ex.pair for ex in formatted] if formatted and formatted[0].pair is not None else None
+        return [ex.prompt for ex in formatted], pairs
 
     def fit(self, max_len: int, drop: bool, meta: np.ndarray) -> tuple[TokenizedSplit, Any]:
-        if self.rendered is not None:
-            return tokenize_split(self.rendered, [tuple(m) for m in meta.tolist()], max_len, drop)
-        return fit_rows(self.prefix, self.prompts, self.responses, max_len, drop, meta)
+        if self.encoder.classifier:
+            return fit_inputs(self.encoder.tokenizer, self.texts, self.flat("inputs"), max_len, drop, meta)
+        if self.parts["rendered"]:
+            return tokenize_split(self.parts["rendered"], [tuple(m) for m in meta.tolist()], max_len, drop)
+        return fit_rows(self.encoder.prefix, self.flat("prompts"), self.flat("responses"), max_len, drop, meta)
 
 
-def _prompts(tokenizer: Any, formatted: list, prefix: list[int], eos: int, progress: Any) -> _Encoded:
-    """A causal LM's rows: prompts and responses by batched calls; a chat's rendered rows one by one."""
-    if any(ex.rendered for ex, _ in formatted):
-        out = [encode_example(ex, tokenizer, prefix, eos) for ex, _ in formatted]
-        progress.advance(len(formatted))
-        return _Encoded(prefix, rendered=out)
-    prompts = encode_texts(tokenizer, [ex.prompt for ex, _ in formatted], progress)
-    responses = encode_texts(tokenizer, [ex.response for ex, _ in formatted])
-    return _Encoded(prefix, prompts, responses.with_end(eos))
+class _Encoder:
+    """Formats and encodes a split's rows :data:`~fedsim.data.tokenize.CHUNK` at a time."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig, classifier: bool, eos: int) -> None:
+        self.tokenizer, self.cfg, self.classifier, self.eos = tokenizer, cfg, classifier, eos
+        self.prefix = [] if classifier else special_prefix(tokenizer)
+
+    def split(self, rows: Rows, where: str, progress: Any) -> _EncodedSplit:
+        out = _EncodedSplit(self, rows, where)
+        for s in range(0, len(rows), CHUNK):
+            formatted = format_rows(rows[s : s + CHUNK], self.cfg, where, self.tokenizer, first=s + 1)
+            out.labels += [ex.label for ex, _ in formatted]
+            out.tasks += [t for _, t in formatted]
+            examples = [ex for ex, _ in formatted]
+            if self.classifier:
+                pairs = [ex.pair for ex in examples] if examples[0].pair is not None else None
+                out.parts["inputs"].append(encode_inputs(self.tokenizer, [ex.prompt for ex in examples], pairs))
+            elif any(ex.rendered for ex in examples):
+                out.parts["rendered"] += [encode_example(ex, self.tokenizer, self.prefix, self.eos) for ex in examples]
+            else:
+                out.parts["prompts"].append(encode_texts(self.tokenizer, [ex.prompt for ex in examples]))
+                out.parts["responses"].append(
+                    encode_texts(self.tokenizer, [ex.response for ex in examples]).with_end(self.eos))
+            progress.advance(len(rows[s : s + CHUNK]))
+        return out
 
 
 def model_max_length(scenario: Scenario, tokenizer: Any) -> int | None:

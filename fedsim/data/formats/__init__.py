@@ -11,6 +11,7 @@ registered with ``@row_format("name")`` (docs/architecture.md, "How to add").
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -79,7 +80,12 @@ class RowFormat:
 
 def template_fields(template: str) -> list[str]:
     """The field names a prompt template reads."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return list(_template_fields(template))
+
+
+@functools.lru_cache(maxsize=64)
+def _template_fields(template: str) -> tuple[str, ...]:  # parsed once per template, not once per row
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
 
 
 def check_fields(rows: list[dict[str, Any]], needed: list[str], where: str) -> None:
@@ -148,10 +154,10 @@ def map_columns(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list
     return [{**r, **{f: r[c] for f, c in pairs}} for r in rows]
 
 
-def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None
+def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None, first: int = 1
                 ) -> list[tuple[Example, str | None]]:
     """Rows → (example, task or None) in the scenario's row format; each row checked first (:meth:`RowFormat.check_row`,
-    rows counted from 1 as they come in the file).
+    rows counted from ``first`` — 1 for a whole file — as they come in the file).
 
     Raises:
         DataError: a row that does not fit the format, naming the row and the field.
@@ -160,7 +166,7 @@ def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokeniz
     check_fields(rows, fmt.fields(cfg), where)
     has_task = cfg.task_field is not None and cfg.task_field in rows[0]
     out = []
-    for i, r in enumerate(rows, start=1):
+    for i, r in enumerate(rows, start=first):
         at = f"{where} row {i}"
         fmt.check_row(r, cfg, at)
         out.append((fmt.render(r, cfg, tokenizer, at), str(r[cfg.task_field]) if has_task else None))
