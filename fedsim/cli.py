@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsim.env import version_line
 from fedsim.errors import FedsimError
 
 
@@ -22,8 +23,19 @@ def _add_scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
 
 
+class _Version(argparse.Action):
+    """``--version``: one line, unwrapped (argparse's own version action wraps it at the terminal's width)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description="Simulate federated LoRA fine-tuning of LLMs.")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="fedsim's version and what it runs on (Python, torch, transformers, peft, ray)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario and write a run directory")
     run.add_argument("scenario", nargs="?", help="scenario YAML file (omit with --resume)")
@@ -142,6 +154,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.data.report import length_line, warnings
 
     print(f"  {length_line(prep.data.stats)}")
+    print(f"  {version_line()}")
     if scenario.privacy is not None:
         from fedsim import registry
         from fedsim.components import privacy_line

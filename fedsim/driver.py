@@ -16,6 +16,7 @@ from fedsim.client.store import ClientStateStore
 from fedsim.components import Components, resolve
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.report import warnings as data_warnings
+from fedsim.env import environment
 from fedsim.errors import (
     BackendError,
     FedsimError,
@@ -292,6 +293,7 @@ class Driver:
         self.backend.shutdown()  # their memory is freed before PEFT is imported here to write the adapter
         self.lock.check()
         summary["data"] = prep.data.stats
+        summary["environment"] = environment()
         if self.stopped:
             summary["stopped"] = self.stopped
         if self.notes:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
+from fedsim.env import environment
 from fedsim.errors import FedsimError
 from fedsim.federation.rundir import write_text
 
@@ -125,7 +126,8 @@ class Tracker:
         return wandb.init(
             project=w.project, group=w.group, entity=w.entity, name=run_name(scenario),
             tags=list(dict.fromkeys([scenario.strategy.name, *w.tags])),
-            dir=str(self.run_dir), mode=w.mode, config=scenario.to_dict(), reinit="finish_previous",
+            dir=str(self.run_dir), mode=w.mode, config={**scenario.to_dict(), "environment": environment()},
+            reinit="finish_previous",
             id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )

@@ -51,6 +51,8 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     assert resolved["logging"]["wandb"]["mode"] == "offline" and resolved["training"]["optimizer"] == "adamw"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final/eval/accuracy"] == rows[-1]["eval/accuracy"]
+    env = summary["environment"]  # what the result was computed with
+    assert env["packages"]["torch"] and env["torch"]["build"] and env["torch"]["devices"] and env["python"]
     assert (out / "partition.png").stat().st_size > 1000
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline files belong in the run directory"
     assert (out / "adapter" / "adapter_config.json").exists()

@@ -83,6 +83,8 @@ def test_sweep_points_share_a_group_and_carry_the_swept_keys(offline, tmp_path):
         config = {item.key: json.loads(item.value_json) for item in run.config.update}
         clients = config["clients"].get("value", config["clients"])  # as wandb nests it, or not
         swept.append(clients["num_clients"])
+        env = config["environment"].get("value", config["environment"])
+        assert env["packages"]["transformers"] and env["torch"]["build"]  # the environment in the W&B config
     group = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["group"]
     assert groups == {group} and group.startswith("sweep-") and swept == [4, 6]  # one group of their own
 
