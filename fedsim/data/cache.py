@@ -46,10 +46,10 @@ def cache_key(scenario: Scenario, group_field: str | None, tokenizer: Any, task:
 
 
 def position_cap(scenario: Scenario) -> int | None:
-    """The model's positions where they cap ``max_seq_len: auto`` (the tiny model's and a stand-in's are settings)."""
-    from fedsim.models.base import is_standin, is_tiny, position_limit
+    """The model's positions, which cap ``max_seq_len: auto`` (:func:`~fedsim.models.base.position_limit`)."""
+    from fedsim.models.base import position_limit
 
-    return position_limit(scenario.model) if is_tiny(scenario.model) or is_standin(scenario.model) else None
+    return position_limit(scenario.model)
 
 
 def save(path: Path, data: TokenizedData, key: str) -> None:

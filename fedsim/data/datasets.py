@@ -29,11 +29,11 @@ from fedsim.data.tokenize import (
     encode_texts,
     fit_inputs,
     fit_rows,
-    special_prefix,
     tokenize_split,
 )
 from fedsim.data.tokenized import TokenizedData, TokenizedSplit  # noqa: F401  # re-exported
 from fedsim.errors import DataError, ScenarioError
+from fedsim.models.tokenizer import end_token, pad_token, special_ends
 
 Rows = list[dict[str, Any]]
 
@@ -197,8 +197,6 @@ def _specials(scenario: Scenario, tokenizer: Any, classifier: bool) -> tuple[int
     Raises:
         ScenarioError: a causal LM's tokenizer without an end token, any tokenizer without a token to pad with.
     """
-    from fedsim.models.tokenizer import end_token, pad_token
-
     source = repr(scenario.model.tokenizer or scenario.model.name)
     pad = pad_token(tokenizer, source)
     try:
@@ -265,7 +263,7 @@ class _Encoder:
 
     def __init__(self, tokenizer: Any, cfg: DataConfig, classifier: bool, eos: int) -> None:
         self.tokenizer, self.cfg, self.classifier, self.eos = tokenizer, cfg, classifier, eos
-        self.prefix = [] if classifier else special_prefix(tokenizer)
+        self.prefix = [] if classifier else special_ends(tokenizer)[0]  # BOS, CLS: what tokenizer(text) puts in front
 
     def split(self, rows: Rows, where: str, progress: Any) -> _EncodedSplit:
         out = _EncodedSplit(self, rows, where)
@@ -289,7 +287,7 @@ class _Encoder:
 
 def model_max_length(scenario: Scenario, tokenizer: Any) -> int | None:
     """The longest input the model takes: the tokenizer's ``model_max_length`` (when set: transformers' sentinel
-    for none is ~1e30) and the positions of the built-in tiny model or of a ``model.config`` stand-in."""
+    for none is ~1e30) and the positions its config has (:func:`fedsim.models.base.position_limit`)."""
     from fedsim.models.base import position_limit
 
     cap = getattr(tokenizer, "model_max_length", None)

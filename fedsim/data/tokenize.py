@@ -40,14 +40,6 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def special_prefix(tokenizer: Any) -> list[int]:
-    """The special tokens ``tokenizer(text)`` puts in front of a text ([BOS] for Llama, [CLS] for BERT, [] for GPT-2
-    and the byte-level tokenizer)."""
-    from fedsim.models.tokenizer import special_ends
-
-    return special_ends(tokenizer)[0]
-
-
 class Flat:
     """Variable-length rows of ids stored flat: row i is ``ids[offsets[i]:offsets[i+1]]``."""
 
@@ -176,14 +168,14 @@ def encode_inputs(tokenizer: Any, firsts: Sequence[str], pairs: Sequence[str] | 
 BLOCK = 16384  # rows per block of array arithmetic: its int64 index arrays stay small beside the split's arrays
 
 
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """Each token's position within its row, for rows of ``lengths`` laid end to end (int64)."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
 def _gather(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=ids.dtype)
-    ends = np.cumsum(lengths)
-    shift = np.repeat(starts - (ends - lengths), lengths)
-    shift += np.arange(total, dtype=np.int64)
-    return ids[shift]
+    """The concatenation of ``ids[starts[i] : starts[i] + lengths[i]]`` over rows i (one block's worth)."""
+    return ids[np.repeat(starts, lengths) + _within(lengths)]
 
 
 @dataclass
@@ -201,7 +193,8 @@ class Encoded:
 
 
 def encode_example(ex: Example, tokenizer: Any, prefix: list[int], eos: int) -> Encoded:
-    """The tokens of one example (``prefix``: :func:`special_prefix`)."""
+    """The tokens of one example (``prefix``: the special tokens in front,
+    :func:`fedsim.models.tokenizer.special_ends`)."""
     if not ex.rendered:
         return Encoded(list(prefix), encode(tokenizer, ex.prompt), None, encode(tokenizer, ex.response) + [eos])
     specials = set(getattr(tokenizer, "all_special_ids", ()))
@@ -344,10 +337,8 @@ def _copy_rows(dst: np.ndarray, dst_starts: np.ndarray, src: np.ndarray, src_sta
     :data:`BLOCK` rows."""
     for b in range(0, len(lengths), BLOCK):
         n = lengths[b : b + BLOCK]
-        total = int(n.sum())
-        if total:
-            within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-            dst[np.repeat(dst_starts[b : b + BLOCK], n) + within] = src[np.repeat(src_starts[b : b + BLOCK], n) + within]
+        within = _within(n)
+        dst[np.repeat(dst_starts[b : b + BLOCK], n) + within] = src[np.repeat(src_starts[b : b + BLOCK], n) + within]
 
 
 def _assemble(prefix: Sequence[int], prompts: Flat, responses: Flat, idx: np.ndarray, p: np.ndarray,
