@@ -26,6 +26,9 @@ class ScenarioError(FedsimError):
             msg += f" (fix: {fix})"
         super().__init__(msg)
 
+    def __reduce__(self):  # pickled across processes (multiprocessing, Ray) with its three fields, not its message
+        return type(self), (self.field, self.problem, self.fix)
+
 
 class DataError(FedsimError):
     """Data could not be loaded, formatted or partitioned."""

@@ -23,7 +23,7 @@ from fedsim.config.clients import (
     RankChoice,
     RankTier,
 )
-from fedsim.config.data import DataConfig, PartitionConfig, SyntheticConfig, TestSplitConfig
+from fedsim.config.data import DataConfig, PartitionConfig, SourceConfig, SyntheticConfig, TestSplitConfig
 from fedsim.config.loading import (
     apply_overrides,
     dump_scenario,
@@ -56,7 +56,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "DataConfig",
     "EvalConfig", "FaultsConfig", "Frozen", "GenerateConfig", "HarnessConfig", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
     "QuantChoice", "QuantConfig", "QuantTier", "RankChoice", "RankTier", "ResourcesConfig", "Scenario",
-    "ServerOptimizerConfig", "ServerResources", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",
+    "ServerOptimizerConfig", "ServerResources", "SourceConfig", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",
     "TrainingConfig", "WandbConfig", "WorkerPool", "apply_overrides", "deal_tiers", "dump_scenario", "load_scenario",
     "parse_override", "scenario_from_dict",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedsim import registry
 from fedsim.config.base import Frozen
@@ -40,6 +40,22 @@ class TestSplitConfig(Frozen):
     max_samples: int | None = Field(None, ge=1)
 
 
+class SourceConfig(Frozen):
+    """One named source of ``data.sources``: a file, directory, glob or hub data set whose rows all belong to one task
+    (the name, written into each row's ``data.task_field``), with its own columns and its own test rows."""
+
+    source: str
+    subset: str | None = None
+    split: str = "train"
+    columns: tuple[str, ...] | None = None  # None: data.columns
+    test_source: str | None = None  # its test rows: a local file (or a hub data set)
+    test_split: str | None = None  # ... or a split of its hub data set
+    max_samples: int | None = Field(None, ge=1)  # its first rows only
+
+    def has_test(self) -> bool:
+        return self.test_source is not None or self.test_split is not None
+
+
 class DataConfig(Frozen):
     """Training data: source, format and field names, and how long a tokenized row may be.
 
@@ -52,9 +68,13 @@ class DataConfig(Frozen):
     ``text_pair``: for sentence-pair classification, the field of the second text: a classifier (``model.task:
     seq_cls``) encodes the template's text and it as the tokenizer's pair (separator, segment ids); a causal LM reads
     both through ``prompt_template``, which must name it.
+    ``sources``: several sources, one per task (``{cola: {source: cola/train.tsv, columns: [text, label], test_source:
+    cola/dev.tsv}, mr: {...}}``), read one after another, each row's ``task_field`` set to its source's name — tasks as
+    client groups with ``partition: {method: natural, by: task}`` (or a Dirichlet over them). Instead of ``source``.
 """
 
     source: str = "synthetic"
+    sources: dict[str, SourceConfig] | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     format: str = "instruction"  # a registered row format (fedsim.data.formats)
     split: str = "train"
@@ -72,6 +92,27 @@ class DataConfig(Frozen):
     column_map: dict[str, str] | None = None
     chat_template: str | None = None
     max_train_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DataConfig:
+        if self.sources is None:
+            return self
+        if not self.sources:
+            raise ValueError("data.sources is empty: name at least one task and its source")
+        if self.source != "synthetic":
+            raise ValueError("give data.source or data.sources, not both (data.sources names a source per task)")
+        if self.task_field is None:
+            raise ValueError("data.sources writes each source's name into the rows' task field, but data.task_field "
+                             "is null: set data.task_field (e.g. task)")
+        with_test = [n for n, s in self.sources.items() if s.has_test()]
+        if with_test and len(with_test) != len(self.sources):
+            missing = sorted(set(self.sources) - set(with_test))
+            raise ValueError(f"data.sources {with_test} give their test rows and {missing} do not: give test_source "
+                             "(or test_split) for every source, or for none (then data.test.fraction holds rows out)")
+        if with_test and (self.test.source is not None or self.test.split is not None):
+            raise ValueError("the test rows come from data.sources' test_source/test_split: remove data.test.source "
+                             "and data.test.split")
+        return self
 
     @field_validator("format")
     @classmethod

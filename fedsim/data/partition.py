@@ -78,15 +78,25 @@ def shards(groups: np.ndarray, num_clients: int, shards_per_client: int, seed: i
 
 
 def natural(groups: np.ndarray, num_clients: int, seed: int) -> Partition:
-    """One group per client (e.g. one task per client): requires as many clients as groups."""
+    """The groups (e.g. tasks) as clients: one group per client, or, with ``k`` times as many clients as groups, each
+    group's rows dealt IID over ``k`` clients of their own (clients ``g·k .. g·k + k − 1`` hold group ``g``)."""
     labels = np.unique(groups)
-    if len(labels) != num_clients:
+    if num_clients % len(labels):
         raise ScenarioError(
             "clients.num_clients",
-            f"the natural split needs one client per group, but there are {len(labels)} groups and {num_clients} clients",
-            f"set clients.num_clients={len(labels)} or use partition.method: dirichlet",
+            f"the natural split gives each of the {len(labels)} groups the same number of clients, but "
+            f"{num_clients} clients is not a multiple of {len(labels)}",
+            f"set clients.num_clients={len(labels)} (or a multiple of it) or use partition.method: dirichlet",
         )
-    return _finish([np.flatnonzero(groups == lab) for lab in labels])
+    k = num_clients // len(labels)
+    rng = np.random.default_rng([seed, 113])
+    parts: list[np.ndarray] = []
+    for lab in labels:
+        idx = np.flatnonzero(groups == lab)
+        if k > 1:
+            idx = rng.permutation(idx)
+        parts += [idx[j::k] for j in range(k)]
+    return _finish(parts)
 
 
 def partition(cfg: PartitionConfig, groups: np.ndarray | None, num_samples: int, num_clients: int,

@@ -54,10 +54,18 @@ def _local_files(source: str, field_name: str) -> list[str]:
     return files
 
 
+def _named_sources(cfg: DataConfig) -> list[tuple[str | None, str]]:
+    """(source, the setting that names it) of every training and test source."""
+    if cfg.sources is None:
+        return [(cfg.source, "data.source"), (cfg.test.source, "data.test.source")]
+    return [(getattr(s, f), f"data.sources.{name}.{f}") for name, s in cfg.sources.items()
+            for f in ("source", "test_source")]
+
+
 def data_files(cfg: DataConfig) -> list[str]:
     """Every local file the data settings read (none for synthetic or hub data)."""
     files: list[str] = []
-    for source, name in ((cfg.source, "data.source"), (cfg.test.source, "data.test.source")):
+    for source, name in _named_sources(cfg):
         if source is not None and source != "synthetic" and _is_local(source):
             files += _local_files(source, name)
     return files
@@ -234,6 +242,8 @@ def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> lis
 
 def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Raw train rows and, when a separate test source or split exists, raw test rows (else None)."""
+    if cfg.sources is not None:
+        return _load_sources(cfg)
     if cfg.source == "synthetic":
         s = cfg.synthetic
         train = _synthetic(s.tasks, s.num_train, s.seed)
@@ -252,6 +262,39 @@ def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any
                                 "use data.test.source (a file) or data.test.fraction for local data")
         test = _load_hub(cfg.source, cfg.subset, cfg.test.split, "data.test.split")
     return train, test
+
+
+def _load_sources(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """``data.sources``: each source's rows (its first ``max_samples``) with its name as their task, one source after
+    another; their test rows likewise when every source gives them (the schema allows all or none)."""
+    assert cfg.sources is not None and cfg.task_field is not None
+    train: list[dict[str, Any]] = []
+    test: list[dict[str, Any]] | None = [] if all(s.has_test() for s in cfg.sources.values()) else None
+    for name, s in cfg.sources.items():
+        one = cfg.model_copy(update={"sources": None, "source": s.source, "subset": s.subset, "split": s.split,
+                                     "columns": s.columns if s.columns is not None else cfg.columns})
+        where = f"data.sources.{name}"
+        rows = (_load_local(s.source, one, f"{where}.source") if _is_local(s.source)
+                else _load_hub(s.source, s.subset, s.split, f"{where}.source"))
+        train += _as_task(rows[: s.max_samples], cfg.task_field, name, f"{where}.source")
+        if test is not None:
+            src = s.test_source if s.test_source is not None else s.source
+            if s.test_source is None and _is_local(src):
+                raise ScenarioError(f"{where}.test_split", "a split name only applies to hub data sets",
+                                    f"give {where}.test_source (a file) instead")
+            rows = (_load_local(src, one, f"{where}.test_source") if _is_local(src)
+                    else _load_hub(src, s.subset, s.test_split or "test", f"{where}.test_split"))
+            test += _as_task(rows, cfg.task_field, name, f"{where}.test_source")
+    return train, test
+
+
+def _as_task(rows: list[dict[str, Any]], field: str, name: str, where: str) -> list[dict[str, Any]]:
+    """``rows`` with ``field`` set to ``name``; a source whose rows hold ``field`` already would lose it: refused."""
+    if rows and field in rows[0]:
+        raise ScenarioError("data.task_field", f"the rows of {where} already have a field {field!r}, which "
+                            "data.sources would overwrite with the source's name",
+                            "set data.task_field to a field name the rows do not have")
+    return [{**r, field: name} for r in rows]
 
 
 def _synthetic(tasks: tuple[str, ...], n: int, seed: int) -> list[dict[str, Any]]:

@@ -34,6 +34,22 @@ def test_natural_one_group_per_client():
         P.partition(PartitionConfig(method="natural"), GROUPS, len(GROUPS), 4, seed=0)
 
 
+def test_natural_several_clients_per_group():
+    """k clients per group: each group's rows dealt over k clients of its own, in group order, sizes within one."""
+    parts = P.partition(PartitionConfig(method="natural"), GROUPS, len(GROUPS), 15, seed=0)
+    _check_exact_cover(parts, len(GROUPS))
+    assert [set(GROUPS[p]) for p in parts] == [{g} for g in range(5) for _ in range(3)]
+    for g in range(5):
+        sizes = [len(parts[3 * g + j]) for j in range(3)]
+        assert max(sizes) - min(sizes) <= 1
+    again = P.partition(PartitionConfig(method="natural"), GROUPS, len(GROUPS), 15, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = P.partition(PartitionConfig(method="natural"), GROUPS, len(GROUPS), 15, seed=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other))  # the deal is seeded
+    with pytest.raises(ScenarioError, match="not a multiple of 5"):
+        P.partition(PartitionConfig(method="natural"), GROUPS, len(GROUPS), 12, seed=0)
+
+
 def _skew(parts):
     """Mean total-variation distance between client label distributions and the global one."""
     hist = P.label_histogram(parts, GROUPS, 5).astype(float)
