@@ -104,8 +104,9 @@ class TaskAccuracy(Metric):
 
 
 class _Confusion(Metric):
-    """Confusion counts of a classification (``confusion/<label>/<predicted>``, option indices): additive across
-    batches and workers, so macro-F1 and Matthews' correlation come out exactly as over the whole test set."""
+    """Confusion counts of a classification (``confusion/<label>/<predicted>``, option indices; and per task of the
+    data's task field, ``task/<task>/confusion/<label>/<predicted>``): additive across batches and workers, so
+    macro-F1 and Matthews' correlation come out exactly as over the whole test set (and over each task's rows)."""
 
     needs_options: ClassVar[bool] = True
 
@@ -113,57 +114,73 @@ class _Confusion(Metric):
         if out.predicted is None or out.label is None:
             return {}
         sums: dict[str, float] = {}
-        for y, p in zip(out.label.tolist(), out.predicted.tolist()):
-            key = f"confusion/{int(y)}/{int(p)}"
-            sums[key] = sums.get(key, 0.0) + 1.0
+        tasks = out.tasks.tolist() if out.task_names and out.tasks is not None else None
+        for i, (y, p) in enumerate(zip(out.label.tolist(), out.predicted.tolist())):
+            keys = [f"confusion/{int(y)}/{int(p)}"]
+            if tasks is not None and tasks[i] >= 0:
+                keys.append(f"task/{out.task_names[int(tasks[i])]}/confusion/{int(y)}/{int(p)}")
+            for key in keys:
+                sums[key] = sums.get(key, 0.0) + 1.0
         return sums
 
     @staticmethod
-    def matrix(sums: dict[str, float]) -> np.ndarray:
-        """The confusion matrix C[label, predicted] over the classes seen, float64."""
-        cells = {tuple(int(x) for x in k.split("/")[1:]): v for k, v in sums.items() if k.startswith("confusion/")}
+    def matrix(sums: dict[str, float], prefix: str = "") -> np.ndarray:
+        """The confusion matrix C[label, predicted] over the classes seen, float64 (``prefix``: a task's,
+        ``task/<task>/``)."""
+        head = prefix + "confusion/"
+        cells = {tuple(int(x) for x in k[len(head):].split("/")): v for k, v in sums.items() if k.startswith(head)}
         n = 1 + max((max(c) for c in cells), default=-1)
         c = np.zeros((n, n))
         for (y, p), v in cells.items():
             c[y, p] = v
         return c
 
+    def value(self, c: np.ndarray) -> float:
+        """The metric of one confusion matrix (not empty)."""
+        raise NotImplementedError
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        out = {}
+        c = self.matrix(sums)
+        if c.size:
+            out[f"eval/{self.name}"] = self.value(c)
+        tasks = sorted({k.split("/")[1] for k in sums if k.startswith("task/") and "/confusion/" in k})
+        for t in tasks:
+            out[f"eval/task/{t}/{self.name}"] = self.value(self.matrix(sums, f"task/{t}/"))
+        return out
+
 
 @metric("macro_f1")
 class MacroF1(_Confusion):
-    """Macro-averaged F1 over the classes that occur as a label or a prediction (``eval/macro_f1``; a class without
-    true or predicted samples scores 0, as scikit-learn's ``f1_score(average="macro", zero_division=0)``)."""
+    """Macro-averaged F1 over the classes that occur as a label or a prediction (``eval/macro_f1``, and per task
+    ``eval/task/<task>/macro_f1``; a class without true or predicted samples scores 0, as scikit-learn's
+    ``f1_score(average="macro", zero_division=0)``)."""
 
     name = "macro_f1"
-    keys = ("eval/macro_f1",)
+    keys = ("eval/macro_f1", "eval/task/*/macro_f1")
 
-    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        c = self.matrix(sums)
-        if c.size == 0:
-            return {}
+    def value(self, c: np.ndarray) -> float:
         tp, support, predicted = np.diag(c), c.sum(axis=1), c.sum(axis=0)
         present = (support + predicted) > 0
         denom = support + predicted
         f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-        return {"eval/macro_f1": float(f1[present].mean())}
+        return float(f1[present].mean())
 
 
 @metric("mcc")
 class Matthews(_Confusion):
     """Matthews' correlation coefficient, multiclass (Gorodkin's R_K, as scikit-learn's ``matthews_corrcoef``;
-    ``eval/mcc``): (c·s − Σ p_k t_k) / √((s² − Σ p_k²)(s² − Σ t_k²)), 0 when a factor is 0. CoLA's metric."""
+    ``eval/mcc``, and per task ``eval/task/<task>/mcc``): (c·s − Σ p_k t_k) / √((s² − Σ p_k²)(s² − Σ t_k²)), 0 when a
+    factor is 0. CoLA's metric."""
 
     name = "mcc"
-    keys = ("eval/mcc",)
+    keys = ("eval/mcc", "eval/task/*/mcc")
 
-    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        c = self.matrix(sums)
-        if c.size == 0:
-            return {}
+    def value(self, c: np.ndarray) -> float:
         t, p = c.sum(axis=1), c.sum(axis=0)
         s, correct = c.sum(), np.trace(c)
         denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
-        return {"eval/mcc": float((correct * s - p @ t) / denom) if denom > 0 else 0.0}
+        return float((correct * s - p @ t) / denom) if denom > 0 else 0.0
 
 
 DEFAULT_METRICS = ("loss", "accuracy", "task_accuracy")

@@ -7,6 +7,18 @@ from typing import Any
 
 import numpy as np
 
+CONFUSION = ("macro_f1", "mcc")  # the confusion metrics a client's row carries when the scenario asks for them
+
+
+def _confusion_metrics(sums: dict, kind: str) -> dict[str, float]:
+    """``{kind}_macro_f1`` and ``{kind}_mcc`` of one client's local test split, where its sums hold confusion counts
+    (``eval.metrics`` names either)."""
+    from fedsim.eval.metrics import MacroF1, Matthews
+
+    if not any(k.startswith("confusion/") for k in sums):
+        return {}
+    return {f"{kind}_{m.name}": m.value(m.matrix(sums)) for m in (MacroF1(), Matthews())}
+
 
 def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int, str] | None = None
                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -22,6 +34,8 @@ def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int,
                "global_loss": g["loss_sum"] / max(g["tokens"], 1.0),
                "personal_accuracy": p["correct"] / max(p["count"], 1.0),
                "personal_loss": p["loss_sum"] / max(p["tokens"], 1.0)}
+        row.update(_confusion_metrics(g, "global"))
+        row.update(_confusion_metrics(p, "personal"))
         if labels is not None:
             row["base"] = labels[cid]
         for k in ("qa_rel_error", "qa_corr"):
@@ -37,6 +51,9 @@ def personal_metrics(per_client: dict[int, tuple[dict, dict]], labels: dict[int,
         out.update({f"{prefix}/accuracy": float(acc.mean()), f"{prefix}/accuracy_std": float(acc.std()),
                     f"{prefix}/accuracy_worst10": float(worst.mean()),
                     f"{prefix}/loss": float(np.mean([r[f"{kind}_loss"] for r in table]))})
+        for name in CONFUSION:
+            if all(f"{kind}_{name}" in r for r in table):
+                out[f"{prefix}/{name}"] = float(np.mean([r[f"{kind}_{name}"] for r in table]))
     if any("dynamic_weight" in r for r in table):
         out["eval/personal/dynamic_weight"] = float(np.mean([r["dynamic_weight"] for r in table
                                                              if "dynamic_weight" in r]))

@@ -83,3 +83,56 @@ def test_eval_metrics_are_checked_by_name_and_by_format(tiny_raw, tmp_path):
     tiny_raw["eval"]["metrics"] = ["mcc"]
     with pytest.raises(ScenarioError, match="metric 'mcc' needs a classification.*data.format: classification"):
         scenario_from_dict(tiny_raw)
+
+
+def test_macro_f1_and_mcc_per_task_equal_scikit_learn_on_each_tasks_rows():
+    """With a task field: ``eval/task/<task>/mcc`` and ``/macro_f1`` are the metric over that task's rows alone (CoLA's
+    MCC in a multi-task run), from additive counts whatever the batches; rows of no task count only overall."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(3)
+    n = 240
+    label, tasks = rng.integers(0, 2, n), rng.integers(-1, 3, n)
+    predicted = np.where(rng.random(n) < 0.7, label, 1 - label)
+    metrics = default_metrics(("macro_f1", "mcc"))
+
+    def outputs(a, b):
+        o = _outputs(label[a:b], predicted[a:b])
+        o.tasks, o.task_names = tasks[a:b], ["cola", "mr", "subj"]
+        return o
+
+    parts = [{k: v for m in metrics for k, v in m.sums(outputs(a, b)).items()} for a, b in ((0, 50), (50, 199), (199, n))]
+    out = reduce_eval(parts, metrics)
+    for t, name in enumerate(["cola", "mr", "subj"]):
+        sel = tasks == t
+        assert out[f"eval/task/{name}/mcc"] == pytest.approx(matthews_corrcoef(label[sel], predicted[sel]), abs=1e-12)
+        assert out[f"eval/task/{name}/macro_f1"] == pytest.approx(
+            f1_score(label[sel], predicted[sel], average="macro", zero_division=0), abs=1e-12)
+    assert out["eval/mcc"] == pytest.approx(matthews_corrcoef(label, predicted), abs=1e-12)
+
+
+def test_personalized_rows_carry_each_clients_mcc():
+    """Each client's row of the personalized table has the MCC and macro-F1 of its local test split (global adapter
+    alone and its own model), and the summary their mean over clients."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from fedsim.eval.personal import personal_metrics
+
+    metrics = default_metrics(("macro_f1", "mcc"))
+    rng = np.random.default_rng(0)
+    per_client, want = {}, {}
+    for c in range(3):
+        label = rng.integers(0, 2, 40)
+        own = np.where(rng.random(40) < 0.8, label, 1 - label)
+        alone = np.where(rng.random(40) < 0.5, label, 1 - label)
+        sums = [{k: v for m in metrics for k, v in m.sums(_outputs(label, p)).items()} for p in (alone, own)]
+        per_client[c] = tuple({**s, "loss_sum": 1.0, "tokens": 40.0} for s in sums)
+        want[c] = (matthews_corrcoef(label, alone), matthews_corrcoef(label, own))
+    out, table = personal_metrics(per_client)
+    for row in table:
+        assert row["global_mcc"] == pytest.approx(want[row["client_id"]][0], abs=1e-12)
+        assert row["personal_mcc"] == pytest.approx(want[row["client_id"]][1], abs=1e-12)
+    assert out["eval/personal/mcc"] == pytest.approx(np.mean([w[1] for w in want.values()]), abs=1e-12)
+    assert "personal_mcc" not in personal_metrics({0: ({"correct": 1.0, "count": 2.0, "loss_sum": 1.0, "tokens": 2.0},
+                                                       {"correct": 1.0, "count": 2.0, "loss_sum": 1.0,
+                                                        "tokens": 2.0})})[1][0]
