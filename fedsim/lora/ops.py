@@ -55,10 +55,17 @@ def personal_key(key: str) -> str:
 
 def split_personal(tensors: Tensors) -> tuple[Tensors, Tensors]:
     """(keys of the main adapter, keys of the personal adapter with the prefix removed); a client objective's state
-    is in neither."""
-    main = {k: v for k, v in tensors.items() if not k.startswith((PERSONAL_PREFIX, OBJECTIVE_PREFIX))}
+    and a head of its own (:func:`own_head`) are in neither."""
+    main = {k: v for k, v in tensors.items() if not k.startswith((PERSONAL_PREFIX, OBJECTIVE_PREFIX, HEAD_PREFIX))}
     personal = {k[len(PERSONAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(PERSONAL_PREFIX)}
     return main, personal
+
+
+def own_head(personal: Tensors | None) -> Tensors | None:
+    """The head a client keeps to itself in its state (a strategy that aggregates nothing: local-only training), or
+    None when it keeps none."""
+    head = {k: v for k, v in (personal or {}).items() if k.startswith(HEAD_PREFIX)}
+    return head or None
 
 
 def modules(tensors: Tensors) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 from fedsim import registry
 from fedsim.client.packed import PackMember, check_member, train_packed
 from fedsim.client.schedule import round_lr
+from fedsim.runtime.starts import head_of
 from fedsim.types import FULL, ClientFailure, ClientJob, ClientPayload
 
 Worker = Any  # a fedsim.runtime.worker.Worker
@@ -104,7 +105,8 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
             tensors = worker.starts.fresh(shapes, payload, job) if payload.fresh else \
                 worker.starts.initial(shapes, payload, job.spec.client_id, job.personal)
             member = PackMember(payload.lora, tensors, job.indices, (seed, job.server_round, job.spec.client_id),
-                                tuple(payload.objectives), job.personal, host.head_source(payload.head))
+                                tuple(payload.objectives), job.personal,
+                                host.head_source(head_of(payload, job.personal)))
             check_member(member, shapes)
             members.append(member)
         except Exception as e:

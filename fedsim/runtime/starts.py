@@ -13,6 +13,12 @@ from fedsim.runtime.bases import BaseCache
 from fedsim.types import FULL, ClientJob, ClientPayload, ModuleShape, QuantSpec, Tensors
 
 
+def head_of(payload: ClientPayload, personal: Tensors | None) -> Tensors | None:
+    """The head a client starts from: its own when it keeps one (:func:`~fedsim.lora.ops.own_head`), else the
+    payload's (None: the base's initial head)."""
+    return ops.own_head(personal) or payload.head
+
+
 class AdapterStarts:
     """The adapters a client starts from.
 
@@ -50,7 +56,7 @@ class AdapterStarts:
              quant: QuantSpec = FULL) -> None:
         """Payload tensors, then the client's personal ones (:meth:`initial`); the same for the personal adapter."""
         host.load(payload.lora, self.initial(host.shapes(payload.lora), payload, client_id, personal))
-        host.load_head(payload.head)
+        host.load_head(head_of(payload, personal))
         self.load_personal(host, payload, client_id, personal, quant)
 
     def load_personal(self, host: AdapterHost, payload: ClientPayload, client_id: int | None,

@@ -38,7 +38,7 @@ from fedsim.objectives import state_out
 from fedsim.pipeline import TransformContext, fault_draws
 from fedsim.runtime import pack_runner, personal_eval
 from fedsim.runtime.bases import BaseCache
-from fedsim.runtime.starts import AdapterStarts
+from fedsim.runtime.starts import AdapterStarts, head_of
 from fedsim.server import Folder, FoldSpec
 from fedsim.strategies.fold import Partial
 from fedsim.types import (
@@ -206,7 +206,7 @@ class Worker:
         if payload.fresh:
             fresh = self.starts.fresh(host.shapes(payload.lora), payload, job)
             host.load(payload.lora, fresh)
-            host.load_head(payload.head)
+            host.load_head(head_of(payload, job.personal))
             self.starts.load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
@@ -236,6 +236,8 @@ class Worker:
         state store. ``start``: the adapter the client began from when the payload did not carry it (a fresh one);
         ``head``: the trained head of a model task that has one (uploaded beside the adapter)."""
         tensors = {k: v for k, v in trained.items() if self.strategy.is_shared(k)}
+        own_head = head if head and not self.strategy.aggregates else None  # kept by the client, never uploaded
+        head = None if own_head else head
         began = payload.tensors if start is None else start
         start = {k: began[k] for k in tensors if k in began}
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, start)
@@ -254,6 +256,8 @@ class Worker:
             personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
             if personal_adapter is not None:
                 personal.update({personal_key(k): v for k, v in personal_adapter.items()})
+        if own_head:
+            personal = {**(personal or {}), **own_head}
         if objective_state:
             personal = {**(personal or {}), **objective_state}
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,

@@ -189,8 +189,7 @@ def test_classifier_mistakes_are_one_line_errors(tiny_raw, tmp_path):
     instr["data"] = {"source": "synthetic", "synthetic": {"tasks": ["add"], "num_train": 40, "num_test": 8},
                      "max_seq_len": 24}
     refused(instr, "data.format: model.task seq_cls trains a classifier on labelled rows, but the data has no labels")
-    for key, value, match in (("strategy", {"name": "local"}, "strategy 'local' keeps every client's model"),
-                              ("privacy", {"mode": "local", "noise_multiplier": 1.0, "clipping_norm": 1.0},
+    for key, value, match in (("privacy", {"mode": "local", "noise_multiplier": 1.0, "clipping_norm": 1.0},
                                "privacy: the classifier head trains in full"),
                               ("strategy", {"name": "fedit", "robust": {"method": "median"}}, "strategy.robust")):
         raw = json.loads(json.dumps(base))
@@ -203,10 +202,10 @@ def test_classifier_mistakes_are_one_line_errors(tiny_raw, tmp_path):
     from fedsim.cli import _cmd_validate
 
     raw = json.loads(json.dumps(base))
-    raw["strategy"] = {"name": "local"}
-    (tmp_path / "local.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ScenarioError, match="strategy 'local' keeps every client's model"):  # validate says it too
-        _cmd_validate(argparse.Namespace(scenario=str(tmp_path / "local.yaml"), overrides=[]))
+    raw["strategy"] = {"name": "fedit", "robust": {"method": "median"}}
+    (tmp_path / "robust.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ScenarioError, match="strategy.robust"):  # validate says it too
+        _cmd_validate(argparse.Namespace(scenario=str(tmp_path / "robust.yaml"), overrides=[]))
     inside = json.loads(json.dumps(base))
     inside["model"]["target_modules"] = ["dense"]  # also the classifier's own dense layer: never adapted
     from fedsim.models.base import target_shapes
@@ -302,3 +301,36 @@ def test_other_classifier_families_train_their_heads(tiny_raw, tmp_path, model_t
     assert config["modules_to_save"] == sorted(head)
     keys = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert not any(k.split(".")[2] in head and "lora_" in k for k in keys)  # nothing adapted inside the head
+
+
+def test_local_training_keeps_each_clients_head_with_its_adapter(tiny_raw, tmp_path):
+    """The local-only baseline with a classifier: each client's head trains with its adapter and stays with it (its
+    state, checkpointed like the adapter) — nothing is uploaded, the global head stays the initial one, and each
+    client's own model (its adapter and its head) is what personalized evaluation and export read."""
+    from fedsim import checkpoint
+    from fedsim.client.store import ClientStateStore
+    from fedsim.export import export_client
+    from fedsim.lora.ops import HEAD_PREFIX
+
+    raw = classifier_raw(tiny_raw, tmp_path, ROBERTA)
+    raw["strategy"] = {"name": "local"}
+    raw["eval"]["local_test_fraction"] = 0.25
+    out = tmp_path / "run"
+    summary = run_scenario(scenario_from_dict(raw), out)
+    rows = _rows(out)
+    assert all(r.get("comm/up_bytes", 0) == 0 for r in rows if r["round"] >= 1)
+    assert rows[-1]["eval/loss"] == rows[0]["eval/loss"]  # the global model: the base with its initial head
+    assert summary["final/eval/personal/loss"] != summary["final/eval/local_global/loss"]
+    checkpoint.restore_client_state(checkpoint.load(out)[3], tmp_path / "state")
+    store = ClientStateStore.open(tmp_path / "state")
+    trained = [c for c in range(raw["clients"]["num_clients"]) if store.get(c)]
+    heads = {c: {k: v for k, v in store.get(c).items() if k.startswith(HEAD_PREFIX)} for c in trained}
+    assert trained and all(heads[c] for c in trained)
+    a, b = trained[:2]
+    assert any(not torch.equal(heads[a][k], heads[b][k]) for k in heads[a])  # each its own head
+    export_client(out, a, tmp_path / "export")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
+    key = next(k for k in saved if "classifier" in k and k.endswith("out_proj.weight"))
+    assert torch.equal(saved[key], heads[a][HEAD_PREFIX + "classifier.out_proj.weight"])

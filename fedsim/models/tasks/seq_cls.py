@@ -69,14 +69,11 @@ class SequenceClassification(ModelTask):
                                 f"set model.num_labels: {len(names)}")
 
     def refusal(self, scenario: Any, strategy: Any) -> tuple[str, str, str] | None:
-        """What a trained head rules out: it is averaged by the server beside any aggregating strategy, but it is
-        neither clipped and noised (privacy), bounded (robust rules), attacked (model poisoning) nor kept per client
-        (the local-only baseline); and a classifier generates nothing."""
+        """What a trained head rules out: it is averaged by the server beside any aggregating strategy (a strategy that
+        aggregates nothing — local-only training — keeps each client's head with its adapter), but it is neither
+        clipped and noised (privacy), bounded (robust rules) nor attacked (model poisoning); and a classifier
+        generates nothing."""
         head = "the classifier head trains in full and the server averages it beside the adapter"
-        if not strategy.aggregates:
-            return ("strategy.name", f"strategy {strategy.name!r} keeps every client's model to itself, but {head}",
-                    "use a strategy that aggregates (fedit, ffa, fedsa, flora, flexlora, hetlora, fedex, feddpa, "
-                    "pf2lora, fedqlora)")
         if scenario.privacy is not None:
             return ("privacy", f"{head}, unclipped and without noise: the accountant's ε would not cover it",
                     "remove the privacy section, or fine-tune a causal LM (model.task: causal_lm)")
