@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tolerances import F32_NETWORK
 
 from fedsim import registry
 from fedsim.components import resolve
@@ -89,7 +90,7 @@ def test_a_notebooks_strategy_objective_transform_and_metric_run_on_ray(tiny_raw
             assert a.get(k) == b.get(k), (a["round"], k)
     last = runs["ray"][-1]
     assert last["reg/l2_end"] > 0 and last["transform/norm"] > 0
-    assert last["eval/mean_logp"] == pytest.approx(-last["eval/loss"], rel=1e-6)
+    assert last["eval/mean_logp"] == pytest.approx(-last["eval/loss"], rel=F32_NETWORK)
     plain = run_scenario(scenario_from_dict(tiny_raw, ["strategy.name=fedit"]), tmp_path / "fedit")
     assert plain["final/eval/loss"] != runs["local"][-1]["eval/loss"]  # the objective and the transform act
 

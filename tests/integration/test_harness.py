@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tolerances import F32_NETWORK
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
@@ -72,12 +73,12 @@ def test_harness_in_a_run_equals_lm_eval_on_the_exported_adapter(tiny_raw, tmp_p
 
     direct = lm_eval_on(tmp_path / "run" / "adapter")
     assert direct == pytest.approx({k.removeprefix("harness/"): v for k, v in row.items()
-                                    if k.startswith(("harness/toy_add/", "harness/toy_ppl/"))}, rel=1e-6)
+                                    if k.startswith(("harness/toy_add/", "harness/toy_ppl/"))}, rel=F32_NETWORK)
     export_client(tmp_path / "run", 1, tmp_path / "client1")
     # client 1's adapter folds its personal A into one PEFT adapter: the same model, float32 rounding apart
     assert lm_eval_on(tmp_path / "client1") == pytest.approx(
         {k.removeprefix("harness/client_1/"): v for k, v in row.items() if k.startswith("harness/client_1/")},
-        rel=1e-6)
+        rel=F32_NETWORK)
 
 
 def test_an_unknown_harness_task_is_named_before_round_1(tiny_raw, tmp_path):

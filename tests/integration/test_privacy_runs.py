@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import news_data
+from tolerances import F32_ELEMENTWISE, F32_NETWORK, F64
 
 from fedsim.components import resolve
 from fedsim.config import scenario_from_dict
@@ -36,7 +37,7 @@ def test_central_dp_reports_epsilon_each_round_and_resumes_adaptive_clipping_exa
     summary = run_scenario(sc, tmp_path / "whole")
     rows = _rows(tmp_path / "whole")
     for r in rows[1:]:  # q = 3 of 8 clients per round
-        assert r["privacy/epsilon"] == pytest.approx(epsilon(0.8, 3 / 8, r["round"], 0.01), rel=1e-12)
+        assert r["privacy/epsilon"] == pytest.approx(epsilon(0.8, 3 / 8, r["round"], 0.01), rel=F64)
     assert len({r["privacy/clipping_norm"] for r in rows[1:]}) == 3  # C moves every round
     assert summary["privacy"] == {"mode": "central", "epsilon": rows[-1]["privacy/epsilon"], "delta": 0.01,
                                   "noise_multiplier": 0.8, "accountant": "rdp", "sample_rate": 0.375,
@@ -60,7 +61,7 @@ def test_a_target_epsilon_is_met_after_the_last_round_with_poisson_sampling(tiny
     summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
     assert 3.9 < summary["privacy"]["epsilon"] <= 4.0 and summary["privacy"]["sample_rate"] == 3 / 8
     sigma = summary["privacy"]["noise_multiplier"]
-    assert summary["privacy"]["epsilon"] == pytest.approx(epsilon(sigma, 3 / 8, 3, 0.01), rel=1e-12)
+    assert summary["privacy"]["epsilon"] == pytest.approx(epsilon(sigma, 3 / 8, 3, 0.01), rel=F64)
     assert len({r["clients/sampled"] for r in _rows(tmp_path / "run")[1:]}) > 1
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_raw))
     assert main(["validate", str(tmp_path / "s.yaml")]) == 0
@@ -78,14 +79,14 @@ def test_local_dp_on_ray_with_packed_clients_equals_the_local_backend(tiny_raw, 
     for ra, rb in zip(a, b):
         for k in ("eval/loss", "train/loss", "privacy/epsilon", "privacy/clipped"):
             assert (k in ra) == (k in rb) == (k == "eval/loss" or ra["round"] > 0), (ra["round"], k)
-            assert ra.get(k) == pytest.approx(rb.get(k), rel=1e-5) if k in ra else True, (ra["round"], k)
+            assert ra.get(k) == pytest.approx(rb.get(k), rel=F32_NETWORK) if k in ra else True, (ra["round"], k)
     assert b[-1]["train/clients_per_pass"] > 1  # packed on Ray
     # local mode: the Gaussian mechanism at σ/2 over the most updates one client sent
     sent = {}
     for r in a[1:]:
         for c in r["comm/per_client"]:
             sent[c] = sent.get(c, 0) + 1
-        assert r["privacy/epsilon"] == pytest.approx(epsilon(0.4, 1.0, max(sent.values()), 0.01), rel=1e-12)
+        assert r["privacy/epsilon"] == pytest.approx(epsilon(0.4, 1.0, max(sent.values()), 0.01), rel=F64)
     assert local["privacy"]["sample_rate"] == 1.0 and ray["privacy"]["mode"] == "local"
 
 
@@ -112,7 +113,7 @@ def test_a_flora_client_clips_its_change_from_the_fresh_adapter_it_started_from(
     run_scenario(sc, tmp_path / "run", components=dataclasses.replace(comp, transforms=(*comp.transforms, seen)))
     assert len(seen.log) == 3
     for complete, change, a_mass in seen.log:
-        assert complete and change <= 1e-3 * (1 + 1e-5) and a_mass > 0  # A starts random, as PEFT initialises it
+        assert complete and change <= sc.privacy.clipping_norm * (1 + F32_ELEMENTWISE) and a_mass > 0  # A starts random, as PEFT initialises it
 
 
 def _news(tmp_path, raw):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import news_data
+from tolerances import F64
 
 from fedsim.config import scenario_from_dict
 from fedsim.errors import ScenarioError
@@ -37,8 +38,8 @@ def test_macro_f1_and_mcc_equal_scikit_learn_whatever_the_batches(classes, seed)
     parts = [{k: v for m in metrics for k, v in m.sums(_outputs(label[a:b], predicted[a:b])).items()}
              for a, b in zip(cuts, cuts[1:])]
     out = reduce_eval(parts, metrics)
-    assert out["eval/macro_f1"] == pytest.approx(f1_score(label, predicted, average="macro", zero_division=0), abs=1e-12)
-    assert out["eval/mcc"] == pytest.approx(matthews_corrcoef(label, predicted), abs=1e-12)
+    assert out["eval/macro_f1"] == pytest.approx(f1_score(label, predicted, average="macro", zero_division=0), abs=F64)
+    assert out["eval/mcc"] == pytest.approx(matthews_corrcoef(label, predicted), abs=F64)
     assert out["eval/accuracy"] == pytest.approx(float((label == predicted).mean()))
     assert reduce_eval(parts[::-1], metrics) == out  # sums: the order of the batches does not matter
     assert sum(v for k, v in combine(parts).items() if k.startswith("confusion/")) == 203
@@ -105,10 +106,10 @@ def test_macro_f1_and_mcc_per_task_equal_scikit_learn_on_each_tasks_rows():
     out = reduce_eval(parts, metrics)
     for t, name in enumerate(["cola", "mr", "subj"]):
         sel = tasks == t
-        assert out[f"eval/task/{name}/mcc"] == pytest.approx(matthews_corrcoef(label[sel], predicted[sel]), abs=1e-12)
+        assert out[f"eval/task/{name}/mcc"] == pytest.approx(matthews_corrcoef(label[sel], predicted[sel]), abs=F64)
         assert out[f"eval/task/{name}/macro_f1"] == pytest.approx(
-            f1_score(label[sel], predicted[sel], average="macro", zero_division=0), abs=1e-12)
-    assert out["eval/mcc"] == pytest.approx(matthews_corrcoef(label, predicted), abs=1e-12)
+            f1_score(label[sel], predicted[sel], average="macro", zero_division=0), abs=F64)
+    assert out["eval/mcc"] == pytest.approx(matthews_corrcoef(label, predicted), abs=F64)
 
 
 def test_personalized_rows_carry_each_clients_mcc():
@@ -130,9 +131,9 @@ def test_personalized_rows_carry_each_clients_mcc():
         want[c] = (matthews_corrcoef(label, alone), matthews_corrcoef(label, own))
     out, table = personal_metrics(per_client)
     for row in table:
-        assert row["global_mcc"] == pytest.approx(want[row["client_id"]][0], abs=1e-12)
-        assert row["personal_mcc"] == pytest.approx(want[row["client_id"]][1], abs=1e-12)
-    assert out["eval/personal/mcc"] == pytest.approx(np.mean([w[1] for w in want.values()]), abs=1e-12)
+        assert row["global_mcc"] == pytest.approx(want[row["client_id"]][0], abs=F64)
+        assert row["personal_mcc"] == pytest.approx(want[row["client_id"]][1], abs=F64)
+    assert out["eval/personal/mcc"] == pytest.approx(np.mean([w[1] for w in want.values()]), abs=F64)
     assert "personal_mcc" not in personal_metrics({0: ({"correct": 1.0, "count": 2.0, "loss_sum": 1.0, "tokens": 2.0},
                                                        {"correct": 1.0, "count": 2.0, "loss_sum": 1.0,
                                                         "tokens": 2.0})})[1][0]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import F32_ALGEBRA
 
 from fedsim.errors import ScenarioError
 from fedsim.strategies import StrategySpec, make_strategy
@@ -27,11 +28,11 @@ def test_fedex_weights_and_its_residual_make_the_aggregate_exact(weighting):
     p = n / n.sum() if weighting == "samples" else torch.full((3,), 1 / 3, dtype=torch.float64)
     a = sum(pk * u.tensors["m.lora_A.weight"].double() for pk, u in zip(p, ups))
     b = sum(pk * u.tensors["m.lora_B.weight"].double() for pk, u in zip(p, ups))
-    torch.testing.assert_close(new.tensors["m.lora_A.weight"].double(), a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(new.tensors["m.lora_A.weight"].double(), a, atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     exact = sum(pk * LORA.scaling * u.tensors["m.lora_B.weight"].double() @ u.tensors["m.lora_A.weight"].double()
                 for pk, u in zip(p, ups))
     merged = new.base_deltas[-1]["m.delta_W"].double() + LORA.scaling * b @ a
-    torch.testing.assert_close(merged, exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, exact, atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
 
 
 def test_fedex_refuses_an_unknown_weighting(tiny_raw):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tolerances import F32_ALGEBRA, F64, F64_LIBRARY
 
 from fedsim.config import scenario_from_dict
 from fedsim.errors import ScenarioError
@@ -69,7 +70,7 @@ def test_central_clipping_is_exact_against_a_float64_reference(clip):
     new, metrics = apply(central(clip, 0.0, 5.0), ups)
     deltas = [flat(u.tensors, 0.1) for u in ups]
     ref = 0.1 + sum(d * min(1.0, clip / np.linalg.norm(d)) for d in deltas) / 5.0
-    np.testing.assert_allclose(flat(new.tensors), ref, rtol=1e-6)
+    np.testing.assert_allclose(flat(new.tensors), ref, rtol=F32_ALGEBRA)
     assert metrics["privacy/clipped"] == (0.0 if clip > 1e5 else 1.0)
     assert metrics["privacy/noise_std"] == 0.0 and metrics["privacy/clipping_norm"] == clip
 
@@ -111,7 +112,7 @@ def test_adaptive_clipping_follows_andrew_et_al():
         _, metrics = apply(stage, ups, r=r)
         assert metrics["privacy/clipping_norm"] == c
         c *= math.exp(-0.2 * ((within + noise) / 4.0 - 0.5))
-        assert stage.clip == pytest.approx(c, rel=1e-12)
+        assert stage.clip == pytest.approx(c, rel=F64)
     assert stage.update_sigma == pytest.approx((1.0 - 1 / 16) ** -0.5)
     resumed = central(9.0, 1.0, 4.0, adaptive=(0.5, 0.2, 2.0))
     resumed.load_state_dict(stage.state_dict())
@@ -154,8 +155,8 @@ def eps_from_rdp(rdp, orders, delta):
 def test_epsilon_equals_the_formulas_without_subsampling(sigma, steps, delta):
     """q = 1: the Gaussian mechanism's RDP is T·α/(2σ²) exactly (central at full participation, and local mode)."""
     want = eps_from_rdp([steps * a / (2 * sigma**2) for a in RDP_ORDERS], RDP_ORDERS, delta)
-    assert epsilon(sigma, 1.0, steps, delta) == pytest.approx(want, rel=1e-9)
-    assert PrivacyAccountant("local", 2 * sigma, 1.0, delta).epsilon(steps) == pytest.approx(want, rel=1e-9)
+    assert epsilon(sigma, 1.0, steps, delta) == pytest.approx(want, rel=F64_LIBRARY)
+    assert PrivacyAccountant("local", 2 * sigma, 1.0, delta).epsilon(steps) == pytest.approx(want, rel=F64_LIBRARY)
 
 
 @pytest.mark.parametrize("q, sigma, steps", [(0.1, 1.0, 50), (0.375, 0.8, 3), (0.02, 1.5, 1000)])
@@ -168,10 +169,10 @@ def test_epsilon_with_subsampling_equals_the_integer_order_formula_and_opacus(q,
     mine = eps_from_rdp([steps * rdp_subsampled_gaussian(q, sigma, int(a)) for a in ints], ints, 1e-5)
     acc = RDPAccountant()
     acc.history = [(sigma, q, steps)]
-    assert acc.get_epsilon(1e-5, alphas=ints) == pytest.approx(mine, rel=1e-6)
+    assert acc.get_epsilon(1e-5, alphas=ints) == pytest.approx(mine, rel=F64_LIBRARY)
     full = RDPAccountant()
     full.history = [(sigma, q, steps)]
-    assert epsilon(sigma, q, steps, 1e-5) == pytest.approx(full.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-12)
+    assert epsilon(sigma, q, steps, 1e-5) == pytest.approx(full.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=F64)
     assert epsilon(sigma, q, steps, 1e-5) <= mine + 1e-9
     assert epsilon(sigma, q, steps, 1e-5, "prv") <= epsilon(sigma, q, steps, 1e-5) * 1.01
     assert epsilon(0.0, q, steps, 1e-5) == math.inf and epsilon(sigma, q, 0, 1e-5) == 0.0
@@ -225,7 +226,7 @@ def test_every_averaging_strategy_under_central_dp_gets_the_clipped_mean_of_what
     assert shared and shared == sorted(k for k in st0.tensors if strategy.is_shared(k))
     for k in st0.tensors:
         want = torch.stack([u.tensors[k] for u in ups]).mean(0) if k in shared else own.tensors[k]
-        torch.testing.assert_close(server.state.tensors[k], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(server.state.tensors[k], want, rtol=F32_ALGEBRA, atol=F32_ALGEBRA)
     assert any(ops.factor_of(k) for k in shared)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import F64, F64_CONVERGED
 
 from fedsim.objectives import state_out, uploaded
 from fedsim.objectives.scaffold import STATE_KEY, Scaffold, ScaffoldStage
@@ -45,12 +46,12 @@ def test_the_corrected_steps_and_option_ii_variates():
     for lr in lrs:
         y = {k: y[k] - lr * (4 * (y[k] - target[k]) ** 3 - c_i[k] + c[k]) for k in y}
     for k in x:
-        assert torch.allclose(params[k].detach(), y[k], rtol=1e-12, atol=1e-12), k
+        assert torch.allclose(params[k].detach(), y[k], rtol=F64, atol=F64), k
         c_new = c_i[k] - c[k] + (x[k] - y[k]) / sum(lrs)
-        assert torch.allclose(bound.state()[k], c_new, rtol=1e-12, atol=1e-12), k
-        assert torch.allclose(bound.upload()[k], c_new - c_i[k], rtol=1e-12, atol=1e-12), k
+        assert torch.allclose(bound.state()[k], c_new, rtol=F64, atol=F64), k
+        assert torch.allclose(bound.upload()[k], c_new - c_i[k], rtol=F64, atol=F64), k
     norm = sum(float(((c[k] - c_i[k]) ** 2).sum()) for k in c) ** 0.5
-    assert metrics["scaffold/correction_norm"] == pytest.approx(norm, rel=1e-12)
+    assert metrics["scaffold/correction_norm"] == pytest.approx(norm, rel=F64)
     # the client keeps c_i⁺ under objective.scaffold.*, and uploads Δc_i under the same keys
     kept = state_out([Scaffold()], [bound])
     assert sorted(kept) == [f"objective.{STATE_KEY}.{A}", f"objective.{STATE_KEY}.{B}"]
@@ -65,10 +66,10 @@ def test_a_first_visit_starts_from_zero_variates_and_untouched_keys_stay_untouch
     bound.after_step(0.1)  # a step with no gradient: only the correction −η (c − c_i), c_i = 0
     bound.finish()
     assert torch.equal(params[A].detach(), before[A])
-    assert torch.allclose(params[B].detach(), before[B] - 0.1 * c[B], atol=1e-12)
+    assert torch.allclose(params[B].detach(), before[B] - 0.1 * c[B], atol=F64)
     assert sorted(bound.upload()) == [B]
-    assert torch.allclose(bound.upload()[B], -c[B] + (0.1 * c[B]) / 0.1, atol=1e-12)  # Δc_i = −c + (x − y)/η
-    assert torch.allclose(bound.state()[B], torch.zeros(3, 2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(bound.upload()[B], -c[B] + (0.1 * c[B]) / 0.1, atol=F64)  # Δc_i = −c + (x − y)/η
+    assert torch.allclose(bound.state()[B], torch.zeros(3, 2, dtype=torch.float64), atol=F64)
 
 
 def test_the_server_side():
@@ -88,8 +89,8 @@ def test_the_server_side():
     aggregate = GlobalState(tensors={k: v + 1.0 for k, v in state.tensors.items()}, lora=LORA)
     new, metrics = stage.after(CTX, state, aggregate)
     for k in state.tensors:  # x ← x + η_g (x̄ − x); c ← c + (1/N) Σ Δc_i
-        assert torch.allclose(new.tensors[k], state.tensors[k] + 0.5, atol=1e-12)
-        assert torch.allclose(stage.c[k], sum(d[k] for d in deltas) / 10, atol=1e-12)
+        assert torch.allclose(new.tensors[k], state.tensors[k] + 0.5, atol=F64)
+        assert torch.allclose(stage.c[k], sum(d[k] for d in deltas) / 10, atol=F64)
     assert metrics["scaffold/c_norm"] == pytest.approx(sum(float((v**2).sum()) for v in stage.c.values()) ** 0.5)
     again = ScaffoldStage(server_lr=0.5, num_clients=10, is_shared=lambda k: True)
     again.load_state_dict(stage.state_dict())
@@ -135,5 +136,5 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
     best = torch.linalg.solve(sum(hessians), sum(h @ b.T for h, b in zip(hessians, optima))).T  # Σ H_i x = Σ H_i b_i
     fedavg = _federate(hessians, optima, rounds=300, steps=10, lr=0.05, scaffold=False)
     scaffold = _federate(hessians, optima, rounds=300, steps=10, lr=0.05, scaffold=True)
-    assert float((scaffold - best).norm()) < 1e-8
+    assert float((scaffold - best).norm()) < F64_CONVERGED
     assert float((fedavg - best).norm()) > 0.05  # client drift: FedAvg's fixed point is not the optimum

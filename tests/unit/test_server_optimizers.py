@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tolerances import F32_ALGEBRA, F32_ELEMENTWISE
 
 from fedsim.errors import ScenarioError
 from fedsim.pipeline import ServerOptimizer
@@ -56,7 +57,7 @@ def test_each_server_optimizer_follows_the_paper_over_rounds(name):
     for r in range(5):
         got = xs[r]
         exp = torch.tensor([want[i][r] for i in range(12)], dtype=torch.float64)
-        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, exp, atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     assert opt.t == 5 and set(opt.state_dict()) == {"t", "m", "v"}
 
 
@@ -65,7 +66,7 @@ def test_fedavgm_without_momentum_at_lr_1_is_the_aggregate():
     old = GlobalState(tensors={"k": torch.randn(4, 2, generator=g)}, lora=LORA)
     new = GlobalState(tensors={"k": torch.randn(4, 2, generator=g)}, lora=LORA)
     out, _ = ServerOptimizer("fedavgm", lr=1.0, momentum=0.0).after(CTX, old, new)
-    torch.testing.assert_close(out.tensors["k"], new.tensors["k"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(out.tensors["k"], new.tensors["k"], atol=F32_ELEMENTWISE, rtol=F32_ELEMENTWISE)
 
 
 def test_the_state_round_trips():
@@ -124,8 +125,8 @@ def test_the_proximal_term_and_its_gradient_are_fedprox():
     want = 0.35 * sum(((params[k].detach().double() - start[k]) ** 2).sum() for k in ("a", "b"))
     for k in ("a", "b"):
         torch.testing.assert_close(params[k].grad.double(), loss_grad[k].double() + 0.7 * (
-            params[k].detach().double() - start[k]), atol=1e-6, rtol=1e-6)
-    assert bound.finish()["fedprox/distance"] == pytest.approx(float((want / 0.35) ** 0.5), rel=1e-6)
+            params[k].detach().double() - start[k]), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
+    assert bound.finish()["fedprox/distance"] == pytest.approx(float((want / 0.35) ** 0.5), rel=F32_ALGEBRA)
 
     packed = torch.cat([params["a"].detach().reshape(-1), params["b"].detach().reshape(-1)]).requires_grad_()
     views = {"a": packed[:12].view(3, 4), "b": packed[12:].view(5, 3)}
@@ -134,8 +135,8 @@ def test_the_proximal_term_and_its_gradient_are_fedprox():
     bound.after_backward()  # views have no .grad of their own: nothing to do here
     value = bound.penalty()
     value.backward()
-    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    assert float(value) == pytest.approx(float(want), rel=F32_ALGEBRA)
     torch.testing.assert_close(packed.grad.double(), 0.7 * torch.cat(
-        [(views[k].detach().double() - start[k]).reshape(-1) for k in ("a", "b")]), atol=1e-6, rtol=1e-6)
+        [(views[k].detach().double() - start[k]).reshape(-1) for k in ("a", "b")]), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     with pytest.raises(ValueError, match="mu must be ≥ 0"):
         Proximal(mu=-1.0)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tolerances import F32_ALGEBRA, F32_SVD
 
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
@@ -170,22 +171,22 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _close(a, b, factors: bool = True) -> None:
-    """Equal to 1e-6 relative (Frobenius): the products, and the factors themselves — unless they are a singular
-    form: its gauge may turn with rounding, and its float32 factors alone reconstruct a dense ΔW to ~7e-7 each
-    (measured), so two of them agree to 2e-6."""
+    """Equal to ``F32_ALGEBRA`` relative (Frobenius): the products, and the factors themselves — unless they are a
+    singular form: its gauge may turn with rounding, and its float32 factors alone reconstruct a dense ΔW to ~7e-7
+    each (measured), so only the products are compared, to ``F32_SVD``."""
     for k in a.tensors if factors else ():
-        assert a.tensors[k].dtype == b.tensors[k].dtype and _rel(a.tensors[k], b.tensors[k]) <= 1e-6, k
+        assert a.tensors[k].dtype == b.tensors[k].dtype and _rel(a.tensors[k], b.tensors[k]) <= F32_ALGEBRA, k
     pa, pb = _products(a.tensors, a.base_deltas), _products(b.tensors, b.base_deltas)
     assert sorted(pa) == sorted(pb)
     for k in pa:
-        assert _rel(pa[k], pb[k]) <= (1e-6 if factors else 2e-6), k
+        assert _rel(pa[k], pb[k]) <= (F32_ALGEBRA if factors else F32_SVD), k
 
 
 @pytest.mark.parametrize("clients", [4, 40])
 @pytest.mark.parametrize("name", STREAMING)
 def test_streamed_aggregation_is_order_free_and_partials_merge_to_it(name, clients):
     """Folding the updates one at a time in any order, or folding disjoint groups into partials merged in any order
-    (workers' partials), gives the aggregate of the updates in client-id order to 1e-6 (float32). 4 clients keep
+    (workers' partials), gives the aggregate of the updates in client-id order to F32_ALGEBRA (float32). 4 clients keep
     the stacking methods' factors stacked on the wide layer; 40 make them dense and flush product sums often."""
     import random
 
@@ -255,7 +256,7 @@ def test_flora_stacking_is_exact_for_any_mix(seed):
     new = strategy.aggregate(CTX, state, updates)
     assert new.base_version == 1
     for m in SHAPES:
-        torch.testing.assert_close(_merged(new, m), _exact(updates, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_merged(new, m), _exact(updates, m), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -264,7 +265,7 @@ def test_fedex_global_model_is_exact(seed):
     new = strategy.aggregate(CTX, state, updates)
     for m in SHAPES:
         model = _merged(new, m) + ops.delta_w(new.tensors, m, new.lora.scaling)  # base update + global adapter
-        torch.testing.assert_close(model, _exact(updates, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model, _exact(updates, m), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
         # nn.Linear orientation: the residual is (d_out, d_in), not transposed
         assert new.base_deltas[0][f"{m}.delta_W"].shape == (SHAPES[m].d_out, SHAPES[m].d_in)
 
@@ -278,7 +279,7 @@ def test_ffa_is_exact_and_sends_b_only():
                                                                               if ops.factor_of(k) == "A"}})
             for u in updates]
     for m in SHAPES:
-        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(full, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(full, m), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     params, _ = strategy.download_cost(payloads[0])
     assert params == sum(s.d_out * 2 for s in SHAPES.values())
 
@@ -288,7 +289,7 @@ def test_flexlora_truncation_is_the_best_rank_r_approximation():
     strategy, state, _, updates = _round("flexlora", specs, seed=1)
     new = strategy.aggregate(CTX, state, updates)
     for m in SHAPES:  # the global state holds ΔW = Σ p_k s_k B_k A_k exactly
-        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(updates, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.delta_w(new.tensors, m, new.lora.scaling), _exact(updates, m), atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     payloads = strategy.configure(RoundContext(2, 3, 0), new, specs)
     for c in specs:
         p = payloads[c.client_id]
@@ -298,9 +299,9 @@ def test_flexlora_truncation_is_the_best_rank_r_approximation():
             u, s, vh = torch.linalg.svd(target.double())
             r = c.lora.rank
             best = (u[:, :r] * s[:r]) @ vh[:r]
-            torch.testing.assert_close(got.double(), best, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.double(), best, atol=F32_SVD, rtol=F32_SVD)
             # Eckart–Young: the error equals the norm of the discarded singular values
-            assert abs(float((target.double() - got.double()).norm()) - float(s[r:].norm())) < 1e-5
+            assert abs(float((target.double() - got.double()).norm()) - float(s[r:].norm())) < F32_SVD
 
 
 def test_flexlora_a_larger_rank_than_the_update_still_trains_every_component():
@@ -313,9 +314,9 @@ def test_flexlora_a_larger_rank_than_the_update_still_trains_every_component():
     g = torch.Generator().manual_seed(0)
     for m, shape in SHAPES.items():
         a, b = p.tensors[ops.a_key(m)], p.tensors[ops.b_key(m)]
-        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)  # orthonormal rows
-        torch.testing.assert_close(ops.delta_w(p.tensors, m, big.lora.scaling), _exact(updates, m), atol=1e-5,
-                                   rtol=1e-5)  # still the best rank-4 approximation (ΔW itself: rank 1)
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=F32_SVD, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(ops.delta_w(p.tensors, m, big.lora.scaling), _exact(updates, m), atol=F32_SVD,
+                                   rtol=F32_SVD)  # still the best rank-4 approximation (ΔW itself: rank 1)
         a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
         x, gy = torch.randn(16, shape.d_in, generator=g), torch.randn(16, shape.d_out, generator=g)
         ((x @ a.T @ b.T) * big.lora.scaling * gy).sum().backward()
@@ -334,14 +335,14 @@ def test_hetlora_truncation_padding_and_norm_weights():
     w = norms / norms.sum()
     for k in new.tensors:
         expect = sum(float(w[i]) * ops.pad_rank(scaled[i], r_max)[k] for i in range(len(updates)))
-        torch.testing.assert_close(new.tensors[k], expect, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(new.tensors[k], expect, atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
     # a client receives the first r_k components, rescaled so that s_k B A equals the global truncation
     nxt = strategy.configure(RoundContext(2, 3, 0), new, specs)
     for c in specs:
         for m in SHAPES:
             got = ops.delta_w(nxt[c.client_id].tensors, m, c.lora.scaling)
             want = ops.delta_w(ops.truncate_rank(new.tensors, c.lora.rank), m, 1.0)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=F32_SVD, rtol=F32_SVD)
 
 
 def test_hetlora_pruning_lowers_the_rank_next_round():
@@ -396,12 +397,12 @@ def test_fedit_error_is_what_flora_removes():
     for m in SHAPES:
         exact = _exact(updates, m)
         assert float((ops.delta_w(fedit.tensors, m, 2.0) - exact).norm()) > 1e-2
-        torch.testing.assert_close(_merged(flora, m), exact, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_merged(flora, m), exact, atol=F32_ALGEBRA, rtol=F32_ALGEBRA)
 
 
 def test_lowrank_svd_matches_dense():
     g = torch.Generator().manual_seed(0)
     b, a = torch.randn(9, 3, generator=g), torch.randn(3, 7, generator=g)
     u, s, vh = ops.lowrank_svd(b, a)
-    torch.testing.assert_close((u * s) @ vh, b @ a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((u * s) @ vh, b @ a, atol=F32_SVD, rtol=F32_SVD)
+    torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:3], atol=F32_SVD, rtol=F32_SVD)
