@@ -451,6 +451,7 @@ def test_sigterm_while_ray_starts_is_an_interruption(tiny_raw, tmp_path):
     import yaml
 
     tiny_raw["resources"]["backend"] = "ray"
+    tiny_raw["rounds"] = 1_000_000  # the run cannot end by itself before the signal, however late it comes
     scenario = tmp_path / "s.yaml"
     scenario.write_text(yaml.safe_dump(tiny_raw))
     ray_tmp = tempfile.mkdtemp(prefix="fsu-")  # short: Ray's socket paths must stay short

@@ -85,8 +85,10 @@ def test_resume_errors(tmp_path, tiny_raw):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_on_ray_stop_cleanly(tiny_raw, tmp_path, sig):
     """A scheduler's SIGTERM ends a Ray-backed run like Ctrl-C: 'interrupted', exit 130, no native stack dump
-    (Ray's core worker installs one), and no Ray process of the run left behind."""
-    tiny_raw.update(rounds=50)
+    (Ray's core worker installs one), and no Ray process of the run left behind. The run cannot end by itself
+    before the signal (a million rounds), and the signal goes once it has written a checkpoint: a busy machine only
+    makes it come later."""
+    tiny_raw.update(rounds=1_000_000)
     tiny_raw["resources"]["backend"] = "ray"
     scenario = tmp_path / "s.yaml"
     scenario.write_text(yaml.safe_dump(tiny_raw))
@@ -94,8 +96,12 @@ def test_sigterm_and_sigint_on_ray_stop_cleanly(tiny_raw, tmp_path, sig):
 
     out, ray_tmp = tmp_path / "run", tempfile.mkdtemp(prefix="fsig-")  # short: Ray's socket paths must stay short
     env = {**os.environ, "FEDSIM_RAY_TMPDIR": str(ray_tmp)}
+    # Ctrl-C's default action in the child, whatever this process inherited: a test runner started in the
+    # background of a non-interactive shell (`pytest ... &`, nohup) ignores SIGINT, and so would the run — which then
+    # goes on after the signal (the "exit 0 instead of 130" of #44)
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (out / "checkpoint").exists():
         time.sleep(0.1)
