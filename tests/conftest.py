@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import subprocess
 from typing import Any
 
 import pytest
@@ -44,6 +46,19 @@ DISTILBERT = {"name": "distilbert/distilbert-base-multilingual-cased", "task": "
               "config": {"model_type": "distilbert", "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64,
                          "max_position_embeddings": 80, "dropout": 0.0, "attention_dropout": 0.0,
                          "seq_classif_dropout": 0.0}}
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen, pattern: str):
+    """Whatever the test's outcome, nothing it started outlives it: the run ``proc`` (signal tests run a million
+    rounds) and every process whose command line names ``pattern`` (the run's own Ray temp dir)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
 
 
 def classifier_raw(raw: dict[str, Any], tmp_path, model: dict[str, Any]) -> dict[str, Any]:

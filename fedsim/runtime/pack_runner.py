@@ -23,8 +23,6 @@ def run_pack(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]) -
     one otherwise. One outcome per item, in order: (result, update), or a :class:`ClientFailure` for a client that
     raised (the others go on)."""
     draws = [worker.process_faults(job) for job, _ in items]
-    if any(kill for kill, _ in draws):
-        os._exit(17)  # injected fault: the worker dies, and with it every client of the pack
     if any(hang for _, hang in draws):
         time.sleep(worker.scenario.faults.hang_s)  # the pack runs together: one hang holds all of it
     out: list = [None] * len(items)
@@ -53,6 +51,8 @@ def run_pack(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]) -
             out[pos] = (result, update)
         except Exception as e:  # one failing client must not end the pack
             out[pos] = ClientFailure.of(job.spec.client_id, e)
+    if any(kill for kill, _ in draws):
+        os._exit(17)  # injected fault: the worker dies mid-job, and with it every client of the pack
     return out
 
 

@@ -189,14 +189,16 @@ class Worker:
         return self._client(job, payload)
 
     def _client(self, job: ClientJob, payload: ClientPayload) -> tuple[ClientResult, ClientUpdate]:
-        """One client: its injected process faults (a kill, a hang), then its training."""
+        """One client: its injected process faults (a hang before its training, a kill after it: the worker dies
+        mid-job, its work lost), and its training."""
         t0 = time.perf_counter()
         kill, hang = self.process_faults(job)
-        if kill:
-            os._exit(17)  # injected fault: the worker process dies mid-job
         if hang:
             time.sleep(self.scenario.faults.hang_s)
-        return self.train_one(job, payload, t0)
+        out = self.train_one(job, payload, t0)
+        if kill:
+            os._exit(17)  # injected fault: the worker process dies mid-job, as an out-of-memory kill would
+        return out
 
     def train_one(self, job: ClientJob, payload: ClientPayload, t0: float) -> tuple[ClientResult, ClientUpdate]:
         """One client's local training (no injected process faults)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reaped
 
 from fedsim import checkpoint
 from fedsim.config import load_scenario, scenario_from_dict
@@ -458,21 +459,22 @@ def test_sigterm_while_ray_starts_is_an_interruption(tiny_raw, tmp_path):
     env = {**os.environ, "FEDSIM_RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(tmp_path / "r")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # Ray's GCS is up: the head is starting
-        if subprocess.run(["pgrep", "-f", f"gcs_server.*{ray_tmp}"], capture_output=True).returncode == 0:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
-    for _ in range(50):
-        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
-        if not left:
-            break
-        time.sleep(0.2)
-    assert not left, "Ray processes outlived the interrupted start"
+    with reaped(proc, ray_tmp):
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # Ray's GCS is up: the head is starting
+            if subprocess.run(["pgrep", "-f", f"gcs_server.*{ray_tmp}"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-2000:]
+        assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+        for _ in range(50):
+            left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+            if not left:
+                break
+            time.sleep(0.2)
+        assert not left, "Ray processes outlived the interrupted start"
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

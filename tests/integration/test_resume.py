@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import reaped
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
@@ -102,21 +103,22 @@ def test_sigterm_and_sigint_on_ray_stop_cleanly(tiny_raw, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint").exists():
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()[1]
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted"
-    assert "SIGTERM received" not in err and "Traceback" not in err
-    for _ in range(50):
-        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
-        if not left:
-            break
-        time.sleep(0.2)
-    assert not left, "Ray processes outlived the run"
+    with reaped(proc, ray_tmp):
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoint").exists():
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1] == "interrupted"
+        assert "SIGTERM received" not in err and "Traceback" not in err
+        for _ in range(50):
+            left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+            if not left:
+                break
+            time.sleep(0.2)
+        assert not left, "Ray processes outlived the run"
     import shutil
 
     shutil.rmtree(ray_tmp, ignore_errors=True)

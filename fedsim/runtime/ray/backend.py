@@ -108,10 +108,7 @@ class RayBackend(Backend):
         so that no client's clock pays for a replacement."""
         import ray
 
-        try:
-            ray.kill(self.actors[slot])
-        except Exception:
-            pass
+        self.kill_worker(slot)
         self.actors[slot] = self._new_actor(slot)
         self.num_replaced += 1
         ping = self.actors[slot].ping.remote()
@@ -120,6 +117,15 @@ class RayBackend(Backend):
             ray.get(ping)
         else:
             self.starting[slot] = ping
+
+    def kill_worker(self, slot: int) -> None:
+        """Kill the worker in ``slot`` (dead already, or hung): its pending calls fail with Ray's actor error."""
+        import ray
+
+        try:
+            ray.kill(self.actors[slot])
+        except Exception:  # already gone
+            pass
 
     def ready(self, slot: int) -> bool:
         """Whether the worker in ``slot`` has started (a replacement started without waiting may still be starting;

@@ -7,8 +7,9 @@ on timing; or with ``resources.clients_per_call`` several clients trained one af
 numbers are each client's own, whichever call it is in).
 
 The policy (:class:`RetryPolicy`), when a worker dies or a call outlives ``resources.client_timeout_s`` per client
-in it: the worker is replaced; calls it had finished keep their results; the first unfinished one — the clients it
-was running — is *charged* an attempt and retried (in the same pack) until ``resources.max_retries`` is spent; the
+in it: the worker is killed and its calls settle (a result still on its way is waited for, not guessed lost), then
+it is replaced; calls it had finished keep their results; the first unfinished one — the clients it was running — is
+*charged* an attempt and retried (in the same pack) until ``resources.max_retries`` is spent; the
 calls queued behind it are resubmitted uncharged. A client that raises (e.g. a non-finite loss) is not retried: it
 would fail the same way. The replacement starts while the other workers go on; calls queue behind its start, and the
 clock of a call's time limit starts when the new worker is up.
@@ -28,6 +29,10 @@ from fedsim.runtime.packs import make_packs
 from fedsim.types import ClientFailure, ClientJob, ClientResult
 
 log = logging.getLogger(__name__)
+
+# at most this long, once a lost worker is killed, for its calls to settle (each does as soon as Ray learns of the
+# death; the bound only keeps a wedged Ray from stalling the round)
+SETTLE_S = 60.0
 
 PIPELINE_DEPTH = 2  # jobs queued per actor: hides the driver's dispatch latency between two clients
 CALL_TARGET_S = 0.5  # clients_per_call: auto — a call of several clients lasts about this long (Ray's ~2-4 ms per
@@ -76,7 +81,7 @@ class RetryPolicy:
 
 class Dispatch:
     """One round's jobs on the pool of ``backend`` (a :class:`~fedsim.runtime.ray.backend.RayBackend`: its
-    ``actors``, slots, resources, pack size, :meth:`replace_worker` and :meth:`ready`)."""
+    ``actors``, slots, resources, pack size, :meth:`kill_worker`, :meth:`replace_worker` and :meth:`ready`)."""
 
     def __init__(self, backend: Any, jobs: Sequence[tuple[ClientJob, Handle]],
                  on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy,
@@ -225,8 +230,15 @@ class Dispatch:
         clients it was running) is charged an attempt; the ones queued behind it are resubmitted uncharged."""
         import ray
 
+        self.backend.kill_worker(slot)
+        # which of its calls had finished is the driver's to learn, not to guess: once the worker is gone, each call
+        # settles — a result whose reply was still on its way, or the worker's death — so that a call finished just
+        # before the death is not charged in its place (a busy machine delays the replies, not the outcome)
+        refs = list(self.queues[slot])
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)
         charged = False
-        for ref in list(self.queues[slot]):
+        for ref in refs:
             _, unit, update_refs = self.inflight.pop(ref)
             self.started.pop(ref, None)
             if ray.wait([ref], timeout=0)[0]:
