@@ -61,6 +61,19 @@ def reaped(proc: subprocess.Popen, pattern: str):
         subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
 
 
+def outlived(pattern: str) -> list[str]:
+    """The processes whose command line names ``pattern`` that are still running once a stopping run has had up to
+    10 s to end them (Ray ends its processes a moment after the driver returns)."""
+    import time
+
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    return left
+
+
 def classifier_raw(raw: dict[str, Any], tmp_path, model: dict[str, Any]) -> dict[str, Any]:
     """``raw`` turned into a sequence classification scenario: ``model``, a two-label news CSV whose prompt is the
     text alone, an IID split."""

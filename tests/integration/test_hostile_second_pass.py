@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reaped
+from conftest import outlived, reaped
 
 from fedsim import checkpoint
 from fedsim.config import load_scenario, scenario_from_dict
@@ -469,12 +469,7 @@ def test_sigterm_while_ray_starts_is_an_interruption(tiny_raw, tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
-        for _ in range(50):
-            left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
-            if not left:
-                break
-            time.sleep(0.2)
-        assert not left, "Ray processes outlived the interrupted start"
+        assert not outlived(ray_tmp), "Ray processes outlived the interrupted start"
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

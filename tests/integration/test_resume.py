@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import reaped
+from conftest import outlived, reaped
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
@@ -113,12 +113,7 @@ def test_sigterm_and_sigint_on_ray_stop_cleanly(tiny_raw, tmp_path, sig):
         assert proc.returncode == 130, err
         assert err.strip().splitlines()[-1] == "interrupted"
         assert "SIGTERM received" not in err and "Traceback" not in err
-        for _ in range(50):
-            left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
-            if not left:
-                break
-            time.sleep(0.2)
-        assert not left, "Ray processes outlived the run"
+        assert not outlived(ray_tmp), "Ray processes outlived the run"
     import shutil
 
     shutil.rmtree(ray_tmp, ignore_errors=True)
