@@ -104,9 +104,9 @@ VARIANTS: dict[str, tuple[dict, str, list]] = {
     "feddpa": ({"strategy": {"name": "feddpa"}}, CLIENT_LR, LR_GRID),
     "hetlora": (merge({"strategy": {"name": "hetlora"}}, _ranks(HET_RANKS)), CLIENT_LR, LR_GRID),
     "local": ({"strategy": {"name": "local"}}, CLIENT_LR, LR_GRID),
-    # the paper's common η 1e-3 (its SST-2/MNLI/QQP/QNLI value) and grid neighbours; r~ = 2; the lower level is a
+    # the paper's common η 1e-3 (its SST-2/MNLI/QQP/QNLI value) and the grid above it; r~ = 2; the lower level is a
     # plain gradient step of inner_lr (fedsim's default 0.5; the paper's personal η 1e-3 is an Adam-like step size)
-    "pf2lora": ({"strategy": {"name": "pf2lora", "params": {"personal_rank": 2}}}, CLIENT_LR, LR_GRID),
+    "pf2lora": ({"strategy": {"name": "pf2lora", "params": {"personal_rank": 2}}}, CLIENT_LR, [1e-3, *LR_GRID]),
     "flora-het": (merge({"strategy": {"name": "flora"}}, _ranks(FLORA_RANKS)), CLIENT_LR, LR_GRID),
     "flexlora-het": (merge({"strategy": {"name": "flexlora"}}, _ranks(FLORA_RANKS)), CLIENT_LR, LR_GRID),
     "hetlora-het": (merge({"strategy": {"name": "hetlora"}}, _ranks(FLORA_RANKS)), CLIENT_LR, LR_GRID),
