@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache, tiny scenarios, and a Ray instance that is always shut down."""
+"""Shared fixtures: an isolated cache, tiny scenarios, Ray instances (a test's own, always shut down, or one shared
+by consecutive tests), and helpers for tests that start processes."""
 
 from __future__ import annotations
 
@@ -166,11 +167,48 @@ def tiny_scenario(tiny_raw):
     return scenario_from_dict(tiny_raw)
 
 
+_SHARED_RAY = {"up": False}  # whether the Ray instance of this process is the one shared_ray started
+
+
 @pytest.fixture
 def ray_session():
-    """Shut Ray down after the test, whatever happened."""
+    """A Ray instance of the test's own: the shared one stopped before (the run starts Ray as a user's run does),
+    and Ray shut down after the test, whatever happened."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
+    _SHARED_RAY["up"] = False
     yield
     if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def shared_ray():
+    """One Ray instance for consecutive tests that only run scenarios on it (#44: a start costs ~3-4 s), started the
+    way a run starts it (fedsim's ``init_ray``: lean head, preloaded modules, pyarrow hidden) with logical CPUs for
+    four tiny runs at once. A run that finds Ray started leaves it running and kills its own actors. Tests about
+    starting Ray, its environment or its processes use ``ray_session`` (which stops this one first)."""
+    import ray
+
+    from fedsim.config import scenario_from_dict
+    from fedsim.runtime.ray.pool import init_ray
+
+    if not (_SHARED_RAY["up"] and ray.is_initialized()):
+        if ray.is_initialized():
+            ray.shutdown()
+        raw = copy.deepcopy(TINY)
+        raw["resources"]["backend"] = "ray"
+        init_ray(scenario_from_dict(raw), runs=4)
+        _SHARED_RAY["up"] = True
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stop_shared_ray():
+    yield
+    if _SHARED_RAY["up"]:
+        import ray
+
         ray.shutdown()

@@ -10,8 +10,6 @@ from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
 from fedsim.runtime.ray.backend import RayBackend
 
-pytestmark = pytest.mark.usefixtures("ray_session")
-
 COMPARED = ("train/loss", "eval/loss", "eval/accuracy", "comm/up_params", "comm/down_params", "clients/sampled")
 
 
@@ -36,6 +34,7 @@ class _Recording(RayBackend):
         return handle
 
 
+@pytest.mark.usefixtures("shared_ray")
 def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
     import fedsim.driver
 
@@ -73,16 +72,7 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
     assert [(w["num_clients"], w["num_calls"]) for w in actor["workers"]] == [(6, 4)]
 
 
-def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):
-    """Logical GPUs: 2 workers at 0.5 GPU each share one (logical) GPU; training falls back to CPU."""
-    tiny_raw["rounds"] = 1
-    sc = scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_workers=2", "resources.num_gpus=0.5",
-                                       "resources.num_cpus=0.5", "eval.at_start=false"])
-    summary = run_scenario(sc, tmp_path / "gpu")
-    assert len(summary["workers"]) == 2 and all(w["device"] == "cpu" for w in summary["workers"])
-    assert summary["final/eval/accuracy"] is not None
-
-
+@pytest.mark.usefixtures("shared_ray")
 def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
     """FLoRA merges into the cached base every round: the same metrics on both backends (to float32 rounding with
     the workers folding partials: their dense sums group clients by worker), base built once per worker."""
@@ -100,46 +90,7 @@ def test_base_merges_on_both_backends_with_mixed_ranks(tiny_raw, tmp_path):
     assert all(w["num_builds"] == 1 and w["num_wraps"] == 1 for w in ray_sum["workers"])
 
 
-def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
-    import time
-
-    import ray
-
-    from fedsim.errors import BackendError
-
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # a "cluster" the scenario joins as it is
-    t0 = time.perf_counter()
-    with pytest.raises(BackendError, match="cannot place.*GPUs"):
-        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_gpus=1"]), tmp_path / "a")
-    with pytest.raises(BackendError, match="no node has 4 CPUs"):
-        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_cpus=4"]), tmp_path / "b")
-    tiny_raw["resources"]["pools"] = [{"bits": [2], "num_workers": 1, "num_gpus": 0.5}]  # a GPU pool, no GPU
-    with pytest.raises(BackendError, match="cannot place.*GPUs.*resources.pools"):
-        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "c")
-    assert time.perf_counter() - t0 < 60
-
-
-def test_worker_pools_by_bits(tiny_raw, tmp_path):
-    """2-bit clients go to a pool of their own (its own worker size), the others to the main pool; same numbers as
-    the in-process backend, which has no pools."""
-    tiny_raw["clients"].update(per_round=6, quant={"tiers": [{"fraction": 0.5, "bits": 2}, {"fraction": 0.5,
-                                                                                            "bits": 32}],
-                                                   "group_size": 32})
-    local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
-    tiny_raw["resources"].update(backend="ray", num_workers=1,
-                                 pools=[{"bits": [2], "num_workers": 2, "num_cpus": 0.5, "num_gpus": 0.25}])
-    pooled = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "ray")
-    from fedsim.driver import prepare
-
-    bits = {c.client_id: c.quant.bits for c in prepare(scenario_from_dict(tiny_raw)).clients}
-    rows = _rows(tmp_path / "ray")[1:]
-    for row in rows:
-        for cid, worker in row["clients/worker"].items():
-            assert worker.endswith("-pool0") == (bits[int(cid)] == 2), (cid, worker)
-    assert {w["name"] for w in pooled["workers"]} == {"worker-0", "worker-1-pool0", "worker-2-pool0"}
-    assert local["final/eval/loss"] == pooled["final/eval/loss"]
-
-
+@pytest.mark.usefixtures("shared_ray")
 @pytest.mark.parametrize("strategy", ["fedqlora", "flora"])
 def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
     """A {2, 4, 8, 16}-bit mix (HQQ 2- and 8-bit, bitsandbytes NF4, bf16): same metrics on both backends; every
@@ -170,6 +121,60 @@ def test_mixed_bit_clients_on_both_backends(tiny_raw, tmp_path, strategy):
     assert all(float(r["base_mb"]) == ray_sum[f"memory/base_mb/{r['base']}"] for r in table)
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_worker_pools_by_bits(tiny_raw, tmp_path):
+    """2-bit clients go to a pool of their own (its own worker size), the others to the main pool; same numbers as
+    the in-process backend, which has no pools."""
+    tiny_raw["clients"].update(per_round=6, quant={"tiers": [{"fraction": 0.5, "bits": 2}, {"fraction": 0.5,
+                                                                                            "bits": 32}],
+                                                   "group_size": 32})
+    local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
+    tiny_raw["resources"].update(backend="ray", num_workers=1,
+                                 pools=[{"bits": [2], "num_workers": 2, "num_cpus": 0.5, "num_gpus": 0.25}])
+    pooled = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "ray")
+    from fedsim.driver import prepare
+
+    bits = {c.client_id: c.quant.bits for c in prepare(scenario_from_dict(tiny_raw)).clients}
+    rows = _rows(tmp_path / "ray")[1:]
+    for row in rows:
+        for cid, worker in row["clients/worker"].items():
+            assert worker.endswith("-pool0") == (bits[int(cid)] == 2), (cid, worker)
+    assert {w["name"] for w in pooled["workers"]} == {"worker-0", "worker-1-pool0", "worker-2-pool0"}
+    assert local["final/eval/loss"] == pooled["final/eval/loss"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_fractional_gpu_placement_on_cpu(tiny_raw, tmp_path):
+    """Logical GPUs: 2 workers at 0.5 GPU each share one (logical) GPU; training falls back to CPU."""
+    tiny_raw["rounds"] = 1
+    sc = scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_workers=2", "resources.num_gpus=0.5",
+                                       "resources.num_cpus=0.5", "eval.at_start=false"])
+    summary = run_scenario(sc, tmp_path / "gpu")
+    assert len(summary["workers"]) == 2 and all(w["device"] == "cpu" for w in summary["workers"])
+    assert summary["final/eval/accuracy"] is not None
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_unplaceable_workers_fail_early_with_a_clear_error(tiny_raw, tmp_path):
+    import time
+
+    import ray
+
+    from fedsim.errors import BackendError
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # a "cluster" the scenario joins as it is
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError, match="cannot place.*GPUs"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_gpus=1"]), tmp_path / "a")
+    with pytest.raises(BackendError, match="no node has 4 CPUs"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray", "resources.num_cpus=4"]), tmp_path / "b")
+    tiny_raw["resources"]["pools"] = [{"bits": [2], "num_workers": 1, "num_gpus": 0.5}]  # a GPU pool, no GPU
+    with pytest.raises(BackendError, match="cannot place.*GPUs.*resources.pools"):
+        run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "c")
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, tmp_path, monkeypatch, verbose):
     """Quiet (the command line's default): no autoscaler monitor, no API server, no log monitor (~80 MB each);
@@ -213,6 +218,7 @@ def test_a_local_head_starts_without_the_processes_a_run_does_not_use(tiny_raw, 
     assert summary["final/eval/loss"] is not None and ray.is_initialized()
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_lean_start_falls_back_to_stopping_what_ray_started(tiny_raw, monkeypatch):
     """A Ray without the start-up hooks starts in full; the unused processes are then stopped once it is up."""
     from ray._private import ray_constants

@@ -74,7 +74,7 @@ def _components():
     return NotebookFedIT, Halve, MeanLogp
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("shared_ray")
 def test_a_notebooks_strategy_objective_transform_and_metric_run_on_ray(tiny_raw, tmp_path):
     strategy_cls, halve, mean_logp = _components()
     tiny_raw.update(strategy={"name": "notebook_fedit"})

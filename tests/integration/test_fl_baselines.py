@@ -118,7 +118,7 @@ def test_the_recipe_runs_from_a_scenario_and_logs_its_learning_rate(tiny_raw, tm
     assert plain["final/eval/loss"] != _rows(tmp_path / "recipe")[-1]["eval/loss"]
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("shared_ray")
 def test_scaffold_from_a_scenario_doubles_communication_resumes_exactly_and_runs_on_ray(tiny_raw, tmp_path):
     tiny_raw.update(rounds=3)
     run_scenario(scenario_from_dict(tiny_raw), tmp_path / "fedit")

@@ -41,7 +41,7 @@ def test_quickstart_packed_follows_the_unpacked_accuracy_curve(tmp_path):
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0) > 0
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("shared_ray")
 def test_packs_on_ray_equal_packs_in_process_with_merges_and_mixed_ranks(tiny_raw, tmp_path):
     tiny_raw["strategy"] = {"name": "flora"}
     tiny_raw["clients"].update(per_round=5, lora={"tiers": [{"fraction": 0.5, "rank": 2},

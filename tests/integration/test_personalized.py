@@ -18,7 +18,7 @@ def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("shared_ray")
 def test_pf2lora_on_ray_with_a_spilling_store_and_a_per_client_table(tiny_raw, tmp_path):
     tiny_raw.update(rounds=2, strategy={"name": "pf2lora", "params": {"personal_rank": 2}})
     tiny_raw["clients"].update(per_round=4, state_budget_mb=0.001, state_dir=str(tmp_path / "state"))

@@ -69,7 +69,7 @@ def test_a_target_epsilon_is_met_after_the_last_round_with_poisson_sampling(tiny
             f"{summary['privacy']['epsilon']:.3g} at δ = 0.01 after 3 rounds (q = 0.375, RDP)") in capsys.readouterr().out
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("shared_ray")
 def test_local_dp_on_ray_with_packed_clients_equals_the_local_backend(tiny_raw, tmp_path):
     tiny_raw.update(rounds=2, strategy={"name": "flora"}, privacy={**PRIVACY, "mode": "local"})
     local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
