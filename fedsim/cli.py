@@ -160,6 +160,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from fedsim.components import privacy_line
 
         print(f"  {privacy_line(scenario, registry.get('strategy', scenario.strategy.name)(scenario.strategy.params))}")
+        if (w := scenario.privacy.delta_warning(scenario.clients.num_clients)) is not None:
+            print(f"  warning: {w}")
     for w in warnings(prep.data.stats):
         print(f"  warning: {w}")
     return 0

@@ -147,7 +147,8 @@ class Driver:
             checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
                                              sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
-            for warning in data_warnings(prep.data.stats):  # truncated rows, a field the template leaves out
+            privacy = sc.privacy.delta_warning(sc.clients.num_clients) if sc.privacy is not None else None
+            for warning in [*data_warnings(prep.data.stats), *([privacy] if privacy else [])]:  # truncated rows, ...
                 self.notes.add(warning)
                 progress.message(warning)
             if self.unreadable:

@@ -154,6 +154,18 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves the environment as it found it: fedsim's command line, called in this process (``main``),
+    sets its quiet defaults (HF_DATASETS_DISABLE_PROGRESS_BARS=1, ...) in ``os.environ``, which every later
+    subprocess would inherit — a ``--verbose`` child then showed no progress bar."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def tiny_raw() -> dict[str, Any]:
     """A fresh copy of a tiny scenario mapping (1-layer model, 240 samples, 8 clients, local backend)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
+
+from fedsim.schema import Strict
 
 
-class Frozen(BaseModel):
-    """A scenario section: immutable, and every key it does not declare is an error."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Frozen(Strict):
+    """A scenario section: immutable, every key it does not declare an error, numbers finite and never booleans
+    (:class:`fedsim.schema.Strict`)."""
 
 
 def check_mix(tiers: tuple | None, per_client: tuple | None) -> None:

@@ -23,6 +23,7 @@ from fedsim.config.training import (
     TrainingConfig,
 )
 from fedsim.errors import ScenarioError
+from fedsim.schema import non_finite
 
 
 class ServerOptimizerConfig(Frozen):
@@ -36,11 +37,26 @@ class ServerOptimizerConfig(Frozen):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # μ (fedavgm)
 
 
+def _finite_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A free ``params`` mapping (its owner's class checks the keys later) holds no infinite or NaN number."""
+    if (key := non_finite(params)) is not None:
+        raise ValueError(f"{key}: {params_value(params, key)!r} is not a finite number; give a finite one")
+    return params
+
+
+def params_value(params: Any, key: str) -> Any:
+    for part in key.split("."):
+        params = params[int(part)] if isinstance(params, (list, tuple)) else params[part]
+    return params
+
+
 class ObjectiveConfig(Frozen):
     """A client objective every client adds to its local loss (:mod:`fedsim.objectives`), e.g. FedProx."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    _finite = field_validator("params")(classmethod(lambda cls, v: _finite_params(v)))
 
 
 class RobustConfig(Frozen):
@@ -59,6 +75,8 @@ class StrategyConfig(Frozen):
     server_optimizer: ServerOptimizerConfig | None = None
     client_objective: ObjectiveConfig | None = None
     robust: RobustConfig | None = None
+
+    _finite = field_validator("params")(classmethod(lambda cls, v: _finite_params(v)))
 
 
 class Scenario(Frozen):
@@ -175,7 +193,7 @@ class Scenario(Frozen):
         if p.delta_for(n) >= 1.0 / n:
             raise ScenarioError("privacy.delta", f"δ = {p.delta_for(n):g} is not below 1/N = {1 / n:g} (N = {n} "
                                 "clients): a mechanism that releases one client's whole data with probability δ "
-                                f"would satisfy it", f"set delta below {1 / n:g}, e.g. {1 / n**1.1:.3g}")
+                                f"would satisfy it", f"set delta well below {1 / n:g}, e.g. {min(1e-5, 0.1 / n):.2g}")
         if clients.sampling == "size":
             raise ScenarioError("clients.sampling", "size-weighted sampling gives each client its own inclusion "
                                 "probability, which the privacy accountant does not model",

@@ -41,7 +41,8 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` after ``steps`` rounds of the (subsampled) Gaussian mechanism, by Opacus's accountant: 0 before
-    the first round, ∞ without noise."""
+    the first round, ∞ without noise, never below 0 (the RDP-to-(ε, δ) conversion goes below 0 where δ alone covers
+    the mechanism — a large δ and much noise: the mechanism is then (0, δ)-DP, and ε is 0)."""
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:
@@ -52,7 +53,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     acc.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():  # "optimal order is the largest alpha": ε is then an upper bound, still valid
         warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta, alphas=RDP_ORDERS) if accountant == "rdp" else acc.get_epsilon(delta))
+        eps = float(acc.get_epsilon(delta, alphas=RDP_ORDERS) if accountant == "rdp" else acc.get_epsilon(delta))
+    return max(0.0, eps)
 
 
 def solve_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
@@ -143,7 +145,7 @@ class PrivacyAccountant:
             self._step_rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(get_privacy_spent(orders=RDP_ORDERS, rdp=self._step_rdp * steps, delta=self.delta)[0])
+            return max(0.0, float(get_privacy_spent(orders=RDP_ORDERS, rdp=self._step_rdp * steps, delta=self.delta)[0]))
 
 
 class CentralPrivacy(ServerStage):

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from fedsim import registry as _registry
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.schema import Strict
 from fedsim.strategies.fold import Partial
 from fedsim.types import (
     ClientPayload,
@@ -35,16 +36,12 @@ from fedsim.types import (
 )
 
 
-class NoParams(BaseModel):
+class NoParams(Strict):
     """A strategy without hyperparameters."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class PersonalAdapterParams(BaseModel):
+class PersonalAdapterParams(Strict):
     """Rank and alpha of a two-level method's personal adapter (PF2LoRA's r~, FedDPA's local adapter)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     personal_rank: int | None = None  # None: the strategy's default
     personal_alpha: float | None = Field(None, gt=0.0)  # None: the same LoRA scaling as the global adapter

@@ -17,17 +17,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from fedsim.errors import AggregationError
 from fedsim.lora import ops
+from fedsim.schema import Strict
 from fedsim.strategies.base import Strategy, StrategySpec, register
 from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, RoundContext
 
 
-class FedExParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class FedExParams(Strict):
     weighting: Literal["samples", "uniform"] = "samples"  # uniform: 1/K, as the authors' fed_agg.py
 
 

@@ -25,16 +25,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from fedsim.schema import Strict
 from fedsim.strategies.base import PersonalAdapterParams, register
 from fedsim.strategies.fedit import FedIT
 from fedsim.types import AlternateOptions, ClientPayload, ClientSpec, GlobalState, QuantSpec, RoundContext
 
 
-class FedQLoRAParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class FedQLoRAParams(Strict):
     qa_rank: int = 4
     qa_alpha: float | None = Field(None, gt=0.0)  # None: the global adapter's scaling
     qa_init: Literal["zero", "loftq"] = "zero"

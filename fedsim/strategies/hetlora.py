@@ -21,17 +21,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedsim.lora import ops
 from fedsim.objectives.tail import TailRegularizer
+from fedsim.schema import Strict
 from fedsim.strategies.base import Strategy, StrategySpec, register
 from fedsim.strategies.fold import Partial
 from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, LoraSpec, RoundContext
 
 
-class HetLoRAParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class HetLoRAParams(Strict):
     max_rank: int | None = Field(None, ge=1, description="global rank; default: the largest client rank")
     prune_lambda: float = Field(0.0, ge=0.0, description="λ of the tail regulariser (0 turns pruning off)")
     prune_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="γ: share of the rank kept when pruning")

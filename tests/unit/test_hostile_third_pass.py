@@ -1,0 +1,143 @@
+"""The third hostile pass (#45), each finding as it really happened: YAML's ``.inf``/``.nan`` and booleans in numeric
+keys, and what the accountant reports."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import yaml
+from conftest import TINY
+
+import fedsim.config  # noqa: F401 — every section registered as a Strict subclass
+import fedsim.strategies  # noqa: F401 — and every strategy's params
+from fedsim.cli import main
+from fedsim.config import scenario_from_dict
+from fedsim.errors import ScenarioError
+from fedsim.schema import Strict, bool_for_number
+
+
+def _models() -> list[type[Strict]]:
+    out, todo = [], list(Strict.__subclasses__())
+    while todo:
+        m = todo.pop()
+        out.append(m)
+        todo += m.__subclasses__()
+    return out
+
+
+def _numeric_fields() -> list[tuple[type, str, object]]:
+    return [(m, name, f.annotation) for m in _models() for name, f in m.model_fields.items()
+            if bool_for_number(True, f.annotation)]
+
+
+def test_the_schema_has_numeric_fields_to_check():
+    fields = _numeric_fields()
+    assert len({m for m, _, _ in fields}) >= 20 and len(fields) >= 80, len(fields)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, True])
+def test_no_numeric_key_takes_infinity_nan_or_a_boolean(bad):
+    """Every int or float key of every section and strategy's params (found from the schema, so a new one is
+    covered): the value is an error on that key — pydantic's own bounds let infinity through, and read true as 1."""
+    missed = []
+    for model, name, annotation in _numeric_fields():
+        if bad is not True and not any(a is float for a in (annotation, *getattr(annotation, "__args__", ()))):
+            continue  # an int key: pydantic refuses a float infinity there anyway
+        try:
+            model.model_validate({name: bad})
+        except Exception as e:  # noqa: BLE001 — pydantic's ValidationError, or a model validator's own
+            if any(err["loc"][:1] == (name,) for err in getattr(e, "errors", lambda: [])()):
+                continue
+        missed.append(f"{model.__name__}.{name}")
+    assert not missed, missed
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["privacy.clipping_norm=.inf", "privacy.noise_multiplier=1.0"], "privacy.clipping_norm"),
+    (["privacy.clipping_norm=1.0", "privacy.noise_multiplier=.inf"], "privacy.noise_multiplier"),
+    (["privacy.clipping_norm=1.0", "privacy.target_epsilon=.inf"], "privacy.target_epsilon"),
+    (["clock.by_bits={32: .nan}"], "clock.by_bits.32"),
+    (["rounds=true"], "rounds"),
+    (["clients.lora.rank=false"], "clients.lora.rank"),
+    (["strategy.name=pf2lora", "eval.local_test_fraction=0.2", "strategy.params.inner_lr=.inf"], "inner_lr"),
+    (["strategy.client_objective.name=fedprox", "strategy.client_objective.params.mu=.nan"], "mu"),
+])
+def test_the_issues_cases_are_one_line_naming_the_key(overrides, key):
+    with pytest.raises(ScenarioError, match=key.replace(".", r"\.")) as e:
+        scenario_from_dict(copy.deepcopy(TINY), overrides)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_validate_refuses_an_infinite_noise_multiplier_at_once(tmp_path, capsys):
+    """`fedsim validate` printed ok and the run then hung in the accountant."""
+    raw = copy.deepcopy(TINY)
+    raw["privacy"] = {"clipping_norm": 1.0, "noise_multiplier": math.inf}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert ".inf" in (tmp_path / "s.yaml").read_text()
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: privacy.noise_multiplier") and "finite" in err
+
+
+def test_epsilon_is_never_negative_where_opacus_converts_below_zero():
+    """At δ = 1/20^1.1 = 0.037 (the default for 20 clients) and much noise the RDP conversion goes below 0 (the
+    issue's ε logged below zero every round): the mechanism is then (0, δ)-DP, and ε is 0, never less."""
+    import warnings
+
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedsim.pipeline.privacy import RDP_ORDERS, PrivacyAccountant, epsilon
+
+    delta, q = 1 / 20**1.1, 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = get_privacy_spent(orders=RDP_ORDERS, rdp=compute_rdp(q=q, noise_multiplier=50.0, steps=10,
+                                                                   orders=RDP_ORDERS), delta=delta)[0]
+    assert raw < 0  # what was logged
+    assert epsilon(50.0, q, 10, delta) == 0.0
+    acc = PrivacyAccountant("central", 50.0, q, delta, "rdp")
+    assert [acc.epsilon(k) for k in (1, 5, 10)] == [0.0, 0.0, 0.0]
+    assert all(epsilon(s, q, 10, delta) >= 0 for s in (0.5, 1, 2, 5, 10, 20, 100))
+
+
+def _validate(raw, tmp_path, capsys) -> str:
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_default_delta_is_well_below_one_over_n_and_a_larger_one_is_warned_of(tmp_path, capsys):
+    """DP asks δ ≪ 1/N; the old default 1/N^1.1 was 0.037 for 20 clients (1/N = 0.05). The default is now
+    min(10⁻⁵, 0.1/N) and says nothing; a δ above 0.1/N is warned of by validate and the run, with the fix; δ ≥ 1/N
+    is refused."""
+    from fedsim.config.privacy import PrivacyConfig
+
+    raw = copy.deepcopy(TINY)
+    raw["clients"]["num_clients"] = 20
+    raw["privacy"] = {"clipping_norm": 1.0, "noise_multiplier": 1.0}
+    out = _validate(raw, tmp_path, capsys)
+    assert "at δ = 1e-05 after 2 rounds" in out and "warning: privacy" not in out
+    assert PrivacyConfig(clipping_norm=1.0, noise_multiplier=1.0).delta_for(100_000) == 1e-6
+    raw["privacy"]["delta"] = 0.02
+    out = _validate(raw, tmp_path, capsys)
+    assert ("warning: privacy: δ = 0.02 is not well below 1/N = 0.05 (N = 20 clients): publishing each client's "
+            "data whole with probability δ would meet it; set privacy.delta to at most 0.1/N, e.g. 1e-05") in out
+    raw["privacy"]["delta"] = 0.05
+    with pytest.raises(ScenarioError, match="privacy.delta: δ = 0.05 is not below 1/N"):
+        scenario_from_dict(raw)
+
+
+def test_a_target_epsilon_that_cannot_be_reached_is_one_line():
+    """ε = 10⁻⁹ was 'solved' (σ = 6.08, the conversion's negative ε counted as reaching it); at the default δ it is out
+    of reach of any noise multiplier up to 10⁴, and says so."""
+    raw = copy.deepcopy(TINY)
+    raw["privacy"] = {"clipping_norm": 1.0, "target_epsilon": 1e-9}
+    from fedsim.components import privacy_line
+    from fedsim.strategies import make_strategy
+
+    sc = scenario_from_dict(raw)
+    with pytest.raises(ScenarioError, match=r"privacy.target_epsilon: ε = 1e-09 at δ = 1e-05 cannot be reached") as e:
+        privacy_line(sc, make_strategy("fedit"))
+    assert len(str(e.value).splitlines()) == 1
