@@ -4,7 +4,6 @@ server and the workers run, and the driver only ever holds their handles."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, wr
     check_no_links,
     client_state_dir,
     describe_unreadable,
+    dumps,
     new_run_dir,
     rows_until,
     write_csv,
@@ -271,7 +271,7 @@ class Driver:
         """A round's kept generations: appended to ``generations.jsonl``, and a W&B table with the round's row."""
         self.lock.check()
         with open(self.run_dir / GENERATIONS, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(s) + "\n" for s in samples))
+            f.write("".join(dumps(s) + "\n" for s in samples))
         tracker.table("eval/generations", samples)
 
     def _log(self, row: dict[str, Any], events: CallbackList) -> None:

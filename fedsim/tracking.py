@@ -13,7 +13,7 @@ from typing import Any
 from fedsim.config import Scenario
 from fedsim.env import environment
 from fedsim.errors import FedsimError
-from fedsim.federation.rundir import write_text
+from fedsim.federation.rundir import finite_json, write_text
 
 
 def _clean(v: Any) -> Any:
@@ -133,9 +133,9 @@ class Tracker:
         )
 
     def log(self, row: dict[str, Any]) -> None:
-        row = {k: _clean(v) for k, v in row.items()}
+        row = finite_json(row)  # NaN/inf as null, named under not_finite
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(json.dumps(row, allow_nan=False) + "\n")
             self._file.flush()
         self._send(row)
 

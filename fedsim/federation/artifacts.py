@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from fedsim.config import Scenario
 from fedsim.config.privacy import sample_rate
-from fedsim.federation.rundir import write_csv, write_text
+from fedsim.federation.rundir import dumps, write_csv, write_text
 from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.plots import curves_in_child
 from fedsim.tracking import run_name
@@ -107,4 +106,4 @@ def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], 
             curves_in_child(run_dir)
         except OSError as e:
             summary["notes"] = sorted({*summary.get("notes", []), str(e).splitlines()[0]})
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.json", dumps(summary, indent=2))

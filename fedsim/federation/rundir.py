@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,36 @@ def check_no_links(run_dir: Path) -> None:
         if (Path(run_dir) / name).is_symlink():
             raise ScenarioError("run directory", f"{Path(run_dir) / name} is a symbolic link; fedsim writes its own "
                                 "files only, never through links", "remove the link, or choose another directory")
+
+
+NOT_FINITE = "not_finite"  # a row's or the summary's key: which values were NaN or infinite (written as null)
+
+
+def finite_json(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as strict JSON can hold it: every NaN or infinite number (anywhere inside) written as null, and the
+    keys that held one listed under ``not_finite`` with what they were (``{"eval/my_metric": "nan"}``) — JSON has no
+    NaN or Infinity (Python writes them, strict parsers refuse the file), and a bare null would hide the cause."""
+    found: dict[str, str] = {}
+
+    def clean(v: Any, where: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            found[where] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    out = clean(obj, "")
+    if found:
+        out[NOT_FINITE] = {**out.get(NOT_FINITE, {}), **found}
+    return out
+
+
+def dumps(obj: dict[str, Any], **kwargs: Any) -> str:
+    """:func:`finite_json`, then ``json.dumps`` with ``allow_nan=False`` (what is written is valid JSON)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
 
 
 def write_text(path: Path, text: str) -> None:
