@@ -111,8 +111,8 @@ def partition(cfg: PartitionConfig, groups: np.ndarray | None, num_samples: int,
         seed: scenario seed.
 
     Raises:
-        ScenarioError: more clients than samples, a method that needs labels on data without them, or a client
-            below ``min_samples``.
+        ScenarioError: more clients than samples, more shards than samples, a method that needs labels on data
+            without them, or a client below ``min_samples``.
     """
     if num_clients > num_samples:
         raise ScenarioError("clients.num_clients",
@@ -133,6 +133,13 @@ def partition(cfg: PartitionConfig, groups: np.ndarray | None, num_samples: int,
     elif cfg.method == "dirichlet":
         parts = dirichlet(groups, num_clients, cfg.alpha, cfg.min_samples, seed)
     elif cfg.method == "shards":
+        if num_clients * cfg.shards_per_client > num_samples:
+            raise ScenarioError(
+                "partition.shards_per_client",
+                f"{num_clients} clients × {cfg.shards_per_client} shards = {num_clients * cfg.shards_per_client:,} "
+                f"shards for {num_samples:,} samples: most shards would be empty",
+                f"set shards_per_client to at most {max(1, num_samples // num_clients)} (a shard of one sample or "
+                "more), or use fewer clients")
         parts = shards(groups, num_clients, cfg.shards_per_client, seed)
     else:
         parts = natural(groups, num_clients, seed)

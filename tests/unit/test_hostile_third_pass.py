@@ -141,3 +141,17 @@ def test_a_target_epsilon_that_cannot_be_reached_is_one_line():
     with pytest.raises(ScenarioError, match=r"privacy.target_epsilon: ε = 1e-09 at δ = 1e-05 cannot be reached") as e:
         privacy_line(sc, make_strategy("fedit"))
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_more_shards_than_samples_is_one_line():
+    """200,000 shards for 2,000 rows was accepted (most shards empty, clients with a label or none)."""
+    from fedsim.data.partition import partition
+
+    raw = copy.deepcopy(TINY)
+    raw["partition"] = {"method": "shards", "by": "task", "shards_per_client": 100}
+    sc = scenario_from_dict(raw)  # 8 clients × 100 shards for 240 rows
+    import numpy as np
+
+    with pytest.raises(ScenarioError, match=r"partition.shards_per_client: 8 clients × 100 shards = 800 shards for "
+                                            r"240 samples.*at most 30"):
+        partition(sc.partition, np.arange(240) % 3, 240, 8, 0)
