@@ -216,6 +216,8 @@ class Server:
             for stage in self.stages:
                 result = stage.before(ctx, old, batch)
                 batch, rejected = result.updates, {**rejected, **result.rejected}
+                if result.skip:  # the round aggregates nothing (the stage says why in its metrics)
+                    batch = []
             kept = len(batch)
             heads = Partial(ctx.server_round, old.base_version)
             for u in batch:

@@ -186,10 +186,9 @@ class RobustAggregation(ServerStage):
         if self.method == "norm_bound":
             return StageResult(self._bounded(state, updates, keys))
         if self.method in ("krum", "multi_krum"):
-            if len(updates) <= 2 * self.f + 2:
+            if len(updates) <= 2 * self.f + 2:  # the round leaves the global state as it was: nothing aggregated
                 self._metrics = {"robust/skipped": 1.0}
-                self._robust = {k: state.tensors[k] for k in keys}  # the round leaves the shared tensors as they were
-                return StageResult(list(updates))
+                return StageResult(list(updates), skip=True)
             m = 1 if self.method == "krum" else min(self.select, len(updates))
             chosen = krum_scores(updates, keys, self.f).argsort()[:m].tolist()
             self._metrics = {"robust/selected": float(m)}
@@ -234,3 +233,8 @@ class RobustAggregation(ServerStage):
         metrics, robust = self._metrics, self._robust
         self._robust, self._metrics = None, {}
         return (new if robust is None else with_shared(new, robust)), metrics
+
+    def idle(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
+        metrics = self._metrics  # a skipped round says so
+        self._robust, self._metrics = None, {}
+        return new, metrics

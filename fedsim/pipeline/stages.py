@@ -14,10 +14,14 @@ from fedsim.types import ClientPayload, ClientUpdate, GlobalState, ModuleShape, 
 
 @dataclass
 class StageResult:
-    """What a stage's :meth:`ServerStage.before` leaves: the updates that go on, and those it rejected, with why."""
+    """What a stage's :meth:`ServerStage.before` leaves: the updates that go on, those it rejected, with why, and
+    whether the round aggregates nothing although updates remain (``skip``: Krum with too few of them) — the
+    server then treats the round as one without updates: the state stays, and every stage gets :meth:`idle`
+    instead of :meth:`after` (a server optimizer takes no momentum step)."""
 
     updates: list[ClientUpdate]
     rejected: dict[int, str] = field(default_factory=dict)
+    skip: bool = False
 
 
 class ServerStage:

@@ -37,6 +37,9 @@ def run_stage(stage, ups, st=None):
     st = st or state()
     ctx = RoundContext(server_round=1, num_rounds=1, seed=0)
     res = stage.before(ctx, st, ups)
+    if res.skip:  # as the server does: nothing aggregated, the stages' idle
+        new, metrics = stage.idle(ctx, st, st)
+        return res, new, metrics
     mean = {k: torch.stack([u.tensors[k] for u in res.updates]).mean(0) for k in SHAPES}  # a stand-in strategy
     new, metrics = stage.after(ctx, st, dataclasses.replace(st, tensors=mean))
     return res, new, metrics
@@ -171,3 +174,32 @@ def test_an_attacked_run_holds_with_the_median_and_degrades_with_the_mean(tiny_r
     assert out["mean"] > out["clean"] + 0.3  # the attack works on the mean
     # the median of 3 honest and 2 attacking values is an honest client's value: near the clean run
     assert abs(out["median"] - out["clean"]) < (out["mean"] - out["clean"]) / 3
+
+
+def test_a_skipped_krum_round_leaves_the_state_even_with_a_momentum_server_optimizer():
+    """#45: a Krum round with too few updates (n <= 2f + 2) still moved the adapter when a server optimizer was set —
+    FedAvgM stepped on a zero pseudo-gradient with the momentum of the rounds before. Now the round is one without
+    updates for every stage after Krum (idle, not after): the state stays exactly, the momentum is kept for later."""
+    from fedsim.pipeline.server_opt import ServerOptimizer
+    from fedsim.server import Server
+    from fedsim.strategies.base import StrategySpec
+    from fedsim.types import ClientUpdate, LoraSpec, ModuleShape
+
+    conf = {"m.q_proj": ModuleShape(d_in=6, d_out=5)}
+    server = Server("fedit", {}, StrategySpec(conf, LoraSpec(2, 4.0), seed=0),
+                    stages=[RobustAggregation("krum", byzantine=1), ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)])
+    g = torch.Generator().manual_seed(0)
+
+    def round_of(r: int, n: int) -> dict:
+        start = server.state.tensors
+        ups = [ClientUpdate(c, 10, LoraSpec(2, 4.0), {k: v + torch.randn(v.shape, generator=g) for k, v in
+                                                        start.items()}) for c in range(n)]
+        return server.aggregate(RoundContext(server_round=r, num_rounds=3, seed=0), ups)
+
+    round_of(1, 6)  # Krum with f = 1 selects one of 6: a step, and momentum
+    assert server.stages[-1].m
+    before = {k: v.clone() for k, v in server.state.tensors.items()}
+    report = round_of(2, 4)  # 4 <= 2f + 2: skipped
+    assert report["stage_metrics"]["robust/skipped"] == 1.0 and report["aggregated"] == 0.0
+    assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
+    assert "server_opt/step_norm" not in report["stage_metrics"]
