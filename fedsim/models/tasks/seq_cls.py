@@ -71,8 +71,8 @@ class SequenceClassification(ModelTask):
     def refusal(self, scenario: Any, strategy: Any) -> tuple[str, str, str] | None:
         """What a trained head rules out: it is averaged by the server beside any aggregating strategy (a strategy that
         aggregates nothing — local-only training — keeps each client's head with its adapter), but it is neither
-        clipped and noised (privacy), bounded (robust rules) nor attacked (model poisoning); and a classifier
-        generates nothing."""
+        clipped and noised (privacy), bounded (robust rules), attacked (model poisoning) nor drift-corrected
+        (SCAFFOLD's control variates cover the adapter only); and a classifier generates nothing."""
         head = "the classifier head trains in full and the server averages it beside the adapter"
         if scenario.privacy is not None:
             return ("privacy", f"{head}, unclipped and without noise: the accountant's ε would not cover it",
@@ -84,6 +84,11 @@ class SequenceClassification(ModelTask):
         if bad is not None and bad.attack not in ("label_flip", "nan"):
             return ("clients.malicious.attack", f"model poisoning ({bad.attack}) alters the adapter's update, not the "
                     "head", "use attack: label_flip (data poisoning), or fine-tune a causal LM")
+        objective = scenario.strategy.client_objective
+        if objective is not None and objective.name == "scaffold":
+            return ("strategy.client_objective", f"SCAFFOLD corrects the adapter's drift with control variates, but "
+                    f"{head} without one: it would train uncorrected (and cost 1.4x FedIT's traffic, not SCAFFOLD's "
+                    "2x)", "use another client objective (fedprox) with a classifier, or fine-tune a causal LM")
         if scenario.generation() is not None or scenario.eval.harness is not None:
             key = "eval.harness" if scenario.eval.harness is not None else "eval.generate"
             return (key, "a sequence classifier predicts a class, it generates no text", f"remove {key}")
