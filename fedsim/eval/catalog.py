@@ -4,8 +4,11 @@ this module registers every built-in metric (it is the registry's home for metri
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from fedsim import registry
 from fedsim.errors import ScenarioError
@@ -32,6 +35,30 @@ def user_metric(path: str) -> Metric:
     if isinstance(obj, type) and issubclass(obj, Metric):
         return obj()
     if callable(obj):
+        check_function(path, obj)
         return FunctionMetric(path)
     raise ScenarioError("eval.metrics", f"{path} is a {type(obj).__name__}, not a function or a Metric subclass",
                         "point at score(prediction: str, reference: str) -> float, or a Metric subclass")
+
+
+def check_function(path: str, fn: Callable) -> None:
+    """Before round 1: a per-sample metric takes (prediction, reference) and returns a number for a first sample
+    (``"a", "a"``) — not after all the training, in the first evaluation.
+
+    Raises:
+        ScenarioError: its signature takes other arguments, the call raises, or it returns no number.
+    """
+    fix = "a metric is score(prediction: str, reference: str) -> float"
+    try:
+        inspect.signature(fn).bind("a", "a")
+    except TypeError:
+        raise ScenarioError("eval.metrics", f"{path} takes {inspect.signature(fn)}, not (prediction, reference)",
+                            fix) from None
+    except ValueError:  # a builtin without a signature: the trial call says
+        pass
+    try:
+        value = fn("a", "a")
+    except Exception as e:  # noqa: BLE001 — the user's code may raise anything
+        raise ScenarioError("eval.metrics", f"{path}('a', 'a') raised {type(e).__name__}: {e}", fix) from None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (int, float, np.number)):
+        raise ScenarioError("eval.metrics", f"{path}('a', 'a') returned {value!r:.60}, not a number", fix)

@@ -15,6 +15,7 @@ A function of your own, named by import path in ``eval.metrics`` (``my_pkg.metri
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ import numpy as np
 
 from fedsim import registry
 from fedsim.eval.metrics import Metric, metric
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,6 +196,7 @@ class FunctionMetric(_Mean):
         self.name = path.rpartition(":")[2]
         self.keys = (f"eval/gen/{self.name}", f"eval/gen/task/*/{self.name}")
         self._fn: Callable[[str, str], float] | None = None
+        self._warned = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}
@@ -205,13 +209,24 @@ class FunctionMetric(_Mean):
             self._fn = registry.load_object(self.path, "eval.metrics")
         out = []
         for p, r in zip(predictions, references):
-            v = self._fn(p, r)
             try:
-                out.append(float(v))
-            except (TypeError, ValueError):
-                raise ValueError(f"metric {self.path} returned {v!r:.60} for one sample; it must return a number "
-                                 "(score(prediction: str, reference: str) -> float)") from None
+                v = self._fn(p, r)
+                if isinstance(v, (str, bytes)):
+                    raise TypeError(f"returned {v!r:.60}, not a number")
+                score = float(v)
+            except Exception as e:  # noqa: BLE001 — the user's code: its failure costs this score, not the run
+                score = float("nan")
+                self._warn(e)
+            out.append(score)
         return out
+
+    def _warn(self, e: Exception) -> None:
+        """One line per metric and process: the score of a sample it fails on is NaN (the round's value then is
+        too, and metrics.jsonl names it under not_finite)."""
+        if not self._warned:
+            self._warned = True
+            log.warning("eval.metrics: %s failed on a sample (%s: %s); its score there is NaN", self.path,
+                        type(e).__name__, e)
 
 
 def is_generative(m: Metric) -> bool:

@@ -54,3 +54,63 @@ def test_nothing_non_finite_reaches_the_file(value):
     from fedsim.federation.rundir import dumps
 
     assert "NaN" not in dumps({"x": value}) and "Infinity" not in dumps({"x": value})
+
+
+METRICS = '''
+def one_arg(prediction):
+    return 1.0
+
+def a_string(prediction, reference):
+    return "good"
+
+def nothing(prediction, reference):
+    return None
+
+def raises(prediction, reference):
+    raise KeyError(reference)
+
+def on_digits(prediction, reference):
+    if any(c.isdigit() for c in reference):
+        raise ValueError("no digits, please")
+    return float(prediction == reference)
+'''
+
+
+@pytest.mark.parametrize("name, says", [
+    ("one_arg", r"usermetrics:one_arg takes \(prediction\), not \(prediction, reference\)"),
+    ("a_string", r"usermetrics:a_string\('a', 'a'\) returned 'good', not a number"),
+    ("nothing", r"usermetrics:nothing\('a', 'a'\) returned None, not a number"),
+    ("raises", r"usermetrics:raises\('a', 'a'\) raised KeyError: 'a'"),
+])
+def test_a_broken_user_metric_is_refused_before_round_1(tiny_raw, tmp_path, monkeypatch, name, says):
+    """#45: each of these ended the run in a traceback after all the training."""
+    from fedsim.errors import ScenarioError
+
+    (tmp_path / "usermetrics.py").write_text(METRICS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("usermetrics", None)
+    tiny_raw["eval"]["metrics"] = [f"usermetrics:{name}"]
+    with pytest.raises(ScenarioError, match=f"eval.metrics: {says}.*score\\(prediction: str, reference: str\\)"):
+        run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before round 1
+
+
+def test_a_user_metric_failing_on_some_samples_costs_those_scores_not_the_run(tiny_raw, tmp_path, monkeypatch,
+                                                                              caplog):
+    """It passes the first call and fails on the samples whose reference has a digit (the synthetic 'add' and
+    'count' tasks): the run goes on to its end, the metric's value is NaN where it failed — null in metrics.jsonl,
+    named under not_finite — and one warning names it."""
+    (tmp_path / "usermetrics.py").write_text(METRICS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("usermetrics", None)
+    tiny_raw.update(rounds=2)
+    tiny_raw["eval"].update(at_start=False, metrics=["usermetrics:on_digits"],
+                            generate={"every": 1, "max_samples": 8, "max_new_tokens": 2})
+    with caplog.at_level("WARNING"):
+        summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    rows = [_strict(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and summary["final/eval/loss"] is not None
+    assert all(r["eval/gen/on_digits"] is None and r["not_finite"]["eval/gen/on_digits"] == "nan" for r in rows)
+    assert rows[-1]["eval/gen/task/upper/on_digits"] is not None  # no digits in 'upper': scored
+    said = [m for m in caplog.messages if "usermetrics:on_digits failed on a sample" in m]
+    assert len(said) == 1 and "ValueError: no digits, please" in said[0]
