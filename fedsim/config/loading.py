@@ -138,7 +138,10 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     """
     p = Path(path)
     if not p.is_file():
-        raise ScenarioError("", f"scenario file {str(p)!r} does not exist", "check the path, e.g. scenarios/quickstart.yaml")
+        what = ("is a directory" if p.is_dir() else "is not a regular file (a device, a pipe or a socket)"
+                if p.exists() else "does not exist")
+        raise ScenarioError("", f"scenario file {str(p)!r} {what}", "give the path of a YAML scenario file, e.g. "
+                            "scenarios/quickstart.yaml")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -42,9 +42,15 @@ def warnings(stats: dict[str, Any]) -> list[str]:
             parts.append(f"{st['dropped']} were dropped (data.too_long: drop)")
         if parts:
             share = (st["truncated"] + st["response_cut"] + st["dropped"]) / rows
-            if stats.get("auto") and n == stats.get("model_max"):
+            cap = stats.get("model_max")
+            if stats.get("auto") and n == cap:
                 fix = (f"the model takes at most {n} tokens: shorten the rows, or leave them out with "
                        "data.too_long: drop")
+            elif stats.get("auto"):  # auto fits most training rows, not all (see data.max_seq_len)
+                whole = min(8 * -(-st["longest"] // 8), cap) if cap else 8 * -(-st["longest"] // 8)
+                fix = (f"max_seq_len: auto chose {n} (the length most training rows fit in); set data.max_seq_len: "
+                       f"{whole} to keep {'every row' if not cap or st['longest'] <= cap else 'them'} whole"
+                       f"{'' if not cap or st['longest'] <= cap else f' up to the model maximum {cap}'}")
             else:
                 fix = "raise data.max_seq_len or set it to auto"
             out.append(f"data: {share:.1%} of the {rows} {name} rows are longer than max_seq_len {n}: "

@@ -125,16 +125,32 @@ def _check_text_file(path: str, kind: str) -> None:
         raise DataError(f"{path}: the file is empty; give a file with at least one row")
 
 
+class _DuplicateField(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateField(repr(k))
+        out[k] = v
+    return out
+
+
 def _check_jsonl(path: str) -> None:
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {n} is not JSON ({e.msg} at column {e.colno}); "
                                 "every line of a .jsonl file must be one JSON object") from None
+            except _DuplicateField as e:
+                raise DataError(f"{path} line {n} gives the field {e} twice; give each field once (readers "
+                                "disagree on which one wins)") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
 

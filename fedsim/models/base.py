@@ -330,24 +330,34 @@ def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = 
             ident = [hashlib.sha256(f.read()).hexdigest(), tokenizer_source(cfg)]
     else:  # a hub id, at a revision (the tokenized cache keys it the same way)
         ident = [cfg.name, cfg.revision]
-    blob = json.dumps({"model": ident, "class": auto_class, "v": 2, "transformers": version("transformers")},
+    blob = json.dumps({"model": ident, "class": auto_class, "v": 3, "transformers": version("transformers")},
                       sort_keys=True, default=str)
     path = cache_dir() / "shapes" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
     try:
-        got = json.loads(path.read_text())
+        entry = json.loads(path.read_text())
+        got = entry["found"]
         found = {"shapes": {k: (int(v[0]), int(v[1])) for k, v in got["shapes"].items()},
                  "heads": [str(h) for h in got["heads"]], "conv1d": [str(c) for c in got["conv1d"]],
                  "others": {str(k): str(v) for k, v in got["others"].items()}}
+        if entry["digest"] != _digest(found):  # edited by hand, or damaged: a wrong shape would fail much later
+            raise ValueError("the entry does not match its digest")
     except (OSError, ValueError, TypeError, IndexError, AttributeError, KeyError):
-        found = _meta_shapes(cfg, auto_class)  # not cached yet, or unreadable: build it
+        found = _meta_shapes(cfg, auto_class)  # not cached yet, unreadable or altered: build it
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(found))
+            tmp.write_text(json.dumps({"found": found, "digest": _digest(found)}))
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache only costs the next run the build
     return found[part]
+
+
+def _digest(found: dict[str, Any]) -> str:
+    """A shapes-cache entry's own check: the SHA-256 of its contents as JSON (tuples as lists)."""
+    import json
+
+    return hashlib.sha256(json.dumps(found, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def _meta_shapes(cfg: ModelConfig, auto_class: str) -> dict[str, Any]:

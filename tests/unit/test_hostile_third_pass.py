@@ -4,6 +4,7 @@ keys, and what the accountant reports."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -155,3 +156,45 @@ def test_more_shards_than_samples_is_one_line():
     with pytest.raises(ScenarioError, match=r"partition.shards_per_client: 8 clients × 100 shards = 800 shards for "
                                             r"240 samples.*at most 30"):
         partition(sc.partition, np.arange(240) % 3, 240, 8, 0)
+
+
+@pytest.mark.parametrize("where, says", [("/dev/zero", "is not a regular file"), ("dir", "is a directory"),
+                                         ("none.yaml", "does not exist")])
+def test_a_scenario_path_that_is_no_file_says_what_it_is(tmp_path, capsys, where, says):
+    """`fedsim validate /dev/zero` and `fedsim validate <a directory>` said the file 'does not exist'."""
+    path = where if where.startswith("/") else str(tmp_path / where)
+    (tmp_path / "dir").mkdir()
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: scenario file {path!r} {says}") and len(err.strip().splitlines()) == 1
+
+
+def test_the_too_long_warning_under_auto_does_not_advise_auto():
+    """With max_seq_len: auto (the 99th percentile of the training rows) the test rows' too-long warning advised
+    'set it to auto'. It now says what auto chose and the length that keeps the rows whole."""
+    from fedsim.data.report import warnings as data_warnings
+
+    split = {"rows": 100, "truncated": 0, "response_cut": 3, "dropped": 0, "longest": 61}
+    said = data_warnings({"max_seq_len": 40, "auto": True, "model_max": 512, "test": split})
+    assert len(said) == 1 and "set it to auto" not in said[0]
+    assert said[0].endswith("max_seq_len: auto chose 40 (the length most training rows fit in); set "
+                            "data.max_seq_len: 64 to keep every row whole")
+    said = data_warnings({"max_seq_len": 40, "auto": True, "model_max": 48, "test": split})
+    assert said[0].endswith("set data.max_seq_len: 48 to keep them whole up to the model maximum 48")
+    said = data_warnings({"max_seq_len": 40, "auto": False, "model_max": 512, "test": split})
+    assert said[0].endswith("raise data.max_seq_len or set it to auto")
+
+
+def test_a_field_given_twice_in_a_json_line_is_one_line(tmp_path):
+    """It printed a datasets log line and 'Trailing data'."""
+    from fedsim.data.sources import load_rows
+    from fedsim.errors import DataError
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    lines = [json.dumps(r) for r in rows]
+    lines[3] = '{"instruction": "q3", "output": "a3", "output": "b3"}'
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    raw = copy.deepcopy(TINY)
+    raw["data"] = {"source": str(tmp_path / "d.jsonl")}
+    with pytest.raises(DataError, match=r"d.jsonl line 4 gives the field 'output' twice; give each field once"):
+        load_rows(scenario_from_dict(raw).data)
