@@ -78,7 +78,9 @@ def test_a_two_process_cluster_runs_a_scenario_and_a_submitted_job_like_one_proc
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"fs-cluster-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # workers at nice 0 as fedsim's own local heads start them (Ray's default 15 starves them on a busy machine)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_worker_niceness": "0"}
     procs = [_start(["--head", f"--port={port}", "--num-cpus=1", '--resources={"fs_head": 1}',
                      "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"], env, tmp_path / "head.log")]
