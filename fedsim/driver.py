@@ -41,6 +41,7 @@ from fedsim.federation.rounds import Federation, RoundResult, eval_batches, run_
 from fedsim.federation.rows import add_totals, round_row, totals_from
 from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, write_csv
     RunLock,
+    append_text,
     check_no_links,
     client_state_dir,
     describe_unreadable,
@@ -270,8 +271,7 @@ class Driver:
     def _generations(self, samples: list[dict[str, Any]], tracker: Tracker) -> None:
         """A round's kept generations: appended to ``generations.jsonl``, and a W&B table with the round's row."""
         self.lock.check()
-        with open(self.run_dir / GENERATIONS, "a", encoding="utf-8") as f:
-            f.write("".join(dumps(s) + "\n" for s in samples))
+        append_text(self.run_dir / GENERATIONS, "".join(dumps(s) + "\n" for s in samples))
         tracker.table("eval/generations", samples)
 
     def _log(self, row: dict[str, Any], events: CallbackList) -> None:

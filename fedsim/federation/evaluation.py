@@ -4,7 +4,6 @@ each client's own model (its base, the global adapter, its personal tensors) on 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from fedsim.eval.metrics import Metric, reduce_eval, scored
 from fedsim.eval.personal import personal_metrics
 from fedsim.federation.prepare import local_eval_clients
 from fedsim.federation.rounds import Federation
+from fedsim.federation.rundir import write_text
 from fedsim.runtime.interfaces import Backend, ServerHandle
 
 GENERATIONS = "generations.jsonl"  # in the run directory: the kept generations of every generation round
@@ -31,9 +31,7 @@ def keep_rounds_until(path: Path, last_round: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))  # atomically, never through a link (a planted generations.tmp was followed)
 
 
 class Evaluation:

@@ -25,7 +25,7 @@ def client_state_dir(scenario: Scenario, run_dir: Path) -> Path:
 
 # what fedsim writes in a run directory (a run killed early may leave some of them behind, e.g. its scenario)
 RUN_FILES = frozenset({
-    "scenario.yaml", "metrics.jsonl", "metrics.tmp", "summary.json", "partition.png", "partition.png.input.npz",
+    "scenario.yaml", "metrics.jsonl", "metrics.tmp", "generations.jsonl", "generations.tmp", "summary.json", "partition.png", "partition.png.input.npz",
     "clients.csv", "personalized.csv", "adapter", "checkpoint", ".checkpoint.prev", ".checkpoint.tmp",
     ".checkpoint.old", ".checkpoint.damaged", "client_state", "wandb", ".wandb_run_id", ".wandb_last_step", ".lock", "export",
 })
@@ -101,6 +101,14 @@ def finite_json(obj: dict[str, Any]) -> dict[str, Any]:
 def dumps(obj: dict[str, Any], **kwargs: Any) -> str:
     """:func:`finite_json`, then ``json.dumps`` with ``allow_nan=False`` (what is written is valid JSON)."""
     return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a file of the run directory, never through a link at ``path`` (``O_NOFOLLOW``: a link planted
+    there is an error, its target untouched)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -224,9 +232,7 @@ def rows_until(run_dir: Path, last_round: int) -> tuple[list[dict[str, Any]], li
             keep = path.with_name(f"{path.name}.orig.{k}")
         os.replace(path, keep)
         bad = [*bad, f"the file as it was is kept in {keep}"]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))  # atomically, never through a link
     return kept, bad
 
 

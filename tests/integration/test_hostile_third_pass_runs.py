@@ -114,3 +114,41 @@ def test_a_user_metric_failing_on_some_samples_costs_those_scores_not_the_run(ti
     assert rows[-1]["eval/gen/task/upper/on_digits"] is not None  # no digits in 'upper': scored
     said = [m for m in caplog.messages if "usermetrics:on_digits failed on a sample" in m]
     assert len(said) == 1 and "ValueError: no digits, please" in said[0]
+
+
+def test_a_link_planted_where_generations_are_written_is_never_followed(tiny_raw, tmp_path):
+    """#45 point 10: a symlink planted as generations.tmp — on resume its target was overwritten and
+    generations.jsonl stayed a link to it. Every file fedsim writes in a run directory, temporary ones too, is
+    checked: the resume is refused, the target untouched; without the link it resumes and rewrites the file whole."""
+    import os
+    import shutil
+
+    from fedsim.driver import resume_run
+    from fedsim.errors import ScenarioError
+
+    tiny_raw.update(rounds=3)
+    tiny_raw["eval"].update(at_start=False, metrics=["exact_match"],
+                            generate={"every": 1, "max_samples": 4, "max_new_tokens": 2})
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "done")
+    out = tmp_path / "run"  # as if killed after round 2's checkpoint, round 3's generations already written
+    shutil.copytree(tmp_path / "done", out)
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoint")
+    os.replace(out / ".checkpoint.prev", out / "checkpoint")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("generations.tmp", "generations.jsonl"):
+        kept = (out / name).read_bytes() if (out / name).is_file() else None
+        if kept is not None:
+            (out / name).unlink()
+        (out / name).symlink_to(victim)
+        with pytest.raises(ScenarioError, match=f"{name} is a symbolic link"):
+            resume_run(out)
+        assert victim.read_text() == "precious"
+        (out / name).unlink()
+        if kept is not None:
+            (out / name).write_bytes(kept)
+    resume_run(out)
+    rounds = [_strict(x)["round"] for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3} and not (out / "generations.jsonl").is_symlink()
+    assert rounds.count(3) == rounds.count(1)  # round 3 generated again, its old lines dropped, not doubled
