@@ -187,11 +187,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     for c, row in enumerate(hist):
         table.add_row(str(c), str(int(row.sum())), *[str(int(v)) for v in row[: len(show)]])
     Console(width=200).print(table)
-    png = Path(args.png or f"{scenario.name}_partition.png")
-    if png.is_dir():  # a folder: the heatmap goes inside it, under its default name
-        png = png / f"{scenario.name}_partition.png"
-    if png.suffix.lower() != ".png":
-        raise FedsimError(f"--png: {png} does not end in .png (fix: give a .png file or a folder)")
+    png = _png_path(args.png, Path(f"{scenario.name}_partition.png"), "--png")
     try:
         partition_heatmap(hist, names, png, f"{scenario.name}: {scenario.partition.method} split")
     except OSError as e:
@@ -231,18 +227,36 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         else:
             raise FedsimError(f"{d} is neither a run directory (no metrics.jsonl) nor a sweep directory (no "
                               "sweep.csv): give what fedsim run or fedsim sweep wrote")
-    if "sweep" in kinds:
-        if len(dirs) > 1:
-            raise FedsimError("give one sweep directory at a time (or run directories to overlay)")
-        out = plot_sweep(dirs[0], Path(args.out) if args.out else None)
-    else:
-        out = Path(args.out) if args.out else (dirs[0] / "curves.png" if len(dirs) == 1 else Path("compare.png"))
-        names = [d.resolve().name for d in dirs]
-        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
-        draw_runs([(label, read_rows(d)) for label, d in zip(labels, dirs)], out,
-                  title=" vs ".join(labels) if len(labels) <= 4 else f"{len(labels)} runs")
+    if "sweep" in kinds and len(dirs) > 1:
+        raise FedsimError("give one sweep directory at a time (or run directories to overlay)")
+    default = dirs[0] / ("sweep.png" if "sweep" in kinds else "curves.png") if len(dirs) == 1 else Path("compare.png")
+    out = _png_path(args.out, default, "--out")
+    try:
+        if "sweep" in kinds:
+            out = plot_sweep(dirs[0], out)
+        else:
+            names = [d.resolve().name for d in dirs]
+            labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+            draw_runs([(label, read_rows(d)) for label, d in zip(labels, dirs)], out,
+                      title=" vs ".join(labels) if len(labels) <= 4 else f"{len(labels)} runs")
+    except OSError as e:
+        raise FedsimError(f"--out: cannot write {out}: {e.strerror or e} (fix: give a writable path)") from None
     print(f"wrote {out}")
     return 0
+
+
+def _png_path(given: str | None, default: Path, flag: str) -> Path:
+    """Where a figure goes: ``given`` (a folder: inside it, under the default's name), else ``default``.
+
+    Raises:
+        FedsimError: a path that does not end in .png (matplotlib would write another format, or fail).
+    """
+    png = Path(given) if given else default
+    if png.is_dir():
+        png = png / default.name
+    if png.suffix.lower() != ".png":
+        raise FedsimError(f"{flag}: {png} does not end in .png (fix: give a .png file or a folder)")
+    return png
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

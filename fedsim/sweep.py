@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -50,6 +51,9 @@ def _slug(text: str) -> str:
 RESULTS = ("final_accuracy", "final_loss", "round_time_s", "sim_time_s", "comm_params", "time_s")
 
 
+MAX_RUNS = 10_000  # runs in one sweep (points × seeds)
+
+
 def plan(path: str | Path, grid_specs: list[str], overrides: list[str] = (), seeds: int = 1,
          group: str | None = None) -> tuple[Scenario, list[dict]]:
     """Validate every point; return the base scenario and, per point, its values, overrides and scenario.
@@ -61,6 +65,11 @@ def plan(path: str | Path, grid_specs: list[str], overrides: list[str] = (), see
         if "seed" in [k for k, _ in grid]:
             raise ScenarioError("--seeds", "the grid sweeps seed already", "use --seeds or --grid seed=..., not both")
         grid.append(("seed", [str(base.seed + i) for i in range(seeds)]))
+    total = math.prod(len(values) for _, values in grid)
+    if total > MAX_RUNS:  # each point is validated and held as a scenario: 100,000 took minutes and 2 GB unsaid
+        raise ScenarioError("--grid", f"the sweep has {total:,} runs ({' × '.join(str(len(v)) for _, v in grid)} "
+                            f"values{' with the seeds' if seeds > 1 else ''}); fedsim sweeps at most {MAX_RUNS:,}",
+                            "split it into several sweeps, or sweep fewer values or seeds")
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     points = []
     for combo in itertools.product(*[values for _, values in grid]):

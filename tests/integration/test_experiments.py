@@ -48,6 +48,15 @@ def test_a_run_draws_its_curves_and_fedsim_plot_overlays_runs_or_refuses(tiny_ra
     assert (tmp_path / "cmp.png").stat().st_size > 20_000
     assert main(["plot", str(tmp_path)]) == 2
     assert "is neither a run directory (no metrics.jsonl) nor a sweep directory" in capsys.readouterr().err
+    # #45: --out DIR wrote DIR.png and said "wrote DIR"; --out x.txt was a traceback
+    (tmp_path / "figs").mkdir()
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "a"), "--out", str(tmp_path / "figs")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'figs' / 'curves.png'}"
+    assert (tmp_path / "figs" / "curves.png").stat().st_size > 20_000 and not (tmp_path / "figs.png").exists()
+    assert main(["plot", str(tmp_path / "a"), "--out", str(tmp_path / "x.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out: {tmp_path / 'x.txt'} does not end in .png (fix: give a " \
+                                              ".png file or a folder)"
 
 
 class _StopAt(RoundCallback):

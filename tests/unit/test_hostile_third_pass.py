@@ -198,3 +198,14 @@ def test_a_field_given_twice_in_a_json_line_is_one_line(tmp_path):
     raw["data"] = {"source": str(tmp_path / "d.jsonl")}
     with pytest.raises(DataError, match=r"d.jsonl line 4 gives the field 'output' twice; give each field once"):
         load_rows(scenario_from_dict(raw).data)
+
+
+def test_a_sweep_of_more_than_ten_thousand_runs_is_refused_at_once(tmp_path):
+    """`fedsim sweep --seeds 100000` planned for minutes and past 2 GB without a word: refused before a point is
+    planned."""
+    from fedsim.sweep import plan
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(copy.deepcopy(TINY)))
+    with pytest.raises(ScenarioError, match=r"--grid: the sweep has 200,000 runs \(2 × 100000 values with the seeds\); "
+                                            r"fedsim sweeps at most 10,000"):
+        plan(tmp_path / "s.yaml", ["clients.lora.rank=2,4"], seeds=100_000)
