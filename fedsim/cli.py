@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     sub_job.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
     sub_job.add_argument("--out", help="the run directory, on storage the cluster can write (default: "
                                        "./runs/<name>, made absolute)")
-    sub_job.add_argument("--python", default="python",
-                         help="the cluster's Python interpreter (default: python on the cluster's PATH)")
+    sub_job.add_argument("--python", default=None,
+                         help="the cluster's Python interpreter, with fedsim's dependencies (default: this one for a "
+                              "cluster on this machine, else python on the head's PATH; checked first in the job)")
     sub_job.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     plot = sub.add_parser("plot", help="draw runs (curves per round, overlaid) or a sweep into a PNG")
     plot.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or one sweep directory")

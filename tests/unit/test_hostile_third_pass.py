@@ -209,3 +209,25 @@ def test_a_sweep_of_more_than_ten_thousand_runs_is_refused_at_once(tmp_path):
     with pytest.raises(ScenarioError, match=r"--grid: the sweep has 200,000 runs \(2 × 100000 values with the seeds\); "
                                             r"fedsim sweeps at most 10,000"):
         plan(tmp_path / "s.yaml", ["clients.lora.rank=2,4"], seeds=100_000)
+
+
+def test_a_job_whose_python_cannot_run_fedsim_says_so_in_one_line(tmp_path):
+    """`fedsim submit` ran the cluster's system python and ended in a raw "No module named 'ray'" traceback. The
+    job's entrypoint checks its Python first; run here with an interpreter that sees no site-packages (-S, as a
+    system python without fedsim's dependencies): one line naming the interpreter and --python."""
+    import shlex
+    import subprocess
+    import sys
+
+    from fedsim.runtime.ray.submit import default_python, entrypoint
+
+    assert default_python("http://127.0.0.1:8265") == sys.executable and default_python("http://head:8265") == "python"
+    command = entrypoint(sys.executable, ["-c", "print('fedsim ran')"])
+    ok = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=str(tmp_path.parent))
+    assert ok.returncode == 0 and ok.stdout.strip() == "fedsim ran", ok.stderr
+    bare = entrypoint(f"{sys.executable} -S", ["-c", "print('fedsim ran')"]).replace(
+        shlex.quote(f"{sys.executable} -S"), f"{shlex.quote(sys.executable)} -S")
+    r = subprocess.run(["bash", "-c", bare], capture_output=True, text=True)
+    assert r.returncode == 1 and "fedsim ran" not in r.stdout and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: the job's Python") and "has no ray, torch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--python" in r.stderr

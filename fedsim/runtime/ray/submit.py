@@ -45,7 +45,30 @@ def package_size(root: Path, excludes: list[str] = EXCLUDES) -> tuple[int, list[
     return sum(per_top.values()), sorted(((b, k) for k, b in per_top.items()), reverse=True)[:3]
 
 
-def submit(scenario: str, address: str, overrides: list[str], out: str | None, python: str = "python",
+# the job's first step, in the job's Python: one line, not a traceback, when it cannot run fedsim (a head whose PATH
+# gives the system python: "No module named 'ray'")
+PRELUDE = """import importlib.util, sys
+missing = [m for m in ("ray", "torch", "fedsim") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"error: the job's Python ({sys.executable}) has no {', '.join(missing)}: give fedsim submit --python "
+             "the interpreter that runs Ray on the cluster's head (with fedsim's dependencies installed)")"""
+
+
+def default_python(address: str) -> str:
+    """The job's interpreter when --python is not given: this one for a cluster on this machine (its head runs
+    from it, as a rule), else ``python`` on the head's PATH."""
+    from urllib.parse import urlparse
+
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    return sys.executable if host in ("127.0.0.1", "localhost", "::1") else "python"
+
+
+def entrypoint(python: str, args: list[str]) -> str:
+    """The job's shell command: the :data:`PRELUDE` check, then fedsim."""
+    return f"{shlex.quote(python)} -c {shlex.quote(PRELUDE)} && {shlex.join([python, *args])}"
+
+
+def submit(scenario: str, address: str, overrides: list[str], out: str | None, python: str | None = None,
            wait: bool = True) -> int:
     """Submit the job; with ``wait``, print its logs as they come and return 0 if it succeeded, else 2.
 
@@ -72,7 +95,8 @@ def submit(scenario: str, address: str, overrides: list[str], out: str | None, p
                             "move data the cluster can read elsewhere (point data.source at shared storage) or run "
                             "from a smaller directory")
     target = Path(out).resolve() if out else (root / "runs" / sc.name).resolve()
-    args = [python, "-m", "fedsim", "run", str(path.relative_to(root)), "--out", str(target)]
+    python = python or default_python(address)
+    args = ["-m", "fedsim", "run", str(path.relative_to(root)), "--out", str(target)]
     for o in overrides:
         args += ["--set", o]
     token_auth()
@@ -80,7 +104,7 @@ def submit(scenario: str, address: str, overrides: list[str], out: str | None, p
         from ray.job_submission import JobSubmissionClient
 
         client = JobSubmissionClient(address)
-        job = client.submit_job(entrypoint=shlex.join(args),
+        job = client.submit_job(entrypoint=entrypoint(python, args),
                                 runtime_env={"working_dir": str(root), "excludes": EXCLUDES})
     except ImportError:
         raise BackendError("job submission needs Ray's dashboard client: pip install 'fedsim[cluster]'") from None
@@ -90,7 +114,7 @@ def submit(scenario: str, address: str, overrides: list[str], out: str | None, p
                            "address (http://HEAD:8265, `ray start --head --include-dashboard=true`) and, with "
                            "token authentication, the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN") \
             from None
-    print(f"submitted {job}: {shlex.join(args[1:])}; the run directory will be {target}", flush=True)
+    print(f"submitted {job}: {shlex.join(args)} with {python}; the run directory will be {target}", flush=True)
     if not wait:
         return 0
     return _follow(client, job)
