@@ -115,9 +115,21 @@ def get(kind: str, name: str) -> Any:
     known = entries(kind)
     key = str(name).lower()
     if key not in known:
-        raise ScenarioError(spec.field, f"unknown {spec.noun} {name!r}",
-                            f"use one of {', '.join(known) or '(none registered)'}{spec.hint}")
+        import difflib
+
+        alias = ALIASES.get((kind, key))
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close and not alias else ""
+        raise ScenarioError(spec.field, f"unknown {spec.noun} {name!r}{f': {alias}' if alias else ''}",
+                            f"{guess}use one of {', '.join(known) or '(none registered)'}{spec.hint}")
     return known[key]
+
+
+# names users bring from elsewhere, and what they are called here
+ALIASES = {
+    ("strategy", "fedavg"): "FedAvg of the LoRA factors is fedit (FedIT, Zhang et al. 2024: FedAvg on LoRA adapters)",
+    ("strategy", "homlora"): "one shared adapter (PF2LoRA's HOMLoRA baseline) is fedit",
+}
 
 
 def decorator(kind: str) -> Callable[[str], Callable[[Any], Any]]:

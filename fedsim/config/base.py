@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydantic import ValidationError
 
@@ -40,16 +42,52 @@ def deal_tiers(fractions: list[float], num_clients: int, seed: int, salt: int) -
     return per_client
 
 
-def format_validation(e: ValidationError, prefix: str = "") -> str:
-    """pydantic's errors as one line: each offending key's dotted path and what is wrong with it."""
+def format_validation(e: ValidationError, prefix: str = "", model: type | None = None) -> str:
+    """pydantic's errors as one line: each offending key's dotted path and what is wrong with it; an unknown key
+    (with ``model``, the mapping validated) lists its section's keys and the closest one."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling and nesting (see `fedsim validate --help`)"
+            msg = _unknown_key(model, [x for x in err["loc"] if not str(x).startswith("function-after")], prefix)
         elif err["type"] == "missing":
             msg = "required key is missing"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def _unknown_key(model: type | None, loc: list, prefix: str = "") -> str:
+    """What to say of an unknown key: the closest key of its section and the section's keys, when they are known."""
+    import difflib
+
+    fields = _section_fields(model, loc[:-1]) if model is not None else None
+    if not fields:
+        return "unknown key; remove it or check its spelling and nesting"
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    where = ".".join([prefix] * bool(prefix) + [str(x) for x in loc[:-1]]) or "a scenario"
+    guess = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key; {guess}{where} takes {', '.join(fields)}"
+
+
+def _section_fields(model: type, path: list) -> list[str] | None:
+    """The keys of the section at ``path`` of ``model`` (through nested sections, optional or not), or None."""
+    from types import UnionType
+    from typing import Union, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    def as_model(annotation: Any) -> type | None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        if get_origin(annotation) in (Union, UnionType):
+            found = [m for a in get_args(annotation) if (m := as_model(a)) is not None]
+            return found[0] if len(found) == 1 else None
+        return None
+
+    for part in path:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None or (model := as_model(field.annotation)) is None:
+            return None
+    return list(model.model_fields)

@@ -116,7 +116,7 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), ch
         _check_size(raw)  # and the overrides' values
         return Scenario.model_validate(raw, context=None if check_strategy else {"strategy": False})
     except ValidationError as e:
-        raise ScenarioError("", format_validation(e)) from None
+        raise ScenarioError("", format_validation(e, model=Scenario)) from None
     except RecursionError:
         raise ScenarioError("", "the scenario is nested too deeply", TOO_DEEP) from None
 

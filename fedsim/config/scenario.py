@@ -153,7 +153,8 @@ class Scenario(Frozen):
         try:
             cls.Params(**self.strategy.params)
         except ValidationError as e:
-            raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params"), None) from None
+            raise ScenarioError("strategy.params", format_validation(e, prefix="strategy.params", model=cls.Params),
+                                None) from None
         if self.strategy.robust is not None:
             self._check_robust(cls)
         if self.privacy is not None:

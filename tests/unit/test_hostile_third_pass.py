@@ -231,3 +231,19 @@ def test_a_job_whose_python_cannot_run_fedsim_says_so_in_one_line(tmp_path):
     assert r.returncode == 1 and "fedsim ran" not in r.stdout and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: the job's Python") and "has no ray, torch" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--python" in r.stderr
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["training.local_step=3"], "training.local_step: unknown key; did you mean local_steps? training takes "
+                                "local_steps, local_epochs, batch_size, lr,"),
+    (["bogus=1"], "bogus: unknown key; a scenario takes name, seed, rounds, model, data,"),
+    (["strategy.name=pf2lora", "eval.local_test_fraction=0.2", "strategy.params.personal_rnk=2"],
+     "strategy.params.personal_rnk: unknown key; did you mean personal_rank? strategy.params takes personal_rank,"),
+    (["strategy.name=fedavg"], "unknown strategy 'fedavg': FedAvg of the LoRA factors is fedit"),
+    (["strategy.name=flor"], "unknown strategy 'flor' (fix: did you mean flora? use one of"),
+])
+def test_an_unknown_key_or_name_lists_what_there_is_and_the_closest(overrides, says):
+    """Unknown keys pointed at a help page with no keys; `fedavg` did not say that FedIT is FedAvg on LoRA."""
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict(copy.deepcopy(TINY), overrides)
+    assert says in str(e.value) and len(str(e.value).splitlines()) == 1
