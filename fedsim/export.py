@@ -8,8 +8,10 @@ sets them up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from fedsim import checkpoint
 from fedsim.client.store import ClientStateStore
 from fedsim.components import resolve
 from fedsim.config import Scenario, load_scenario
-from fedsim.errors import ScenarioError
+from fedsim.errors import FedsimError, ScenarioError
 from fedsim.federation.artifacts import write_tokenizer
 from fedsim.federation.prepare import prepare
 from fedsim.lora.merge import combine, dense_totals
@@ -68,19 +70,48 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     parts = [(host.read(own.lora), own.lora.scaling * (own.mix[0] if own.personal_lora is not None else 1.0))]
     if own.personal_lora is not None:
         parts.append((host.read(own.personal_lora, personal=True), own.personal_lora.scaling * own.mix[1]))
-    out.mkdir(parents=True, exist_ok=True)
     info = {"run_dir": str(run_dir), "client_id": client_id, "round": last, "strategy": sc.strategy.name,
             "base_model": sc.model.name, "base_bits": quant.bits, "base_backend": quant.label,
             "merged": merged, "personal": personal is not None}
     if own.dynamic_mix is not None:
         info["note"] = ("FedDPA-D weighs the two adapters per test instance; the export holds the training mixture "
                         f"(global {own.mix[0]:g}, local {own.mix[1]:g})")
-    if merged:
-        _write_merged(sc, host, parts, quant, components.task, out)
-    else:
-        _write_adapter(sc, parts, quant, [d for _, d in deltas], client_id, components.task, out, host.read_head())
-    (out / "fedsim_export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    def write(tmp: Path) -> None:
+        if merged:
+            _write_merged(sc, host, parts, quant, components.task, tmp)
+        else:
+            _write_adapter(sc, parts, quant, [d for _, d in deltas], client_id, components.task, tmp,
+                           host.read_head())
+        (tmp / "fedsim_export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    _atomically(out, write)
     return info
+
+
+def _atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a new directory beside ``out``, renamed to ``out`` once complete: a failure (a full disk —
+    ``OSError``, or safetensors' ``SafetensorError`` — a killed process) leaves no half-written export at ``out``.
+
+    Raises:
+        FedsimError: the export could not be written (naming the cause; nothing is left behind).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if out.is_dir():  # the empty directory _checked allowed
+            out.rmdir()
+        os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 — OSError, SafetensorError (not an OSError) and what savers raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FedsimError):
+            raise
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedsimError(f"cannot write the export to {out}: {type(e).__name__}: {cause}; nothing was left there "
+                          "(fix: free space or give --out on another disk)") from None
 
 
 def _checked(run_dir: Path, client_id: int | None, out: Path) -> Scenario:

@@ -224,3 +224,26 @@ def _stop_shared_ray():
         import ray
 
         ray.shutdown()
+
+
+# -- a full disk, for real: a size-limited tmpfs (#38, #45) ------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 16 MB tmpfs mounted at a temporary directory (None where mounting is not allowed)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode
+    yield mnt if ok == 0 else None
+    if ok == 0:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_disk(directory):
+    """Take every free byte of the filesystem holding ``directory`` (a real ENOSPC from then on)."""
+    with open(directory / "filler", "wb", buffering=0) as f:  # unbuffered: a failed write leaves nothing to flush
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass

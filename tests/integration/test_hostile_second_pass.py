@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import outlived, reaped
+from conftest import fill_disk, outlived, reaped
 
 from fedsim import checkpoint
 from fedsim.config import load_scenario, scenario_from_dict
@@ -255,29 +255,6 @@ def test_an_out_holding_other_files_is_refused(tiny_raw, tmp_path):
 
 
 # -- 8. a full disk, for real: a size-limited tmpfs (else the library's own exception) --------------------------------
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 16 MB tmpfs mounted at a temporary directory (None where mounting is not allowed)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode
-    yield mnt if ok == 0 else None
-    if ok == 0:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(directory):
-    """Take every free byte of the filesystem holding ``directory`` (a real ENOSPC from then on)."""
-    with open(directory / "filler", "wb") as f:
-        for size in (1 << 16, 1 << 10, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-                    f.flush()
-            except OSError:
-                pass
-
-
 @pytest.mark.parametrize("when", ["checkpoint", "metrics", "adapter"])
 def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tiny_raw, tmp_path, small_fs, monkeypatch, when):
     from safetensors import SafetensorError
@@ -295,12 +272,12 @@ def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tiny_raw, tmp_pa
                                              'message: "No space left on device" })')
                 monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(raise_full))
             else:
-                _fill(run_dir)
+                fill_disk(run_dir)
         out = real_save(path, server_round, *a, **k)
         if server_round == fill_after and when != "checkpoint":
             if small_fs is None:
                 pytest.skip("no tmpfs to fill on this machine")
-            _fill(run_dir)
+            fill_disk(run_dir)
         return out
 
     monkeypatch.setattr(checkpoint, "save", save_then_fill)

@@ -152,3 +152,36 @@ def test_a_link_planted_where_generations_are_written_is_never_followed(tiny_raw
     rounds = [_strict(x)["round"] for x in (out / "generations.jsonl").read_text().splitlines()]
     assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3} and not (out / "generations.jsonl").is_symlink()
     assert rounds.count(3) == rounds.count(1)  # round 3 generated again, its old lines dropped, not doubled
+
+
+def test_a_full_disk_during_a_merged_export_is_one_line_and_leaves_nothing(tiny_raw, tmp_path, small_fs, capsys):
+    """#45 point 11: `fedsim export --merged` on a full disk was a SafetensorError traceback and a half-written export
+    directory. On a 16 MB tmpfs filled to the last byte (or, where nothing can be mounted, with safetensors raising
+    its own full-disk error): one line, exit 2, no export directory and no temporary one; with space, it works."""
+    from conftest import fill_disk
+
+    from fedsim.cli import main
+
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    where = (small_fs or tmp_path) / "exports"
+    where.mkdir()
+    out = where / "merged"
+    if small_fs is not None:
+        fill_disk(where)
+        rc = main(["export", str(tmp_path / "run"), "--merged", "--out", str(out)])
+    else:
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                               'space left on device" })')
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(full))
+            rc = main(["export", str(tmp_path / "run"), "--merged", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: cannot write the export to {out}: ") and "No space left" in err
+    assert len(err.strip().splitlines()) == 1 and "nothing was left there" in err
+    assert sorted(p.name for p in where.iterdir()) == (["filler"] if small_fs is not None else [])
+    (where / "filler").unlink(missing_ok=True)
+    assert main(["export", str(tmp_path / "run"), "--merged", "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "fedsim_export.json").is_file()
