@@ -44,8 +44,10 @@ from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, wr
     append_text,
     check_no_links,
     client_state_dir,
+    describe_missing,
     describe_unreadable,
     dumps,
+    missing_rounds,
     new_run_dir,
     rows_until,
     write_csv,
@@ -84,6 +86,7 @@ class Driver:
         self.components = components
         self.rows: list[dict[str, Any]] = []
         self.notes: set[str] = set()  # what the run's log has said once (e.g. why clients were not packed)
+        self.missing: list[int] = []  # on resume: rounds done whose rows metrics.jsonl no longer holds
         self.unreadable: list[str] = []  # on resume: the lines of metrics.jsonl that could not be read
         self.stopped: dict[str, Any] = {}  # a callback's StopRun: the round it ended after, and why
 
@@ -152,9 +155,10 @@ class Driver:
             for warning in [*data_warnings(prep.data.stats), *([privacy] if privacy else [])]:  # truncated rows, ...
                 self.notes.add(warning)
                 progress.message(warning)
-            if self.unreadable:
-                self.notes.add(describe_unreadable(self.unreadable))
-                progress.message(describe_unreadable(self.unreadable))
+            for said in ([describe_unreadable(self.unreadable)] if self.unreadable else []) + (
+                    [describe_missing(self.missing)] if self.missing else []):
+                self.notes.add(said)
+                progress.message(said)
             if self.resume:
                 tracker.replay(self.rows)  # what W&B lost (or never got) before the interruption
             if restored is not None:
@@ -203,6 +207,7 @@ class Driver:
                                     f"{start_round}, but the run has rounds 1..{sc.rounds}: the checkpoint does not "
                                     "belong to this run", "resume the run directory that wrote it, or start anew")
             self.rows, self.unreadable = rows_until(self.run_dir, start_round)
+            self.missing = missing_rounds(self.rows, start_round)
             keep_rounds_until(self.run_dir / GENERATIONS, start_round)  # the rounds after it generate again
             self.notes = {n for row in self.rows if isinstance(row.get("notes"), list) for n in row["notes"]
                           if isinstance(n, str)}
@@ -328,8 +333,28 @@ def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bo
     path = Path(run_dir)
     if not (path / "scenario.yaml").is_file():
         raise ScenarioError("--resume", f"{path} holds no scenario.yaml", "give a run directory written by `fedsim run`")
+    finished = finished_summary(path)
+    if finished is not None and not previous:  # nothing to continue: its summary (times, worker counters) stays
+        import logging
+
+        logging.getLogger(__name__).warning("%s finished already (summary.json); nothing to resume, nothing "
+                                            "rewritten", path)
+        return finished
     return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous,
                   allow_changed=allow_changed, callbacks=callbacks, components=components).run()
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished (``summary.json``, written last, readable, with every round done), else
+    None."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        rounds, last = int(summary["rounds"]), checkpoint.last_round(run_dir)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return summary if last is not None and last >= rounds else None
 
 
 class RunResult(NamedTuple):

@@ -241,3 +241,21 @@ def describe_unreadable(bad: list[str]) -> str:
     lines, kept = bad[:-1], bad[-1]
     shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
     return f"resume: {len(lines)} line(s) of metrics.jsonl could not be read and are left out ({shown}); {kept}"
+
+
+def missing_rounds(rows: list[dict[str, Any]], last_round: int) -> list[int]:
+    """The rounds 1..``last_round`` (done, checkpointed) that ``rows`` has no row for."""
+    have = {int(r["round"]) for r in rows}
+    return [r for r in range(1, last_round + 1) if r not in have]
+
+
+def describe_missing(missing: list[int]) -> str:
+    """One line about rounds done whose rows are gone (metrics.jsonl removed or cut): what the resumed run's totals
+    and best accuracy then leave out."""
+    spans, start = [], missing[0]
+    for a, b in zip(missing, [*missing[1:], None]):
+        if b != a + 1:
+            spans.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return (f"resume: metrics.jsonl has no rows for round(s) {', '.join(spans)}, which the checkpoint says were done: "
+            "the communication totals and the best accuracy of summary.json leave those rounds out")

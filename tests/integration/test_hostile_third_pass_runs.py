@@ -185,3 +185,48 @@ def test_a_full_disk_during_a_merged_export_is_one_line_and_leaves_nothing(tiny_
     (where / "filler").unlink(missing_ok=True)
     assert main(["export", str(tmp_path / "run"), "--merged", "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "fedsim_export.json").is_file()
+
+
+def test_a_resume_whose_rows_are_gone_says_what_its_totals_leave_out(tiny_raw, tmp_path):
+    """#45 point 12: `--resume` after metrics.jsonl was removed gave totals of a third of the truth and a wrong best
+    accuracy without a word. The run now says which rounds' rows are gone (summary.json's notes, the console)."""
+    import os
+    import shutil
+
+    from fedsim.driver import resume_run
+
+    tiny_raw.update(rounds=3)
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "done")
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "done", out)
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoint")
+    os.replace(out / ".checkpoint.prev", out / "checkpoint")  # killed after round 2's checkpoint
+    (out / "metrics.jsonl").unlink()
+    summary = resume_run(out)
+    said = [n for n in summary["notes"] if n.startswith("resume: metrics.jsonl has no rows")]
+    assert said == ["resume: metrics.jsonl has no rows for round(s) 1-2, which the checkpoint says were done: the "
+                    "communication totals and the best accuracy of summary.json leave those rounds out"]
+    assert [_strict(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [3]
+
+
+def test_describe_missing_joins_spans():
+    from fedsim.federation.rundir import describe_missing, missing_rounds
+
+    assert missing_rounds([{"round": 0}, {"round": 2}, {"round": 5}], 6) == [1, 3, 4, 6]
+    assert "round(s) 1, 3-4, 6," in describe_missing([1, 3, 4, 6])
+
+
+def test_resuming_a_finished_run_rewrites_nothing(tiny_raw, tmp_path, caplog):
+    """#45 point 12: resuming a finished run rewrote summary.json (its time and worker counters reset)."""
+    tiny_raw.update(rounds=2)
+    from fedsim.driver import resume_run
+
+    summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()}
+    text = (tmp_path / "run" / "summary.json").read_text()
+    with caplog.at_level("WARNING"):
+        again = resume_run(tmp_path / "run")
+    assert again["time_s"] == summary["time_s"] and (tmp_path / "run" / "summary.json").read_text() == text
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert any("finished already (summary.json); nothing to resume, nothing rewritten" in m for m in caplog.messages)
