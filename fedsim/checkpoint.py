@@ -214,9 +214,11 @@ def _read(path: Path) -> tuple[int, GlobalState, dict[str, Any]]:
     return meta["round"], state, strategy_state
 
 
-def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[str, Any], Path]:
+def load(run_dir: Path, previous: bool = False, command: str = "fedsim run --resume {run_dir}"
+         ) -> tuple[int, GlobalState, dict[str, Any], Path]:
     """(round, global state, strategy state, the checkpoint directory read) from ``run_dir/checkpoint``
-    (``previous``: from the one before it), every file verified against the digest written with it.
+    (``previous``: from the one before it), every file verified against the digest written with it. ``command``:
+    what the reader runs (``{run_dir}`` filled in), which the errors' fixes repeat with ``--previous-checkpoint``.
 
     Raises:
         ScenarioError: no checkpoint, one written by an incompatible version, or a damaged one — naming the file,
@@ -227,7 +229,7 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
     if previous:
         if not (prev / "meta.json").is_file():
             raise ScenarioError("--previous-checkpoint", f"{run_dir} keeps no previous checkpoint",
-                                f"resume from the newest: fedsim run --resume {run_dir}")
+                                f"read the newest: {command.format(run_dir=run_dir)}")
         try:
             return (*_read(prev), prev)
         except CheckpointError as e:
@@ -252,8 +254,9 @@ def load(run_dir: Path, previous: bool = False) -> tuple[int, GlobalState, dict[
             except CheckpointError:
                 back = None
         if back is not None:
-            raise ScenarioError("--resume", f"{e}; the previous checkpoint (round {back}) is intact",
-                                f"resume from it: fedsim run --resume {run_dir} --previous-checkpoint") from None
+            raise ScenarioError("--resume" if "--resume" in command else "RUN_DIR",
+                                f"{e}; the previous checkpoint (round {back}) is intact",
+                                f"use it: {command.format(run_dir=run_dir)} --previous-checkpoint") from None
         raise ScenarioError("--resume", str(e), "start the run anew; the metrics so far are in metrics.jsonl") \
             from None
 

@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--client", type=int, metavar="K", help="the client whose model to write (default: the global one)")
     exp.add_argument("--out", help="a new directory (default: RUN_DIR/export/client-K, or RUN_DIR/export/global)")
     exp.add_argument("--merged", action="store_true", help="a full model with the adapter merged in (save_pretrained)")
+    exp.add_argument("--previous-checkpoint", action="store_true",
+                     help="export from the checkpoint before the newest (when the newest is damaged)")
     exp.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
@@ -265,7 +267,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     who = f"client-{args.client}" if args.client is not None else "global"
     out = Path(args.out) if args.out else Path(args.run_dir) / "export" / (who + ("-merged" if args.merged else ""))
-    info = export_client(Path(args.run_dir), args.client, out, merged=args.merged)
+    info = export_client(Path(args.run_dir), args.client, out, merged=args.merged, previous=args.previous_checkpoint)
     kind = "full model" if args.merged else "PEFT adapter"
     base = f" on a {info['base_backend']} base" if info["base_bits"] < 16 and not args.merged else ""
     print(f"{kind} of {who.replace('-', ' ')} (round {info['round']}){base} written to {out}")

@@ -34,7 +34,8 @@ from fedsim.server import Server
 from fedsim.types import FULL, QuantSpec, Tensors
 
 
-def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool = False) -> dict:
+def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool = False,
+                  previous: bool = False) -> dict:
     """Write the model client ``client_id`` (None: the global model) uses at the end of the run: the global model
     plus its personal tensors (FedSA-LoRA's B, FedDPA's and PF2LoRA's local adapter, FedQLoRA's quantization-aware
     adapter), set up exactly as the simulator's personalized evaluation sets it up, as one PEFT adapter on the
@@ -49,7 +50,9 @@ def export_client(run_dir: Path, client_id: int | None, out: Path, merged: bool 
     """
     run_dir, out = Path(run_dir), Path(out)
     sc = _checked(run_dir, client_id, out)
-    last, state, strategy_state, used = checkpoint.load(run_dir)
+    command = f"fedsim export {{run_dir}}{f' --client {client_id}' if client_id is not None else ''}"
+    last, state, strategy_state, used = checkpoint.load(run_dir, previous,
+                                                        command + (" --merged" if merged else ""))
     checkpoint.check_resume(used, sc, field="RUN_DIR")  # the model merged into the base the run actually used
     prep = prepare(sc)
     components = resolve(sc)

@@ -230,3 +230,21 @@ def test_resuming_a_finished_run_rewrites_nothing(tiny_raw, tmp_path, caplog):
     assert again["time_s"] == summary["time_s"] and (tmp_path / "run" / "summary.json").read_text() == text
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     assert any("finished already (summary.json); nothing to resume, nothing rewritten" in m for m in caplog.messages)
+
+
+def test_exporting_a_damaged_checkpoint_advises_an_export(tiny_raw, tmp_path, capsys):
+    """#45 point 12: exporting a run whose newest checkpoint is damaged advised `fedsim run --resume ...
+    --previous-checkpoint`; it now advises the export itself, which takes --previous-checkpoint too."""
+    from fedsim.cli import main
+
+    tiny_raw.update(rounds=2)
+    run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    with open(tmp_path / "run" / "checkpoint" / "state.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main(["export", str(tmp_path / "run"), "--client", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "previous checkpoint (round 1) is intact" in err and "fedsim run" not in err
+    assert err.strip().endswith(f"(fix: use it: fedsim export {tmp_path / 'run'} --client 1 --previous-checkpoint)")
+    assert main(["export", str(tmp_path / "run"), "--client", "1", "--previous-checkpoint"]) == 0
+    info = json.loads((tmp_path / "run" / "export" / "client-1" / "fedsim_export.json").read_text())
+    assert info["round"] == 1
