@@ -35,6 +35,20 @@ def _fedsims(name: str) -> bool:
     return name in RUN_FILES or name.startswith("metrics.jsonl.orig")
 
 
+def _holds_a_run(path: Path) -> bool:
+    """Whether ``path`` holds a run that got anywhere: rows in metrics.jsonl, or a checkpoint. An empty metrics.jsonl
+    and no checkpoint is a run stopped before its first round (W&B could not start, say): its --out may be reused."""
+    rows = path / "metrics.jsonl"
+    if not rows.exists() and not rows.is_symlink():
+        return False
+    try:
+        empty = rows.is_file() and not rows.is_symlink() and not rows.read_bytes().strip()
+    except OSError:
+        empty = False
+    checkpointed = any((path / d).exists() for d in ("checkpoint", ".checkpoint.prev", ".checkpoint.tmp"))
+    return not empty or checkpointed
+
+
 def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
     """``out`` if given — new, empty, or left by a run of fedsim's killed before its first round (never a finished
     run, nor a directory holding anything else) —, else a fresh ``runs/<name>[-k]``."""
@@ -42,7 +56,7 @@ def new_run_dir(scenario: Scenario, out: str | Path | None) -> Path:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise ScenarioError("--out", f"{path} is a file, not a directory", "give a new or empty directory")
-        if (path / "metrics.jsonl").exists():
+        if _holds_a_run(path):
             raise ScenarioError("--out", f"{path} already holds a run", "choose another --out directory")
         foreign = sorted(p.name for p in path.iterdir() if not _fedsims(p.name)) if path.is_dir() else []
         if foreign:

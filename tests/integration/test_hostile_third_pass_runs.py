@@ -248,3 +248,22 @@ def test_exporting_a_damaged_checkpoint_advises_an_export(tiny_raw, tmp_path, ca
     assert main(["export", str(tmp_path / "run"), "--client", "1", "--previous-checkpoint"]) == 0
     info = json.loads((tmp_path / "run" / "export" / "client-1" / "fedsim_export.json").read_text())
     assert info["round"] == 1
+
+
+def test_a_failed_wandb_start_leaves_an_out_that_can_be_used_again(tiny_raw, tmp_path, monkeypatch):
+    """#45 point 12: W&B failing to start (here: a WANDB_SERVICE that names no service, as a stale shell leaves it)
+    left a 0-byte metrics.jsonl that blocked the same --out ('already holds a run'). A directory whose run stopped
+    before its first round can be used again; one with rows or a checkpoint cannot."""
+    from fedsim.errors import FedsimError, ScenarioError
+
+    tiny_raw["logging"]["wandb"] = {"mode": "offline"}
+    monkeypatch.setenv("WANDB_SERVICE", "2-99999-tcp-localhost-1")
+    with pytest.raises(FedsimError, match="Weights & Biases could not start"):
+        run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_size == 0
+    monkeypatch.delenv("WANDB_SERVICE")
+    tiny_raw["logging"]["wandb"] = {"mode": "disabled"}
+    summary = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
+    assert summary["final/eval/loss"] is not None
+    with pytest.raises(ScenarioError, match="already holds a run"):
+        run_scenario(scenario_from_dict(tiny_raw), tmp_path / "run")
