@@ -106,11 +106,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise FedsimError("fedsim run needs a scenario file (or --resume RUN_DIR)")
     else:
         summary = _run_new(args.scenario, args.overrides, args.out)
-    acc0, acc = summary["initial/eval/accuracy"], summary["final/eval/accuracy"]
-    line = f"done: {summary['run_dir']}  ({summary['time_s']:.1f}s)"
-    if acc is not None:
-        line += f"  eval accuracy {acc0:.3f} → {acc:.3f}" if acc0 is not None else f"  eval accuracy {acc:.3f}"
-    print(line)
+    from fedsim.progress import headline
+
+    print(f"done: {summary['run_dir']}  ({summary['time_s']:.1f}s){headline(summary)}")
     return 0
 
 

@@ -66,7 +66,8 @@ class Progress:
         line = f"round {row['round']}/{self.num_rounds}"
         if "clients/sampled" in row:  # as recorded: rejected updates and stragglers count as failed
             line += f"  clients {row.get('clients/succeeded', self._done - self._failed)}/{row['clients/sampled']}"
-        for key, label in (("train/loss", "train_loss"), ("eval/loss", "eval_loss"), ("eval/accuracy", "acc")):
+        for key, label in (("train/loss", "train_loss"), ("eval/loss", "eval_loss"), ("eval/accuracy", "acc"),
+                           *shown_metrics(row)):
             if row.get(key) is not None:
                 line += f"  {label} {row[key]:.4f}"
         line += f"  {row.get('time_s', 0.0):.1f}s"
@@ -88,3 +89,43 @@ class Progress:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+
+
+def shown_metrics(row: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(key, label) of the metrics a scenario is about, beside loss and accuracy, in the order shown: each client's
+    own model's accuracy (personalized runs: the global model's accuracy can stay at 0), macro-F1 and Matthews'
+    correlation, the metrics of generated text (overall, not per task), and the harness's scores of the global
+    model. ``prefix``: ``final/`` for a summary."""
+    out = []
+    for name, label in (("eval/personal/accuracy", "personal_acc"), ("eval/macro_f1", "macro_f1"),
+                        ("eval/mcc", "mcc")):
+        if row.get(prefix + name) is not None:
+            out.append((prefix + name, label))
+    for key in row:
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name is None or row.get(key) is None or not isinstance(row[key], (int, float)):
+            continue
+        if name.startswith("eval/gen/") and name.count("/") == 2:
+            out.append((key, name.removeprefix("eval/gen/")))
+        elif name.startswith("harness/") and name.count("/") == 2:
+            out.append((key, name.removeprefix("harness/")))
+    return out
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The end of a run in one line's worth: the metric the scenario is about, from its first evaluation to its last
+    (each client's own model for personalized runs, the first metric of generated text for generating ones, else
+    accuracy), then the others it reports."""
+    others = shown_metrics(summary, "final/")
+    keys = [k for k, _ in others]
+    main = ("final/eval/personal/accuracy" if "final/eval/personal/accuracy" in keys else
+            next((k for k in keys if k.startswith("final/eval/gen/")), "final/eval/accuracy"))
+    label = dict(others).get(main, "accuracy").replace("personal_acc", "personal accuracy")
+    final, first = summary.get(main), summary.get(main.replace("final/", "initial/", 1))
+    line = ""
+    if final is not None:
+        line = f"  eval {label} {first:.3f} → {final:.3f}" if first is not None else f"  eval {label} {final:.3f}"
+    if main != "final/eval/accuracy" and summary.get("final/eval/accuracy") is not None:
+        line += f"  accuracy {summary['final/eval/accuracy']:.3f}"
+    line += "".join(f"  {lab} {summary[k]:.3f}" for k, lab in others if k != main)
+    return line

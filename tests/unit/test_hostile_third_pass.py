@@ -247,3 +247,21 @@ def test_an_unknown_key_or_name_lists_what_there_is_and_the_closest(overrides, s
     with pytest.raises(ScenarioError) as e:
         scenario_from_dict(copy.deepcopy(TINY), overrides)
     assert says in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_the_console_headline_is_the_metric_the_scenario_is_about():
+    """#45 point 17: personalized runs showed `0.000 → 0.000` while personal accuracy was 0.113; the chat scenario
+    accuracy 0 beside exact match 0.105; F1/MCC, generation and harness scores never appeared."""
+    from fedsim.progress import headline, shown_metrics
+
+    personal = {"initial/eval/accuracy": 0.0, "final/eval/accuracy": 0.0, "final/eval/personal/accuracy": 0.113}
+    assert headline(personal) == "  eval personal accuracy 0.113  accuracy 0.000"
+    chat = {"initial/eval/accuracy": 0.0, "final/eval/accuracy": 0.0, "initial/eval/gen/exact_match": 0.02,
+            "final/eval/gen/exact_match": 0.105, "final/eval/gen/rouge_l": 0.31,
+            "final/eval/gen/task/chat/exact_match": 0.1}
+    assert headline(chat) == "  eval exact_match 0.020 → 0.105  accuracy 0.000  rouge_l 0.310"
+    cls = {"initial/eval/accuracy": 0.5, "final/eval/accuracy": 0.8, "final/eval/macro_f1": 0.79,
+           "final/eval/mcc": 0.6, "final/harness/arc_easy/acc": 0.41, "final/harness/client_3/arc_easy/acc": 0.4}
+    assert headline(cls) == "  eval accuracy 0.500 → 0.800  macro_f1 0.790  mcc 0.600  arc_easy/acc 0.410"
+    row = {"eval/accuracy": 0.0, "eval/personal/accuracy": 0.2, "eval/gen/bleu": 12.5, "eval/gen/task/a/bleu": 3.0}
+    assert shown_metrics(row) == [("eval/personal/accuracy", "personal_acc"), ("eval/gen/bleu", "bleu")]
