@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from fedsim.models.adapter_io import save_peft_adapter
 from fedsim.plots import curves_in_child
 from fedsim.tracking import run_name
 from fedsim.types import ClientSpec
+
+log = logging.getLogger(__name__)
 
 
 def run_summary(scenario: Scenario, run_dir: Path, rows: list[dict[str, Any]], total_s: float,
@@ -92,18 +95,33 @@ def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], 
                       "alpha": c.lora.alpha, "base": c.quant.label, "base_mb": base_mb.get(c.quant.label)}
                      for c in clients]
     write_csv(run_dir / "clients.csv", clients_table)
-    try:  # W&B's failure (a full disk, an unwritable directory) must not cost the run its summary
-        tracker.summary(summary)
-        tracker.tables({"clients": clients_table, "personalized": personal_table})
-        tracker.artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{run_name(scenario)}-adapter"), "model", run_dir / "adapter",
-                         {"strategy": scenario.strategy.name, "base_model": scenario.model.name,
-                          "rounds": scenario.rounds})
-    except Exception as e:  # noqa: BLE001 - wandb raises many types
-        note = f"W&B could not record the run's summary, tables and adapter ({e.__class__.__name__}: {e})"
-        summary["notes"] = sorted({*summary.get("notes", []), note.splitlines()[0]})
+    steps = (("summary", lambda: tracker.summary(summary)),
+             ("tables", lambda: tracker.tables({"clients": clients_table, "personalized": personal_table})),
+             ("adapter", lambda: tracker.artifact(artifact_name(run_name(scenario)), "model", run_dir / "adapter",
+                                                 {"strategy": scenario.strategy.name,
+                                                  "base_model": scenario.model.name, "rounds": scenario.rounds})))
+    for what, step in steps:  # each on its own: one failing (a full disk, an unwritable directory) costs only itself,
+        try:  # never the run's summary.json
+            step()
+        except Exception as e:  # noqa: BLE001 - wandb raises many types
+            note = f"W&B could not record the run's {what} ({e.__class__.__name__}: {e})".splitlines()[0]
+            summary["notes"] = sorted({*summary.get("notes", []), note})
+            log.warning("%s", note)  # said on the console too, not only in summary.json
     if scenario.logging.plots:
         try:  # a figure that cannot be drawn (a full disk, a broken matplotlib) must not cost the run its summary
             curves_in_child(run_dir)
         except OSError as e:
             summary["notes"] = sorted({*summary.get("notes", []), str(e).splitlines()[0]})
     write_text(run_dir / "summary.json", dumps(summary, indent=2))
+
+
+def artifact_name(run: str) -> str:
+    """The adapter artifact's W&B name: ``<run>-adapter`` in the characters W&B allows, at most 128 of them (W&B's
+    limit: a run named after a long ``--set`` lost its summary, tables and artifact) — a long one is cut and keeps a
+    digest of the whole, so that two runs stay two artifacts."""
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{run}-adapter")
+    if len(name) <= 128:
+        return name
+    return f"{name[:110]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}-adapter"

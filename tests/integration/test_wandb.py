@@ -121,3 +121,25 @@ def test_wandb_history_survives_sigkill(offline, tmp_path):
     metrics = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     for row in W.history(out):
         assert row["eval/accuracy"] == pytest.approx(metrics[row["_step"]]["eval/accuracy"])
+
+
+def test_a_run_named_after_a_long_set_keeps_its_wandb_summary_tables_and_adapter(offline, tmp_path):
+    """#45 point 14: a run named after a long --set (the README's offline recipe for the paper scenarios) lost its W&B
+    summary, tables and adapter — the artifact's name passed W&B's 128 characters and one failure dropped all three —
+    while the console said 'done'. The name is cut (with a digest of the whole) and each step stands alone."""
+    from fedsim.federation.artifacts import artifact_name
+
+    offline.update(rounds=1)
+    long = [f"data.synthetic.num_train={240}", "training.local_steps=2", "eval.batch_size=16", "clients.lora.alpha=8",
+            "partition.min_samples=5", "training.lr=0.005", "clients.per_round=3", "training.batch_size=8",
+            "data.max_seq_len=24", "partition.alpha=1.0"]
+    summary = run_scenario(scenario_from_dict(offline, long), tmp_path / "run")
+    assert not summary.get("notes"), summary.get("notes")
+    arts = [a for a in W.of_type(tmp_path / "run", "artifact") if a.artifact.type == "model"]
+    import re
+
+    assert len(arts) == 1 and len(arts[0].artifact.name) <= 128
+    assert re.search(r"-[0-9a-f]{8}-adapter$", arts[0].artifact.name)  # it was cut: the name is that long
+    assert W.of_type(tmp_path / "run", "summary")
+    a, b = artifact_name("r" * 300), artifact_name("r" * 299)
+    assert len(a) <= 128 and len(b) <= 128 and a != b and artifact_name("short") == "short-adapter"
