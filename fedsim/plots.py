@@ -12,7 +12,9 @@ process, so that matplotlib and the rendered figures (~45 MB) never sit in the d
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -45,6 +47,9 @@ def partition_heatmap(hist: np.ndarray, group_names: list[str], path: Path, titl
     plt.close(fig)
 
 
+_CALLS = itertools.count()
+
+
 def partition_heatmap_in_background(hist: np.ndarray, group_names: list[str], path: Path,
                                     title: str) -> Callable[[], None]:
     """Start drawing :func:`partition_heatmap` in a child process; return a function that waits for it.
@@ -52,7 +57,9 @@ def partition_heatmap_in_background(hist: np.ndarray, group_names: list[str], pa
     Raises (from the returned function):
         OSError: the child could not write ``path`` (its last line of error output is the message).
     """
-    spec = path.with_name(path.name + ".input.npz")
+    # a name of its own per call: a child still reading an earlier run's (a run that failed at start, on a busy
+    # machine) deleted the next run's input at one shared name
+    spec = path.with_name(f"{path.name}.input.{os.getpid()}-{next(_CALLS)}.npz")
     meta = json.dumps({"names": list(group_names), "path": str(path), "title": title}).encode()
     np.savez(spec, hist=hist, meta=np.frombuffer(meta, dtype=np.uint8))
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec)], stdout=subprocess.DEVNULL,

@@ -32,7 +32,7 @@ RUN_FILES = frozenset({
 
 
 def _fedsims(name: str) -> bool:
-    return name in RUN_FILES or name.startswith("metrics.jsonl.orig")
+    return name in RUN_FILES or name.startswith(("metrics.jsonl.orig", "partition.png.input."))
 
 
 def _holds_a_run(path: Path) -> bool:
