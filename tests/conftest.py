@@ -64,10 +64,10 @@ def reaped(proc: subprocess.Popen, pattern: str):
 
 def outlived(pattern: str) -> list[str]:
     """The processes whose command line names ``pattern`` that are still running once a stopping run has had up to
-    10 s to end them (Ray ends its processes a moment after the driver returns)."""
+    60 s to end them (Ray ends its processes a moment after the driver returns; a busy machine takes longer)."""
     import time
 
-    for _ in range(50):
+    for _ in range(300):
         left = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
         if not left:
             break
