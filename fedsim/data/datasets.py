@@ -17,7 +17,14 @@ from fedsim.config import DataConfig, Scenario
 from fedsim.data import cache
 from fedsim.data.formats import check_fields, check_values, format_rows, get_format, map_columns
 from fedsim.data.formats.classification import check_pair
-from fedsim.data.sources import data_digests, data_files, file_digest, load_rows  # noqa: F401  # re-exported
+from fedsim.data.origins import Origins
+from fedsim.data.sources import (  # noqa: F401  # data_digests, data_files, file_digest, load_rows: re-exported
+    data_digests,
+    data_files,
+    file_digest,
+    load_rows,
+    load_rows_with_origins,
+)
 from fedsim.data.tokenize import (
     CHUNK,
     Flat,
@@ -61,9 +68,9 @@ def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool 
         if data is not None:
             return data
     gfield = partition_field(scenario)
-    train_rows, test_rows = _read_splits(scenario, gfield)
-    data = _tokenize(scenario, train_rows, test_rows, _groups(scenario, train_rows, gfield), tokenizer,
-                     task.encodes_inputs)
+    train_rows, test_rows, train_from, test_from = _read_splits(scenario, gfield)
+    data = _tokenize(scenario, (train_rows, train_from), (test_rows, test_from),
+                     _groups(scenario, train_rows, gfield), tokenizer, task.encodes_inputs)
     if use_cache:
         try:
             cache.save(path, data, key)
@@ -83,39 +90,42 @@ def cache_entry(scenario: Scenario, tokenizer: Any | None = None) -> tuple[Any, 
     return task, tokenizer, cache.cache_path(key), key
 
 
-def _read_splits(scenario: Scenario, gfield: str | None) -> tuple[Rows, Rows]:
-    """Train and test rows, checked for the fields the format reads; the test rows held out of the training rows
-    (``data.test.fraction``, seeded) when no test source or split is given, and capped at ``data.test.max_samples``."""
+def _read_splits(scenario: Scenario, gfield: str | None) -> tuple[Rows, Rows, Origins, Origins]:
+    """Train and test rows, checked for the fields the format reads, and where each came from (for errors); the test
+    rows held out of the training rows (``data.test.fraction``, seeded) when no test source or split is given, and
+    capped at ``data.test.max_samples``."""
     cfg = scenario.data
-    train_rows, test_rows = load_rows(cfg)
+    train_rows, test_rows, train_from, test_from = load_rows_with_origins(cfg)
     train_rows = map_columns(train_rows, cfg, "training data")
     if test_rows is not None:
         test_rows = map_columns(test_rows, cfg, "test data")
     if cfg.max_train_samples is not None:
-        train_rows = train_rows[: cfg.max_train_samples]
+        train_rows, train_from = train_rows[: cfg.max_train_samples], train_from.take(slice(0, cfg.max_train_samples))
     needed = get_format(cfg).fields(cfg)
     check_fields(train_rows, needed, "training data")
     present = [f for f in (cfg.task_field, gfield) if f is not None and f in train_rows[0]]
-    check_values(train_rows, needed + present, "data.source")
+    check_values(train_rows, needed + present, train_from)
     if test_rows is not None:
+        assert test_from is not None
         check_fields(test_rows, needed, "test data")
-        check_values(test_rows, needed + [f for f in present if f in test_rows[0]],
-                     "data.test.source" if cfg.test.source is not None else f"data split {cfg.test.split!r}")
+        check_values(test_rows, needed + [f for f in present if f in test_rows[0]], test_from)
     if test_rows is None:
         frac = cfg.test.fraction or 0.1
         rng = np.random.default_rng([scenario.seed, 7])
         perm = rng.permutation(len(train_rows))
         n_test = max(1, int(round(frac * len(train_rows))))
-        test_rows = [train_rows[i] for i in perm[:n_test]]
-        train_rows = [train_rows[i] for i in sorted(perm[n_test:])]
+        kept = np.sort(perm[n_test:])
+        test_rows, test_from = [train_rows[i] for i in perm[:n_test]], train_from.take(perm[:n_test])
+        train_rows, train_from = [train_rows[i] for i in kept], train_from.take(kept)
         if not train_rows:
             raise DataError(f"data.source holds {len(perm)} row(s): too few to hold out a test fraction of {frac}; "
                             "add rows or give data.test.source")
+    assert test_from is not None
     if cfg.test.max_samples is not None and len(test_rows) > cfg.test.max_samples:
         rng = np.random.default_rng([scenario.seed, 11])
-        keep = sorted(rng.choice(len(test_rows), size=cfg.test.max_samples, replace=False))
-        test_rows = [test_rows[i] for i in keep]
-    return train_rows, test_rows
+        keep = np.sort(rng.choice(len(test_rows), size=cfg.test.max_samples, replace=False))
+        test_rows, test_from = [test_rows[i] for i in keep], test_from.take(keep)
+    return train_rows, test_rows, train_from, test_from
 
 
 def _groups(scenario: Scenario, train_rows: Rows, gfield: str | None) -> list[str | None]:
@@ -134,8 +144,8 @@ def _groups(scenario: Scenario, train_rows: Rows, gfield: str | None) -> list[st
     return [str(r[gfield]) for r in train_rows]
 
 
-def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_groups: list[str | None],
-              tokenizer: Any, classifier: bool) -> TokenizedData:
+def _tokenize(scenario: Scenario, train: tuple[Rows, Origins], test: tuple[Rows, Origins],
+              train_groups: list[str | None], tokenizer: Any, classifier: bool) -> TokenizedData:
     """Format both splits and tokenize them (``max_seq_len: auto`` resolved from the training rows), with the names
     their integer codes refer to and what fitting them to the length did (``stats``). ``classifier``: the rows are a
     sequence classifier's inputs (:func:`~fedsim.data.tokenize.fit_inputs`), else a causal LM's prompt and response.
@@ -156,10 +166,11 @@ def _tokenize(scenario: Scenario, train_rows: Rows, test_rows: Rows, train_group
         raise ScenarioError("data.max_seq_len", f"{cfg.max_seq_len} tokens per row, but the model takes at most {cap}",
                             f"set data.max_seq_len to {cap} or less, or to auto")
     encoder = _Encoder(tokenizer, cfg, classifier, eos)
+    (train_rows, _), (test_rows, _) = train, test
     progress = _Progress(len(train_rows) + len(test_rows), "tokenizing")
     try:
-        enc = {name: encoder.split(rows, where, progress) for name, rows, where in
-               (("training", train_rows, "training data"), ("test", test_rows, "test data"))}
+        enc = {name: encoder.split(rows, origins, where, progress) for name, (rows, origins), where in
+               (("training", train, "training data"), ("test", test, "test data"))}
     finally:
         progress.close()
     task_names = sorted({t for e in enc.values() for t in e.tasks if t is not None})
@@ -222,8 +233,8 @@ class _EncodedSplit:
     classifier's inputs, a causal LM's flat prompts and responses (each ending with the end token), or a chat's
     rendered rows one by one (:class:`~fedsim.data.tokenize.Encoded`)."""
 
-    def __init__(self, encoder: _Encoder, rows: Rows, where: str) -> None:
-        self.encoder, self.rows, self.where = encoder, rows, where
+    def __init__(self, encoder: _Encoder, rows: Rows, origins: Origins, where: str) -> None:
+        self.encoder, self.rows, self.origins, self.where = encoder, rows, origins, where
         self.labels: list[str] = []
         self.tasks: list[str | None] = []
         self.parts: dict[str, list] = {"inputs": [], "prompts": [], "responses": [], "rendered": []}
@@ -246,7 +257,7 @@ class _EncodedSplit:
     def texts(self, indices: np.ndarray) -> tuple[list[str], list[str] | None]:
         """A classifier's (first texts, second texts or None) of the rows at ``indices``, formatted again."""
         formatted = [format_rows([self.rows[int(i)]], self.encoder.cfg, self.where, self.encoder.tokenizer,
-                                 first=int(i) + 1)[0][0] for i in indices]
+                                 self.origins.take([int(i)]))[0][0] for i in indices]
         pairs = [ex.pair for ex in formatted] if formatted and formatted[0].pair is not None else None
         return [ex.prompt for ex in formatted], pairs
 
@@ -265,10 +276,11 @@ class _Encoder:
         self.tokenizer, self.cfg, self.classifier, self.eos = tokenizer, cfg, classifier, eos
         self.prefix = [] if classifier else special_ends(tokenizer)[0]  # BOS, CLS: what tokenizer(text) puts in front
 
-    def split(self, rows: Rows, where: str, progress: Any) -> _EncodedSplit:
-        out = _EncodedSplit(self, rows, where)
+    def split(self, rows: Rows, origins: Origins, where: str, progress: Any) -> _EncodedSplit:
+        out = _EncodedSplit(self, rows, origins, where)
         for s in range(0, len(rows), CHUNK):
-            formatted = format_rows(rows[s : s + CHUNK], self.cfg, where, self.tokenizer, first=s + 1)
+            formatted = format_rows(rows[s : s + CHUNK], self.cfg, where, self.tokenizer,
+                                    origins.take(slice(s, s + CHUNK)))
             out.labels += [ex.label for ex, _ in formatted]
             out.tasks += [t for _, t in formatted]
             examples = [ex for ex, _ in formatted]

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from fedsim.config import DataConfig
+from fedsim.data.origins import Origins, Part
 from fedsim.errors import DataError, ScenarioError
 
 _EXT_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -138,7 +139,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _check_jsonl(path: str) -> None:
+_CHANGED = "\x00changed"  # not a field: where a field first changed kind (text beside numbers)
+
+
+def _check_jsonl(path: str, kinds: dict[str, tuple[str, str, int]]) -> None:
+    """Every line of a JSON-lines file is one JSON object with each field once, and no field holds a list or a
+    mapping in some rows and not in others (``kinds``: each field's kind where first seen, shared by the files read
+    together — across files, the reader would turn a list into its JSON text without a word; under :data:`_CHANGED`
+    the first other change of kind, which the reader may or may not take)."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -153,6 +161,26 @@ def _check_jsonl(path: str) -> None:
                                 "disagree on which one wins)") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with fields")
+            for key, value in row.items():
+                kind = _kind(value)
+                if kind is None:
+                    continue
+                seen = kinds.setdefault(key, (kind, path, n))
+                if seen[0] != kind:
+                    there = f"line {seen[2]}" if seen[1] == path else f"{seen[1]} line {seen[2]}"
+                    change = f"{path} line {n}: field {key!r} is {kind}, but {there} has {seen[0]}"
+                    if {kind, seen[0]} & {"a list", "a mapping"}:
+                        raise DataError(f"{change}; give every row's field the same kind of value")
+                    kinds.setdefault(_CHANGED, (change, "", 0))  # text beside numbers: the reader may take it
+
+
+def _kind(value: Any) -> str | None:
+    """A JSON value's kind as a column reader sees it (None for null, which fits any)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true/false"
+    return {str: "text", int: "a number", float: "a number", list: "a list", dict: "a mapping"}[type(value)]
 
 
 def _is_number(cell: str) -> bool:
@@ -183,7 +211,7 @@ def _check_csv_columns(path: str, columns: tuple[str, ...], delimiter: str) -> N
                         "remove data.columns to use the file's own header, or delete the header line")
 
 
-def _check_file(path: str, builder: str, cfg: DataConfig) -> None:
+def _check_file(path: str, builder: str, cfg: DataConfig, kinds: dict[str, tuple[str, str, int]]) -> None:
     """Say what is wrong with a data file in words, before a reader fails on it with its own exception."""
     kind = {"json": "JSON file", "csv": "CSV table", "parquet": "Parquet file"}[builder]
     if os.path.getsize(path) == 0:
@@ -195,7 +223,7 @@ def _check_file(path: str, builder: str, cfg: DataConfig) -> None:
         return
     _check_text_file(path, kind)
     if builder == "json" and path.lower().endswith(".jsonl"):
-        _check_jsonl(path)
+        _check_jsonl(path, kinds)
     if builder == "csv" and cfg.columns:
         _check_csv_columns(path, cfg.columns, "\t" if path.lower().endswith(".tsv") else ",")
 
@@ -216,13 +244,15 @@ def _datasets_load() -> Any:
     return load_dataset
 
 
-def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str, Any]]:
+def _load_local(source: str, cfg: DataConfig, field_name: str) -> tuple[list[dict[str, Any]], Part]:
+    """The rows of a local source (its files read together, in order) and where they came from."""
     load_dataset = _datasets_load()
 
     files = _local_files(source, field_name)
     builder = _EXT_BUILDERS[os.path.splitext(files[0])[1].lower()]  # _local_files allows one reader only
+    kinds: dict[str, tuple[str, str, int]] = {}
     for f in files:
-        _check_file(f, builder, cfg)
+        _check_file(f, builder, cfg, kinds)
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         if any(f.lower().endswith(".tsv") for f in files):
@@ -235,15 +265,21 @@ def _load_local(source: str, cfg: DataConfig, field_name: str) -> list[dict[str,
     # old rows (ours, keyed on the contents, is the one that persists)
     try:
         with tempfile.TemporaryDirectory(prefix="fedsim-read-") as tmp:
-            return load_dataset(builder, data_files=files, split="train", cache_dir=tmp, **kwargs).to_list()
+            rows = load_dataset(builder, data_files=files, split="train", cache_dir=tmp, **kwargs).to_list()
     except Exception as e:  # datasets raises many types for malformed files; say what the reader itself said
         root = _root_cause(e)
+        if _CHANGED in kinds:  # a field that changed kind (_check_jsonl) is what the reader failed on
+            raise DataError(f"{field_name}: {kinds[_CHANGED][0]}; give every row's field the same kind of value") \
+                from None
         what = {"json": "JSON", "csv": "a CSV table", "parquet": "Parquet"}[builder]
         raise DataError(f"{field_name}: cannot load {source!r}: it is not {what} that can be read "
                         f"({root.__class__.__name__}: {str(root) or 'no message'})") from None
+    columns = cfg.columns if builder == "csv" else None
+    return rows, Part(setting=field_name, source=source, count=len(rows), files=tuple(files),
+                      count_file=lambda path: count_rows(path, columns))
 
 
-def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> tuple[list[dict[str, Any]], Part]:
     load_dataset = _datasets_load()
 
     try:
@@ -253,55 +289,75 @@ def _load_hub(name: str, subset: str | None, split: str, field_name: str) -> lis
             f"{field_name}: cannot load {name!r} (split {split!r}) from the Hugging Face hub: "
             f"{e.__class__.__name__}: {e}. Check the name and your network, or point {field_name} at a local file."
         ) from None
-    return ds.to_list()
+    rows = ds.to_list()
+    return rows, Part(setting=field_name, source=name, count=len(rows), split=split)
 
 
 def load_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Raw train rows and, when a separate test source or split exists, raw test rows (else None)."""
+    train, test, _, _ = load_rows_with_origins(cfg)
+    return train, test
+
+
+Loaded = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, Origins, Origins | None]
+
+
+def load_rows_with_origins(cfg: DataConfig) -> Loaded:
+    """Raw train rows, raw test rows (None without a separate test source or split), and where each row came from
+    (:class:`~fedsim.data.origins.Origins`: the file and its row, for errors)."""
     if cfg.sources is not None:
         return _load_sources(cfg)
     if cfg.source == "synthetic":
         s = cfg.synthetic
         train = _synthetic(s.tasks, s.num_train, s.seed)
         test = _synthetic(s.tasks, s.num_test, s.seed + 1_000_003)
-        return train, test
-    train = (_load_local(cfg.source, cfg, "data.source") if _is_local(cfg.source)
-             else _load_hub(cfg.source, cfg.subset, cfg.split, "data.source"))
-    test = None
+        return (train, test, Origins.of([Part("data.source (training)", "synthetic", len(train))]),
+                Origins.of([Part("data.source (test)", "synthetic", len(test))]))
+    train, part = _read(cfg.source, cfg, "data.source", cfg.subset, cfg.split)
+    test, test_part = None, None
     if cfg.test.source is not None:
-        src = cfg.test.source
-        test = (_load_local(src, cfg, "data.test.source") if _is_local(src)
-                else _load_hub(src, cfg.subset, cfg.test.split or "test", "data.test.source"))
+        test, test_part = _read(cfg.test.source, cfg, "data.test.source", cfg.subset, cfg.test.split or "test")
     elif cfg.test.split is not None:
         if _is_local(cfg.source):
             raise ScenarioError("data.test.split", "a split name only applies to hub data sets",
                                 "use data.test.source (a file) or data.test.fraction for local data")
-        test = _load_hub(cfg.source, cfg.subset, cfg.test.split, "data.test.split")
-    return train, test
+        test, test_part = _load_hub(cfg.source, cfg.subset, cfg.test.split, "data.test.split")
+    return train, test, Origins.of([part]), Origins.of([test_part]) if test_part is not None else None
 
 
-def _load_sources(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def _read(source: str, cfg: DataConfig, setting: str, subset: str | None, split: str) -> tuple[list[dict[str, Any]],
+                                                                                              Part]:
+    """A local source's rows, or a hub data set's split, and where they came from."""
+    return _load_local(source, cfg, setting) if _is_local(source) else _load_hub(source, subset, split, setting)
+
+
+def _load_sources(cfg: DataConfig) -> Loaded:
     """``data.sources``: each source's rows (its first ``max_samples``) with its name as their task, one source after
     another; their test rows likewise when every source gives them (the schema allows all or none)."""
     assert cfg.sources is not None and cfg.task_field is not None
     train: list[dict[str, Any]] = []
     test: list[dict[str, Any]] | None = [] if all(s.has_test() for s in cfg.sources.values()) else None
+    parts: list[Part] = []
+    test_parts: list[Part] = []
     for name, s in cfg.sources.items():
         one = cfg.model_copy(update={"sources": None, "source": s.source, "subset": s.subset, "split": s.split,
                                      "columns": s.columns if s.columns is not None else cfg.columns})
         where = f"data.sources.{name}"
-        rows = (_load_local(s.source, one, f"{where}.source") if _is_local(s.source)
-                else _load_hub(s.source, s.subset, s.split, f"{where}.source"))
-        train += _as_task(rows[: s.max_samples], cfg.task_field, name, f"{where}.source")
+        rows, part = _read(s.source, one, f"{where}.source", s.subset, s.split)
+        rows = rows[: s.max_samples]
+        part.count = len(rows)  # the rows kept are the source's first: their numbers are the file's
+        parts.append(part)
+        train += _as_task(rows, cfg.task_field, name, f"{where}.source")
         if test is not None:
             src = s.test_source if s.test_source is not None else s.source
             if s.test_source is None and _is_local(src):
                 raise ScenarioError(f"{where}.test_split", "a split name only applies to hub data sets",
                                     f"give {where}.test_source (a file) instead")
-            rows = (_load_local(src, one, f"{where}.test_source") if _is_local(src)
-                    else _load_hub(src, s.subset, s.test_split or "test", f"{where}.test_split"))
-            test += _as_task(rows, cfg.task_field, name, f"{where}.test_source")
-    return train, test
+            setting = f"{where}.test_source" if s.test_source is not None else f"{where}.test_split"
+            rows, part = _read(src, one, setting, s.subset, s.test_split or "test")
+            test_parts.append(part)
+            test += _as_task(rows, cfg.task_field, name, setting)
+    return train, test, Origins.of(parts), Origins.of(test_parts) if test is not None else None
 
 
 def _as_task(rows: list[dict[str, Any]], field: str, name: str, where: str) -> list[dict[str, Any]]:
@@ -311,6 +367,18 @@ def _as_task(rows: list[dict[str, Any]], field: str, name: str, where: str) -> l
                             "data.sources would overwrite with the source's name",
                             "set data.task_field to a field name the rows do not have")
     return [{**r, field: name} for r in rows]
+
+
+def count_rows(path: str, columns: tuple[str, ...] | None = None) -> int:
+    """The rows a local data file holds, read on its own as a run reads it (``columns``: a header-less CSV's)."""
+    import tempfile
+
+    builder = _EXT_BUILDERS[os.path.splitext(path)[1].lower()]
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
+    if columns:
+        kwargs["column_names"] = list(columns)
+    with tempfile.TemporaryDirectory(prefix="fedsim-count-") as tmp:
+        return len(_datasets_load()(builder, data_files=[path], split="train", cache_dir=tmp, **kwargs))
 
 
 def _synthetic(tasks: tuple[str, ...], n: int, seed: int) -> list[dict[str, Any]]:

@@ -129,7 +129,7 @@ def test_every_row_needs_its_fields(tmp_path, tiny_raw):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
     del rows[7]["output"]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(DataError, match="data.source row 8 has no value for 'output'"):
+    with pytest.raises(DataError, match=r"t\.jsonl row 8 has no value for 'output'"):
         D.load_data(_local(tiny_raw, tmp_path / "t.jsonl"), use_cache=False)
     rows[7]["output"] = None
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -180,7 +180,7 @@ def test_a_list_in_a_template_field_is_an_error_naming_the_row_and_field(tmp_pat
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
              "output": "x"}] * 6
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    with pytest.raises(DataError, match=r"training data row 1 field 'messages' is a list.*format: chat"):
+    with pytest.raises(DataError, match=r"c\.jsonl row \d+ field 'messages' is a list.*format: chat"):
         D.load_data(scenario(tiny_raw, path, prompt_template="{messages}"), use_cache=False)
 
 
@@ -230,7 +230,7 @@ def test_chat_truncation_keeps_the_last_reply_and_the_template_special_tokens(tm
 
 
 @pytest.mark.parametrize("messages, match", [
-    ("hello", "field 'messages' is str, not a list"),
+    ("hello", "line 6: field 'messages' is text, but line 1 has a list"),
     ([{"role": "user"}], "field 'messages' item 0 is .*needs a 'role' and a 'content'"),
     ([{"role": "user", "content": "hi"}], "field 'messages' has no assistant turn"),
 ])
@@ -238,7 +238,7 @@ def test_a_conversation_that_does_not_fit_is_an_error_naming_the_row(tmp_path, t
     rows = chat_rows(5) + [{"messages": messages}]
     sc = scenario(tiny_raw, write_jsonl(tmp_path / "c.jsonl", rows), format="chat",
                   test={"source": write_jsonl(tmp_path / "t.jsonl", chat_rows(2))})
-    with pytest.raises(DataError, match="training data row 6 " + match):
+    with pytest.raises(DataError, match=r"c\.jsonl (row 6 )?" + match):
         D.load_data(sc, use_cache=False)
 
 

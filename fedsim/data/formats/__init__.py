@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from fedsim import registry
 from fedsim.config import DataConfig
+from fedsim.data.origins import Origins, numbered
 from fedsim.errors import DataError, ScenarioError
 
 row_format = registry.decorator("row_format")
@@ -119,16 +120,16 @@ def check_scalar(value: Any, field: str, where: str) -> None:
                         f"{hint}; point the format at a text field (data.column_map) or use a format that reads it")
 
 
-def check_values(rows: list[dict[str, Any]], fields: list[str], where: str) -> None:
+def check_values(rows: list[dict[str, Any]], fields: list[str], origins: Origins) -> None:
     """Every row has a value for every field the formatting reads (not only the first row).
 
     Raises:
-        DataError: naming the first row without one (counting rows from 1, as they come in the file).
+        DataError: naming the first row without one by its file and its row there (``origins``).
     """
-    for i, row in enumerate(rows, start=1):
+    for i, row in enumerate(rows):
         for f in fields:
             if missing(row.get(f)):
-                raise DataError(f"{where} row {i} has no value for {f!r} (missing, null or an empty cell); "
+                raise DataError(f"{origins.name(i)} has no value for {f!r} (missing, null or an empty cell); "
                                 "fill it in or drop the row")
 
 
@@ -154,20 +155,29 @@ def map_columns(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list
     return [{**r, **{f: r[c] for f, c in pairs}} for r in rows]
 
 
-def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None, first: int = 1
-                ) -> list[tuple[Example, str | None]]:
-    """Rows → (example, task or None) in the scenario's row format; each row checked first (:meth:`RowFormat.check_row`,
-    rows counted from ``first`` — 1 for a whole file — as they come in the file).
+def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None,
+                origins: Origins | None = None) -> list[tuple[Example, str | None]]:
+    """Rows → (example, task or None) in the scenario's row format; each row checked first (:meth:`RowFormat.check_row`).
+
+    Errors name a row by its file and its row there (``origins``; without them, ``where`` and the row's number in
+    ``rows``, from 1).
 
     Raises:
         DataError: a row that does not fit the format, naming the row and the field.
     """
     fmt = get_format(cfg)
     check_fields(rows, fmt.fields(cfg), where)
+    origins = origins if origins is not None else numbered(where, len(rows))
     has_task = cfg.task_field is not None and cfg.task_field in rows[0]
     out = []
-    for i, r in enumerate(rows, start=first):
-        at = f"{where} row {i}"
-        fmt.check_row(r, cfg, at)
-        out.append((fmt.render(r, cfg, tokenizer, at), str(r[cfg.task_field]) if has_task else None))
+    for i, r in enumerate(rows):
+        at = origins.at(i)
+        try:
+            fmt.check_row(r, cfg, at)  # type: ignore[arg-type]  # a Place: put into words when an error shows it
+            example = fmt.render(r, cfg, tokenizer, at)  # type: ignore[arg-type]
+        except DataError as e:
+            if str(at) in str(e):
+                raise
+            raise DataError(f"{at}: {e}") from None  # a format's error that does not say which row (a label, say)
+        out.append((example, str(r[cfg.task_field]) if has_task else None))
     return out

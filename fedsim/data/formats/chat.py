@@ -3,7 +3,8 @@ the tokenizer's chat template (``apply_chat_template``), the loss on the assista
 
 The template is ``data.chat_template`` if given, else the tokenizer's own, else :data:`DEFAULT_CHAT_TEMPLATE`
 (ChatML, each message closed by the tokenizer's EOS token so that a model learns where a reply ends). Each assistant
-reply is the text the template adds for it: the conversation up to the reply rendered with the generation prompt,
+reply is the text the template adds for it (an assistant message that opens a conversation answers nothing: it is
+context, not trained): the conversation up to the reply rendered with the generation prompt,
 then with the reply, and the difference trained. A template that does not render conversations incrementally (one
 that rewrites earlier turns) is refused with the reason. The rendered text carries the template's own special tokens
 (BOS, say), so it is tokenized without adding more — as ``apply_chat_template(..., tokenize=True)`` does.
@@ -47,9 +48,10 @@ class Chat(RowFormat):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{where} field 'messages' item {j} is {m!r:.80}: each message needs a 'role' and a "
                                 "'content', both text")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where} field 'messages' has no assistant turn: nothing to train on (roles: "
-                            f"{[m['role'] for m in msgs]})")
+        if not any(m["role"] == "assistant" for m in msgs[1:]):
+            opener = " after its opening message" if msgs[0]["role"] == "assistant" else ""
+            raise DataError(f"{where} field 'messages' has no assistant turn{opener}: nothing to train on (roles: "
+                            f"{[m['role'] for m in msgs]}); a reply needs a message before it")
 
     def example(self, row: dict[str, Any], cfg: DataConfig) -> Example:
         raise DataError("format: chat renders conversations with the tokenizer (RowFormat.render)")
@@ -59,7 +61,7 @@ class Chat(RowFormat):
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
         done, pairs = "", []
-        for j in range(last + 1):
+        for j in range(1, last + 1):  # an opening assistant message answers nothing: it is context
             if msgs[j]["role"] != "assistant":
                 continue
             before = _render(tokenizer, template, msgs[:j], True, where)
