@@ -155,6 +155,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.data.report import length_line, warnings
 
     print(f"  {length_line(prep.data.stats)}")
+    if (reads := _reads_line(scenario)) is not None:
+        print(f"  {reads}")
     print(f"  {version_line()}")
     if scenario.privacy is not None:
         from fedsim import registry
@@ -166,6 +168,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for w in warnings(prep.data.stats):
         print(f"  warning: {w}")
     return 0
+
+
+def _reads_line(scenario: Any) -> str | None:
+    """The local files and directories the scenario reads, as resolved (relative paths in a scenario file resolve
+    against its directory): the first three data files, then how many more."""
+    from fedsim.data.sources import data_files
+
+    files = data_files(scenario.data)
+    shown = files[:3] + ([f"and {len(files) - 3} more"] if len(files) > 3 else [])
+    local = [f"{what} {p}" for what, p in (("model", scenario.model.name), ("tokenizer", scenario.model.tokenizer))
+             if p is not None and os.path.isabs(p)]
+    return "reads " + "; ".join(([f"data {', '.join(shown)}"] if shown else []) + local) if shown or local else None
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:

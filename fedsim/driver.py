@@ -340,8 +340,9 @@ def resume_run(run_dir: str | Path, backend: Backend | None = None, previous: bo
         logging.getLogger(__name__).warning("%s finished already (summary.json); nothing to resume, nothing "
                                             "rewritten", path)
         return finished
-    return Driver(load_scenario(path / "scenario.yaml"), path, backend, resume=True, previous=previous,
-                  allow_changed=allow_changed, callbacks=callbacks, components=components).run()
+    # a scenario.yaml of before paths were resolved holds them relative to where the run was started
+    return Driver(load_scenario(path / "scenario.yaml", relative_to=Path.cwd()), path, backend, resume=True,
+                  previous=previous, allow_changed=allow_changed, callbacks=callbacks, components=components).run()
 
 
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -121,7 +121,7 @@ def _checked(run_dir: Path, client_id: int | None, out: Path) -> Scenario:
     """The run's scenario, once the run, the client and the output directory are checked."""
     if not (run_dir / "scenario.yaml").is_file():
         raise ScenarioError("RUN_DIR", f"{run_dir} holds no scenario.yaml", "give a run directory written by fedsim run")
-    sc = load_scenario(run_dir / "scenario.yaml")
+    sc = load_scenario(run_dir / "scenario.yaml", relative_to=Path.cwd())
     if client_id is not None and not 0 <= client_id < sc.clients.num_clients:
         raise ScenarioError("--client", f"client {client_id} is not in the run (clients 0..{sc.clients.num_clients - 1})",
                             "give a client id of the run")

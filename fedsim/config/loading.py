@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from fedsim.config.base import format_validation
+from fedsim.config.paths import resolve_paths
 from fedsim.config.scenario import Scenario
 from fedsim.errors import ScenarioError
 
@@ -114,6 +115,7 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), ch
         _check_size(raw)
         raw = apply_overrides(raw, list(overrides) + run_name_override(raw, overrides))
         _check_size(raw)  # and the overrides' values
+        raw = resolve_paths(raw, Path.cwd())  # what the file did not give: relative to the current directory
         return Scenario.model_validate(raw, context=None if check_strategy else {"strategy": False})
     except ValidationError as e:
         raise ScenarioError("", format_validation(e, model=Scenario)) from None
@@ -121,14 +123,17 @@ def scenario_from_dict(raw: Any, overrides: list[str] | tuple[str, ...] = (), ch
         raise ScenarioError("", "the scenario is nested too deeply", TOO_DEEP) from None
 
 
-def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True
-                  ) -> Scenario:
-    """Read a YAML scenario file and validate it.
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_strategy: bool = True,
+                  relative_to: Path | None = None) -> Scenario:
+    """Read a YAML scenario file and validate it. Relative paths in the file resolve against the file's directory
+    (:mod:`fedsim.config.paths`), those in ``overrides`` against the current directory.
 
     Args:
         path: the YAML file.
         overrides: ``a.b=c`` strings applied before validation.
         check_strategy: False leaves the strategy checks out (see :func:`scenario_from_dict`).
+        relative_to: where the file's relative paths resolve instead (a run directory's ``scenario.yaml`` written
+            before paths were resolved: the directory the run was started from).
 
     Returns:
         The frozen, validated scenario.
@@ -156,6 +161,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise ScenarioError("", f"{p.name} is not valid YAML: {e}", "fix the YAML syntax at the line shown") from None
     except RecursionError:
         raise ScenarioError("", f"{p.name} is nested too deeply", TOO_DEEP) from None
+    if isinstance(raw, dict):
+        raw = resolve_paths(raw, relative_to if relative_to is not None else p.resolve().parent)
     return scenario_from_dict(raw, overrides, check_strategy)
 
 

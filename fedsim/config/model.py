@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedsim.config.base import Frozen
+from fedsim.config.paths import RELATIVE
 
 PACKAGE = "package:"  # model.name of a model inside an installed Python package
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,6 +102,16 @@ class ModelConfig(Frozen):
             raise ValueError(f"the module {module!r} has no get_model_path(); give the model's directory") from None
         return str(where)
 
+    @field_validator("name", "tokenizer")
+    @classmethod
+    def _local_directory(cls, v: str | None, info: Any) -> str | None:
+        """A local model or tokenizer (an absolute path, as every local path is once resolved) is a directory."""
+        if v is not None and os.path.isabs(v) and not os.path.isdir(v):
+            what = "a file, not a directory" if os.path.exists(v) else "not there"
+            raise ValueError(f"the {'model' if info.field_name == 'name' else 'tokenizer'} directory {v!r} is {what} "
+                             f"({RELATIVE}); give the directory saved with save_pretrained, or a hub id")
+        return v
+
     @field_validator("config")
     @classmethod
     def _config_form(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
@@ -109,8 +121,8 @@ class ModelConfig(Frozen):
         if isinstance(v, str):
             p = Path(v)
             if not (p.is_file() or (p / "config.json").is_file()):
-                raise ValueError(f"{v!r} is neither a config.json file nor a directory holding one; give one, or a "
-                                 "mapping with model_type")
+                raise ValueError(f"{v!r} is neither a config.json file nor a directory holding one ({RELATIVE}); give "
+                                 "one, or a mapping with model_type")
         return v
 
     @field_validator("trust_remote_code")

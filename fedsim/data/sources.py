@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from fedsim.config import DataConfig
+from fedsim.config.paths import RELATIVE
 from fedsim.data.origins import Origins, Part
 from fedsim.errors import DataError, ScenarioError
 
@@ -45,7 +46,7 @@ def _local_files(source: str, field_name: str) -> list[str]:
         raise ScenarioError(field_name, f"{odd[0]!r} is not a regular file (a directory, a pipe or a device)",
                             "point the data source at data files only")
     if not files:
-        raise ScenarioError(field_name, f"no data file found at {source!r}",
+        raise ScenarioError(field_name, f"no data file found at {source!r} ({RELATIVE})",
                             "give an existing .json/.jsonl/.csv/.tsv/.parquet file, a directory or a glob")
     exts = {os.path.splitext(f)[1].lower() for f in files}
     builders = {_EXT_BUILDERS.get(e) for e in exts}

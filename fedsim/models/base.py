@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedsim.config import ModelConfig
+from fedsim.config.paths import HUB_OR_LOCAL
 from fedsim.errors import ScenarioError
 from fedsim.models.tokenizer import BYTE_LEVEL, BYTE_VOCAB, load_tokenizer, tokenizer_source  # noqa: F401  # re-exported
 from fedsim.types import ModuleShape
@@ -101,7 +102,7 @@ def build_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", class
                                                                           config=hf_cfg)
             except Exception as e:
                 raise ScenarioError("model.name", f"cannot load {cfg.name!r}: {e.__class__.__name__}: {e}",
-                                    "give a hub id you can reach or a local directory saved with save_pretrained"
+                                    HUB_OR_LOCAL
                                     ) from None
     model = model.to(device)
     model.requires_grad_(False)
@@ -128,7 +129,7 @@ def hf_config(cfg: ModelConfig, auto_class: str | None = CAUSAL_LM[0]) -> Any:
             hf_cfg = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision)
         except Exception as e:
             raise ScenarioError("model.name", f"cannot read the config of {cfg.name!r}: {e.__class__.__name__}: {e}",
-                                "give a hub id you can reach or a local directory saved with save_pretrained") from None
+                                HUB_OR_LOCAL) from None
     if auto_class is not None:
         check_architecture(cfg, hf_cfg, auto_class)
     return hf_cfg

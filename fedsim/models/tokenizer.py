@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from fedsim.config import ModelConfig
+from fedsim.config.paths import HUB_OR_LOCAL
 from fedsim.errors import ScenarioError
 
 BYTE_LEVEL = "byte-level"  # the tokenizer of the tiny model and of config stand-ins (ByT5's: 384 ids, pad 0, eos 1)
@@ -83,7 +84,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision if cfg.tokenizer is None else None)
     except Exception as e:
         raise ScenarioError(key, f"cannot load the tokenizer of {source!r}: {e.__class__.__name__}: {e}",
-                            "give a hub id you can reach or a local directory saved with save_pretrained") from None
+                            HUB_OR_LOCAL) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.convert_ids_to_tokens(pad_token(tok, source))
     return tok

@@ -122,14 +122,14 @@ def test_the_exported_config_of_a_gpt2_run_says_fan_in_fan_out(tmp_path):
     assert LoraConfig.from_pretrained(str(tmp_path)).fan_in_fan_out is True
 
 
-def test_a_standin_caps_the_sequence_length_at_its_positions():
+def test_a_standin_caps_the_sequence_length_at_its_positions(tmp_path):
     from conftest import ROBERTA
 
     from fedsim.models.base import position_limit
 
     assert position_limit(gpt2()) == 64  # n_positions
     assert position_limit(ModelConfig(**ROBERTA)) == 80 - 1  # RoBERTa numbers positions from the padding id + 1
-    assert position_limit(ModelConfig(name="/some/local/dir")) is None  # a loaded model: its tokenizer says
+    assert position_limit(ModelConfig(name=str(tmp_path))) is None  # a loaded model: its tokenizer says
 
 
 def test_data_to_text_rows_join_their_triples():
