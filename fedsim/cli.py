@@ -128,10 +128,14 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
         from fedsim.driver import run_scenario
 
         return run_scenario(load_scenario(path, overrides), out)
+    from fedsim.progress import stage
     from fedsim.runtime.ray.pool import discard_early, launch_early
 
+    stage(early.logging, "starting Ray" if early.resources.address is None else
+          f"joining the Ray cluster at {early.resources.address}")
     launch_early(early)
     try:
+        stage(early.logging, "loading torch and the strategies")
         scenario = load_scenario(path, overrides)  # the strategy checks: torch and every strategy are imported
         from fedsim.driver import run_scenario
 

@@ -53,7 +53,7 @@ from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, wr
     write_csv,
     write_text,
 )
-from fedsim.progress import Progress
+from fedsim.progress import Progress, stage
 from fedsim.runtime.factory import make_backend
 from fedsim.runtime.interfaces import Backend, ServerHandle
 from fedsim.tracking import Tracker
@@ -102,6 +102,8 @@ class Driver:
             check_no_links(self.run_dir)
             t_start = time.perf_counter()
             self.backend.launch(self.scenario)  # Ray's workers start up while the data is prepared
+            if (note := self.backend.launch_note()) is not None:
+                stage(self.scenario.logging, note)
             t_start = min(t_start, getattr(self.backend, "launched_at", t_start))  # started early by `fedsim run`
             return self._run(t_start)
         except FedsimError as e:
@@ -134,6 +136,8 @@ class Driver:
     def _run(self, t_start: float) -> dict[str, Any]:
         sc = self.scenario
         components = self.components or resolve(sc)
+        stage(sc.logging, f"preparing the data: reading, tokenizing (cached for the next run) and splitting it over "
+              f"{sc.clients.num_clients} clients")
         prep = prepare(sc)
         provenance = checkpoint.provenance(sc)
         start_round, restored, used, heatmap_done = self._begin(prep)
@@ -141,6 +145,7 @@ class Driver:
         progress = Progress(sc.logging.progress if sc.logging.console else "off", sc.rounds)
         tracker = Tracker(sc, self.run_dir, resume=self.resume)
         try:
+            stage(sc.logging, self.backend.start_note(sc))
             server = self.backend.start(sc, prep.data, prep.spec, components)
             if heatmap_done is not None:
                 heatmap_done()
@@ -151,20 +156,14 @@ class Driver:
             checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
                                              sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
-            privacy = sc.privacy.delta_warning(sc.clients.num_clients) if sc.privacy is not None else None
-            for warning in [*data_warnings(prep.data.stats), *([privacy] if privacy else [])]:  # truncated rows, ...
-                self.notes.add(warning)
-                progress.message(warning)
-            for said in ([describe_unreadable(self.unreadable)] if self.unreadable else []) + (
-                    [describe_missing(self.missing)] if self.missing else []):
-                self.notes.add(said)
-                progress.message(said)
+            self._announce(prep, progress)
             if self.resume:
                 tracker.replay(self.rows)  # what W&B lost (or never got) before the interruption
             if restored is not None:
                 self._restore(server, fed, restored)
                 progress.message(f"resumed {self.run_dir} after round {start_round}")
             elif sc.eval.at_start:
+                stage(sc.logging, "evaluating the initial model (round 0)")
                 self._log({"round": 0, "time_s": 0.0, **evaluation.global_model(server, self.backend)}, events)
             totals = totals_from(self.rows)
             for r in range(start_round + 1, sc.rounds + 1):
@@ -189,6 +188,17 @@ class Driver:
         finally:
             progress.close()
             tracker.close()
+
+    def _announce(self, prep: Prepared, progress: Progress) -> None:
+        """Say, on the console and in the run's notes, what the run should know before round 1: truncated rows, a
+        large δ, metrics rows a resume could not read or found missing."""
+        sc = self.scenario
+        privacy = sc.privacy.delta_warning(sc.clients.num_clients) if sc.privacy is not None else None
+        for said in [*data_warnings(prep.data.stats), *([privacy] if privacy else []),
+                     *([describe_unreadable(self.unreadable)] if self.unreadable else []),
+                     *([describe_missing(self.missing)] if self.missing else [])]:
+            self.notes.add(said)
+            progress.message(said)
 
     def _begin(self, prep: Prepared) -> tuple[int, tuple | None, Path | None, Any]:
         """A new run writes its scenario and starts drawing the partition heatmap; a resume reads its checkpoint

@@ -7,6 +7,15 @@ import time
 from typing import Any
 
 
+def stage(logging_cfg: Any, text: str, stream: Any = None) -> None:
+    """Say what a run is doing before its first round (starting Ray, reading and tokenizing the data, building the
+    workers): one line each, ``fedsim: <text>…``, unless ``logging.console`` is off or ``logging.progress`` is ``off``.
+    A start-up takes from seconds to minutes (Ray, torch, a large data set, a model loaded by every worker)."""
+    if not logging_cfg.console or logging_cfg.progress == "off":
+        return
+    print(f"fedsim: {text}…", file=stream or sys.stderr, flush=True)
+
+
 class Progress:
     """Per-round progress: clients done / sampled, and an ETA for the run.
 

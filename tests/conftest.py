@@ -62,6 +62,12 @@ def reaped(proc: subprocess.Popen, pattern: str):
         subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
 
 
+def said(stderr: str) -> list[str]:
+    """The lines of a command's stderr that are not start-up progress (``fedsim: starting Ray…``, ...): what it
+    reported — an error is one of them, and one line."""
+    return [line for line in stderr.strip().splitlines() if not (line.startswith("fedsim: ") and line.endswith("…"))]
+
+
 def outlived(pattern: str) -> list[str]:
     """The processes whose command line names ``pattern`` that are still running once a stopping run has had up to
     60 s to end them (Ray ends its processes a moment after the driver returns; a busy machine takes longer)."""

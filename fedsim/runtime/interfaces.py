@@ -74,6 +74,14 @@ class Backend(ABC):
         """Begin starting the workers, before the data is ready (the driver calls it before preparing the data, so
         that process start-up overlaps the tokenization); :meth:`start` finishes the job. Optional."""
 
+    def launch_note(self) -> str | None:
+        """What :meth:`launch` set going, in words for the console (None: nothing)."""
+        return None
+
+    def start_note(self, scenario: Scenario) -> str:
+        """What :meth:`start` waits for, in words for the console."""
+        return "building the model"
+
     @abstractmethod
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
               ) -> ServerHandle:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import said
 from tolerances import F32_NETWORK
 
 from fedsim.cli import main
@@ -38,6 +39,8 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "round 2/2" in r.stderr  # plain progress lines when not on a terminal
+    starting = [line for line in r.stderr.splitlines() if line.startswith("fedsim: ")]
+    assert [line.split()[1] for line in starting] == ["preparing", "building", "evaluating"], starting
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
     for key in ("round", "time_s", "train/loss", "eval/loss", "eval/accuracy", "clients/sampled", "clients/failed",
@@ -250,11 +253,16 @@ def test_run_on_ray_starts_the_workers_before_torch_is_imported(tiny_yaml, tmp_p
     workers import theirs meanwhile); the run adopts them and gives the local backend's numbers."""
     out = tmp_path / "ray"
     code = subprocess.run([sys.executable, "-c", _EARLY_PROBE, "run", str(tiny_yaml), "--out", str(out),
-                           "--set", "resources.backend=ray", "--set", "rounds=1"], capture_output=True, text=True,
-                          timeout=600)
+                           "--set", "resources.backend=ray", "--set", "rounds=1", "--set", "logging.console=true"],
+                          capture_output=True, text=True, timeout=600)
     assert code.returncode == 0, code.stderr
     probe = json.loads(code.stdout.strip().splitlines()[-1])
     assert probe == {"rc": 0, "torch_at_launch": [False], "ray_up": False}  # one pool, started torch-free
+    # the start-up says what it is doing, in order, before round 0 (#45 point 18)
+    said_first = [line for line in code.stderr.splitlines() if line.startswith(("fedsim: ", "round 0"))]
+    assert [line.split(":")[1].split()[0] if line.startswith("fedsim") else "round" for line in said_first] == \
+        ["starting", "loading", "2", "preparing", "waiting", "evaluating", "round"], said_first
+    assert "2 Ray worker(s) (1 CPU each) starting up" in code.stderr
     r = _fedsim("run", str(tiny_yaml), "--out", str(tmp_path / "local"), "--set", "rounds=1")
     assert r.returncode == 0, r.stderr
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -271,6 +279,7 @@ def test_a_strategy_error_after_the_early_start_is_one_line_and_stops_ray(tiny_y
     assert code.returncode == 0, code.stderr
     probe = json.loads(code.stdout.strip().splitlines()[-1])
     assert probe == {"rc": 2, "torch_at_launch": [False], "ray_up": False}
-    assert code.stderr.startswith("error: ") and "strategy.params" in code.stderr and "bogus" in code.stderr
-    assert len(code.stderr.strip().splitlines()) == 1 and "Traceback" not in code.stderr
+    lines = said(code.stderr)  # after the start-up lines (starting Ray, loading torch), one line
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "strategy.params" in lines[0] and "bogus" in lines[0]
+    assert "Traceback" not in code.stderr
     assert not (tmp_path / "r").exists()

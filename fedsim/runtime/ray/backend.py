@@ -65,6 +65,18 @@ class RayBackend(Backend):
         self.launched_at = self._pool.started_at
         self.resources = scenario.resources
 
+    def launch_note(self) -> str | None:
+        cpus = sorted({c for _, c, _ in self.slots})
+        gpus = sorted({g for _, _, g in self.slots if g})
+        each = f"{'/'.join(f'{c:g}' for c in cpus)} CPU" + (f", {'/'.join(f'{g:g}' for g in gpus)} GPU" if gpus else "")
+        return (f"{len(self.actors)} Ray worker(s) ({each} each) starting up: each imports torch and builds the model "
+                "while the data is prepared")
+
+    def start_note(self, scenario: Scenario) -> str:
+        server = " and the server actor" if scenario.resources.server.num_cpus or scenario.resources.server.num_gpus \
+            else ""
+        return f"waiting for the {len(self.actors)} worker(s){server} to be ready"
+
     def start(self, scenario: Scenario, data: TokenizedData, spec: StrategySpec, components: Components
               ) -> ServerHandle:
         import ray
