@@ -69,8 +69,27 @@ class Tracker:
         self._wandb = None
         self._sent = -1  # the last W&B step logged (by this run or, when resuming, by the one before)
         self._pending: dict[str, Any] = {}  # logged with the next row (e.g. the partition heatmap)
+        self._images: list[tuple[str, Path]] = []  # the other trackers': logged with the next row's step
         if self.cfg.wandb.mode != "disabled":
             self._start_wandb(scenario, resume)
+        from fedsim.trackers import sinks
+
+        self.sinks: list[Any] = []
+        try:
+            self.sinks = sinks(scenario, run_dir, resume, run_name(scenario))  # TensorBoard, MLflow
+        except BaseException:
+            self.close()  # the W&B run started above ends with the error
+            raise
+
+    def _each(self, call: Any) -> None:
+        """``call(sink)`` for every other tracker; a failure names the tracker (:class:`~fedsim.trackers.SinkFailed`)."""
+        from fedsim.trackers import SinkFailed
+
+        for sink in self.sinks:
+            try:
+                call(sink)
+            except Exception as e:  # noqa: BLE001 - each tracker raises its own types
+                raise SinkFailed(sink.name, e) from e
 
     def _start_wandb(self, scenario: Scenario, resume: bool) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -146,6 +165,11 @@ class Tracker:
 
     def _send(self, row: dict[str, Any]) -> None:
         step = int(row["round"])
+        if self.sinks:
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k != "round" and v == v}
+            images, self._images = self._images, []
+            self._each(lambda sink: [sink.log(step, numbers), *(sink.image(k, p, step) for k, p in images)])
         if self._wandb is not None and step > self._sent:  # a round re-run after a resume was already sent
             numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
             self._wandb.log({**numeric, **self._pending}, step=step)
@@ -155,6 +179,8 @@ class Tracker:
 
     def image(self, key: str, path: Path) -> None:
         """An image (e.g. the partition heatmap), logged with the next row."""
+        if self.sinks and Path(path).is_file():
+            self._images.append((key, Path(path)))
         if self._wandb is not None and Path(path).is_file():
             import wandb
 
@@ -171,6 +197,7 @@ class Tracker:
 
     def tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
         """Tables (e.g. clients.csv, personalized.csv) in the run's summary."""
+        self._each(lambda sink: sink.tables(tables))
         if self._wandb is None:
             return
         import wandb
@@ -182,7 +209,8 @@ class Tracker:
                                                                               for r in rows])
 
     def artifact(self, name: str, kind: str, directory: Path, metadata: dict[str, Any] | None = None) -> None:
-        """A directory (e.g. the final adapter) as a W&B artifact of type ``kind``."""
+        """A directory (e.g. the final adapter) as a W&B artifact of type ``kind`` (and the other trackers')."""
+        self._each(lambda sink: sink.artifact(name, kind, directory, metadata or {}))
         if self._wandb is None:
             return
         import wandb
@@ -192,6 +220,7 @@ class Tracker:
         self._wandb.log_artifact(art)
 
     def summary(self, values: dict[str, Any]) -> None:
+        self._each(lambda sink: sink.summary(values))
         if self._wandb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float, str)):
@@ -208,6 +237,12 @@ class Tracker:
             except OSError as e:
                 logging.getLogger(__name__).warning("closing %s failed: %s", self.path, e)
             self._file = None
+        for sink in self.sinks:
+            try:
+                sink.close(self.run_dir)
+            except Exception as e:  # noqa: BLE001 - each tracker raises its own types
+                logging.getLogger(__name__).warning("closing the %s run failed: %s", sink.name, e)
+        self.sinks = []
         if self._wandb is not None:
             try:
                 self._wandb.finish()

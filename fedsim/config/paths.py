@@ -66,6 +66,7 @@ PATH_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("model", "config"), "local"),
     (("clients", "state_dir"), "local"),
     (("eval", "harness", "include_path"), "local"),
+    (("logging", "tensorboard", "dir"), "local"),
 )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -154,11 +154,40 @@ class WandbConfig(Frozen):
         return (self.name or "{name}").format(name=name, seed=seed, strategy=strategy, rounds=rounds)
 
 
+class TensorBoardConfig(Frozen):
+    """TensorBoard event files: the round's scalars, the partition and curves images, the resolved scenario as text
+    and its numbers as hparams. ``dir``: where (default ``RUN_DIR/tensorboard``; ``tensorboard --logdir`` it)."""
+
+    dir: str | None = None
+
+
+class MlflowConfig(Frozen):
+    """MLflow: the scenario as params, each round's metrics at its step, the partition and curves images, the tables,
+    the adapter and ``summary.json`` as artifacts; ``--resume`` continues the same MLflow run. ``tracking_uri``: a
+    server (``http://host:5000``) or a store; default a local one, ``sqlite:///mlruns/mlflow.db`` with artifacts in
+    ``mlruns/artifacts`` under the directory the run is started from. ``experiment``: the experiment's name."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("fedsim", min_length=1, max_length=256)
+
+
 class LoggingConfig(Frozen):
-    """``plots``: each run draws ``curves.png`` (accuracy, loss, per-task accuracy, communication, time per round)."""
+    """``plots``: each run draws ``curves.png`` (accuracy, loss, per-task accuracy, communication, time per round).
+    ``tensorboard`` and ``mlflow``: those trackers beside W&B (``true`` for their defaults, or their settings; any
+    combination at once)."""
 
     console: bool = True
     plots: bool = True
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
     jsonl: bool = True
     wandb: WandbConfig = WandbConfig()
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MlflowConfig | None = None
+
+    @field_validator("tensorboard", "mlflow", mode="before")
+    @classmethod
+    def _on_or_off(cls, v: Any) -> Any:
+        """``true``: the tracker with its defaults; ``false``: none."""
+        if v is True:
+            return {}
+        return None if v is False else v

@@ -104,7 +104,8 @@ def write_artifacts(scenario: Scenario, run_dir: Path, summary: dict[str, Any], 
         try:  # never the run's summary.json
             step()
         except Exception as e:  # noqa: BLE001 - wandb raises many types
-            note = f"W&B could not record the run's {what} ({e.__class__.__name__}: {e})".splitlines()[0]
+            who, e = (e.who, e.__cause__ or e) if hasattr(e, "who") else ("W&B", e)  # another tracker: SinkFailed
+            note = f"{who} could not record the run's {what} ({e.__class__.__name__}: {e})".splitlines()[0]
             summary["notes"] = sorted({*summary.get("notes", []), note})
             log.warning("%s", note)  # said on the console too, not only in summary.json
     if scenario.logging.plots:
