@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep in --out (default runs/<name>-sweep): finished points are kept, "
                             "interrupted ones resumed, the rest run")
+    _add_tune(sub)
     sub_job = sub.add_parser("submit", help="run a scenario as a Ray job on a cluster (the working directory travels)")
     _add_scenario_args(sub_job)
     sub_job.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
@@ -90,6 +91,29 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
     return parser
+
+
+def _add_tune(sub: Any) -> None:
+    tune = sub.add_parser("tune", help="a Ray Tune search over scenario keys (random/Optuna/HyperOpt, ASHA); write "
+                                       "tune.csv and best.yaml")
+    _add_scenario_args(tune)
+    tune.add_argument("--space", required=True, help="the search: a YAML file with space:, metric:, mode:, samples:, "
+                                                     "search:, asha:, concurrent: (README, 'Tuning')")
+    tune.add_argument("--out", help="search directory (default: runs/<name>-tune)")
+    tune.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept, "
+                                                            "interrupted ones resume from their checkpoints")
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fedsim.tune import run_tune
+
+    best = run_tune(args.scenario, args.space, args.overrides, args.out, resume=args.resume)
+    where = Path(best["run_dir"]).parent.parent
+    shown = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial", "run_dir", "error", "rounds",
+                                                                        "stopped_early"))
+    print(f"done: best trial {best['trial']}: {shown}; table in {where / 'tune.csv'}, its scenario in "
+          f"{where / 'best.yaml'}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -323,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
                "export": _cmd_export, "strategies": _cmd_strategies, "plot": _cmd_plot,
-               "submit": _cmd_submit}[args.command]
+               "submit": _cmd_submit, "tune": _cmd_tune}[args.command]
     try:
         return handler(args)
     except FedsimError as e:

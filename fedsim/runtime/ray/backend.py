@@ -27,7 +27,7 @@ from fedsim.errors import BackendError
 from fedsim.models.base import configure_threads
 from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
 from fedsim.runtime.ray.dispatch import Dispatch, RetryPolicy, auto_call_cap
-from fedsim.runtime.ray.pool import Pool, launch_pool, take_early
+from fedsim.runtime.ray.pool import Pool, launch_pool, placement, take_early
 from fedsim.runtime.ray.server_host import DriverServerHandle, ObjectStoreServer, RayServerHandle
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientFailure, ClientJob, ClientResult
@@ -90,7 +90,8 @@ class RayBackend(Backend):
         res = scenario.resources
         if res.server.num_cpus > 0 or res.server.num_gpus > 0:
             self.server_actor = ray.remote(ObjectStoreServer).options(
-                num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus).remote(self._components_ref, spec)
+                num_cpus=res.server.num_cpus, num_gpus=res.server.num_gpus, scheduling_strategy=placement()
+            ).remote(self._components_ref, spec)
             ready.append(self.server_actor.__ray_ready__.remote())
             handle: ServerHandle = RayServerHandle(self.server_actor)
         else:  # torch threads as a worker's (and as the local backend's server): the same numbers on any machine

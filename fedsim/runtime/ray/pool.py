@@ -101,9 +101,44 @@ def _without_pyarrow() -> Iterator[None]:
             allow_pyarrow()
 
 
-def init_ray(scenario: Scenario, runs: int = 1) -> bool:
+def placement() -> Any:
+    """Where a run's actors go: into the placement group the run itself runs in (a Ray Tune trial's, which reserved
+    the run's workers: they never wait on another trial's), else SPREAD — on a cluster, workers go to different nodes
+    first (on one machine it changes nothing)."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()
+    if group is None:
+        return "SPREAD"
+    return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+
+
+def _local_instance(res: Any, runs: int, pyarrow: bool, driver_cpus: float) -> dict[str, Any]:
+    """``ray.init``'s arguments for a local instance with room for ``runs`` runs."""
+    # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
+    need_cpus = runs * (sum(c for _, c, _ in res.slots()) + res.server.num_cpus + driver_cpus)
+    kwargs: dict[str, Any] = {"num_cpus": max(os.cpu_count() or 1, int(-(-need_cpus // 1)))}
+    need_gpus = runs * (sum(g for _, _, g in res.slots()) + res.server.num_gpus)
+    if need_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU", need_gpus)
+            kwargs["num_gpus"] = int(-(-need_gpus // 1))
+    kwargs["_temp_dir"] = ray_temp_dir()
+    # pyarrow stays out of the workers; and they run at the driver's priority: Ray starts workers at nice 15 (to
+    # keep its own processes responsive), where the training — all of fedsim's work — got ~4% of a core beside
+    # two busy processes at nice 0 and a 5-second test run took minutes
+    kwargs["_system_config"] = {"preload_python_modules": [] if pyarrow else ["fedsim.boot"], "worker_niceness": 0}
+    return kwargs
+
+
+def init_ray(scenario: Scenario, runs: int = 1, pyarrow: bool = False, driver_cpus: float = 0.0) -> bool:
     """Connect to (``resources.address``) or start a local Ray instance with room for ``runs`` concurrent runs of
-    ``scenario``. Returns True if this call started it."""
+    ``scenario``. Returns True if this call started it. ``pyarrow``: a local instance's workers may import pyarrow
+    (Ray Tune's trials need it; fedsim's own workers are kept without it, :mod:`fedsim.boot`). ``driver_cpus``: what
+    each run's driver holds besides its workers (a Tune trial's share of its placement group)."""
     import ray
 
     if ray.is_initialized():
@@ -119,28 +154,14 @@ def init_ray(scenario: Scenario, runs: int = 1) -> bool:
         token_auth()
         kwargs["address"] = res.address
     else:
-        # Logical CPUs: enough for the pool and the server even on a 2-core machine (threads are pinned per worker).
-        need_cpus = runs * (sum(c for _, c, _ in res.slots()) + res.server.num_cpus)
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(-(-need_cpus // 1)))
-        need_gpus = runs * (sum(g for _, _, g in res.slots()) + res.server.num_gpus)
-        if need_gpus > 0:
-            import torch
-
-            if not torch.cuda.is_available():
-                log.warning("no CUDA device: the %.2f GPUs requested are logical only; training runs on CPU",
-                            need_gpus)
-                kwargs["num_gpus"] = int(-(-need_gpus // 1))
-        kwargs["_temp_dir"] = ray_temp_dir()
-        # pyarrow stays out of the workers; and they run at the driver's priority: Ray starts workers at nice 15 (to
-        # keep its own processes responsive), where the training — all of fedsim's work — got ~4% of a core beside
-        # two busy processes at nice 0 and a 5-second test run took minutes
-        kwargs["_system_config"] = {"preload_python_modules": ["fedsim.boot"], "worker_niceness": 0}
+        kwargs.update(_local_instance(res, runs, pyarrow, driver_cpus))
         skip = unused_ray_processes(res)
     main_thread = threading.current_thread() is threading.main_thread()
     keep = signal.getsignal(signal.SIGTERM) if main_thread else None
     cwd = os.getcwd()
     try:
-        with _lean_head(skip), _without_pyarrow(), _sigterm_interrupts(keep is not None):
+        with _lean_head(skip), contextlib.nullcontext() if pyarrow else _without_pyarrow(), \
+                _sigterm_interrupts(keep is not None):
             ray.init(**kwargs)
             with contextlib.suppress(Exception):  # private: a Ray without it makes the context later, with pyarrow
                 ray._private.worker.global_worker.get_serialization_context()  # made now, while pyarrow is hidden
@@ -322,8 +343,7 @@ class Pool:
 
     def new_actor(self, i: int, data: Any = None) -> Any:
         pool, cpus, gpus = self.slots[i]
-        # SPREAD: on a cluster, workers go to different nodes first (on one machine it changes nothing)
-        return self.worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD"
+        return self.worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, scheduling_strategy=placement()
                                        ).remote(self.scenario, data, f"worker-{i}" + (f"-pool{pool}" if pool >= 0
                                                                                       else ""), gpus)
 
