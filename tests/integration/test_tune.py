@@ -17,14 +17,14 @@ from fedsim.tune import run_tune
 @pytest.fixture
 def search(tiny_raw, tmp_path):
     tiny_raw["resources"]["backend"] = "ray"
-    tiny_raw["rounds"] = 3
+    tiny_raw["rounds"] = 2
     scenario = tmp_path / "s.yaml"
     scenario.write_text(yaml.safe_dump(tiny_raw))
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"space": {"training.lr": {"loguniform": [1e-3, 2e-2]},
                                                "clients.lora.rank": {"choice": [2, 4]}},
                                      "metric": "eval/loss", "mode": "min", "samples": 3, "concurrent": 1,
-                                     "asha": {"grace_period": 1, "reduction_factor": 2, "max_t": 3}}))
+                                     "asha": {"grace_period": 1, "reduction_factor": 2, "max_t": 2}}))
     return scenario, space
 
 
@@ -41,7 +41,7 @@ def test_a_search_runs_stops_the_worse_trials_and_resumes(search, tmp_path):
         run = load_scenario(f"{r['run_dir']}/scenario.yaml")
         assert run.training.lr == pytest.approx(float(r["training.lr"]))
         assert run.clients.lora.rank == int(r["clients.lora.rank"])
-        assert (r["stopped_early"] == "True") == (int(r["rounds"]) < 3)
+        assert (r["stopped_early"] == "True") == (int(r["rounds"]) < 2)
     assert any(r["stopped_early"] == "True" for r in rows)  # sequential trials: the later ones meet the milestones
     chosen = load_scenario(out / "best.yaml")
     assert chosen.training.lr == pytest.approx(float(rows[0]["training.lr"]))
