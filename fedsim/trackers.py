@@ -184,9 +184,8 @@ class MlflowSink(Sink):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
         return run.info.run_id
 
-    def log(self, step: int, numbers: dict[str, float]) -> None:
-        if step <= self.sent:  # a round re-run after a resume: MLflow has it
-            return
+    def _metrics(self, step: int, numbers: dict[str, float]) -> None:
+        """``numbers`` at ``step``, now (MLflow takes 1000 metrics a batch)."""
         import time
 
         from mlflow.entities import Metric
@@ -195,6 +194,11 @@ class MlflowSink(Sink):
         metrics = [Metric(k, float(v), now, step) for k, v in numbers.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def log(self, step: int, numbers: dict[str, float]) -> None:
+        if step <= self.sent:  # a round re-run after a resume: MLflow has it
+            return
+        self._metrics(step, numbers)
         self.sent = step
         write_text(self.run_dir / self.STEP_FILE, str(step))
 
@@ -210,17 +214,9 @@ class MlflowSink(Sink):
         self.client.log_artifacts(self.run_id, str(directory), artifact_path=kind)
 
     def summary(self, values: dict[str, Any]) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        last = max(self.sent, 0)
-        metrics = [Metric(k, float(v), now, last) for k, v in values.items()
-                   if k.startswith(("final/", "best/", "initial/")) and isinstance(v, (int, float))
-                   and not isinstance(v, bool) and v == v]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self._metrics(max(self.sent, 0), {k: v for k, v in values.items()
+                                          if k.startswith(("final/", "best/", "initial/"))
+                                          and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v})
 
     def close(self, run_dir: Path) -> None:
         for name in ("curves.png", "summary.json"):

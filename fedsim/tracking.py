@@ -165,13 +165,14 @@ class Tracker:
 
     def _send(self, row: dict[str, Any]) -> None:
         step = int(row["round"])
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
         if self.sinks:
-            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and k != "round" and v == v}
+            numbers = {k: v for k, v in numeric.items() if not isinstance(v, bool) and v == v}  # NaN: nothing to draw
             images, self._images = self._images, []
-            self._each(lambda sink: [sink.log(step, numbers), *(sink.image(k, p, step) for k, p in images)])
+            self._each(lambda sink: sink.log(step, numbers))
+            for key, path in images:
+                self._each(lambda sink, key=key, path=path: sink.image(key, path, step))
         if self._wandb is not None and step > self._sent:  # a round re-run after a resume was already sent
-            numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
             self._wandb.log({**numeric, **self._pending}, step=step)
             self._pending = {}
             self._sent = step
@@ -179,9 +180,11 @@ class Tracker:
 
     def image(self, key: str, path: Path) -> None:
         """An image (e.g. the partition heatmap), logged with the next row."""
-        if self.sinks and Path(path).is_file():
+        if not Path(path).is_file():
+            return
+        if self.sinks:
             self._images.append((key, Path(path)))
-        if self._wandb is not None and Path(path).is_file():
+        if self._wandb is not None:
             import wandb
 
             self._pending = {**self._pending, key: wandb.Image(str(path))}

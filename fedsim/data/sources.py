@@ -245,28 +245,31 @@ def _datasets_load() -> Any:
     return load_dataset
 
 
+def _read_files(files: list[str], builder: str, columns: tuple[str, ...] | None) -> Any:
+    """``datasets``' reading of local files (one reader: ``builder``; ``columns``: a header-less CSV's), in a
+    private, throw-away cache: its own is keyed on path and mtime, and would serve an edited file's old rows (ours,
+    keyed on the contents, is the one that persists)."""
+    import tempfile
+
+    kwargs: dict[str, Any] = {}
+    if any(f.lower().endswith(".tsv") for f in files):
+        kwargs["delimiter"] = "\t"
+    if columns:
+        kwargs["column_names"] = list(columns)
+    with tempfile.TemporaryDirectory(prefix="fedsim-read-") as tmp:
+        return _datasets_load()(builder, data_files=files, split="train", cache_dir=tmp, **kwargs)
+
+
 def _load_local(source: str, cfg: DataConfig, field_name: str) -> tuple[list[dict[str, Any]], Part]:
     """The rows of a local source (its files read together, in order) and where they came from."""
-    load_dataset = _datasets_load()
-
     files = _local_files(source, field_name)
     builder = _EXT_BUILDERS[os.path.splitext(files[0])[1].lower()]  # _local_files allows one reader only
     kinds: dict[str, tuple[str, str, int]] = {}
     for f in files:
         _check_file(f, builder, cfg, kinds)
-    kwargs: dict[str, Any] = {}
-    if builder == "csv":
-        if any(f.lower().endswith(".tsv") for f in files):
-            kwargs["delimiter"] = "\t"
-        if cfg.columns:
-            kwargs["column_names"] = list(cfg.columns)
-    import tempfile
-
-    # a private, throw-away datasets cache: its own is keyed on path and mtime, and would serve an edited file's
-    # old rows (ours, keyed on the contents, is the one that persists)
+    columns = cfg.columns if builder == "csv" else None
     try:
-        with tempfile.TemporaryDirectory(prefix="fedsim-read-") as tmp:
-            rows = load_dataset(builder, data_files=files, split="train", cache_dir=tmp, **kwargs).to_list()
+        rows = _read_files(files, builder, columns).to_list()
     except Exception as e:  # datasets raises many types for malformed files; say what the reader itself said
         root = _root_cause(e)
         if _CHANGED in kinds:  # a field that changed kind (_check_jsonl) is what the reader failed on
@@ -275,7 +278,6 @@ def _load_local(source: str, cfg: DataConfig, field_name: str) -> tuple[list[dic
         what = {"json": "JSON", "csv": "a CSV table", "parquet": "Parquet"}[builder]
         raise DataError(f"{field_name}: cannot load {source!r}: it is not {what} that can be read "
                         f"({root.__class__.__name__}: {str(root) or 'no message'})") from None
-    columns = cfg.columns if builder == "csv" else None
     return rows, Part(setting=field_name, source=source, count=len(rows), files=tuple(files),
                       count_file=lambda path: count_rows(path, columns))
 
@@ -372,14 +374,7 @@ def _as_task(rows: list[dict[str, Any]], field: str, name: str, where: str) -> l
 
 def count_rows(path: str, columns: tuple[str, ...] | None = None) -> int:
     """The rows a local data file holds, read on its own as a run reads it (``columns``: a header-less CSV's)."""
-    import tempfile
-
-    builder = _EXT_BUILDERS[os.path.splitext(path)[1].lower()]
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
-    if columns:
-        kwargs["column_names"] = list(columns)
-    with tempfile.TemporaryDirectory(prefix="fedsim-count-") as tmp:
-        return len(_datasets_load()(builder, data_files=[path], split="train", cache_dir=tmp, **kwargs))
+    return len(_read_files([path], _EXT_BUILDERS[os.path.splitext(path)[1].lower()], columns))
 
 
 def _synthetic(tasks: tuple[str, ...], n: int, seed: int) -> list[dict[str, Any]]:
