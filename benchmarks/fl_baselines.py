@@ -4,9 +4,11 @@ the server's cost at 500 clients.
 1. ``accuracy``: FedIT, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx and SCAFFOLD on the strategy comparison's
    synthetic setting (20 clients, 5 per round, a Dirichlet(0.5) task skew, rank 8, 20 local steps of batch 16,
    AdamW at 3e-3), ``--seeds`` seeds, ``--rounds`` rounds, on the warm base by default. Each method's
-   hyperparameter (server η, FedProx's μ) is tuned on a seed that is not reported (``--tune``: a small grid, the best
-   final accuracy; otherwise the values in ``TUNED``). Reported: final accuracy mean ± std, and each method minus
-   FedIT paired by seed (same split, same initialisation), mean ± std and on how many seeds it was ahead.
+   hyperparameter (server η, FedProx's μ) is tuned on a seed that is not reported (``--tune``: a ``fedsim tune``
+   search — Ray Tune, ``--samples`` log-uniform draws over the range in ``METHODS``, ASHA stopping the worse trials
+   on eval accuracy — and the value of the completed trial with the best final accuracy; otherwise the values in
+   ``TUNED``). Reported: final accuracy mean ± std, and each method minus FedIT paired by seed (same split, same
+   initialisation), mean ± std and on how many seeds it was ahead.
 2. ``overhead``: one client's local training, plain vs FedProx vs SCAFFOLD (with a nonzero c − c_i), interleaved in
    one process, on the tiny model and on a 10M-parameter Llama (hidden 512, 4 layers); the median of the trainer's
    own time per step; target ≤ 1.10× plain.
@@ -17,7 +19,7 @@ the server's cost at 500 clients.
 Writes ``fl_baselines{tag}.md`` / ``.json`` under benchmarks/results/.
 
 Usage: python benchmarks/fl_baselines.py [--parts accuracy overhead server] [--seeds 5] [--rounds 20] [--tune]
-       [--base warm|random] [--jobs 2]
+       [--samples 8] [--base warm|random] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -53,21 +55,23 @@ def _opt(name: str):
     return lambda v: {"name": "fedit", "server_optimizer": {"name": name, "lr": v}}
 
 
-# method → (the strategy block for a hyperparameter value, the grid --tune searches, what the value is)
+# method → (the strategy block for a hyperparameter value, the search's key and range (None: not tuned), what the
+# value is). The ranges span the earlier hand-made grids a factor of 3 beyond each end.
+SERVER_LR = "strategy.server_optimizer.lr"
 METHODS = {
-    "fedit": (lambda v: {"name": "fedit"}, [None], "—"),
+    "fedit": (lambda v: {"name": "fedit"}, None, "—"),
     "fedavgm": (lambda v: {"name": "fedit", "server_optimizer": {"name": "fedavgm", "lr": v, "momentum": 0.9}},
-                [0.1, 0.3, 1.0], "server η (μ = 0.9)"),
-    "fedadagrad": (_opt("fedadagrad"), [1e-2, 3e-2, 1e-1, 3e-1], "server η (τ = 1e-3)"),
-    "fedadam": (_opt("fedadam"), [1e-2, 3e-2, 1e-1, 3e-1], "server η (β = 0.9, 0.99; τ = 1e-3)"),
-    "fedyogi": (_opt("fedyogi"), [1e-2, 3e-2, 1e-1, 3e-1], "server η (β = 0.9, 0.99; τ = 1e-3)"),
+                (SERVER_LR, 0.03, 3.0), "server η (μ = 0.9)"),
+    "fedadagrad": (_opt("fedadagrad"), (SERVER_LR, 3e-3, 1.0), "server η (τ = 1e-3)"),
+    "fedadam": (_opt("fedadam"), (SERVER_LR, 3e-3, 1.0), "server η (β = 0.9, 0.99; τ = 1e-3)"),
+    "fedyogi": (_opt("fedyogi"), (SERVER_LR, 3e-3, 1.0), "server η (β = 0.9, 0.99; τ = 1e-3)"),
     "fedprox": (lambda v: {"name": "fedit", "client_objective": {"name": "fedprox", "params": {"mu": v}}},
-                [1e-4, 1e-3, 1e-2], "μ"),
+                ("strategy.client_objective.params.mu", 3e-5, 3e-2), "μ"),
     "scaffold": (lambda v: {"name": "fedit", "client_objective": {"name": "scaffold", "params": {"server_lr": v}}},
-                 [1.0], "η_g"),
+                 None, "η_g"),
 }
-TUNED = {"fedit": None, "fedavgm": 0.3, "fedadagrad": 0.1, "fedadam": 0.01, "fedyogi": 0.03, "fedprox": 1e-4,
-         "scaffold": 1.0}  # from the last --tune run (benchmarks/results/fl_baselines_warm.md)
+TUNED = {"fedit": None, "fedavgm": 0.331, "fedadagrad": 0.1, "fedadam": 0.0154, "fedyogi": 0.0154, "fedprox": 7.76e-4,
+         "scaffold": 1.0}  # without --tune: the last search's choices to 3 digits (benchmarks/results/fl_baselines_warm.md)
 
 
 # -- 1. accuracy -------------------------------------------------------------------------------------------------
@@ -76,8 +80,7 @@ def run_one(args: tuple[str, object, int, int]) -> dict:
     from fedsim.config import scenario_from_dict
     from fedsim.driver import run_scenario
 
-    raw = with_base(merge(BASE, {"name": f"{method}-{value}-{seed}", "seed": seed, "rounds": rounds,
-                                 "strategy": METHODS[method][0](value)}))
+    raw = scenario(method, value, seed, rounds)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = run_scenario(scenario_from_dict(raw), Path(tmp) / "run")
@@ -95,20 +98,49 @@ def _pool_map(runs: list[tuple], jobs: int, label: str) -> list[dict]:
     with mp.get_context("spawn").Pool(jobs) as pool:
         for i, r in enumerate(pool.imap_unordered(run_one, runs), start=1):
             out.append(r)
-            print(f"[{label} {i}/{len(runs)}] {r['method']:<10} {r['value']!s:<7} seed {r['seed']:>4}: accuracy "
+            value = f"{r['value']:.3g}" if isinstance(r["value"], float) else str(r["value"])
+            print(f"[{label} {i}/{len(runs)}] {r['method']:<10} {value:<7} seed {r['seed']:>4}: accuracy "
                   f"{r['final_accuracy']:.3f} ({r['time_s']:.0f} s)", flush=True)
     return out
 
 
-def tune(methods: list[str], rounds: int, jobs: int) -> tuple[dict, list[dict]]:
-    runs = [(m, v, TUNE_SEED, rounds) for m in methods for v in METHODS[m][1] if len(METHODS[m][1]) > 1]
-    results = _pool_map(runs, jobs, "tune")
-    chosen = dict(TUNED)
+def scenario(method: str, value, seed: int, rounds: int) -> dict:
+    """The benchmark's scenario for one method at one hyperparameter value."""
+    return with_base(merge(BASE, {"name": f"{method}-{value}-{seed}", "seed": seed, "rounds": rounds,
+                                  "strategy": METHODS[method][0](value)}))
+
+
+def tune(methods: list[str], rounds: int, jobs: int, samples: int, work: Path) -> tuple[dict, list[dict]]:
+    """Each tuned method's hyperparameter by a ``fedsim tune`` search on ``TUNE_SEED``: ``samples`` log-uniform draws,
+    ``jobs`` trials at once, ASHA on eval accuracy (eval every 2 rounds; a trial is compared from round 6); the value
+    of the completed trial with the best final accuracy. Returns the chosen values and every trial."""
+    import csv
+
+    import yaml
+
+    from fedsim.tune import run_tune
+
+    chosen, trials = dict(TUNED), []
     for m in methods:
-        mine = [r for r in results if r["method"] == m]
-        if mine:
-            chosen[m] = max(mine, key=lambda r: r["final_accuracy"])["value"]
-    return chosen, results
+        if METHODS[m][1] is None:
+            continue
+        key, low, high = METHODS[m][1]
+        (work / f"{m}.yaml").write_text(yaml.safe_dump(scenario(m, TUNED[m], TUNE_SEED, rounds)))
+        (work / f"{m}-space.yaml").write_text(yaml.safe_dump({
+            "space": {key: {"loguniform": [low, high]}}, "metric": "eval/accuracy", "mode": "max",
+            "samples": samples, "concurrent": jobs, "asha": {"grace_period": 6, "reduction_factor": 2}}))
+        t0 = time.perf_counter()
+        run_tune(work / f"{m}.yaml", work / f"{m}-space.yaml", out=work / f"{m}-search")
+        rows = list(csv.DictReader(open(work / f"{m}-search" / "tune.csv")))
+        mine = [{"method": m, "value": float(r[key]), "rounds": int(r["rounds"]), "error": r["error"],
+                 "final_accuracy": float(r["last eval/accuracy"]), "stopped_early": r["stopped_early"] == "True"}
+                for r in rows]
+        done = [r for r in mine if not r["stopped_early"] and not r["error"] and r["rounds"] == rounds]
+        chosen[m] = max(done, key=lambda r: r["final_accuracy"])["value"]
+        trials += mine
+        print(f"[tune] {m}: {len(mine)} trials ({sum(r['stopped_early'] for r in mine)} stopped by ASHA) in "
+              f"{time.perf_counter() - t0:.0f} s; {METHODS[m][2]} = {chosen[m]:.3g}", flush=True)
+    return chosen, trials
 
 
 def accuracy_report(results: list[dict], chosen: dict, grid: list[dict], methods: list[str]) -> list[str]:
@@ -126,17 +158,20 @@ def accuracy_report(results: list[dict], chosen: dict, grid: list[dict], methods
         paired = "—" if m == "fedit" or not diffs else f"{statistics.mean(diffs):+.3f} ± " + (
             f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "0.000")
         ahead = "—" if m == "fedit" or not diffs else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-        value = "—" if chosen.get(m) is None else f"{METHODS[m][2]} = {chosen[m]:g}"
+        value = "—" if chosen.get(m) is None else f"{METHODS[m][2]} = {chosen[m]:.3g}"
         lines.append(f"| {m} | {value} | {mean_std(acc)} | {paired} | {ahead} | "
                      f"{statistics.mean(r['comm_params'] for r in rs) / 1e6:.2f} | "
                      f"{statistics.mean(r['time_s'] for r in rs):.0f} |")
     if grid:
-        lines += ["", f"Tuning (seed {TUNE_SEED}, not reported above; final accuracy per value):", ""]
+        lines += ["", f"Tuning (`fedsim tune` on seed {TUNE_SEED}, not reported above; each trial's value → its last "
+                  "eval accuracy, `(round N)` where ASHA stopped it):", ""]
         for m in methods:
             mine = sorted((r for r in grid if r["method"] == m), key=lambda r: r["value"])
             if mine:
-                lines.append(f"- {m} ({METHODS[m][2]}): " + ", ".join(f"{r['value']:g} → {r['final_accuracy']:.3f}"
-                                                                     for r in mine))
+                lines.append(f"- {m} ({METHODS[m][2]}): " + ", ".join(
+                    f"{r['value']:.3g} → {r['final_accuracy']:.3f}" + (f" (round {r['rounds']})"
+                                                                       if r["stopped_early"] else "")
+                    for r in mine))
     return lines
 
 
@@ -315,6 +350,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--tune", action="store_true", help=f"choose each hyperparameter on seed {TUNE_SEED} first")
+    ap.add_argument("--samples", type=int, default=8, help="--tune: trials per method")
     ap.add_argument("--base", choices=["random", "warm"], default="warm")
     ap.add_argument("--repeats", type=int, default=7, help="overhead: timed passes per variant")
     ap.add_argument("--steps", type=int, default=20, help="overhead: local steps per pass")
@@ -324,6 +360,9 @@ def main() -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    from fedsim.quiet import silence_libraries
+
+    silence_libraries(mark=True)  # the libraries' notices off here and in the Tune trials' processes, as the CLI does
     base_tag = use_base(args)
     t_all = time.perf_counter()
     out: dict = {"command": f"python {' '.join(sys.argv)}",
@@ -332,7 +371,9 @@ def main() -> int:
              f"machine: {out['machine']}", ""]
     if "accuracy" in args.parts:
         methods = ["fedit", *[m for m in args.methods if m != "fedit"]]
-        chosen, grid = tune(methods, args.rounds, args.jobs) if args.tune else (dict(TUNED), [])
+        with tempfile.TemporaryDirectory() as work:
+            chosen, grid = (tune(methods, args.rounds, args.jobs, args.samples, Path(work)) if args.tune
+                            else (dict(TUNED), []))
         runs = [(m, chosen[m], seed, args.rounds) for m in methods for seed in range(args.seeds)]
         results = _pool_map(runs, args.jobs, "run")
         out.update(chosen=chosen, grid=grid, results=results)
