@@ -7,7 +7,8 @@ with B of shape (d_out, r). The low-rank update of a module is ``ΔW = s · B @ 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -282,6 +283,27 @@ def dense_singular_form(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     s = us.norm(dim=0)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     return (us / safe).contiguous(), s[:, None] * v.T
+
+
+def per_module(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, the items side by side on as many threads as torch uses, each single-threaded
+    (LAPACK releases the GIL): a small factorization runs whole on one core instead of two cores sharing it.
+    Measured on 2 cores, 28 eigendecompositions of 512 × 512: 0.27 s against 0.35 s one after another on two
+    threads each (and 0.44 s with two threads each side by side); on a busy machine 0.9 s against 2.6–7.5 s. The
+    order is kept and each call is independent. (The thread count is process-wide: torch runs nothing else meanwhile
+    where this is called — between rounds, or in the server actor's one method at a time.)"""
+    threads = torch.get_num_threads()
+    workers = min(len(items), threads)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def product_norm_sq(tensors: Tensors, module: str) -> float:

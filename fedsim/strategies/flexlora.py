@@ -115,17 +115,20 @@ class FlexLoRA(Strategy):
     def finish(self, ctx: RoundContext, state: GlobalState, acc: Partial) -> GlobalState:
         """ΔW = Σ w_k s_k B_k A_k / Σw per module in singular form: by QR of the stacked factors while their width
         stays below the layer's (ΔW never formed), else from the dense sum."""
-        total, tensors, width = acc.denominator(), {}, 0
+        total, jobs = acc.denominator(), []
         for m in ops.modules(state.tensors):
             d_out, d_in = state.tensors[ops.b_key(m)].shape[0], state.tensors[ops.a_key(m)].shape[1]
             if m in acc.dense or acc.width(m) >= min(d_out, d_in):
                 acc.flush(m)
-                b, a = ops.dense_singular_form(acc.dense[m] / total)
+                jobs.append((ops.dense_singular_form, (acc.dense[m] / total,)))
             else:
                 b_s, a_s = acc.stacked(m)
-                b, a = ops.singular_form(b_s / total, a_s)
+                jobs.append((ops.singular_form, (b_s / total, a_s)))
+        forms = ops.per_module(lambda job: job[0](*job[1]), jobs)  # the modules' decompositions side by side
+        tensors = {}
+        for m, (b, a) in zip(ops.modules(state.tensors), forms):
             tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b, a
-            width = max(width, b.shape[1])
+        width = max(b.shape[1] for b, _ in forms)
         tensors = ops.pad_rank(tensors, width)  # one rank for every module (PEFT adapters have one r)
         new = self._copy_state(state, tensors=tensors, lora=LoraSpec(rank=width, alpha=float(width)))
         new.extras.pop("round1", None)

@@ -14,8 +14,10 @@ What a partial holds, all keyed by name:
 - ``totals``: Σ w, float64 scalars (the weights' denominators, divided out in ``finish``);
 - ``blocks``: per module, the (client id, c·B, A) factor blocks of stacking methods — kept in client-id order at the
   end, so the stacked factors do not depend on the order updates arrived in;
-- ``dense``: per module, Σ c·B A as dense (d_out, d_in) float32, filled by flushing blocks (:meth:`flush`), so only a
-  few clients' factors wait at any time;
+- ``dense``: per module, Σ c·B A as dense (d_out, d_in) float32, filled by flushing blocks (:meth:`flush`) in GEMMs
+  of up to 256 columns — the waiting factors never outweigh the dense sum, and a flush is wide enough for the GEMM to
+  run near the machine's peak (flushing every 32 columns, as before, made FLoRA's 500-update round 1.3× as long on a
+  quiet 2-core machine and 2.3× on a busy one: benchmarks/results/aggregation.md);
 - ``notes``: small per-client values a strategy keeps (HETLoRA's pruned ranks), and ``clients``: who is folded in.
 
 Dense product sums are float32 (they have the layers' size): they depend on the order updates arrive in by float32
@@ -33,7 +35,7 @@ from fedsim.errors import AggregationError
 from fedsim.lora import ops
 from fedsim.types import Tensors
 
-FLUSH_COLUMNS = 256  # a dense product sum takes waiting blocks in one GEMM of at most this many columns (or 1/8 its size)
+FLUSH_COLUMNS = 256  # a dense product sum takes its waiting blocks in one GEMM of this many columns (or its own size)
 
 
 @dataclass
@@ -89,13 +91,14 @@ class Partial:
                 stacked_until: float = 0.0) -> None:
         """Fold coef·B A of one client into the module's product sum: kept as blocks while their total width stays
         within ``stacked_until`` (stacking methods return them as they are), else summed densely — the blocks flushed
-        by one GEMM whenever they reach 1/8 of the dense sum's size or 256 columns, so few clients wait."""
+        by one GEMM whenever they reach 256 columns or the dense sum's own size (so waiting factors cost at most what
+        the sum does)."""
         self.stack(module, client_id, b, a, coef)
         width = self.width(module)
         if module not in self.dense and width <= stacked_until:
             return
         d_out, d_in = b.shape[0], a.shape[1]
-        if module not in self.dense or 8 * width * (d_out + d_in) >= d_out * d_in or width >= FLUSH_COLUMNS:
+        if module not in self.dense or width * (d_out + d_in) >= d_out * d_in or width >= FLUSH_COLUMNS:
             self.flush(module)
 
     def width(self, module: str) -> int:

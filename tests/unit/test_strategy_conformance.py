@@ -406,3 +406,24 @@ def test_lowrank_svd_matches_dense():
     u, s, vh = ops.lowrank_svd(b, a)
     torch.testing.assert_close((u * s) @ vh, b @ a, atol=F32_SVD, rtol=F32_SVD)
     torch.testing.assert_close(s, torch.linalg.svdvals(b @ a)[:3], atol=F32_SVD, rtol=F32_SVD)
+
+
+def test_per_module_gives_the_loops_results_in_order_and_raises_what_a_module_raises():
+    """FlexLoRA decomposes its modules on torch's threads side by side, one thread each (#50 point 6): the factors of
+    one module after another on one thread, in the modules' order; torch's thread count restored; a module that fails
+    fails the call."""
+    g = torch.Generator().manual_seed(0)
+    dense = [torch.randn(24, 40 if i % 2 else 16, generator=g) for i in range(7)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side_by_side = ops.per_module(ops.dense_singular_form, dense)
+        with pytest.raises(AggregationError, match="module 3"):
+            ops.per_module(lambda i: (_ for _ in ()).throw(AggregationError(f"module {i}")) if i == 3 else i, range(6))
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        for (u, sv), d in zip(side_by_side, dense):
+            u0, sv0 = ops.dense_singular_form(d)
+            assert torch.equal(u, u0) and torch.equal(sv, sv0)
+    finally:
+        torch.set_num_threads(threads)
