@@ -143,12 +143,13 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
     then, and the run's backend adopts them once the scenario has passed the strategy checks too (else they are shut
     down and the error reported as ever).
     """
-    from fedsim.boot import skip_unused_backends
+    from fedsim.boot import import_transformers_lean, skip_unused_backends
     from fedsim.config import load_scenario
 
     early = load_scenario(path, overrides, check_strategy=False)
     skip_unused_backends(early.clients.quant.backends())  # this process is ours: keep unused imports out
     if early.resources.backend != "ray":
+        import_transformers_lean()
         from fedsim.driver import run_scenario
 
         return run_scenario(load_scenario(path, overrides), out)
@@ -160,6 +161,7 @@ def _run_new(path: str, overrides: list[str], out: str | None) -> dict[str, Any]
     launch_early(early)
     try:
         stage(early.logging, "loading torch and the strategies")
+        import_transformers_lean()
         scenario = load_scenario(path, overrides)  # the strategy checks: torch and every strategy are imported
         from fedsim.driver import run_scenario
 

@@ -198,6 +198,30 @@ def test_group_size_must_divide_every_layer_and_backends_must_be_installed(tiny_
         prepare(_scenario(tiny_raw, {"bits": 2, "group_size": 32}))
 
 
+def test_transformers_is_imported_without_scipy_which_the_process_can_still_import():
+    """#50 point 4: transformers imports scipy (~34 MB, ~0.35 s) for losses and processors fedsim never runs; a worker
+    imports transformers with scipy marked absent, trains without it, and its own code can still import scipy."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from fedsim.boot import import_transformers_lean
+assert import_transformers_lean() == ["scipy"] and import_transformers_lean() == []
+import peft, torch
+from fedsim.config import ModelConfig
+from fedsim.models.base import build_base_model
+model = peft.get_peft_model(build_base_model(ModelConfig()), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+model(input_ids=torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
+print("scipy" in sys.modules)
+import scipy.stats
+print(scipy.stats.pearsonr([1, 2, 3], [1, 2, 4]).statistic > 0.9)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_unused_quantization_libraries_stay_out_of_a_process():
     """A run without HQQ / bitsandbytes clients keeps both out of its processes (transformers and PEFT would import
     them: seconds and ~45 MB each), LoRA still works, quiet mode imports no `datasets`; a run that uses one keeps

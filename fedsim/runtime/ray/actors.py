@@ -11,12 +11,13 @@ class WorkerActor:
     the scenario does not use out of it; the work is :class:`~fedsim.runtime.ray.remote_worker.RayWorker`'s."""
 
     def __init__(self, scenario: dict, data: Any, name: str, num_gpus: float):
-        from fedsim.boot import skip_unused_backends
+        from fedsim.boot import import_transformers_lean, skip_unused_backends
         from fedsim.config import scenario_from_dict
 
         # the driver ran the strategy checks; its components (a notebook's strategy too) come with attach()
         sc = scenario_from_dict(scenario, check_strategy=False)
         skip_unused_backends(sc.clients.quant.backends())  # a process of ours, nothing imported yet
+        import_transformers_lean()
         from fedsim.runtime.ray.remote_worker import RayWorker
 
         self.worker = RayWorker(sc, data, name, num_gpus)
