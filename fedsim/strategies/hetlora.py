@@ -80,18 +80,22 @@ class HetLoRA(Strategy):
         self._check_one(update, state)
         n = self._weigh(acc, update, total="n")
         r, s = update.lora.rank, update.lora.scaling
-        norm = s * math.sqrt(sum(ops.product_norm_sq(update.tensors, m) for m in ops.modules(update.tensors)))
+        norm = s * math.sqrt(ops.product_norms_sq(update.tensors))
         acc.count("norm", norm)
         fallback = acc.totals["norm"] <= 0
         if not fallback:
             for k in [k for k in acc.sums if k.startswith("n:")]:
                 del acc.sums[k]
-        for k, t in update.tensors.items():
-            a = ops.factor_of(k) == "A"
-            shape, rows, cols = state.tensors[k].shape, (r if a else None), (None if a else r)
-            acc.add(k, t, norm * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
-            if fallback:
-                acc.add(f"n:{k}", t, n * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
+        if r == state.lora.rank and not fallback:  # full rank: two fused kernels, A's and B's
+            for factor, coef in (("A", norm), ("B", norm * s)):
+                acc.add_all({k: t for k, t in update.tensors.items() if ops.factor_of(k) == factor}, coef)
+        else:  # a smaller rank lands in the sums' first rows (A) or columns (B), without a padded copy
+            for k, t in update.tensors.items():
+                a = ops.factor_of(k) == "A"
+                shape, rows, cols = state.tensors[k].shape, (r if a else None), (None if a else r)
+                acc.add(k, t, norm * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
+                if fallback:
+                    acc.add(f"n:{k}", t, n * (1.0 if a else s), shape=shape, rows=rows, cols=cols)
         acc.note("rank", update.client_id, r)
         pruned = update.metrics.get("hetlora/rank")
         if pruned is not None and int(pruned) < r:

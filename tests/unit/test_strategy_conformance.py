@@ -427,3 +427,18 @@ def test_per_module_gives_the_loops_results_in_order_and_raises_what_a_module_ra
             assert torch.equal(u, u0) and torch.equal(sv, sv0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_product_norms_sq_batches_the_modules_of_each_shape_to_the_sum_of_their_norms():
+    """HETLoRA's weight ‖s B A‖_F over all modules (#50 point 6): the batched Gram products give Σ ‖B A‖_F² of the
+    modules one at a time, and the dense products' norm, to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, (d_out, d_in) in enumerate([(12, 8), (12, 8), (20, 8), (8, 20), (12, 8)]):
+        tensors[ops.b_key(f"m{i}")] = torch.randn(d_out, 3, generator=g)
+        tensors[ops.a_key(f"m{i}")] = torch.randn(3, d_in, generator=g)
+    one_by_one = sum(ops.product_norm_sq(tensors, m) for m in ops.modules(tensors))
+    dense = sum(float((tensors[ops.b_key(m)].double() @ tensors[ops.a_key(m)].double()).norm() ** 2)
+                for m in ops.modules(tensors))
+    assert ops.product_norms_sq(tensors) == pytest.approx(one_by_one, rel=F32_ALGEBRA)
+    assert ops.product_norms_sq(tensors) == pytest.approx(dense, rel=F32_ALGEBRA)
