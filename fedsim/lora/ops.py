@@ -306,15 +306,10 @@ def per_module(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         torch.set_num_threads(threads)
 
 
-def product_norm_sq(tensors: Tensors, module: str) -> float:
-    """‖B A‖_F² of one module without forming B A: Σ (BᵀB) ⊙ (A Aᵀ), two r×r Gram matrices."""
-    b, a = tensors[b_key(module)].float(), tensors[a_key(module)].float()
-    return float(((b.T @ b) * (a @ a.T)).sum())
-
-
 def product_norms_sq(tensors: Tensors) -> float:
-    """Σ over modules of ‖B A‖_F² (:func:`product_norm_sq` of each), the modules of one shape in one batched pair of
-    Gram products: an update's 28 modules cost ~6 kernels instead of ~140 (HETLoRA weighs every update by it)."""
+    """Σ over modules of ‖B A‖_F² without forming any B A: Σ (BᵀB) ⊙ (A Aᵀ) from r×r Gram matrices, the modules of
+    one shape in one batched pair of Gram products (an update's 28 modules cost ~6 kernels instead of ~140; HETLoRA
+    weighs every update by it)."""
     groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for m in modules(tensors):
         b, a = tensors[b_key(m)], tensors[a_key(m)]

@@ -21,6 +21,7 @@ checked against it on identical inputs at alpha = 16: equal to float32 rounding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -120,11 +121,11 @@ class FlexLoRA(Strategy):
             d_out, d_in = state.tensors[ops.b_key(m)].shape[0], state.tensors[ops.a_key(m)].shape[1]
             if m in acc.dense or acc.width(m) >= min(d_out, d_in):
                 acc.flush(m)
-                jobs.append((ops.dense_singular_form, (acc.dense[m] / total,)))
+                jobs.append(functools.partial(ops.dense_singular_form, acc.dense[m] / total))
             else:
                 b_s, a_s = acc.stacked(m)
-                jobs.append((ops.singular_form, (b_s / total, a_s)))
-        forms = ops.per_module(lambda job: job[0](*job[1]), jobs)  # the modules' decompositions side by side
+                jobs.append(functools.partial(ops.singular_form, b_s / total, a_s))
+        forms = ops.per_module(lambda job: job(), jobs)  # the modules' decompositions side by side
         tensors = {}
         for m, (b, a) in zip(ops.modules(state.tensors), forms):
             tensors[ops.b_key(m)], tensors[ops.a_key(m)] = b, a
