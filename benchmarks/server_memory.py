@@ -1,5 +1,7 @@
 """Server memory at realistic update sizes: the round's updates gathered (the path before streaming), streamed one at a
-time, or folded into one partial per worker (``resources.worker_partials``), side by side in one run.
+time while the clients train (``resources.worker_partials: false``), folded into one partial per worker
+(``resources.worker_partials: true``), or the default (``auto``: here, partials), side by side in one run; beside
+each measured peak, :mod:`fedsim.memory`'s estimate of it (what ``fedsim validate`` prints) and their ratio.
 
 The model is TinyLlama-shaped, built from config (hidden 2048, 22 layers, intermediate 5632, 32 heads — without
 grouped-query attention, so k/v are 2048 × 2048 —, bfloat16 base on CPU: ~1.1B parameters), LoRA r = 16 on the seven
@@ -38,7 +40,7 @@ from common import in_subprocess  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_layers": 22, "num_heads": 32}
 SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4}  # --smoke: the script's check
-PATHS = ("gathered", "streamed", "partials")
+PATHS = ("gathered", "streamed", "partials", "default")
 
 
 def scenario(path: str, clients: int, rounds: int, shape: dict = SHAPE) -> dict:
@@ -52,7 +54,8 @@ def scenario(path: str, clients: int, rounds: int, shape: dict = SHAPE) -> dict:
         "strategy": {"name": "dry_fedit_gathered" if path == "gathered" else "dry_fedit"},
         "training": {"local_steps": 1, "batch_size": 4},
         "eval": {"every": 1000, "at_start": False, "batch_size": 16},
-        "resources": {"backend": "ray", "num_workers": 2, "num_cpus": 1, "worker_partials": path == "partials"},
+        "resources": {"backend": "ray", "num_workers": 2, "num_cpus": 1,
+                      **({} if path == "default" else {"worker_partials": path == "partials"})},
         "logging": {"console": False, "plots": False, "wandb": {"mode": "disabled"}},
     }
 
@@ -144,6 +147,12 @@ def one(args: tuple, queue) -> None:
     for t in threads:
         t.start()
     sc = scenario_from_dict(scenario(path, clients, rounds, shape))
+    from fedsim.components import resolve
+    from fedsim.federation.prepare import prepare
+    from fedsim.memory import estimate
+
+    components = resolve(sc)
+    guess = estimate(sc, prepare(sc), components)
     t0 = time.perf_counter()
     summary, run_dir = fedsim.run(sc, out=f"{out}/{path}_{clients}")
     stop.set()
@@ -154,18 +163,23 @@ def one(args: tuple, queue) -> None:
                "peak_store_mb": peaks["store"] / 2**20, "server_in_mb": last["engine/server_in_bytes"] / 2**20,
                "server_in_objects": last["engine/server_in_objects"], "up_mb_simulated": last["comm/up_bytes"] / 2**20,
                "fit_s": last["time/fit_s"], "aggregate_s": last["time/aggregate_s"],
-               "total_s": time.perf_counter() - t0,
+               "total_s": time.perf_counter() - t0, "took": guess.path,
+               "est_server_mb": sum(guess.server.values()) / 2**20, "est_store_mb": sum(guess.store.values()) / 2**20,
                "update_mb": last["comm/up_bytes"] / clients / 2**20})
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| path | clients/round | server peak RSS (MB) | of it private | of it store pages | object store peak (MB) "
-             "| into the server (MB, objects) | round: train + aggregate (s) | of it aggregate (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| path (taken) | clients/round | server peak RSS (MB) | of it private | of it store pages | estimate "
+             "(measured / est.) | object store peak (MB) | estimate (measured / est.) | into the server (MB, "
+             "objects) | round: train + aggregate (s) | of it aggregate (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['path']} | {r['clients']} | {r['peak_rss_mb']:,.0f} | {r['peak_private_mb']:,.0f} | "
-                     f"{r['peak_shm_mb']:,.0f} | {r['peak_store_mb']:,.0f} | {r['server_in_mb']:,.0f} "
-                     f"({r['server_in_objects']:.0f}) | {r['fit_s']:.1f} | {r['aggregate_s']:.2f} |")
+        lines.append(f"| {r['path']} ({r['took']}) | {r['clients']} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['peak_private_mb']:,.0f} | {r['peak_shm_mb']:,.0f} | {r['est_server_mb']:,.0f} "
+                     f"({r['peak_rss_mb'] / r['est_server_mb']:.2f}) | {r['peak_store_mb']:,.0f} | "
+                     f"{r['est_store_mb']:,.0f} ({r['peak_store_mb'] / r['est_store_mb']:.2f}) | "
+                     f"{r['server_in_mb']:,.0f} ({r['server_in_objects']:.0f}) | {r['fit_s']:.1f} | "
+                     f"{r['aggregate_s']:.2f} |")
     return "\n".join(lines)
 
 

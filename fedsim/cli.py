@@ -176,7 +176,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.federation.prepare import prepare
 
     scenario = load_scenario(args.scenario, args.overrides)
-    resolve(scenario)  # what the components refuse (a model task's limits, worker partials with a stage)
+    components = resolve(scenario)  # what the components refuse (a model task's limits, worker partials with a stage)
     prep = prepare(scenario)
     sizes = [len(p) for p in prep.parts]
     print(f"ok: {args.scenario} — {scenario.strategy.name}, {len(prep.parts)} clients "
@@ -196,6 +196,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if (w := scenario.privacy.delta_warning(scenario.clients.num_clients)) is not None:
             print(f"  warning: {w}")
     for w in warnings(prep.data.stats):
+        print(f"  warning: {w}")
+    from fedsim.components import aggregation_path
+    from fedsim.memory import estimate, node_memory
+
+    path = aggregation_path(scenario, components.strategy, components.stages)
+    print(f"  {path.note}")
+    memory = estimate(scenario, prep, components, path)
+    print("  memory (estimated peak): " + "; ".join(memory.lines()))
+    if scenario.resources.address is None and (w := memory.warning(node_memory())) is not None:
         print(f"  warning: {w}")
     return 0
 

@@ -89,10 +89,7 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     companion = objective.server_stage(scenario, strategy) if objective is not None else None
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
-    if scenario.resources.worker_partials:  # the scenario's own check knows the built-in stages; this one any
-        why = partials_refusal(strategy, stages)
-        if why:
-            raise ScenarioError("resources.worker_partials", why, "set resources.worker_partials: false")
+    aggregation_path(scenario, strategy, stages)  # refuses worker_partials: true where a stage reads each update
     task = task_for(scenario.model)
     refused = task.refusal(scenario, strategy)
     if refused is not None:
@@ -100,6 +97,80 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     return Components(strategy=strategy, task=task,
                       row_format=registry.get("row_format", scenario.data.format)(), metrics=run_metrics(scenario.eval.metrics),
                       transforms=transforms, stages=stages, objectives=(objective,) if objective else ())
+
+
+@dataclass(frozen=True)
+class AggregationPath:
+    """How a round's updates reach the aggregate.
+
+    Attributes:
+        folds: workers fold their clients' updates into partials (``resources.worker_partials``).
+        feeds: where they do not, the server folds each update while the clients train (the strategy and every
+            stage stream, and no deadline waits for the round's simulated times): the updates waiting for the
+            server stay a few per worker. Neither: the round's updates are gathered (a median's, Krum's cost).
+        note: the path and why, in words (the run's note under ``auto``).
+    """
+
+    folds: bool
+    feeds: bool
+    note: str
+
+    @property
+    def name(self) -> str:
+        return "partials" if self.folds else "fed" if self.feeds else "gathered"
+
+
+def aggregation_path(scenario: Scenario, strategy: Strategy, stages: tuple[ServerStage, ...]) -> AggregationPath:
+    """The run's :class:`AggregationPath` for these components (the driver asks with the components it runs, which
+    a caller may have changed since :func:`resolve`).
+
+    Raises:
+        ScenarioError: ``resources.worker_partials: true`` where the strategy or a stage needs every update on the
+            server.
+    """
+    folds, why = worker_partials(scenario, strategy, stages)
+    feeds = (not folds and strategy.streams and all(s.streams for s in stages)
+             and scenario.clock.deadline_s is None)  # a deadline drops stragglers by the round's simulated times
+    if not folds:
+        why = why.replace("the server folds every update", "the server folds each update as it comes" if feeds
+                          else "the server gathers the round's updates")
+    return AggregationPath(folds, feeds, why)
+
+
+def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[ServerStage, ...]) -> tuple[bool, str]:
+    """Whether workers fold their clients' updates into partials (``resources.worker_partials``), and why — the
+    run's note. ``auto`` folds where the strategy's partials merge exactly (:attr:`Strategy.partials_exact`), no
+    stage or scenario setting looks at single updates on the server, no injected kills would take a worker's folded
+    clients with it, and a worker trains more than two clients a round on average (a float64 partial weighs two
+    float32 updates).
+
+    Raises:
+        ScenarioError: ``true`` where the strategy or a stage needs every update on the server.
+    """
+    setting, key = scenario.resources.worker_partials, "resources.worker_partials"
+    conflict = scenario.partials_conflict(type(strategy))
+    refusal = conflict[0] if conflict else partials_refusal(strategy, stages)  # the stages: built-in or a user's
+    if setting is True:
+        if refusal:
+            raise ScenarioError(key, refusal, conflict[1] if conflict else "set resources.worker_partials: false")
+        return True, f"aggregation: workers fold their clients' updates into partials ({key}: true)"
+    if setting is False:
+        return False, f"aggregation: the server folds every update ({key}: false)"
+    res = scenario.resources
+    workers = 1 if res.backend == "local" else res.num_workers + sum(p.num_workers for p in res.pools)
+    per_worker = scenario.clients.num_per_round() / workers
+    why = next((w for w in (
+        refusal,
+        None if strategy.partials_exact else (f"strategy {strategy.name!r} sums products in float32, which grouping "
+                                              f"by worker would round differently; {key}: true folds anyway"),
+        "faults.kill_worker_prob would take a killed worker's folded clients with it"
+        if scenario.faults.kill_worker_prob > 0 else None,
+        f"{per_worker:.3g} clients a round per worker: a partial would weigh more than their updates"
+        if per_worker <= 2 else None) if w), None)
+    if why:
+        return False, f"aggregation: the server folds every update ({key}: auto; {why})"
+    return True, (f"aggregation: workers fold their clients' updates into partials ({key}: auto; "
+                  f"{per_worker:.3g} clients a round per worker)")
 
 
 def privacy_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from fedsim import checkpoint
 from fedsim.client.store import ClientStateStore
-from fedsim.components import Components, resolve
+from fedsim.components import AggregationPath, Components, aggregation_path, resolve
 from fedsim.config import Scenario, dump_scenario
 from fedsim.data.report import warnings as data_warnings
 from fedsim.env import environment
@@ -53,6 +53,7 @@ from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, wr
     write_csv,
     write_text,
 )
+from fedsim.memory import estimate, node_memory
 from fedsim.progress import Progress, stage
 from fedsim.runtime.factory import make_backend
 from fedsim.runtime.interfaces import Backend, ServerHandle
@@ -150,13 +151,14 @@ class Driver:
             if heatmap_done is not None:
                 heatmap_done()
                 tracker.image("partition", self.run_dir / "partition.png")
-            fed = Federation(sc, prep, store)
+            path = aggregation_path(sc, components.strategy, components.stages)
+            fed = Federation(sc, prep, store, folds=path.folds, feeds=path.feeds)
             evaluation = Evaluation(fed, eval_batches(len(prep.data.test), sc.eval.batch_size), components.metrics)
             events = CallbackList([TrackerCallback(tracker), ProgressCallback(progress), *self.callbacks])
             checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
                                              sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
-            self._announce(prep, progress)
+            self._announce(prep, progress, components, path)
             if self.resume:
                 tracker.replay(self.rows)  # what W&B lost (or never got) before the interruption
             if restored is not None:
@@ -189,12 +191,17 @@ class Driver:
             progress.close()
             tracker.close()
 
-    def _announce(self, prep: Prepared, progress: Progress) -> None:
+    def _announce(self, prep: Prepared, progress: Progress, components: Components, path: AggregationPath) -> None:
         """Say, on the console and in the run's notes, what the run should know before round 1: truncated rows, a
-        large δ, metrics rows a resume could not read or found missing."""
+        large δ, metrics rows a resume could not read or found missing, the aggregation path ``auto`` chose; and
+        the memory the run is estimated to need (a note only when this node has less)."""
         sc = self.scenario
         privacy = sc.privacy.delta_warning(sc.clients.num_clients) if sc.privacy is not None else None
-        for said in [*data_warnings(prep.data.stats), *([privacy] if privacy else []),
+        chose = [path.note] if sc.resources.worker_partials == "auto" else []
+        memory = estimate(sc, prep, components, path)
+        stage(sc.logging, "memory (estimated peak): " + "; ".join(memory.lines()))
+        short = memory.warning(node_memory()) if sc.resources.address is None else None
+        for said in [*chose, *([short] if short else []), *data_warnings(prep.data.stats), *([privacy] if privacy else []),
                      *([describe_unreadable(self.unreadable)] if self.unreadable else []),
                      *([describe_missing(self.missing)] if self.missing else [])]:
             self.notes.add(said)

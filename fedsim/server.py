@@ -5,7 +5,7 @@ for resources (:mod:`fedsim.runtime.ray.server_host`). No Ray imports here."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedsim.errors import AggregationError
@@ -112,6 +112,18 @@ class Folder:
         return part if part is not None and part.server_round == server_round else None
 
 
+@dataclass
+class _OpenRound:
+    """A streaming round between :meth:`Server.open_round` and :meth:`Server.close_round`."""
+
+    server_round: int
+    acc: Partial
+    costs: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    moved: int = 0
+    kept: int = 0
+
+
 class Server:
     """Holds the strategy and the global state and runs a round's server steps.
 
@@ -134,6 +146,7 @@ class Server:
         self.objectives = tuple(objectives)
         self.state: GlobalState = self.strategy.init_state(spec)
         self.head: Tensors = {}  # the global head ({}: the base model's initial one, until a round trains it)
+        self.open: _OpenRound | None = None  # a streaming round being fed (open_round … close_round)
 
     def invalid_reason(self, update: ClientUpdate) -> str | None:
         """Why ``update`` must not be aggregated (missing/unexpected keys, wrong shapes, NaN/Inf), or None."""
@@ -190,46 +203,74 @@ class Server:
         update counted, rejected or not —, ``aggregated`` (how many went in), ``rejected`` (client id → reason) and
         the stages' metrics (``stage_metrics``).
         """
-        old, costs, rejected, moved = self.state, {}, {}, 0
         if self.streams:
-            acc, kept = self.strategy.begin(ctx, old), 0
-            for u in updates:
-                cid = u.client_id
-                costs[cid] = self.upload_cost(u)
-                moved += _moved(u)
-                for stage in self.stages:
-                    u, why = stage.admit(ctx, old, u)
-                    if u is None:
-                        rejected[cid] = why or "update rejected"
-                        break
-                else:
-                    self.strategy.fold(ctx, old, acc, u)
-                    fold_head(acc, u)
-                    kept += 1
-                u = None  # noqa: F841 -- the update goes before the next one comes
-            head = take_head(acc)
-            new = self.strategy.finish(ctx, old, acc) if kept else old
-        else:
-            batch = sorted(updates, key=lambda u: u.client_id)
-            costs = {u.client_id: self.upload_cost(u) for u in batch}
-            moved = sum(_moved(u) for u in batch)
-            for stage in self.stages:
-                result = stage.before(ctx, old, batch)
-                batch, rejected = result.updates, {**rejected, **result.rejected}
-                if result.skip:  # the round aggregates nothing (the stage says why in its metrics)
-                    batch = []
-            kept = len(batch)
-            heads = Partial(ctx.server_round, old.base_version)
-            for u in batch:
-                fold_head(heads, u)
-            head = take_head(heads)
-            # a round in which every update failed or was rejected leaves the global state unchanged (unless a
-            # stage moves it regardless: central differential privacy's noise)
-            new = self.strategy.aggregate(ctx, old, batch) if batch else old
-            del batch
+            self.open_round(ctx)
+            self.feed(ctx, updates)
+            return self.close_round(ctx)
+        old, rejected = self.state, {}
+        batch = sorted(updates, key=lambda u: u.client_id)
+        costs = {u.client_id: self.upload_cost(u) for u in batch}
+        moved = sum(_moved(u) for u in batch)
+        for stage in self.stages:
+            result = stage.before(ctx, old, batch)
+            batch, rejected = result.updates, {**rejected, **result.rejected}
+            if result.skip:  # the round aggregates nothing (the stage says why in its metrics)
+                batch = []
+        kept = len(batch)
+        heads = Partial(ctx.server_round, old.base_version)
+        for u in batch:
+            fold_head(heads, u)
+        head = take_head(heads)
+        # a round in which every update failed or was rejected leaves the global state unchanged (unless a
+        # stage moves it regardless: central differential privacy's noise)
+        new = self.strategy.aggregate(ctx, old, batch) if batch else old
+        del batch
         if head:
             self.head = head
         return self._end_round(ctx, old, new, kept, costs, rejected, (moved, len(costs)))
+
+    # -- a streaming round, fed while the clients train -----------------------------------------------------------
+    def open_round(self, ctx: RoundContext) -> None:
+        """Begin a streaming round (:attr:`streams`): :meth:`feed` then folds updates as they come, in client-id
+        order over all calls, and :meth:`close_round` ends it — the round :meth:`aggregate` makes of them all."""
+        if not self.streams:
+            raise AggregationError("this server cannot fold updates one at a time: a stage or the strategy needs "
+                                   "the round's updates together")
+        self.open = _OpenRound(ctx.server_round, self.strategy.begin(ctx, self.state))
+
+    def feed(self, ctx: RoundContext, updates: Iterable[ClientUpdate]) -> None:
+        """Validate, pass through the stages and fold each update into the open round's sums, then drop it (an
+        iterator that fetches them lazily keeps one in memory)."""
+        rnd, old = self._open(ctx), self.state
+        for u in updates:
+            cid = u.client_id
+            rnd.costs[cid] = self.upload_cost(u)
+            rnd.moved += _moved(u)
+            for stage in self.stages:
+                u, why = stage.admit(ctx, old, u)
+                if u is None:
+                    rnd.rejected[cid] = why or "update rejected"
+                    break
+            else:
+                self.strategy.fold(ctx, old, rnd.acc, u)
+                fold_head(rnd.acc, u)
+                rnd.kept += 1
+            u = None  # noqa: F841 -- the update goes before the next one comes
+
+    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+        """End the open round: the strategy's finish, the stages' ``after``; the accounting of :meth:`aggregate`."""
+        rnd, old = self._open(ctx), self.state
+        self.open = None
+        head = take_head(rnd.acc)
+        new = self.strategy.finish(ctx, old, rnd.acc) if rnd.kept else old
+        if head:
+            self.head = head
+        return self._end_round(ctx, old, new, rnd.kept, rnd.costs, rnd.rejected, (rnd.moved, len(rnd.costs)))
+
+    def _open(self, ctx: RoundContext) -> _OpenRound:
+        if self.open is None or self.open.server_round != ctx.server_round:
+            raise AggregationError(f"round {ctx.server_round} was not opened on the server (open_round first)")
+        return self.open
 
     def _end_round(self, ctx: RoundContext, old: GlobalState, new: GlobalState, kept: int,
                    costs: dict[int, tuple[int, int]], rejected: dict[int, str], moved: tuple[int, int]

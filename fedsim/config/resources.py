@@ -59,8 +59,11 @@ class ResourcesConfig(Frozen):
     pack_tokens: int | None = Field(None, ge=1, le=2**24)
     # each worker folds the updates of the clients it trains in a round into one partial, and the server merges the
     # workers' partials: the server and the object store hold a few partials, not every update of the round (for
-    # strategies that stream; equal to the server's own aggregation to float32 rounding, not bit for bit)
-    worker_partials: bool = False
+    # strategies that stream). auto: where the strategy's partials merge bit for bit (its sums are float64) and a
+    # worker trains more than two clients a round on average (a partial weighs two updates); the run's notes say
+    # which path it took and why. true: wherever the strategy streams (product sums of FLoRA, FlexLoRA, FedEx-LoRA
+    # then group clients by worker: equal to the server's own aggregation to float32 rounding)
+    worker_partials: bool | Literal["auto"] = "auto"
     # clients a worker trains one after another in one call (Ray backend), so that Ray's cost per call (~2-4 ms of
     # worker and driver time) is paid once for several short clients; the numbers are those of one call per client.
     # auto: one per call in the first round, then calls of ~0.5 s by the previous round's client times

@@ -159,29 +159,29 @@ class Scenario(Frozen):
             self._check_robust(cls)
         if self.privacy is not None:
             self._check_privacy(cls)
-        if self.resources.worker_partials:
-            self._check_worker_partials(cls)
+        if self.resources.worker_partials is True and (why := self.partials_conflict(cls)) is not None:
+            raise ScenarioError("resources.worker_partials", *why)
         return self
 
-    def _check_worker_partials(self, cls: Any) -> None:
-        """Workers fold updates only where the round is a reduction the server need not look into one by one."""
-        field, fix = "resources.worker_partials", "set resources.worker_partials: false"
+    def partials_conflict(self, cls: Any) -> tuple[str, str] | None:
+        """Why workers cannot fold this scenario's updates into partials, and the fix — or None: they can where the
+        round is a reduction the server need not look into one update at a time."""
+        fix = "set resources.worker_partials: false"
         if not cls.streams:
             fits = [n for n, c in registry.entries("strategy").items() if c.streams]
-            raise ScenarioError(field, f"strategy {cls.name!r} aggregates the round's updates together (it does not "
-                                "stream), so workers cannot fold them", f"{fix}, or use one of {', '.join(fits)}")
+            return (f"strategy {cls.name!r} aggregates the round's updates together (it does not stream), so "
+                    "workers cannot fold them", f"{fix}, or use one of {', '.join(fits)}")
         if self.strategy.robust is not None:
-            raise ScenarioError(field, f"strategy.robust ({self.strategy.robust.method}) needs every update of the "
-                                "round on the server", fix)
+            return f"strategy.robust ({self.strategy.robust.method}) needs every update of the round on the server", fix
         if self.privacy is not None and self.privacy.mode == "central":
-            raise ScenarioError(field, "central differential privacy clips each update on the server", f"{fix}, or "
-                                "use privacy.mode: local")
+            return "central differential privacy clips each update on the server", f"{fix}, or use privacy.mode: local"
         if self._objective_has_server_side():
-            raise ScenarioError(field, f"client objective {self.strategy.client_objective.name!r} sends each "
-                                "client's control variate to the server's own state", fix)
+            return (f"client objective {self.strategy.client_objective.name!r} sends each client's control variate "
+                    "to the server's own state", fix)
         if self.clock.deadline_s is not None:
-            raise ScenarioError(field, "clock.deadline_s drops stragglers after they trained, but a folded update "
-                                "cannot be taken out of its worker's partial", f"{fix}, or unset clock.deadline_s")
+            return ("clock.deadline_s drops stragglers after they trained, but a folded update cannot be taken out "
+                    "of its worker's partial", f"{fix}, or unset clock.deadline_s")
+        return None
 
     def _check_privacy(self, cls: Any) -> None:
         """Differential privacy's conditions: δ < 1/N, uniform inclusion probabilities, and for central mode an

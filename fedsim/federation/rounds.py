@@ -11,6 +11,7 @@ through callbacks. The driver never holds a tensor: payloads and updates are the
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from fedsim.errors import BackendError
 from fedsim.federation.callbacks import CallbackList
 from fedsim.federation.clock import admit
 from fedsim.federation.prepare import Prepared
-from fedsim.runtime.interfaces import Backend, Handle, ServerHandle
+from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle, Sink
 from fedsim.sampling import dropped_out, sample_clients
 from fedsim.types import ClientFailure, ClientJob, ClientResult, RoundContext
 
@@ -38,11 +39,8 @@ class Federation:
     prep: Prepared
     store: ClientStateStore | None
     base_version: int = 0
-
-    @property
-    def folds(self) -> bool:
-        """Whether workers fold their clients' updates into partials (``resources.worker_partials``)."""
-        return self.scenario.resources.worker_partials
+    folds: bool = False  # workers fold their clients' updates into partials (Components.folds)
+    feeds: bool = False  # else the server folds them while the clients train (Components.feeds)
 
     def context(self, server_round: int) -> RoundContext:
         sc = self.scenario
@@ -100,12 +98,26 @@ class RoundResult:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: CallbackList, fold: Handle | None = None
+class ServerSink(Sink):
+    """The server folds the round's updates while the clients train (in client-id order: the jobs' order)."""
+
+    def __init__(self, server: ServerHandle, ctx: RoundContext):
+        self.server, self.ctx = server, ctx
+
+    def take(self, outcomes: Sequence[JobOutcome]) -> None:
+        handles = [h for res, h in outcomes if not isinstance(res, ClientFailure) and h is not None]
+        if handles:
+            self.server.feed(self.ctx, handles)
+
+
+def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: CallbackList, fold: Handle | None = None,
+          sink: Sink | None = None
           ) -> tuple[list[tuple[ClientResult, Handle]], list[ClientFailure], list[Handle] | None]:
-    """The backend trains every job; (results with their update handles, failures, the workers' partials when
-    they fold the updates — ``fold`` — else None)."""
+    """The backend trains every job; (results with their update handles — None where ``sink`` took them —,
+    failures, the workers' partials when they fold the updates — ``fold`` — else None)."""
     on_done = lambda res: events.on_client_done(isinstance(res, ClientFailure))  # noqa: E731
-    outcomes = backend.train(jobs, on_done=on_done) if fold is None else backend.train(jobs, on_done, fold=fold)
+    extra = {k: v for k, v in (("fold", fold), ("sink", sink)) if v is not None}
+    outcomes = backend.train(jobs, on_done=on_done, **extra)
     ok = [(res, h) for res, h in outcomes if not isinstance(res, ClientFailure)]
     failed = [res for res, _ in outcomes if isinstance(res, ClientFailure)]
     if fold is None:
@@ -116,13 +128,16 @@ def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: Callba
 
 
 def aggregate(server: ServerHandle, ctx: RoundContext, ok: list[tuple[ClientResult, Handle]],
-              failed: list[ClientFailure], partials: list[Handle] | None = None
+              failed: list[ClientFailure], partials: list[Handle] | None = None, fed: bool = False
               ) -> tuple[dict[str, Any], list, list[ClientFailure]]:
     """The server validates and aggregates the updates — or merges the workers' ``partials``, the updates having
-    been validated and folded where they were made —; a rejected update counts as a failed client, with its
-    reason. Returns (upload accounting, the clients aggregated, every failure). The updates go in client-id order
-    (a streaming server folds them in the order given)."""
-    if partials is None:
+    been validated and folded where they were made; or closes the round it was ``fed`` while the clients trained
+    —; a rejected update counts as a failed client, with its reason. Returns (upload accounting, the clients
+    aggregated, every failure). The updates go in client-id order (a streaming server folds them in the order
+    given)."""
+    if fed:
+        up = server.close_round(ctx)
+    elif partials is None:
         up = server.aggregate(ctx, [h for _, h in sorted(ok, key=lambda x: x[0].client_id)])
     else:
         up = server.aggregate_partials(ctx, partials, {res.client_id: (res.upload, res.rejected) for res, _ in ok})
@@ -151,11 +166,15 @@ def run_round(server_round: int, fed: Federation, server: ServerHandle, backend:
     events.on_round_start(server_round, len(jobs))
     t_train, replaced = time.perf_counter(), backend.num_replaced
     fold = server.fold_spec(ctx) if fed.folds else None  # workers fold their clients' updates into partials
-    ok, failed, partials = train(backend, jobs, events, fold)  # train
+    if fed.feeds:  # or the server folds them while the clients train
+        server.open_round(ctx)
+    sink = ServerSink(server, ctx) if fed.feeds else None
+    ok, failed, partials = train(backend, jobs, events, fold, sink)  # train
     failed += [ClientFailure(c, DROPPED) for c in sorted(gone)]
     clock = admit(fed.scenario.clock, ok, fed.prep.clients, down)  # the simulated clock: stragglers out
     t_agg = time.perf_counter()
-    up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late, partials)  # validate → stages → aggregate
+    up, ok, failed = aggregate(server, ctx, clock.ok, failed + clock.late, partials,  # validate → stages → aggregate
+                               fed.feeds)
     ok = [(res, None) for res, _ in ok]  # the updates are aggregated: their object-store copies can go now
     fed.keep_personal(ok)
     fed.base_version = sync_base(server, backend, fed.base_version)

@@ -310,7 +310,8 @@ def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = 
     only these numbers, and importing transformers' modelling code to get them costs it ~3 s and ~110 MB on every
     run. ``part="heads"``: instead the names of the output layers ``all-linear`` leaves out (PEFT's rule: the output
     embedding, or a classifier's head); ``part="conv1d"``: the names of the ``Conv1D`` layers; ``part="others"``:
-    every other module's class name, by its path.
+    every other module's class name, by its path; ``part="params"``: the model's parameter count (tied weights
+    once).
 
     Raises:
         ScenarioError: the model's config cannot be read.
@@ -331,7 +332,7 @@ def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = 
             ident = [hashlib.sha256(f.read()).hexdigest(), tokenizer_source(cfg)]
     else:  # a hub id, at a revision (the tokenized cache keys it the same way)
         ident = [cfg.name, cfg.revision]
-    blob = json.dumps({"model": ident, "class": auto_class, "v": 3, "transformers": version("transformers")},
+    blob = json.dumps({"model": ident, "class": auto_class, "v": 4, "transformers": version("transformers")},
                       sort_keys=True, default=str)
     path = cache_dir() / "shapes" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
     try:
@@ -339,7 +340,7 @@ def linear_shapes(cfg: ModelConfig, auto_class: str = CAUSAL_LM[0], part: str = 
         got = entry["found"]
         found = {"shapes": {k: (int(v[0]), int(v[1])) for k, v in got["shapes"].items()},
                  "heads": [str(h) for h in got["heads"]], "conv1d": [str(c) for c in got["conv1d"]],
-                 "others": {str(k): str(v) for k, v in got["others"].items()}}
+                 "others": {str(k): str(v) for k, v in got["others"].items()}, "params": int(got["params"])}
         if entry["digest"] != _digest(found):  # edited by hand, or damaged: a wrong shape would fail much later
             raise ValueError("the entry does not match its digest")
     except (OSError, ValueError, TypeError, IndexError, AttributeError, KeyError):
@@ -383,7 +384,8 @@ def _meta_shapes(cfg: ModelConfig, auto_class: str) -> dict[str, Any]:
     heads = [names[id(out)]] if out is not None and id(out) in names else []
     if not heads:  # PEFT's SEQ_CLS_HEAD_NAMES
         heads = [h for h in ("score", "classifier") if isinstance(getattr(model, h, None), torch.nn.Module)][:1]
-    return {"shapes": shapes, "heads": heads, "conv1d": conv1d, "others": others}
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    return {"shapes": shapes, "heads": heads, "conv1d": conv1d, "others": others, "params": int(params)}
 
 
 def configure_threads(num_threads: int) -> None:

@@ -23,6 +23,27 @@ Handle = Any
 JobOutcome = tuple[ClientResult | ClientFailure, Handle | None]
 
 
+class Sink(ABC):
+    """Where a round's outcomes go, in job order, while the clients train (the server folding them as they come)."""
+
+    @abstractmethod
+    def take(self, outcomes: Sequence[JobOutcome]) -> None:
+        """The next outcomes, in job order."""
+
+
+def drain(sink: Sink, outcomes: list[JobOutcome | None], start: int) -> int:
+    """Give ``sink`` the outcomes from position ``start`` on that are done, with every one before them; their update
+    handles are dropped here once it has them. Returns the first position not given."""
+    end = start
+    while end < len(outcomes) and outcomes[end] is not None:
+        end += 1
+    if end > start:
+        sink.take(outcomes[start:end])  # type: ignore[arg-type]
+        for i in range(start, end):
+            outcomes[i] = (outcomes[i][0], None)  # type: ignore[index]
+    return end
+
+
 class ServerHandle(ABC):
     """The server as seen from the driver."""
 
@@ -34,6 +55,19 @@ class ServerHandle(ABC):
     @abstractmethod
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         """Aggregate the update handles; return upload accounting, rejections and the stages' metrics."""
+
+    def open_round(self, ctx: RoundContext) -> None:
+        """Begin a round the server folds while the clients train (:meth:`feed`, then :meth:`close_round`)."""
+        raise BackendError(f"{type(self).__name__} does not fold updates while the clients train")
+
+    def feed(self, ctx: RoundContext, updates: Sequence[Handle]) -> None:
+        """Fold these update handles (the next ones in client-id order) into the open round; the handles may go
+        once this returns (a server in an actor of its own holds them until it has read them)."""
+        raise BackendError(f"{type(self).__name__} does not fold updates while the clients train")
+
+    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+        """End the open round; the accounting of :meth:`aggregate`."""
+        raise BackendError(f"{type(self).__name__} does not fold updates while the clients train")
 
     def fold_spec(self, ctx: RoundContext) -> Handle:
         """A handle to what workers fold the round's updates against (``resources.worker_partials``)."""
@@ -91,11 +125,14 @@ class Backend(ABC):
     @abstractmethod
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
-              fold: Handle | None = None) -> list[JobOutcome]:
+              fold: Handle | None = None, sink: Sink | None = None) -> list[JobOutcome]:
         """Run every job; return one outcome per job (a result with its update handle, or a failure). With
         ``fold`` (a :meth:`ServerHandle.fold_spec` handle), each worker folds its clients' updates into its partial
         of the round instead (results carry their upload cost and any rejection; no update handles): then
-        :meth:`collect_partials`."""
+        :meth:`collect_partials`. With ``sink``, the outcomes go to it in job order as soon as each and all before
+        it are done (:func:`drain`; they are returned without update handles), and a job starts only within a
+        window of the first one not yet given to it (a few calls per worker): the updates in flight stay bounded,
+        whatever the clients per round."""
 
     def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:
         """After a folding :meth:`train`: a handle to each worker's partial, and the clients whose partial was lost

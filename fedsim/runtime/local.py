@@ -10,7 +10,7 @@ import numpy as np
 from fedsim.components import Components
 from fedsim.config import Scenario
 from fedsim.data.tokenized import TokenizedData
-from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle, Sink, drain
 from fedsim.runtime.packs import make_packs
 from fedsim.runtime.worker import Worker
 from fedsim.server import Server
@@ -29,6 +29,15 @@ class LocalServerHandle(ServerHandle):
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         return self.server.aggregate(ctx, list(updates))
+
+    def open_round(self, ctx: RoundContext) -> None:
+        self.server.open_round(ctx)
+
+    def feed(self, ctx: RoundContext, updates: Sequence[Handle]) -> None:
+        self.server.feed(ctx, updates)
+
+    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+        return self.server.close_round(ctx)
 
     def fold_spec(self, ctx: RoundContext) -> Handle:
         return self.server.fold_spec(ctx)
@@ -70,10 +79,12 @@ class LocalBackend(Backend):
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
-              fold: Handle | None = None) -> list[JobOutcome]:
+              fold: Handle | None = None, sink: Sink | None = None) -> list[JobOutcome]:
         """Run the jobs in order; with ``resources.clients_per_pass`` > 1 in the packs of :func:`make_packs` (the
-        worker packs what it can). With ``fold``, the worker folds each update into its partial as it is made."""
+        worker packs what it can). With ``fold``, the worker folds each update into its partial as it is made;
+        with ``sink``, the outcomes go to it after each pack (one pack's updates held at a time)."""
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        taken = 0
         for pack in make_packs(jobs, self.pack_size, self.resources):
             if len(pack) == 1:
                 pos = pack[0]
@@ -93,6 +104,8 @@ class LocalBackend(Backend):
                     outcomes[pos] = (res, None) if isinstance(res, ClientFailure) else res
                 if on_done is not None:
                     on_done(outcomes[pos][0])
+            if sink is not None:
+                taken = drain(sink, outcomes, taken)
         return outcomes  # type: ignore[return-value]
 
     def collect_partials(self, server_round: int) -> tuple[list[Handle], list[ClientFailure]]:

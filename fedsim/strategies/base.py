@@ -124,6 +124,15 @@ class Strategy(ABC):
     takes_objectives: ClassVar[bool] = True
     # its aggregation is a reduction, written as fold (one update into running sums) and finish (the new state)
     streams: ClassVar[bool] = False
+    # partials of any grouping of clients merge into what one server fold makes: its running sums are float64 over
+    # float32 values (fedsim.strategies.fold), so grouping moves them by ~1e-16 and the float32 result not at all
+    # (save a value within 1e-16 of a float32 rounding boundary): workers fold by default
+    # (resources.worker_partials: auto). Dense float32 product sums (FLoRA, FlexLoRA, FedEx-LoRA) group by worker
+    # to float32 rounding; a new strategy is not assumed exact
+    partials_exact: ClassVar[bool] = False
+    # each round's update is merged into the base, and the server keeps every base update (for clients that missed
+    # rounds, and the export): FLoRA, FedEx-LoRA — memory that grows with the rounds (fedsim.memory)
+    merges_into_base: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -34,6 +34,7 @@ class FedExLoRA(Strategy):
     summary = "FedAvg of A and B plus the exact residual merged into the base (Singhal et al. 2024)"
     Params = FedExParams
     streams = True
+    merges_into_base = True
 
     def weight_of(self, update: ClientUpdate) -> float:
         return float(update.num_examples) if self.params.weighting == "samples" else 1.0

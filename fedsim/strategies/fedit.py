@@ -20,6 +20,7 @@ class FedIT(Strategy):
     summary = "FedAvg of LoRA A and B separately, weighted by client sample counts (Zhang et al. 2024)"
     averages_factors = True
     streams = True
+    partials_exact = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)

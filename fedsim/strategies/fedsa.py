@@ -24,6 +24,7 @@ class FedSALoRA(Strategy):
     has_personal_state = True
     averages_factors = True
     streams = True
+    partials_exact = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         init = self._fresh_adapter(spec)

@@ -21,6 +21,7 @@ class FFALoRA(Strategy):
     summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
     averages_factors = True
     streams = True
+    partials_exact = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         return GlobalState(tensors=self._fresh_adapter(spec), lora=spec.lora)

@@ -28,6 +28,7 @@ class FLoRA(Strategy):
     summary = "stacking aggregation: exact Σ p_k s_k B_k A_k merged into the base, fresh LoRA each round (Wang et al. 2024)"
     supports_mixed_ranks = True
     streams = True
+    merges_into_base = True
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         # the global adapter is always "fresh" (B = 0): after each merge the base carries everything

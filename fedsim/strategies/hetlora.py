@@ -45,6 +45,7 @@ class HetLoRA(Strategy):
     Params = HetLoRAParams
     supports_mixed_ranks = True
     streams = True
+    partials_exact = True
     averages_factors = True
     clients_start_from_state = False  # B rescaled by 1/s_k and truncated to the client's rank
 

@@ -40,7 +40,7 @@ def test_run_writes_a_complete_run_directory(tiny_yaml, tmp_path):
     assert "Traceback" not in r.stderr
     assert "round 2/2" in r.stderr  # plain progress lines when not on a terminal
     starting = [line for line in r.stderr.splitlines() if line.startswith("fedsim: ")]
-    assert [line.split()[1] for line in starting] == ["preparing", "building", "evaluating"], starting
+    assert [line.split()[1] for line in starting] == ["preparing", "building", "memory", "evaluating"], starting
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2]
     for key in ("round", "time_s", "train/loss", "eval/loss", "eval/accuracy", "clients/sampled", "clients/failed",
@@ -127,6 +127,7 @@ def test_bad_input_is_one_clear_line(tiny_yaml, override, expected, capsys):
 def test_validate_partition_and_strategies(tiny_yaml, tmp_path):
     r = _fedsim("validate", str(tiny_yaml))
     assert r.returncode == 0 and r.stdout.startswith("ok:")
+    assert "  aggregation: " in r.stdout and "  memory (estimated peak): worker (each of " in r.stdout  # #50 point 3
     png = tmp_path / "split.png"
     r = _fedsim("partition", str(tiny_yaml), "--png", str(png))
     assert r.returncode == 0, r.stderr
@@ -261,7 +262,7 @@ def test_run_on_ray_starts_the_workers_before_torch_is_imported(tiny_yaml, tmp_p
     # the start-up says what it is doing, in order, before round 0 (#45 point 18)
     said_first = [line for line in code.stderr.splitlines() if line.startswith(("fedsim: ", "round 0"))]
     assert [line.split(":")[1].split()[0] if line.startswith("fedsim") else "round" for line in said_first] == \
-        ["starting", "loading", "2", "preparing", "waiting", "evaluating", "round"], said_first
+        ["starting", "loading", "2", "preparing", "waiting", "memory", "evaluating", "round"], said_first
     assert "2 Ray worker(s) (1 CPU each) starting up" in code.stderr
     r = _fedsim("run", str(tiny_yaml), "--out", str(tmp_path / "local"), "--set", "rounds=1")
     assert r.returncode == 0, r.stderr

@@ -113,11 +113,11 @@ def test_a_killed_server_actor_is_named_and_the_run_resumes(tiny_raw, tmp_path):
     class KillServerInRound2(RayBackend):
         calls = 0
 
-        def train(self, jobs, on_done=None):
+        def train(self, jobs, on_done=None, **kwargs):
             KillServerInRound2.calls += 1
             if KillServerInRound2.calls == 2:
                 ray.kill(self.server_actor, no_restart=True)
-            return super().train(jobs, on_done=on_done)
+            return super().train(jobs, on_done=on_done, **kwargs)
 
     tiny_raw.update(rounds=3)
     tiny_raw["resources"].update(backend="ray", server={"num_cpus": 0.5})  # a server actor of its own

@@ -84,3 +84,66 @@ def test_a_strategy_that_does_not_stream_and_a_stage_that_reads_updates_are_refu
     tiny_raw["resources"]["worker_partials"] = True
     with pytest.raises(ScenarioError, match="does not stream"):
         resolve(scenario_from_dict(tiny_raw), Whole())
+
+
+@pytest.mark.parametrize(("change", "folds", "says"), [
+    ({}, True, "3 clients a round per worker"),  # 6 clients for 2 workers
+    ({"resources": {"backend": "local"}, "clients": {"per_round": 3}}, True, "3 clients"),  # one in-process worker
+    ({"clients": {"per_round": 4}}, False, "2 clients a round per worker"),  # a partial weighs two updates
+    ({"strategy": {"name": "flora"}}, False, "float32"),  # product sums would group by worker
+    ({"strategy": {"name": "fedit", "robust": {"method": "median"}}}, False, "strategy.robust"),
+    ({"clock": {"deadline_s": 5.0}}, False, "deadline"),
+    ({"faults": {"kill_worker_prob": 0.1}}, False, "kill_worker_prob"),
+    ({"resources": {"worker_partials": False}}, False, "worker_partials: false"),
+])
+def test_auto_folds_on_workers_where_the_partials_merge_exactly_and_say_why(tiny_raw, change, folds, says):
+    """#50 point 1: resources.worker_partials defaults to auto, which folds on the workers where it changes no
+    number and saves memory, and says which path it took and why."""
+    from fedsim.components import aggregation_path, resolve
+
+    tiny_raw["clients"]["per_round"] = 6
+    tiny_raw["resources"].update(backend="ray", num_workers=2)
+    for key, value in change.items():
+        tiny_raw[key] = {**tiny_raw.get(key, {}), **value} if key != "strategy" else value
+    sc = scenario_from_dict(tiny_raw)
+    components = resolve(sc)
+    path = aggregation_path(sc, components.strategy, components.stages)
+    assert path.folds is folds and says in path.note
+    assert path.note.startswith("aggregation: workers fold" if folds else "aggregation: the server ")
+    assert path.feeds is (not folds and "robust" not in change.get("strategy", {}) and "clock" not in change)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fedsa", "hetlora", "flora", "flexlora", "fedex"])
+def test_partials_exact_is_honest_any_grouping_equals_one_server_fold_bit_for_bit(name):
+    """What auto relies on (Strategy.partials_exact): the float64 sums of any grouping of the round's clients by
+    worker, merged in any order, give the same float32 state (tensors and base deltas) as the server folding every
+    update itself; the float32 product sums of FLoRA, FlexLoRA and FedEx-LoRA do not (so they are not exact)."""
+    from fedsim.strategies import make_strategy
+
+    spec = StrategySpec({"m.q_proj": ModuleShape(d_in=64, d_out=48), "m.v_proj": ModuleShape(d_in=64, d_out=64)},
+                        LoraSpec(4, 8.0), seed=0)
+    strategy = make_strategy(name)
+    state, clients = strategy.init_state(spec), list(range(24))
+
+    def update(cid):
+        g = torch.Generator().manual_seed(100 + cid)
+        return ClientUpdate(cid, 5 + 3 * cid, LoraSpec(4, 8.0), {
+            k: torch.randn(t.shape, generator=g) * (10.0 ** (cid % 5 - 2)) for k, t in state.tensors.items()})
+
+    server = Server(strategy, spec=spec)
+    server.aggregate(CTX, [update(c) for c in clients])
+    same = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        order, cut = torch.randperm(len(clients), generator=g).tolist(), sorted(torch.randperm(23, generator=g)[:2] + 1)
+        other, results, partials = Server(make_strategy(name), spec=spec), {}, []
+        for group in (order[: cut[0]], order[cut[0]: cut[1]], order[cut[1]:]):  # three workers
+            folder = Folder(other.strategy)
+            for cid in group:
+                results[cid] = folder.fold(other.fold_spec(CTX), update(cid))
+            partials.append(folder.take(CTX.server_round))
+        other.aggregate_partials(CTX, reversed(partials), results)
+        mine, theirs = server.state, other.state
+        same.append(all(torch.equal(theirs.tensors[k], v) for k, v in mine.tensors.items()) and all(
+            torch.equal(a[k], b[k]) for a, b in zip(mine.base_deltas, theirs.base_deltas, strict=True) for k in a))
+    assert all(same) if strategy.partials_exact else not all(same), same

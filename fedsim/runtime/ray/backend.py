@@ -25,7 +25,7 @@ from fedsim.config import Scenario
 from fedsim.data.tokenized import TokenizedData
 from fedsim.errors import BackendError
 from fedsim.models.base import configure_threads
-from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle
+from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle, Sink
 from fedsim.runtime.ray.dispatch import Dispatch, RetryPolicy, auto_call_cap
 from fedsim.runtime.ray.pool import Pool, launch_pool, placement, take_early
 from fedsim.runtime.ray.server_host import DriverServerHandle, ObjectStoreServer, RayServerHandle
@@ -192,13 +192,14 @@ class RayBackend(Backend):
 
     def train(self, jobs: Sequence[tuple[ClientJob, Handle]],
               on_done: Callable[[ClientResult | ClientFailure], None] | None = None,
-              fold: Handle | None = None) -> list[JobOutcome]:
+              fold: Handle | None = None, sink: Sink | None = None) -> list[JobOutcome]:
         """Dispatch the jobs to the pool (:class:`~fedsim.runtime.ray.dispatch.Dispatch`): a worker that dies, or a
         call running longer than ``resources.client_timeout_s`` per client in it, is replaced and its clients
         retried up to ``resources.max_retries`` times (:class:`~fedsim.runtime.ray.dispatch.RetryPolicy`). With
-        ``fold``, the clients a lost worker had folded into its partial fail with it."""
+        ``fold``, the clients a lost worker had folded into its partial fail with it. With ``sink``, calls start
+        within :attr:`Dispatch.window` of the first outcome it has not taken."""
         policy = RetryPolicy(max_attempts=1 + self.resources.max_retries, timeout_s=self.resources.client_timeout_s)
-        dispatch = Dispatch(self, jobs, on_done, policy, fold)
+        dispatch = Dispatch(self, jobs, on_done, policy, fold, sink)
         outcomes = dispatch.run()
         done = [r.metrics for r, _ in outcomes if isinstance(r, ClientResult) and "client/time_s" in r.metrics]
         if done:

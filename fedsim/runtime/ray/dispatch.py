@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedsim.runtime.interfaces import Handle, JobOutcome
+from fedsim.runtime.interfaces import Handle, JobOutcome, Sink, drain
 from fedsim.runtime.packs import make_packs
 from fedsim.types import ClientFailure, ClientJob, ClientResult
 
@@ -85,9 +85,10 @@ class Dispatch:
 
     def __init__(self, backend: Any, jobs: Sequence[tuple[ClientJob, Handle]],
                  on_done: Callable[[ClientResult | ClientFailure], None] | None, policy: RetryPolicy,
-                 fold: Handle | None = None):
+                 fold: Handle | None = None, sink: Sink | None = None):
         self.backend, self.jobs, self.on_done, self.policy = backend, jobs, on_done, policy
         self.fold = fold  # the round's FoldSpec: workers fold their clients' updates into partials
+        self.sink, self.taken = sink, 0  # outcomes go to the sink in job order; the first position not given yet
         self.folded: dict[int, list[int]] = {}  # slot → positions of the jobs whose update its partial holds
         res = backend.resources
         self.depth = PIPELINE_DEPTH if backend.pack_size == 1 else 1  # a pack hides the dispatch latency itself
@@ -100,6 +101,10 @@ class Dispatch:
         self.started: dict[Any, float] = {}  # ref at the head of its actor's queue → when it started running
         self.inflight: dict[Any, tuple[int, Unit, list]] = {}  # meta ref → (slot, unit, update ref per client)
         self.outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        # with a sink, a call starts only within this many positions of the first outcome not given to it: the
+        # updates waiting in the object store stay O(workers × call size) — every worker busy with its queue full,
+        # and one call each of slack for the order clients finish in
+        self.window = (self.depth + 1) * len(backend.actors) * self.cap if sink is not None else len(jobs)
 
     def _pool(self, job: ClientJob) -> int:
         p = self.backend.resources.pool_of(job.spec.quant.bits)
@@ -119,17 +124,24 @@ class Dispatch:
                 if ref in self.inflight:  # else dropped together with its worker
                     self._collect(ref)
             self._enforce_timeouts()
+            if self.sink is not None:
+                self.taken = drain(self.sink, self.outcomes, self.taken)
         return [o for o in self.outcomes if o is not None]
+
+    def _within(self, unit: Unit) -> bool:
+        """Whether ``unit`` may start: its first client lies within the window (the unit holding the first
+        position not given to the sink always does, so the round never waits on itself)."""
+        return min(pos for pos, _, _ in unit) < self.taken + self.window
 
     # -- submitting ------------------------------------------------------------------------------------------
     def _fill(self, slot: int) -> None:
         pending = self.waiting[self.backend.slots[slot][0]]
-        while pending and len(self.queues[slot]) < self.depth:
+        while pending and len(self.queues[slot]) < self.depth and self._within(pending[0]):
             unit = pending.popleft()
             if self.cap > 1:  # a call of several clients, one after another
                 size = call_size(len(unit) + sum(map(len, pending)), self.workers[self.backend.slots[slot][0]],
                                  self.cap)
-                while pending and len(unit) + len(pending[0]) <= size:
+                while pending and len(unit) + len(pending[0]) <= size and self._within(pending[0]):
                     unit = unit + pending.popleft()
             meta_ref, update_refs = self._submit(slot, unit)
             self.inflight[meta_ref] = (slot, unit, update_refs)

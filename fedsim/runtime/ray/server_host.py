@@ -50,6 +50,18 @@ class ObjectStoreServer:
             return self.server.aggregate(ctx, (unpack_tensors_of(ray.get(ref)) for ref in update_refs))
         return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
 
+    def open_round(self, ctx: RoundContext) -> None:
+        self.server.open_round(ctx)
+
+    def feed(self, ctx: RoundContext, update_refs: list) -> None:
+        """Fold these updates into the open round, each fetched from the object store and dropped before the next."""
+        import ray
+
+        self.server.feed(ctx, (unpack_tensors_of(ray.get(ref)) for ref in update_refs))
+
+    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+        return self.server.close_round(ctx)
+
     def fold_spec(self, ctx: RoundContext):
         """The round's :class:`~fedsim.server.FoldSpec` in the object store, once for every worker (in a list: an
         actor's caller gets the reference)."""
@@ -108,6 +120,25 @@ class RayServerHandle(ServerHandle):
     def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
         # Wrapped in a list so that Ray passes the references through instead of resolving them here.
         return self._call("aggregate", ctx, list(updates))
+
+    def open_round(self, ctx: RoundContext) -> None:
+        self.feeding: list = []
+        self._call("open_round", ctx)
+
+    def feed(self, ctx: RoundContext, updates: Sequence[Handle]) -> None:
+        """Not waited for: the actor's calls run in the order sent, and it holds the references (borrowed, in a list)
+        until it has read them; :meth:`close_round` raises what a feed raised."""
+        self.feeding.append(self.actor.feed.remote(ctx, list(updates)))
+
+    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+        import ray
+
+        feeding, self.feeding = self.feeding, []
+        try:
+            ray.get(feeding)
+        except ray.exceptions.RayActorError:
+            pass  # said by the call below, as for every other call
+        return self._call("close_round", ctx)
 
     def fold_spec(self, ctx: RoundContext) -> Handle:
         return self._call("fold_spec", ctx)[0]

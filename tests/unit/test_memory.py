@@ -1,0 +1,60 @@
+"""The memory estimate before round 1 (#50 point 3): its parts follow the aggregation path the run takes, what stays
+bounded stays bounded, and a run that would not fit is told which part to shrink and how."""
+
+import copy
+
+import pytest
+
+from fedsim.components import resolve
+from fedsim.config import scenario_from_dict
+from fedsim.federation.prepare import prepare
+from fedsim.memory import MB, MemoryEstimate, estimate
+
+
+def _estimate(tiny_raw, per_round, **resources):
+    raw = copy.deepcopy(tiny_raw)
+    raw["clients"].update(num_clients=max(per_round, 8), per_round=per_round)
+    raw["partition"] = {"method": "iid"}
+    raw["data"]["synthetic"]["num_train"] = 20 * max(per_round, 8)
+    raw["resources"].update(backend="ray", num_workers=2, **resources)
+    sc = scenario_from_dict(raw)
+    prep = prepare(sc)
+    upload = sum(prep.spec.lora.rank * (s.d_in + s.d_out) * 4 for s in prep.spec.shapes.values())  # FedIT's: A, B
+    return estimate(sc, prep, resolve(sc)), upload
+
+
+def test_the_estimate_follows_the_path_and_what_streams_stays_bounded(tiny_raw):
+    """FedIT by default folds on the workers; with worker_partials false the server folds each update as it comes;
+    either way the object store holds a few updates per worker, at 10 clients a round as at 200."""
+    stores = []
+    for per_round in (10, 200):
+        default, upload = _estimate(tiny_raw, per_round)
+        fed, _ = _estimate(tiny_raw, per_round, worker_partials=False, clients_per_call=1)
+        assert default.path == "partials" and fed.path == "fed"
+        assert default.store["partials"] == 2 * 2 * upload  # two workers' float64 partials
+        assert default.worker["its partial"] == 2 * upload
+        assert fed.store["updates waiting"] == min(per_round, 3 * 2) * upload  # (depth + 1) × workers × 1 a call
+        assert fed.server["an update read"] == upload and "gathered updates" not in fed.server
+        stores.append((sum(default.store.values()), sum(fed.store.values())))
+    assert stores[1][0] <= 1.5 * stores[0][0] and stores[1][1] <= 1.5 * stores[0][1]
+
+
+def test_a_gathered_round_grows_with_the_clients_and_says_so(tiny_raw):
+    tiny_raw["strategy"] = {"name": "fedit", "robust": {"method": "median"}}
+    gathered, upload = _estimate(tiny_raw, 40)
+    assert gathered.path == "gathered"
+    assert gathered.store["gathered updates"] == 40 * upload and gathered.server["gathered updates"] == 80 * upload
+    said = gathered.warning(node_bytes=int(gathered.total * 0.5))
+    assert said.startswith("memory: the run may need") and "runtime" in said  # tiny: the runtimes dominate
+    assert gathered.warning(node_bytes=int(gathered.total * 2)) is None
+
+
+@pytest.mark.parametrize(("part", "fix"), [
+    ("gathered updates", "fewer clients.per_round"), ("base (float32)", "quantized bases"),
+    ("activations", "training.batch_size"), ("base updates kept", "fewer rounds")])
+def test_the_warning_names_the_largest_part_and_its_fix(part, fix):
+    where = "server" if part in ("gathered updates", "base updates kept") else "worker"
+    est = MemoryEstimate(worker={"runtime": 400 * MB}, server={"runtime": 400 * MB}, store={}, workers=2)
+    getattr(est, where)[part] = 10_000 * MB
+    said = est.warning(node_bytes=4_000 * MB)
+    assert part in said and fix in said, said
