@@ -26,7 +26,11 @@ MB = 2**20
 # resident memory of the processes' own code and libraries, measured on the tiny model (Python, torch, transformers'
 # model code, Ray's core worker; benchmarks/vs_flower.py and benchmarks/server_memory.py)
 WORKER_RUNTIME = 450 * MB
-SERVER_RUNTIME = 480 * MB
+SERVER_RUNTIME = 370 * MB
+# the store's pages the server's process has touched by a round's end, per byte of the store's peak: it reads every
+# update or partial and writes the payloads, and the store's allocator places them on other pages as objects come
+# and go (benchmarks/server_memory.py: 1.0-1.3x on every path)
+STORE_PAGES = 1.25
 ADAM_BYTES = 16  # a trainable float32 parameter: itself, its gradient, AdamW's two moments (SGD: 8)
 
 
@@ -184,16 +188,18 @@ def _server_and_store(scenario: Any, strategy: Any, sizes: tuple[float, float, f
     server = {"runtime": float(SERVER_RUNTIME), "global state": adapter}
     if strategy.merges_into_base:  # the base updates of every round, kept for late joiners
         server["base updates kept"] = scenario.rounds * min(dense, per_round * upload)
-    store = {"payload": adapter}
+    store = {"payloads": 2 * adapter}  # the round's, and the evaluation's or the last round's not yet released
     if path == "partials":
         server["round sums"], server["a partial read"] = sums, sums
         store["fold spec"] = adapter
         store["partials"] = min(workers, per_round) * sums  # one per worker
     elif path == "fed":
-        server["round sums"], server["an update read"] = sums, upload
-        window = (PIPELINE_DEPTH + 1) * workers * per_call  # Dispatch.window
-        store["updates waiting"] = min(per_round, window) * upload
+        server["round sums"] = sums  # an update is read in place (its tensors are views of the store's pages)
+        window = (PIPELINE_DEPTH + 1) * workers * per_call  # Dispatch.window, and one being written per worker
+        store["updates waiting"] = min(per_round, window + workers) * upload
     else:
-        server["gathered updates"] = per_round * upload * 2  # read from the store, then the rule's own copy
+        server["gathered updates"] = per_round * upload
         store["gathered updates"] = per_round * upload
+    if scenario.resources.backend == "ray":
+        server["object-store pages it maps"] = STORE_PAGES * sum(store.values())
     return server, store
