@@ -113,7 +113,8 @@ def test_auto_folds_on_workers_where_the_partials_merge_exactly_and_say_why(tiny
     assert path.feeds is (not folds and "robust" not in change.get("strategy", {}) and "clock" not in change)
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "fedsa", "hetlora", "flora", "flexlora", "fedex"])
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fedsa", "hetlora", "feddpa", "fedqlora", "pf2lora", "flora", "flexlora",
+                                  "fedex"])
 def test_partials_exact_is_honest_any_grouping_equals_one_server_fold_bit_for_bit(name):
     """What auto relies on (Strategy.partials_exact): the float64 sums of any grouping of the round's clients by
     worker, merged in any order, give the same float32 state (tensors and base deltas) as the server folding every
