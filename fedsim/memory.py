@@ -39,6 +39,7 @@ class MemoryEstimate:
     """Bytes by part: one worker's (the largest), the server's, the object store's; the path the round takes."""
 
     worker: dict[str, float] = field(default_factory=dict)
+    gpu: dict[str, float] = field(default_factory=dict)  # a worker's parts on its GPU (resources.num_gpus > 0)
     server: dict[str, float] = field(default_factory=dict)
     store: dict[str, float] = field(default_factory=dict)
     workers: int = 1
@@ -47,7 +48,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        """The node's share: the server, every worker, the object store (a local run: all on this machine)."""
+        """The node's share of host memory: the server, every worker, the object store (a local run: all on this
+        machine); a worker's GPU parts (:attr:`gpu`) are not in it."""
         store = sum(self.store.values()) if self.backend == "ray" else 0.0
         return sum(self.server.values()) + self.workers * sum(self.worker.values()) + store
 
@@ -58,7 +60,10 @@ class MemoryEstimate:
             return (f"{name} ~{_mb(sum(parts.values()))}" + (f" ({', '.join(f'{k} {_mb(v)}' for v, k in top)})"
                                                             if top else ""))
 
-        out = [line(f"worker (each of {self.workers})", self.worker), line("server", self.server)]
+        out = [line(f"worker (each of {self.workers})", self.worker)]
+        if self.gpu:
+            out.append(line("on each worker's GPU share", self.gpu))
+        out.append(line("server", self.server))
         if self.backend == "ray":
             out.append(line("object store", self.store))
         return out
@@ -125,6 +130,9 @@ def estimate(scenario: Any, prep: Any, components: Any, path: Any = None) -> Mem
     sums = dense if strategy.streams and not strategy.partials_exact else 2.0 * upload  # float32 dense or float64
     out = MemoryEstimate(workers=workers, path=path, backend=res.backend)
     out.worker = _worker(scenario, prep.data.max_len, (linears, params), adapter, upload * per_call)
+    if res.num_gpus > 0:  # the bases, the training state and the activations live on the GPU, not in this node's RAM
+        out.gpu = {k: out.worker.pop(k) for k in list(out.worker)
+                   if k.startswith("base (") or k in ("adapter and optimizer", "activations")}
     if path == "partials":
         out.worker["its partial"] = sums
     out.server, out.store = _server_and_store(scenario, strategy, (adapter, upload, sums, dense), (workers, per_call),

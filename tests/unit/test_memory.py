@@ -61,3 +61,14 @@ def test_the_warning_names_the_largest_part_and_its_fix(part, fix):
     getattr(est, where)[part] = 10_000 * MB
     said = est.warning(node_bytes=4_000 * MB)
     assert part in said and fix in said, said
+
+
+def test_a_gpu_run_counts_the_bases_and_training_on_the_gpu_not_in_host_memory(tiny_raw):
+    on_cpu, _ = _estimate(tiny_raw, 10)
+    on_gpu, _ = _estimate(tiny_raw, 10, num_gpus=0.5)
+    moved = {k for k in on_cpu.worker if k.startswith("base (")} | {"adapter and optimizer", "activations"}
+    assert {k for k in on_gpu.gpu if not k.startswith("base (")} == {"adapter and optimizer", "activations"}
+    assert "base (bfloat16)" in on_gpu.gpu  # dtype auto on a GPU
+    assert set(on_gpu.worker) == set(on_cpu.worker) - moved
+    assert on_gpu.total == pytest.approx(on_cpu.total - 2 * sum(on_cpu.worker[k] for k in moved))
+    assert any(line.startswith("on each worker's GPU share ~") for line in on_gpu.lines())
