@@ -39,8 +39,8 @@ class Federation:
     prep: Prepared
     store: ClientStateStore | None
     base_version: int = 0
-    folds: bool = False  # workers fold their clients' updates into partials (Components.folds)
-    feeds: bool = False  # else the server folds them while the clients train (Components.feeds)
+    folds: bool = False  # workers fold their clients' updates into partials (components.aggregation_path)
+    feeds: bool = False  # else the server folds them while the clients train (components.aggregation_path)
 
     def context(self, server_round: int) -> RoundContext:
         sc = self.scenario
