@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,7 @@ def format_validation(e: ValidationError, prefix: str = "", model: type | None =
     """pydantic's errors as one line: each offending key's dotted path and what is wrong with it; an unknown key
     (with ``model``, the mapping validated) lists its section's keys and the closest one."""
     parts = []
-    for err in e.errors():
+    for err in _merge_union_branches(e.errors()):
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = err["msg"].removeprefix("Value error, ")
@@ -56,6 +57,33 @@ def format_validation(e: ValidationError, prefix: str = "", model: type | None =
             msg = "required key is missing"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+_BRANCH = re.compile(r"^(bool|int|float|str|none|constrained-\w+|literal\[.*\])$")  # a union member in an error's loc
+_KINDS = {"bool": ["true", "false"], "int": ["an integer"], "float": ["a number"], "str": ["a string"], "none": ["null"]}
+
+
+def _merge_union_branches(errors: list[dict]) -> list[dict]:
+    """pydantic reports a value that fits no member of a union (``true``/``false`` or ``auto``; a count or ``auto``)
+    once per member, each under a location ending in the member's tag: one error instead, at the field, saying
+    what it takes and what it got."""
+    out: list[dict] = []
+    for err in errors:
+        loc, tag = tuple(err["loc"][:-1]), str(err["loc"][-1]) if err["loc"] else ""
+        if not _BRANCH.match(tag):
+            out.append(err)
+            continue
+        kinds = ([repr(v.strip(" '\"")) for v in tag[8:-1].split(",")] if tag.startswith("literal[")
+                 else _KINDS.get(tag.removeprefix("constrained-"), [tag]))
+        last = out[-1] if out else None
+        if last is not None and last.get("branches") is not None and last["loc"] == loc:
+            last["branches"] += [k for k in kinds if k not in last["branches"]]
+            alternatives = last["branches"]
+            if len(alternatives) > 1:
+                last["msg"] = f"expected {', '.join(alternatives[:-1])} or {alternatives[-1]}, got {last['input']!r}"
+        else:
+            out.append({**err, "loc": loc, "branches": kinds})
+    return out
 
 
 def _unknown_key(model: type | None, loc: list, prefix: str = "") -> str:

@@ -135,3 +135,16 @@ def test_rank_above_layer_width_is_refused(tiny_raw):
     tiny_raw["clients"]["lora"] = {"rank": 40, "alpha": 8}
     with pytest.raises(ScenarioError, match="smallest adapted dimension 32"):
         prepare(scenario_from_dict(tiny_raw))
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("resources.worker_partials=maybe", "resources.worker_partials: expected true, false or 'auto', got 'maybe'"),
+    ("resources.clients_per_call=many", "resources.clients_per_call: expected an integer or 'auto', got 'many'"),
+    ("data.max_seq_len=abc", "data.max_seq_len: expected an integer or 'auto', got 'abc'"),
+])
+def test_a_value_that_fits_no_member_of_a_union_is_one_line_naming_what_fits(tiny_raw, override, said):
+    """pydantic names each member of a union apart (``worker_partials.bool: …; worker_partials.literal['auto']:
+    …``); the error says once what the key takes and what it got."""
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict(tiny_raw, [override])
+    assert str(e.value).startswith(said), str(e.value)
