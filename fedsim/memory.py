@@ -84,7 +84,8 @@ class MemoryEstimate:
 
 FIXES = (  # the largest part of an estimate → what shrinks it
     ("gathered updates", "the round is gathered on the server: use fewer clients.per_round, or a strategy and rules "
-                        "that stream (the server then folds each update as it comes)"),
+                        "that stream (strategy.robust norm_bound does; median, trimmed_mean and Krum do not), so "
+                        "that the server folds each update as it comes"),
     ("base (", "each worker holds the base: use fewer resources.num_workers, or quantized bases (clients.quant)"),
     ("activations", "use a smaller training.batch_size or data.max_seq_len"),
     ("base updates kept", "the strategy keeps every round's base update: use fewer rounds"),

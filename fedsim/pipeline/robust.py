@@ -8,7 +8,8 @@ global adapter of an averaging strategy (FedIT, FFA-LoRA, FedSA-LoRA, HETLoRA at
   neighbours (``f``: the Byzantine clients tolerated); Krum keeps the best one, Multi-Krum the ``select`` best and
   averages them uniformly — Blanchard et al., NeurIPS 2017.
 - ``norm_bound``: each update's change of the shared tensors (what it uploads minus the global value) clipped to
-  ``max_norm`` before the strategy's own weighted average — Sun et al., 2019 ("Can you really backdoor FL?").
+  ``max_norm`` before the strategy's own weighted average — Sun et al., 2019 ("Can you really backdoor FL?"). One
+  update at a time (:meth:`RobustAggregation.admit`): the server folds such a round as it comes.
 
 The reductions run in float64 on the flattened shared tensors and replace the strategy's average of those tensors in
 the new state; what the strategy keeps besides them (FFA-LoRA's frozen A, a personal part) is untouched. Every update
@@ -182,9 +183,9 @@ class RobustAggregation(ServerStage):
         self._robust, self._metrics = None, {}
         if not updates:
             return StageResult(list(updates))
+        if self.method == "norm_bound":  # one update at a time, as when the server folds them while clients train
+            return super().before(ctx, state, updates)
         keys = sorted(updates[0].tensors)
-        if self.method == "norm_bound":
-            return StageResult(self._bounded(state, updates, keys))
         if self.method in ("krum", "multi_krum"):
             if len(updates) <= 2 * self.f + 2:  # the round leaves the global state as it was: nothing aggregated
                 self._metrics = {"robust/skipped": 1.0}
@@ -201,33 +202,29 @@ class RobustAggregation(ServerStage):
         self._robust = {k: v.view(updates[0].tensors[k].shape) for k, v in sorted_columns(updates, keys, reduce).items()}
         return StageResult(list(updates))
 
-    def _bounded(self, state: GlobalState, updates: Sequence[ClientUpdate], keys: list[str]) -> list[ClientUpdate]:
-        """Each update with its change of the shared tensors clipped to ``max_norm``. Tensor by tensor over all the
-        updates at once (per update, 56 small tensors cost more in per-operation overhead than in arithmetic): the
-        norms first (per-tensor norms in float32, combined in float64), then the clipped updates' new values,
-        ``start + (max_norm / norm) · (value − start)``, the others as they came."""
-        n = len(updates)
-        start = {k: state.tensors[k].to(torch.float32).reshape(1, -1) for k in keys}
-        buf = RowBuffer(updates, keys)
-        squares = torch.zeros(n, dtype=torch.float64)
-        for k in keys:
-            squares += torch.linalg.vector_norm(buf.rows(k).sub_(start[k]), dim=1).to(torch.float64).square()
-        norms = squares.sqrt()
-        over = (norms > self.max_norm).nonzero().flatten().tolist()
-        self._metrics = {"robust/clipped": float(len(over))}
-        if not over:
-            return list(updates)
-        scale = (self.max_norm / norms[over]).to(torch.float32)[:, None]
-        new: list[dict[str, torch.Tensor]] = [{} for _ in over]
-        for k in keys:
-            shape = updates[0].tensors[k].shape
-            rows = torch.addcmul(start[k], buf.rows(k, over).sub_(start[k]), scale).to(updates[over[0]].tensors[k].dtype)
-            for tensors, row in zip(new, rows.view(len(over), *shape).unbind(0)):
-                tensors[k] = row
-        out = list(updates)
-        for i, tensors in zip(over, new):
-            out[i] = replace(out[i], tensors={**out[i].tensors, **tensors})
-        return out
+    @property
+    def streams(self) -> bool:
+        """Norm bounding takes one update at a time (the server folds the round as it comes); the other rules need
+        the round's updates together."""
+        return self.method == "norm_bound"
+
+    def admit(self, ctx: RoundContext, state: GlobalState, update: ClientUpdate) -> tuple[ClientUpdate, None]:
+        """``norm_bound``: the update with its change of the shared tensors clipped to ``max_norm`` — per-tensor
+        norms in float32 by one fused kernel, combined in float64; a clipped value is
+        ``start + (max_norm / norm) · (value − start)``. Counted for the round's ``robust/clipped``."""
+        if self.method != "norm_bound":
+            return update, None
+        keys = sorted(update.tensors)
+        start = [state.tensors[k].to(torch.float32) for k in keys]
+        change = torch._foreach_sub([update.tensors[k].to(torch.float32) for k in keys], start)
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(change)).to(torch.float64)))
+        self._metrics["robust/clipped"] = self._metrics.get("robust/clipped", 0.0) + float(norm > self.max_norm)
+        if norm <= self.max_norm:
+            return update, None
+        scale = float(torch.tensor(self.max_norm / norm, dtype=torch.float32))
+        clipped = torch._foreach_add(start, change, alpha=scale)
+        return replace(update, tensors={**update.tensors, **{
+            k: v.to(update.tensors[k].dtype) for k, v in zip(keys, clipped)}}), None
 
     def after(self, ctx: RoundContext, old: GlobalState, new: GlobalState) -> tuple[GlobalState, dict[str, float]]:
         metrics, robust = self._metrics, self._robust

@@ -203,3 +203,39 @@ def test_a_skipped_krum_round_leaves_the_state_even_with_a_momentum_server_optim
     assert report["stage_metrics"]["robust/skipped"] == 1.0 and report["aggregated"] == 0.0
     assert all(torch.equal(server.state.tensors[k], before[k]) for k in before)
     assert "server_opt/step_norm" not in report["stage_metrics"]
+
+
+def test_norm_bounding_streams_the_server_folds_the_clipped_updates_as_they_come(tiny_raw):
+    """Norm bounding clips one update at a time, so the server folds the round as it comes (no gathering): the
+    streamed round is the weighted mean of the updates clipped in float64 by numpy, and counts what it clipped."""
+    from fedsim.components import aggregation_path, resolve
+    from fedsim.lora import ops
+    from fedsim.server import Server
+    from fedsim.strategies import StrategySpec
+    from fedsim.types import ModuleShape
+
+    bound, keys = 1.0, {ops.a_key("m"): (2, 3), ops.b_key("m"): (4, 2)}
+    g = torch.Generator().manual_seed(4)
+    ups = [ClientUpdate(i, 3 + i, LORA, {k: torch.randn(*s, generator=g) for k, s in keys.items()}) for i in range(5)]
+    spec = StrategySpec({"m": ModuleShape(d_in=3, d_out=4)}, LORA, seed=0)
+    server = Server("fedit", {}, spec, stages=[RobustAggregation("norm_bound", max_norm=bound)])
+    assert server.streams
+    server.state = dataclasses.replace(server.state, tensors={k: torch.full(s, 0.1) for k, s in keys.items()})
+    up = server.aggregate(RoundContext(1, 1, 0), iter(ups))
+    clipped, total = 0, {k: 0.0 for k in keys}
+    for u in ups:
+        change = {k: u.tensors[k].double().numpy() - 0.1 for k in keys}
+        norm = np.sqrt(sum((c ** 2).sum() for c in change.values()))
+        clipped += norm > bound
+        for k in keys:
+            total[k] = total[k] + u.num_examples * (0.1 + change[k] * min(1.0, bound / norm))
+    n = sum(u.num_examples for u in ups)
+    for k in keys:
+        np.testing.assert_allclose(server.state.tensors[k].double().numpy(), total[k] / n, rtol=F32_ALGEBRA,
+                                   atol=F32_ALGEBRA)
+    assert clipped >= 3 and up["stage_metrics"] == {"robust/clipped": float(clipped)}
+    tiny_raw["strategy"] = {"name": "fedit", "robust": {"method": "norm_bound", "max_norm": 1.0}}
+    tiny_raw["resources"]["worker_partials"] = False
+    sc = scenario_from_dict(tiny_raw)
+    c = resolve(sc)
+    assert aggregation_path(sc, c.strategy, c.stages).feeds  # folded while the clients train, not gathered

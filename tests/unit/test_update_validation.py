@@ -63,6 +63,7 @@ def test_a_streaming_server_holds_one_update_at_a_time_and_rejects_as_before():
     import gc
     import weakref
 
+    from fedsim.pipeline import ServerStage, StageResult
     from fedsim.pipeline.robust import RobustAggregation
 
     a = ops.a_key("m.q_proj")
@@ -83,9 +84,14 @@ def test_a_streaming_server_holds_one_update_at_a_time_and_rejects_as_before():
     assert server.streams
     streamed = server.aggregate(CTX, stream())
     assert alive and not any(alive)
-    whole = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0),
-                   stages=[RobustAggregation("norm_bound", max_norm=1e9)])
-    assert not whole.streams  # a stage over the whole round: the server gathers the round
+    class Whole(ServerStage):  # a stage over the whole round (as a median's): the server gathers the round
+        def before(self, ctx, state, updates):
+            return StageResult(list(updates))
+
+    whole = Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0), stages=[Whole()])
+    assert not whole.streams
+    assert Server("fedit", {}, StrategySpec(SHAPES, LORA, seed=0),  # norm bounding clips one update at a time
+                  stages=[RobustAggregation("norm_bound", max_norm=1e9)]).streams
     together = whole.aggregate(CTX, [_update(cid, **{a: t}) for cid, t in made])
     assert streamed["rejected"].keys() == together["rejected"].keys() == {3}
     for key in ("aggregated", "comm/up_params", "comm/up_bytes", "per_client_up"):
