@@ -131,15 +131,14 @@ def aggregation_path(scenario: Scenario, strategy: Strategy, stages: tuple[Serve
     folds, why = worker_partials(scenario, strategy, stages)
     feeds = (not folds and strategy.streams and all(s.streams for s in stages)
              and scenario.clock.deadline_s is None)  # a deadline drops stragglers by the round's simulated times
-    if not folds:
-        why = why.replace("the server folds every update", "the server folds each update as it comes" if feeds
-                          else "the server gathers the round's updates")
-    return AggregationPath(folds, feeds, why)
+    did = ("workers fold their clients' updates into partials" if folds else
+           "the server folds each update as it comes" if feeds else "the server gathers the round's updates")
+    return AggregationPath(folds, feeds, f"aggregation: {did} ({why})")
 
 
 def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[ServerStage, ...]) -> tuple[bool, str]:
-    """Whether workers fold their clients' updates into partials (``resources.worker_partials``), and why — the
-    run's note. ``auto`` folds where the strategy's partials merge exactly (:attr:`Strategy.partials_exact`), no
+    """Whether workers fold their clients' updates into partials (``resources.worker_partials``), and why (in the
+    run's note). ``auto`` folds where the strategy's partials merge exactly (:attr:`Strategy.partials_exact`), no
     stage or scenario setting looks at single updates on the server, no injected kills would take a worker's folded
     clients with it, and a worker trains more than two clients a round on average (a float64 partial weighs two
     float32 updates).
@@ -150,15 +149,11 @@ def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[Server
     setting, key = scenario.resources.worker_partials, "resources.worker_partials"
     conflict = scenario.partials_conflict(type(strategy))
     refusal = conflict[0] if conflict else partials_refusal(strategy, stages)  # the stages: built-in or a user's
-    if setting is True:
-        if refusal:
-            raise ScenarioError(key, refusal, conflict[1] if conflict else "set resources.worker_partials: false")
-        return True, f"aggregation: workers fold their clients' updates into partials ({key}: true)"
-    if setting is False:
-        return False, f"aggregation: the server folds every update ({key}: false)"
-    res = scenario.resources
-    workers = 1 if res.backend == "local" else res.num_workers + sum(p.num_workers for p in res.pools)
-    per_worker = scenario.clients.num_per_round() / workers
+    if setting is True and refusal:
+        raise ScenarioError(key, refusal, conflict[1] if conflict else "set resources.worker_partials: false")
+    if setting != "auto":  # true or false
+        return bool(setting), f"{key}: {str(setting).lower()}"
+    per_worker = scenario.clients.num_per_round() / scenario.resources.total_workers
     why = next((w for w in (
         refusal,
         None if strategy.partials_exact else (f"strategy {strategy.name!r} sums products in float32, which grouping "
@@ -167,10 +162,7 @@ def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[Server
         if scenario.faults.kill_worker_prob > 0 else None,
         f"{per_worker:.3g} clients a round per worker: a partial would weigh more than their updates"
         if per_worker <= 2 else None) if w), None)
-    if why:
-        return False, f"aggregation: the server folds every update ({key}: auto; {why})"
-    return True, (f"aggregation: workers fold their clients' updates into partials ({key}: auto; "
-                  f"{per_worker:.3g} clients a round per worker)")
+    return why is None, f"{key}: auto; {why or f'{per_worker:.3g} clients a round per worker'}"
 
 
 def privacy_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage]:

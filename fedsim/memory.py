@@ -115,18 +115,16 @@ def estimate(scenario: Any, prep: Any, components: Any, path: Any = None) -> Mem
     from fedsim.models.base import linear_shapes
     from fedsim.runtime.ray.dispatch import CALL_BYTES
 
-    model, spec = scenario.model, prep.spec
+    model, spec, res, strategy = scenario.model, prep.spec, scenario.resources, components.strategy
     auto_class = components.task.classes[0]
     linears = linear_shapes(model, auto_class)
     params = linear_shapes(model, auto_class, part="params")
-    res = scenario.resources
-    workers = 1 if res.backend == "local" else res.num_workers + sum(p.num_workers for p in res.pools)
+    workers = res.total_workers
     adapter = _adapter_bytes(spec.shapes, spec.lora.rank, lambda key: True)
-    upload = _adapter_bytes(spec.shapes, spec.lora.rank, components.strategy.is_shared)
-    path = (path or aggregation_path(scenario, components.strategy, components.stages)).name
+    upload = _adapter_bytes(spec.shapes, spec.lora.rank, strategy.is_shared)
+    path = (path or aggregation_path(scenario, strategy, components.stages)).name
     per_call = min(scenario.clients.num_per_round(), res.clients_per_call if isinstance(res.clients_per_call, int)
                    else max(1, int(CALL_BYTES // max(upload, 1.0))))  # clients_per_call auto's cap (dispatch)
-    strategy = components.strategy
     dense = float(sum(s.d_in * s.d_out * 4 for s in spec.shapes.values()))
     sums = dense if strategy.streams and not strategy.partials_exact else 2.0 * upload  # float32 dense or float64
     out = MemoryEstimate(workers=workers, path=path, backend=res.backend)

@@ -71,6 +71,11 @@ class ResourcesConfig(Frozen):
     # round's end (guided self-scheduling) so that no worker waits on another's last long call
     clients_per_call: int | Literal["auto"] = "auto"
 
+    @property
+    def total_workers(self) -> int:
+        """The processes that train: the local backend's one, or the main pool's and every bit-width pool's."""
+        return 1 if self.backend == "local" else self.num_workers + sum(p.num_workers for p in self.pools)
+
     @field_validator("clients_per_call")
     @classmethod
     def _per_call(cls, v: int | str) -> int | str:

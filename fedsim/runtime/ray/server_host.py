@@ -5,7 +5,7 @@ adapter tensors never pass through the driver's dispatch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,13 @@ from fedsim.runtime.wire import pack, pack_tensors_of, unpack_tensors_of
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientSpec, RoundContext
+
+
+def _one_at_a_time(update_refs: list) -> Iterator[Any]:
+    """The updates behind ``update_refs``, each fetched from the object store when the previous one is done with."""
+    import ray
+
+    return (unpack_tensors_of(ray.get(ref)) for ref in update_refs)
 
 
 class ObjectStoreServer:
@@ -47,7 +54,7 @@ class ObjectStoreServer:
         import ray
 
         if self.server.streams:
-            return self.server.aggregate(ctx, (unpack_tensors_of(ray.get(ref)) for ref in update_refs))
+            return self.server.aggregate(ctx, _one_at_a_time(update_refs))
         return self.server.aggregate(ctx, [unpack_tensors_of(u) for u in ray.get(list(update_refs))])
 
     def open_round(self, ctx: RoundContext) -> None:
@@ -55,9 +62,7 @@ class ObjectStoreServer:
 
     def feed(self, ctx: RoundContext, update_refs: list) -> None:
         """Fold these updates into the open round, each fetched from the object store and dropped before the next."""
-        import ray
-
-        self.server.feed(ctx, (unpack_tensors_of(ray.get(ref)) for ref in update_refs))
+        self.server.feed(ctx, _one_at_a_time(update_refs))
 
     def close_round(self, ctx: RoundContext) -> dict[str, Any]:
         return self.server.close_round(ctx)
