@@ -195,6 +195,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {privacy_line(scenario, registry.get('strategy', scenario.strategy.name)(scenario.strategy.params))}")
         if (w := scenario.privacy.delta_warning(scenario.clients.num_clients)) is not None:
             print(f"  warning: {w}")
+    if scenario.compression is not None:
+        from fedsim.components import compression_line
+
+        print(f"  {compression_line(scenario, components.strategy, prep.spec.shapes, prep.spec.lora.rank)}")
     for w in warnings(prep.data.stats):
         print(f"  warning: {w}")
     from fedsim.components import aggregation_path

@@ -53,7 +53,7 @@ class Components:
         """Whether clients keep state between rounds (personal tensors, objectives' state): the run opens a client
         state store."""
         return (self.strategy.has_personal_state or self.strategy.keeps_client_state
-                or any(o.state_key is not None for o in self.objectives))
+                or any(o.state_key is not None for o in self.objectives) or any(t.keeps_state for t in self.transforms))
 
 
 def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
@@ -74,6 +74,9 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     if bad is not None:
         transforms = (*transforms, Attack(bad.clients(scenario.clients.num_clients, scenario.seed), bad.attack,
                                           multiplier=bad.multiplier(), std=bad.std, value=bad.value))
+    upload, broadcast = compression_parts(scenario, strategy)
+    if upload is not None:  # last: what goes on the wire is what the transforms before it made
+        transforms = (*transforms, upload)
     stages: tuple[ServerStage, ...] = ()
     if dp_stage is not None:  # first: the clipped, noised average is what later stages see
         stages = (dp_stage,)
@@ -89,6 +92,8 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     companion = objective.server_stage(scenario, strategy) if objective is not None else None
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
+    if broadcast is not None:  # last: it encodes the payload every other stage configured
+        stages = (*stages, broadcast)
     aggregation_path(scenario, strategy, stages)  # refuses worker_partials: true where a stage reads each update
     task = task_for(scenario.model)
     refused = task.refusal(scenario, strategy)
@@ -163,6 +168,53 @@ def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[Server
         f"{per_worker:.3g} clients a round per worker: a partial would weigh more than their updates"
         if per_worker <= 2 else None) if w), None)
     return why is None, f"{key}: auto; {why or f'{per_worker:.3g} clients a round per worker'}"
+
+
+def compression_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage | None]:
+    """Compressed communication's client transform (``compression.upload``) and server stage (``.download``).
+
+    Raises:
+        ScenarioError: a strategy that cannot take compressed factors (it says why).
+    """
+    c = scenario.compression
+    if c is None:
+        return None, None
+    from fedsim.pipeline.compression import Codec, CompressBroadcast, CompressUpload
+
+    feedback = c.feedback and c.upload != "none"
+    refused = strategy.compression_refusal(feedback)
+    if refused is not None:
+        if feedback and strategy.compression_refusal(False) is None:
+            raise ScenarioError("compression.error_feedback", refused, "set compression.error_feedback: false")
+        raise ScenarioError("compression", refused, "remove the compression section, or use a strategy that averages "
+                            "factors (e.g. fedit)")
+    upload = (CompressUpload(Codec(c.upload, c.block_size, c.topk_fraction), feedback)
+              if c.upload != "none" else None)
+    broadcast = CompressBroadcast(Codec(c.download, c.block_size), scenario.seed) if c.download != "none" else None
+    return upload, broadcast
+
+
+def compression_line(scenario: Scenario, strategy: Strategy, shapes: dict[str, Any], rank: int) -> str:
+    """What ``fedsim validate`` says of the compression section: each direction's codec and one client's bytes at
+    ``rank`` over the adapted modules ``shapes``, against float32."""
+    from fedsim.lora import ops
+    from fedsim.pipeline.compression import Codec
+
+    c = scenario.compression
+    sizes = {k: n for m, s in shapes.items() for k, n in ((ops.a_key(m), rank * s.d_in), (ops.b_key(m), rank * s.d_out))}
+    parts = []
+    for way, method, keys in (("upload", c.upload, [k for k in sizes if strategy.is_shared(k)]), ("download", c.download, list(sizes))):
+        if method == "none":
+            parts.append(f"{way}s raw")
+            continue
+        codec = Codec(method, c.block_size, c.topk_fraction)
+        raw, sent = 4 * sum(sizes[k] for k in keys), sum(codec.wire_bytes(sizes[k]) for k in keys)
+        what = (f"top {c.topk_fraction:.3g} of each tensor" if method == "topk" else
+                f"{method}, blocks of {c.block_size}, stochastic rounding" if method.startswith("int") else method)
+        feedback = ", error feedback" if way == "upload" and c.feedback else ""
+        parts.append(f"{way}s {what}{feedback}: {sent:,} bytes a client at rank {rank} ({raw / max(sent, 1):.2f}× "
+                     f"fewer than float32)")
+    return "compression: " + "; ".join(parts)
 
 
 def privacy_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage]:

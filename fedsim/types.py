@@ -184,6 +184,7 @@ class ClientPayload:
     no_personal_for: tuple[str, ...] = ()
     dynamic_mix: DynamicMix | None = None
     head: Tensors | None = None
+    wire: dict[str, int] | None = None  # each tensor's bytes on the wire where the server encoded them (compression)
 
 
 @dataclass
@@ -201,6 +202,8 @@ class ClientUpdate:
     # the client's trained head (a model task's modules trained in full, keys head.<module>.<param>): the server
     # averages it beside the strategy's aggregation; strategies never see it
     head: Tensors = field(default_factory=dict)
+    # each tensor's bytes on the wire where the client encoded them (compression.upload); None: their raw size
+    wire: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

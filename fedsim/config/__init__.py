@@ -23,6 +23,7 @@ from fedsim.config.clients import (
     RankChoice,
     RankTier,
 )
+from fedsim.config.compression import CompressionConfig
 from fedsim.config.data import DataConfig, PartitionConfig, SourceConfig, SyntheticConfig, TestSplitConfig
 from fedsim.config.loading import (
     apply_overrides,
@@ -53,7 +54,7 @@ from fedsim.config.training import (
 )
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "DataConfig",
+    "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "CompressionConfig", "DataConfig",
     "EvalConfig", "FaultsConfig", "Frozen", "GenerateConfig", "HarnessConfig", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
     "QuantChoice", "QuantConfig", "QuantTier", "RankChoice", "RankTier", "ResourcesConfig", "Scenario",
     "ServerOptimizerConfig", "ServerResources", "SourceConfig", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",

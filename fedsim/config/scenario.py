@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from fedsim import registry
 from fedsim.config.base import Frozen, format_validation
 from fedsim.config.clients import ClientsConfig
+from fedsim.config.compression import CompressionConfig
 from fedsim.config.data import DataConfig, PartitionConfig
 from fedsim.config.model import ModelConfig
 from fedsim.config.privacy import PrivacyConfig
@@ -98,6 +99,7 @@ class Scenario(Frozen):
     clock: ClockConfig = ClockConfig()
     faults: FaultsConfig = FaultsConfig()
     privacy: PrivacyConfig | None = None
+    compression: CompressionConfig | None = None
 
     def pack_size(self, max_len: int) -> int:
         """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's

@@ -25,6 +25,9 @@ OBJECTIVE_PREFIX = "objective."
 # Keys of a model task's head trained in full beside the adapter (a classifier: head.<module>.<parameter>); they
 # travel in ClientPayload.head / ClientUpdate.head, never among an adapter's factors.
 HEAD_PREFIX = "head."
+# Keys of a client-side update transform's state (fedsim.pipeline.transforms: transform.<state_key>.<key>, e.g. the
+# error-feedback residual of compressed uploads): neither adapter's.
+TRANSFORM_PREFIX = "transform."
 
 
 def a_key(module: str) -> str:
@@ -55,9 +58,10 @@ def personal_key(key: str) -> str:
 
 
 def split_personal(tensors: Tensors) -> tuple[Tensors, Tensors]:
-    """(keys of the main adapter, keys of the personal adapter with the prefix removed); a client objective's state
-    and a head of its own (:func:`own_head`) are in neither."""
-    main = {k: v for k, v in tensors.items() if not k.startswith((PERSONAL_PREFIX, OBJECTIVE_PREFIX, HEAD_PREFIX))}
+    """(keys of the main adapter, keys of the personal adapter with the prefix removed); a client objective's or a
+    transform's state and a head of its own (:func:`own_head`) are in neither."""
+    main = {k: v for k, v in tensors.items()
+            if not k.startswith((PERSONAL_PREFIX, OBJECTIVE_PREFIX, HEAD_PREFIX, TRANSFORM_PREFIX))}
     personal = {k[len(PERSONAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(PERSONAL_PREFIX)}
     return main, personal
 
@@ -169,6 +173,12 @@ def first_nonfinite(tensors: Tensors) -> str | None:
 
 def num_bytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def sent_bytes(tensors: Tensors, wire: dict[str, int] | None) -> int:
+    """The bytes ``tensors`` take on the wire: each one's encoded size where ``wire`` gives it, else its raw size."""
+    wire = wire or {}
+    return sum(wire[k] if k in wire else t.numel() * t.element_size() for k, t in tensors.items())
 
 
 def pad_rank(tensors: Tensors, rank: int) -> Tensors:

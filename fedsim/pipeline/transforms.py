@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -20,6 +20,29 @@ class TransformContext:
     client_id: int
     attempt: int = 1
     start: Tensors | None = None  # the values the client started the round from (the payload), shared keys
+    state: Tensors | None = None  # what this transform kept for this client last time (its ``state_key``), if any
+
+
+@dataclass
+class Sent:
+    """What a transform leaves for the next one (or the wire).
+
+    Attributes:
+        tensors: the update's tensors as the server will see them.
+        metrics: the client's metrics from this transform.
+        wire: each tensor's bytes on the wire where a transform encoded them (compression); None: their raw size.
+        state: the client's new state for this transform (kept in the client state store), or None to keep none.
+    """
+
+    tensors: Tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+    wire: dict[str, int] | None = None
+    state: Tensors | None = None
+
+    @staticmethod
+    def of(out: Sent | tuple[Tensors, dict[str, float]]) -> Sent:
+        """A transform's result: a :class:`Sent`, or a (tensors, metrics) pair (raw on the wire, no state)."""
+        return out if isinstance(out, Sent) else Sent(*out)
 
 
 class UpdateTransform:
@@ -28,12 +51,22 @@ class UpdateTransform:
     Attributes:
         metric_keys: the metric keys :meth:`__call__` returns (they join the client's metrics).
         round_metrics: those of them the round's row reports (example-weighted means).
+        state_key: the name of the per-client state it keeps (:attr:`keeps_state`), stored under
+            ``transform.<state_key>.<key>`` and given back in :attr:`TransformContext.state`.
     """
 
     metric_keys: ClassVar[tuple[str, ...]] = ()
     round_metrics: ClassVar[tuple[str, ...]] = ()
+    state_key: ClassVar[str | None] = None
 
-    def __call__(self, tensors: Tensors, ctx: TransformContext) -> tuple[Tensors, dict[str, float]]:
+    @property
+    def keeps_state(self) -> bool:
+        """Whether clients keep state for it between rounds (the run opens a client state store)."""
+        return False
+
+    def __call__(self, tensors: Tensors, ctx: TransformContext) -> Sent | tuple[Tensors, dict[str, float]]:
+        """The tensors sent and this transform's metrics (a pair), or a :class:`Sent` with their wire size and the
+        client's new state."""
         raise NotImplementedError
 
 

@@ -36,6 +36,7 @@ from fedsim.models.base import configure_threads
 from fedsim.models.tasks import task_for
 from fedsim.objectives import state_out
 from fedsim.pipeline import TransformContext, fault_draws
+from fedsim.pipeline.transforms import Sent
 from fedsim.runtime import pack_runner, personal_eval
 from fedsim.runtime.bases import BaseCache
 from fedsim.runtime.starts import AdapterStarts, head_of
@@ -243,19 +244,18 @@ class Worker:
         began = payload.tensors if start is None else start
         start = {k: began[k] for k in tensors if k in began}
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, start)
-        for transform in self.components.transforms:
-            tensors, transform_metrics = transform(tensors, ctx)
-            metrics.update(transform_metrics)
+        tensors, wire, kept = self._transform(tensors, ctx, metrics, job.personal)
         self.num_clients += 1
         metrics["client/time_s"] = time_s
         metrics.setdefault("engine/clients_per_call", 1.0)  # a call of several clients says how many (in_call)
-        metrics["client/up_bytes"] = float(ops.num_bytes(tensors) + ops.num_bytes(extra or {}) + ops.num_bytes(head or {}))
+        metrics["client/up_bytes"] = float(ops.sent_bytes(tensors, wire) + ops.num_bytes(extra or {})
+                                           + ops.num_bytes(head or {}))
         logged = self._declared(metrics, payload, procedure)
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
-                              tensors=tensors, metrics=metrics, extra=extra or {}, head=head or {})
-        personal = None
+                              tensors=tensors, metrics=metrics, extra=extra or {}, head=head or {}, wire=wire)
+        personal = kept or None
         if self.strategy.has_personal_state:  # private keys of the main adapter and the whole personal adapter
-            personal = {k: v for k, v in trained.items() if not self.strategy.is_shared(k)}
+            personal = {**(personal or {}), **{k: v for k, v in trained.items() if not self.strategy.is_shared(k)}}
             if personal_adapter is not None:
                 personal.update({personal_key(k): v for k, v in personal_adapter.items()})
         if own_head:
@@ -265,6 +265,23 @@ class Worker:
         result = ClientResult(client_id=job.spec.client_id, num_examples=job.spec.num_examples, metrics=metrics,
                               worker=self.name, personal=personal, note=note, logged=logged)
         return result, update
+
+    def _transform(self, tensors: Tensors, ctx: TransformContext, metrics: dict[str, float], personal: Tensors | None
+                   ) -> tuple[Tensors, dict[str, int] | None, Tensors]:
+        """The client-side transforms in order: the tensors sent, their wire sizes where the last transform encoded
+        them, and the transforms' new client state (keys ``transform.<state_key>.<key>``); their metrics join
+        ``metrics``."""
+        wire, kept = None, {}
+        for transform in self.components.transforms:
+            key = transform.state_key if transform.keeps_state else None
+            prefix = f"{ops.TRANSFORM_PREFIX}{key}."
+            own = {k[len(prefix):]: v for k, v in (personal or {}).items() if k.startswith(prefix)} if key else None
+            sent = Sent.of(transform(tensors, replace(ctx, state=own)))
+            tensors, wire = sent.tensors, sent.wire
+            metrics.update(sent.metrics)
+            if key is not None:  # a client with nothing new keeps what it had
+                kept.update({prefix + k: v for k, v in (sent.state if sent.state is not None else own or {}).items()})
+        return tensors, wire, kept
 
     def _declared(self, metrics: dict[str, float], payload: ClientPayload, procedure: Any) -> tuple[str, ...]:
         """The keys of ``metrics`` the round's row reports; every key must be declared by the component that emits

@@ -133,6 +133,9 @@ class Strategy(ABC):
     # each round's update is merged into the base, and the server keeps every base update (for clients that missed
     # rounds, and the export): FLoRA, FedEx-LoRA — memory that grows with the rounds (fedsim.memory)
     merges_into_base: ClassVar[bool] = False
+    # its clients' shared tensors may travel compressed (compression.upload / .download): the server's aggregation
+    # takes factors rebuilt as start + a decoded change; a new strategy is not assumed to (compression_refusal)
+    takes_compressed: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -197,11 +200,23 @@ class Strategy(ABC):
     def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
         """(params, bytes) one client downloads for ``payload``: its adapter tensors plus any base-model update."""
         return (ops.num_params(payload.tensors) + payload.base_update_params,
-                ops.num_bytes(payload.tensors) + 4 * payload.base_update_params)
+                ops.sent_bytes(payload.tensors, payload.wire) + 4 * payload.base_update_params)
 
     def upload_cost(self, update: ClientUpdate) -> tuple[int, int]:
-        """(params, bytes) one client uploads: the tensors of its update (already filtered by :meth:`is_shared`)."""
-        return ops.num_params(update.tensors), ops.num_bytes(update.tensors)
+        """(params, bytes) one client uploads: the tensors of its update (already filtered by :meth:`is_shared`), in
+        the bytes they take on the wire (compressed: :attr:`ClientUpdate.wire`)."""
+        return ops.num_params(update.tensors), ops.sent_bytes(update.tensors, update.wire)
+
+    def compression_refusal(self, error_feedback: bool) -> str | None:
+        """Why this strategy's uploads cannot travel compressed (``compression``; with the client keeping what it did
+        not send when ``error_feedback``), or None when they can. Refuses unless the strategy declares
+        :attr:`takes_compressed`."""
+        if not self.aggregates:
+            return f"strategy {self.name!r} uploads nothing, so there is nothing to compress"
+        if not self.takes_compressed:
+            return (f"strategy {self.name!r} does not declare that its aggregation takes compressed factors "
+                    "(Strategy.takes_compressed)")
+        return None
 
     def is_shared(self, key: str) -> bool:
         """Whether the adapter tensor ``key`` leaves the client (is uploaded). Default: every LoRA factor."""

@@ -32,6 +32,7 @@ class FedExParams(Strict):
 @register("fedex")
 class FedExLoRA(Strategy):
     summary = "FedAvg of A and B plus the exact residual merged into the base (Singhal et al. 2024)"
+    takes_compressed = True
     Params = FedExParams
     streams = True
     merges_into_base = True

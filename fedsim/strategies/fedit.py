@@ -18,6 +18,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 @register("fedit")
 class FedIT(Strategy):
     summary = "FedAvg of LoRA A and B separately, weighted by client sample counts (Zhang et al. 2024)"
+    takes_compressed = True
     averages_factors = True
     streams = True
     partials_exact = True

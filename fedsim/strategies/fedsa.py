@@ -21,6 +21,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 @register("fedsa")
 class FedSALoRA(Strategy):
     summary = "A shared and averaged, B personal: it stays with its client (Guo et al. 2025)"
+    takes_compressed = True
     has_personal_state = True
     averages_factors = True
     streams = True

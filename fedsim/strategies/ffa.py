@@ -19,6 +19,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 @register("ffa")
 class FFALoRA(Strategy):
     summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
+    takes_compressed = True
     averages_factors = True
     streams = True
     partials_exact = True
@@ -31,7 +32,7 @@ class FFALoRA(Strategy):
 
     def download_cost(self, payload: ClientPayload) -> tuple[int, int]:
         b = {k: t for k, t in payload.tensors.items() if self.is_shared(k)}
-        return ops.num_params(b), ops.num_bytes(b)
+        return ops.num_params(b), ops.sent_bytes(b, payload.wire)
 
     def configure(self, ctx: RoundContext, state: GlobalState, clients: Sequence[ClientSpec]) -> dict[int, ClientPayload]:
         self._require_uniform(state, clients)

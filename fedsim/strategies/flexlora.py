@@ -44,6 +44,7 @@ from fedsim.types import (
 @register("flexlora")
 class FlexLoRA(Strategy):
     summary = "SVD of the weighted full update, truncated to each client's rank (Bai et al. 2024)"
+    takes_compressed = True
     supports_mixed_ranks = True
     streams = True
 

@@ -26,9 +26,16 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 @register("flora")
 class FLoRA(Strategy):
     summary = "stacking aggregation: exact Σ p_k s_k B_k A_k merged into the base, fresh LoRA each round (Wang et al. 2024)"
+    takes_compressed = True
     supports_mixed_ranks = True
     streams = True
     merges_into_base = True
+
+    def compression_refusal(self, error_feedback: bool) -> str | None:
+        if error_feedback:
+            return ("FLoRA's clients start a fresh adapter each round, so a residual of last round's factors has "
+                    "nothing to be added to")
+        return super().compression_refusal(error_feedback)
 
     def init_state(self, spec: StrategySpec) -> GlobalState:
         # the global adapter is always "fresh" (B = 0): after each merge the base carries everything

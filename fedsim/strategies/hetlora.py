@@ -42,6 +42,7 @@ class HetLoRAParams(Strict):
 @register("hetlora")
 class HetLoRA(Strategy):
     summary = "zero-padding, sparsity-weighted aggregation, per-client truncation and rank self-pruning (Cho et al. 2024)"
+    takes_compressed = True
     Params = HetLoRAParams
     supports_mixed_ranks = True
     streams = True

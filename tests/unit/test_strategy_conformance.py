@@ -443,3 +443,41 @@ def test_product_norms_sq_batches_the_modules_of_each_shape_to_the_sum_of_their_
                 for m in ops.modules(tensors))
     assert ops.product_norms_sq(tensors) == pytest.approx(one_by_one, rel=F32_ALGEBRA)
     assert ops.product_norms_sq(tensors) == pytest.approx(dense, rel=F32_ALGEBRA)
+
+
+# ------------------------------------------------------------------------------------------------ compression
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_takes_compressed_uploads_or_says_why(name):
+    """A strategy that declares ``takes_compressed`` aggregates int8 uploads (changes from each client's payload,
+    stochastically rounded) into what the raw uploads give, to the codec's error, and counts their wire bytes; one
+    that does not names why (the local baseline: it uploads nothing)."""
+    from dataclasses import replace
+
+    from fedsim.pipeline.compression import Codec, CompressUpload
+    from fedsim.pipeline.transforms import TransformContext
+
+    mixed = name in MIXED
+    specs = [ClientSpec(i, 10 + i, LoraSpec(1 + i % 3 if mixed else 2, 4.0)) for i in range(6)]
+    strategy, state, payloads, updates = _round(name, specs, shapes=WIDE)
+    refused = strategy.compression_refusal(False)
+    if not strategy.takes_compressed:
+        assert refused is not None and name in refused
+        return
+    assert refused is None
+    codec = Codec("int8", block_size=64)
+    t = CompressUpload(codec)
+    sent = []
+    for u in updates:
+        start = {k: v for k, v in payloads[u.client_id].tensors.items() if k in u.tensors}
+        out = t(u.tensors, TransformContext(0, 1, u.client_id, 1, start))
+        sent.append(replace(u, tensors=out.tensors, wire=out.wire))
+        assert strategy.upload_cost(sent[-1]) == (ops.num_params(u.tensors),
+                                                  sum(codec.wire_bytes(v.numel()) for v in u.tensors.values()))
+    exact, approx = strategy.aggregate(CTX, state, updates), strategy.aggregate(CTX, state, sent)
+    pa, pb = _products(exact.tensors, exact.base_deltas), _products(approx.tensors, approx.base_deltas)
+    if not pa:  # FedSA-LoRA's state: A alone
+        pa, pb = exact.tensors, approx.tensors
+    assert sorted(pa) == sorted(pb)
+    rel = {k: _rel(pa[k], pb[k]) for k in pa}  # int8 of N(0, 1) changes: a step of ~range/255
+    assert 0 < max(rel.values()) < 0.03, rel
