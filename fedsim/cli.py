@@ -195,6 +195,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {privacy_line(scenario, registry.get('strategy', scenario.strategy.name)(scenario.strategy.params))}")
         if (w := scenario.privacy.delta_warning(scenario.clients.num_clients)) is not None:
             print(f"  warning: {w}")
+    if (a := scenario.asynchronous) is not None:
+        weight = {"constant": "1", "polynomial": f"(1 + s)^-{a.exponent:g}",
+                  "hinge": f"1 to s = {a.hinge_after}, then 1/({a.hinge_slope:g}(s - {a.hinge_after}) + 1)"}[a.staleness]
+        print(f"  asynchronous: {a.concurrency} clients in flight, a server step every {a.buffer} arrivals "
+              f"(η = {a.server_lr:g}, an update s versions stale weighs {weight}); rounds count server steps")
     if scenario.compression is not None:
         from fedsim.components import compression_line
 

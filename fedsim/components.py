@@ -92,6 +92,8 @@ def resolve(scenario: Scenario, strategy: Strategy | None = None) -> Components:
     companion = objective.server_stage(scenario, strategy) if objective is not None else None
     if companion is not None:  # the objective's server side (SCAFFOLD's), after any server optimizer
         stages = (*stages, companion)
+    if scenario.asynchronous is not None:  # it moves each update before any other stage sees it
+        stages = (async_stage(scenario, strategy, stages), *stages)
     if broadcast is not None:  # last: it encodes the payload every other stage configured
         stages = (*stages, broadcast)
     aggregation_path(scenario, strategy, stages)  # refuses worker_partials: true where a stage reads each update
@@ -168,6 +170,49 @@ def worker_partials(scenario: Scenario, strategy: Strategy, stages: tuple[Server
         f"{per_worker:.3g} clients a round per worker: a partial would weigh more than their updates"
         if per_worker <= 2 else None) if w), None)
     return why is None, f"{key}: auto; {why or f'{per_worker:.3g} clients a round per worker'}"
+
+
+def async_stage(scenario: Scenario, strategy: Strategy, stages: tuple[ServerStage, ...]) -> ServerStage:
+    """Buffered asynchronous aggregation's server stage (``asynchronous``).
+
+    Raises:
+        ScenarioError: what cannot run asynchronously — the strategy (it says why), a server stage or setting that
+            needs synchronous rounds, too few clients to keep ``concurrency`` in flight.
+    """
+    from fedsim.pipeline.asynchronous import BufferedAsync
+
+    a, sc = scenario.asynchronous, scenario
+    refused = strategy.async_refusal()
+    if refused is not None:
+        raise ScenarioError("asynchronous", refused, "use fedit, ffa or fedsa (or FedIT's family: feddpa, fedqlora, "
+                            "pf2lora), or remove the asynchronous section")
+    rounds_only = [(key, why) for key, why, on in (
+        ("privacy", "its accountant counts synchronous rounds", sc.privacy is not None),
+        ("strategy.robust", "it compares a synchronous round's updates", sc.strategy.robust is not None),
+        ("strategy.server_optimizer", "it steps once per synchronous round", sc.strategy.server_optimizer is not None),
+        ("clock.deadline_s", "a deadline drops a synchronous round's stragglers; asynchronously they arrive stale "
+         "instead", sc.clock.deadline_s is not None),
+        ("training.round_lr_schedule", "it schedules the clients' lr by round; asynchronous clients start at any "
+         "time", sc.training.round_lr_schedule != "constant"),
+        ("clients.sampling", "asynchronous clients are drawn uniformly from the idle ones",
+         sc.clients.sampling != "uniform"),
+        ("clients.availability", "asynchronous clients are drawn from the idle ones, every one available",
+         sc.clients.availability < 1),
+        ("clients.dropout", "an asynchronous client that vanishes would hold its slot forever", sc.clients.dropout > 0),
+    ) if on]
+    if rounds_only:
+        key, why = rounds_only[0]
+        raise ScenarioError(key, f"asynchronous aggregation cannot take it: {why}", f"remove {key}, or the "
+                            "asynchronous section")
+    if stages:
+        raise ScenarioError("asynchronous", f"the server stage {type(stages[0]).__name__} steps on synchronous rounds",
+                            "remove it, or the asynchronous section")
+    if a.concurrency + a.buffer - 1 > sc.clients.num_clients:
+        raise ScenarioError("asynchronous.concurrency", f"{a.concurrency} clients in flight and a buffer of "
+                            f"{a.buffer} need at least {a.concurrency + a.buffer - 1} clients (a client is neither in "
+                            f"flight nor in the buffer when it starts), but there are {sc.clients.num_clients}",
+                            "lower concurrency or buffer, or raise clients.num_clients")
+    return BufferedAsync(a.server_lr, a.weight)
 
 
 def compression_parts(scenario: Scenario, strategy: Strategy) -> tuple[UpdateTransform | None, ServerStage | None]:

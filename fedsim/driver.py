@@ -26,6 +26,7 @@ from fedsim.errors import (
 )
 from fedsim.eval.personal import personal_metrics  # noqa: F401  # re-exported (fedsim.driver.personal_metrics)
 from fedsim.federation.artifacts import run_summary, write_artifacts
+from fedsim.federation.buffered import ASYNC_KEY, Buffered
 from fedsim.federation.callbacks import (
     CallbackList,
     CheckpointCallback,
@@ -90,6 +91,7 @@ class Driver:
         self.missing: list[int] = []  # on resume: rounds done whose rows metrics.jsonl no longer holds
         self.unreadable: list[str] = []  # on resume: the lines of metrics.jsonl that could not be read
         self.stopped: dict[str, Any] = {}  # a callback's StopRun: the round it ended after, and why
+        self.buffered: Buffered | None = None  # an asynchronous run's schedule (scenario.asynchronous)
 
     def run(self) -> dict[str, Any]:
         """Run every round; return the summary (also written to ``summary.json``).
@@ -153,8 +155,10 @@ class Driver:
                 tracker.image("partition", self.run_dir / "partition.png")
             path = aggregation_path(sc, components.strategy, components.stages)
             fed = Federation(sc, prep, store, folds=path.folds, feeds=path.feeds)
+            events_list = [TrackerCallback(tracker), ProgressCallback(progress), *self.callbacks]
+            self.buffered = Buffered(fed, server, self.backend, CallbackList(events_list)) if sc.asynchronous else None
             evaluation = Evaluation(fed, eval_batches(len(prep.data.test), sc.eval.batch_size), components.metrics)
-            events = CallbackList([TrackerCallback(tracker), ProgressCallback(progress), *self.callbacks])
+            events = CallbackList(events_list)
             checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
                                              sc.checkpoint.every, sc.rounds)
             failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
@@ -172,7 +176,8 @@ class Driver:
                 if self.stopped:
                     break
                 t0 = time.perf_counter()
-                result = run_round(r, fed, server, self.backend, events)
+                result = (self.buffered.step(r) if self.buffered is not None else
+                          run_round(r, fed, server, self.backend, events))
                 row = self._row(result, totals, progress, t0)
                 if evaluation.due(r):
                     t_eval = time.perf_counter()
@@ -259,12 +264,19 @@ class Driver:
         self.lock.check()
         if store is not None:
             store.flush()
-        return checkpoint.save(self.run_dir, server_round, *server.get_state(), provenance=provenance,
+        state, extra = server.get_state()
+        if self.buffered is not None:  # the asynchronous schedule: the clients in flight, the clock
+            extra = {**extra, ASYNC_KEY: self.buffered.state_dict()}
+        return checkpoint.save(self.run_dir, server_round, state, extra, provenance=provenance,
                                client_state=store.directory if store is not None else None)
 
     def _restore(self, server: ServerHandle, fed: Federation, restored: tuple) -> None:
         """The checkpointed state into the server; fresh workers rebuild the merged base."""
-        server.set_state(*restored)
+        state, extra = restored
+        schedule = extra.pop(ASYNC_KEY, None) if isinstance(extra, dict) else None
+        server.set_state(state, extra)
+        if self.buffered is not None and schedule is not None:
+            self.buffered.load_state_dict(schedule)
         deltas = server.base_deltas(since=0)
         if deltas:
             self.backend.sync_base(deltas)

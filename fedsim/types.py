@@ -84,11 +84,28 @@ class ModuleShape:
 
 @dataclass(frozen=True)
 class RoundContext:
-    """What a strategy may know about the round in progress."""
+    """What a strategy may know about the round in progress (``asynchronous``: a buffered asynchronous run's step,
+    read by its server stage, :mod:`fedsim.pipeline.asynchronous`)."""
 
     server_round: int
     num_rounds: int
     seed: int
+    asynchronous: AsyncStep | None = None
+
+
+@dataclass(frozen=True)
+class AsyncStep:
+    """One server step of a buffered asynchronous run (``asynchronous``).
+
+    Attributes:
+        starts: (client id, the global version it started from) for each update the step aggregates.
+        live: the versions clients still in flight started from (the server keeps them until they arrive).
+        task: when configuring, the client start it is for (the run's n-th; a key for the payload's randomness).
+    """
+
+    starts: tuple[tuple[int, int], ...] = ()
+    live: tuple[int, ...] = ()
+    task: int = 0
 
 
 @dataclass

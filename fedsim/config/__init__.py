@@ -13,6 +13,7 @@ whole, and checks across sections), :mod:`~fedsim.config.loading` (files and ove
 holds what the quantization backends can do.
 """
 
+from fedsim.config.asynchronous import AsyncConfig
 from fedsim.config.base import Frozen, deal_tiers
 from fedsim.config.clients import (
     ClientsConfig,
@@ -54,7 +55,7 @@ from fedsim.config.training import (
 )
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "CompressionConfig", "DataConfig",
+    "AsyncConfig", "DEFAULT_TARGET_MODULES", "MAX_CLIENTS_PER_PASS", "CheckpointConfig", "ClientsConfig", "ClockConfig", "CompressionConfig", "DataConfig",
     "EvalConfig", "FaultsConfig", "Frozen", "GenerateConfig", "HarnessConfig", "LoggingConfig", "LoraSpecConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig",
     "QuantChoice", "QuantConfig", "QuantTier", "RankChoice", "RankTier", "ResourcesConfig", "Scenario",
     "ServerOptimizerConfig", "ServerResources", "SourceConfig", "SpeedTier", "StrategyConfig", "SyntheticConfig", "TestSplitConfig", "TinyModelConfig",

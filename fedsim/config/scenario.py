@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedsim import registry
+from fedsim.config.asynchronous import AsyncConfig
 from fedsim.config.base import Frozen, format_validation
 from fedsim.config.clients import ClientsConfig
 from fedsim.config.compression import CompressionConfig
@@ -100,6 +101,7 @@ class Scenario(Frozen):
     faults: FaultsConfig = FaultsConfig()
     privacy: PrivacyConfig | None = None
     compression: CompressionConfig | None = None
+    asynchronous: AsyncConfig | None = None
 
     def pack_size(self, max_len: int) -> int:
         """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's

@@ -220,8 +220,9 @@ class CompressUpload(UpdateTransform):
 
 class CompressBroadcast(ServerStage):
     """The server's broadcast encoded by ``codec`` (``compression.download``): each distinct payload's adapter
-    tensors, as changes from zero, rounded stochastically from (seed, round, the payload's place in the round); the
-    clients start from the decoded values, and download the encoded bytes (``comm/down_bytes``)."""
+    tensors, as changes from zero, rounded stochastically from (seed, round, the payload's place in the round — in an
+    asynchronous run, the client start it is for); the clients start from the decoded values, and download the
+    encoded bytes (``comm/down_bytes``)."""
 
     def __init__(self, codec: Codec, seed: int):
         self.codec, self.seed = codec, seed
@@ -233,6 +234,7 @@ class CompressBroadcast(ServerStage):
         if ctx.server_round != self._round:
             self._round, self._count = ctx.server_round, 0
         self._count += 1
-        gen = _generator(self.seed, ctx.server_round, self._count, 67)
+        place = ctx.asynchronous.task if ctx.asynchronous is not None else self._count
+        gen = _generator(self.seed, ctx.server_round, place, 67)
         out, _, nbytes, _ = encode_changes(self.codec, payload.tensors, {}, None, gen)
         return replace(payload, tensors=out, wire=nbytes)

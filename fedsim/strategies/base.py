@@ -136,6 +136,11 @@ class Strategy(ABC):
     # its clients' shared tensors may travel compressed (compression.upload / .download): the server's aggregation
     # takes factors rebuilt as start + a decoded change; a new strategy is not assumed to (compression_refusal)
     takes_compressed: ClassVar[bool] = False
+    # it can step asynchronously (asynchronous: FedBuff): its global state is the average of the clients' shared
+    # tensors, so a step of stale clients' changes is an average too (async_refusal)
+    runs_async: ClassVar[bool] = False
+    # why it cannot, when it cannot (the stacking, SVD and residual methods say what needs a synchronous round)
+    async_refused: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -217,6 +222,15 @@ class Strategy(ABC):
             return (f"strategy {self.name!r} does not declare that its aggregation takes compressed factors "
                     "(Strategy.takes_compressed)")
         return None
+
+    def async_refusal(self) -> str | None:
+        """Why this strategy cannot run asynchronously (``asynchronous``), or None when it can (:attr:`runs_async`)."""
+        if not self.aggregates:
+            return f"strategy {self.name!r} uploads nothing, so there is nothing to aggregate"
+        if self.runs_async:
+            return None
+        return f"strategy {self.name!r} " + (self.async_refused or "does not declare that it can step asynchronously "
+                                             "(Strategy.runs_async)")
 
     def is_shared(self, key: str) -> bool:
         """Whether the adapter tensor ``key`` leaves the client (is uploaded). Default: every LoRA factor."""

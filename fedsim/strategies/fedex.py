@@ -33,6 +33,8 @@ class FedExParams(Strict):
 class FedExLoRA(Strategy):
     summary = "FedAvg of A and B plus the exact residual merged into the base (Singhal et al. 2024)"
     takes_compressed = True
+    async_refused = ("merges the residual of a round's exact average into the base: a stale client's factors belong to "
+                     "another base")
     Params = FedExParams
     streams = True
     merges_into_base = True

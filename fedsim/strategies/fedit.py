@@ -19,6 +19,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FedIT(Strategy):
     summary = "FedAvg of LoRA A and B separately, weighted by client sample counts (Zhang et al. 2024)"
     takes_compressed = True
+    runs_async = True
     averages_factors = True
     streams = True
     partials_exact = True

@@ -22,6 +22,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FedSALoRA(Strategy):
     summary = "A shared and averaged, B personal: it stays with its client (Guo et al. 2025)"
     takes_compressed = True
+    runs_async = True
     has_personal_state = True
     averages_factors = True
     streams = True

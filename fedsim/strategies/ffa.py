@@ -20,6 +20,7 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FFALoRA(Strategy):
     summary = "A frozen at a shared seeded init, only B trained and averaged: exact (Sun et al. 2024)"
     takes_compressed = True
+    runs_async = True
     averages_factors = True
     streams = True
     partials_exact = True

@@ -45,6 +45,8 @@ from fedsim.types import (
 class FlexLoRA(Strategy):
     summary = "SVD of the weighted full update, truncated to each client's rank (Bai et al. 2024)"
     takes_compressed = True
+    async_refused = ("truncates the SVD of a round's summed products: an update of an older version has no place in that "
+                     "sum")
     supports_mixed_ranks = True
     streams = True
 

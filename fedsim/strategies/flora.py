@@ -27,6 +27,8 @@ from fedsim.types import ClientPayload, ClientSpec, ClientUpdate, GlobalState, R
 class FLoRA(Strategy):
     summary = "stacking aggregation: exact Σ p_k s_k B_k A_k merged into the base, fresh LoRA each round (Wang et al. 2024)"
     takes_compressed = True
+    async_refused = ("stacks each round's factors into the base: a client's factors trained on an older base cannot be "
+                     "stacked onto a newer one")
     supports_mixed_ranks = True
     streams = True
     merges_into_base = True

@@ -43,6 +43,8 @@ class HetLoRAParams(Strict):
 class HetLoRA(Strategy):
     summary = "zero-padding, sparsity-weighted aggregation, per-client truncation and rank self-pruning (Cho et al. 2024)"
     takes_compressed = True
+    async_refused = ("weighs a round's updates by their norms and truncates them to each client's rank: a buffer of stale "
+                     "updates has no such round")
     Params = HetLoRAParams
     supports_mixed_ranks = True
     streams = True

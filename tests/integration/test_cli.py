@@ -185,7 +185,7 @@ def test_sweep_validates_every_point_before_running(tiny_yaml, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "hetero_ranks", "personalized", "mixed_precision", "scale", "alpaca",
-                                  "chat", "compressed"])
+                                  "chat", "compressed", "async"])
 def test_every_shipped_scenario_runs(name, tmp_path, capsys):
     """Each scenario in scenarios/ validates (what `fedsim validate` runs) and runs one short round, in this process
     (the command line itself is tested above: two processes per scenario cost ~10 s each)."""

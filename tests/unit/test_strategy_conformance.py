@@ -481,3 +481,14 @@ def test_every_strategy_takes_compressed_uploads_or_says_why(name):
     assert sorted(pa) == sorted(pb)
     rel = {k: _rel(pa[k], pb[k]) for k in pa}  # int8 of N(0, 1) changes: a step of ~range/255
     assert 0 < max(rel.values()) < 0.03, rel
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_runs_asynchronously_or_says_why(name):
+    """The averaging strategies declare ``runs_async``; the stacking, SVD, residual and norm-weighted ones, and the
+    local baseline, each name what needs a synchronous round."""
+    strategy = make_strategy(name)
+    why = strategy.async_refusal()
+    assert (why is None) == (name in ("fedit", "ffa", "fedsa", "feddpa", "fedqlora", "pf2lora")), why
+    if why is not None:
+        assert why.startswith(f"strategy {name!r} ") and "declare" not in why  # a reason, not the default's
