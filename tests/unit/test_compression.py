@@ -206,9 +206,10 @@ def test_bad_compression_is_one_line(tiny_raw, section, strategy, says):
 def test_ray_with_packed_clients_equals_the_local_backend(tiny_raw, tmp_path):
     """Top-k uploads with error feedback (the residual through the client state store, two visits per client) and
     an int8 broadcast give the same numbers on Ray, packed, as on the local backend."""
+    from tolerances import F32_NETWORK
+
     from fedsim.config import scenario_from_dict
     from fedsim.driver import run_scenario
-    from tolerances import F32_NETWORK
 
     tiny_raw.update(compression={"upload": "topk", "topk_fraction": 0.3, "download": "int8", "block_size": 32})
     tiny_raw["clients"] = {**tiny_raw["clients"], "per_round": 8}
