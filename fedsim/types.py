@@ -72,6 +72,7 @@ class ClientSpec:
     lora: LoraSpec
     quant: QuantSpec = QuantSpec()
     speed: float = 10.0  # local steps per second on the client's own hardware (the simulated clock)
+    links: tuple[float, float] | None = None  # its (down, up) Mbit/s (the simulated clock; None: the clock's)
 
 
 @dataclass(frozen=True)

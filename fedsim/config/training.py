@@ -145,10 +145,13 @@ class FaultsConfig(Frozen):
 
 
 class SpeedTier(Frozen):
-    """A share of the clients with one compute speed."""
+    """A share of the clients with one compute speed (and, optionally, links of their own: a tier's ``down_mbps`` /
+    ``up_mbps`` replace the clock's for its clients)."""
 
     fraction: float = Field(gt=0.0, le=1.0)
     steps_per_s: float = Field(gt=0.0, le=1e9)
+    down_mbps: float | None = Field(None, gt=0.0, le=1e9)
+    up_mbps: float | None = Field(None, gt=0.0, le=1e9)
 
 
 class ClockConfig(Frozen):

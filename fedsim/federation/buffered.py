@@ -133,7 +133,7 @@ class Buffered:
         sc, spec = self.fed.scenario, self.fed.prep.clients[flight.client]
         steps = sc.training.steps_for(len(self.fed.prep.parts[flight.client]))
         return flight.start_s + client_time(sc.clock, steps, spec.speed, flight.down[1],
-                                            self.up_bytes.get(self._rank(flight), 0.0))
+                                            self.up_bytes.get(self._rank(flight), 0.0), spec.links)
 
     def _train_pending(self) -> None:
         """Every started client not trained yet, in one backend call."""

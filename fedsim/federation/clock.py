@@ -27,9 +27,21 @@ def client_speeds(clock: ClockConfig, num_clients: int, seed: int, bits: list[in
     return [v * mult.get(b, 1.0) for v, b in zip(base, bits)]
 
 
-def client_time(clock: ClockConfig, steps: float, speed: float, down_bytes: float, up_bytes: float) -> float:
-    """Simulated seconds for one client's round: compute, then transfers at the configured bandwidths."""
-    return (steps / speed + 8.0 * down_bytes / (clock.down_mbps * 1e6) + 8.0 * up_bytes / (clock.up_mbps * 1e6)
+def client_links(clock: ClockConfig, num_clients: int, seed: int) -> list[tuple[float, float]]:
+    """(down, up) Mbit/s of each client id: its speed tier's links where the tier gives them (the tiers dealt as in
+    :func:`client_speeds`), else the clock's."""
+    if clock.tiers is None:
+        return [(clock.down_mbps, clock.up_mbps)] * num_clients
+    tier = deal_tiers([t.fraction for t in clock.tiers], num_clients, seed, salt=227)
+    return [(clock.tiers[t].down_mbps or clock.down_mbps, clock.tiers[t].up_mbps or clock.up_mbps) for t in tier]
+
+
+def client_time(clock: ClockConfig, steps: float, speed: float, down_bytes: float, up_bytes: float,
+                links: tuple[float, float] | None = None) -> float:
+    """Simulated seconds for one client's round: compute, then transfers at its links' bandwidths (``links``, its
+    (down, up) Mbit/s; default the clock's)."""
+    down_mbps, up_mbps = links or (clock.down_mbps, clock.up_mbps)
+    return (steps / speed + 8.0 * down_bytes / (down_mbps * 1e6) + 8.0 * up_bytes / (up_mbps * 1e6)
             + 2 * clock.latency_s)
 
 
@@ -47,7 +59,8 @@ def admit(clock: ClockConfig, ok: Sequence[tuple[Any, Any]], clients: Sequence[C
     """Each successful client's simulated time (its steps, its speed, its download and upload bytes); past
     ``clock.deadline_s``, a straggler, dropped from the round."""
     sim = {res.client_id: client_time(clock, res.metrics.get("train/steps", 0.0), clients[res.client_id].speed,
-                                      down[res.client_id][1], res.metrics.get("client/up_bytes", 0.0))
+                                      down[res.client_id][1], res.metrics.get("client/up_bytes", 0.0),
+                                      clients[res.client_id].links)
            for res, _ in ok}
     late = sorted(c for c, t in sim.items() if clock.deadline_s is not None and t > clock.deadline_s)
     failures = [ClientFailure(c, f"missed the round deadline: simulated {sim[c]:.1f} s > clock.deadline_s "

@@ -14,7 +14,7 @@ from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
 from fedsim.data.poison import flip_labels
 from fedsim.errors import ScenarioError
-from fedsim.federation.clock import client_speeds
+from fedsim.federation.clock import client_links, client_speeds
 from fedsim.models.base import decoder_linear_shapes, target_shapes
 from fedsim.models.quant import check_shapes, require_backend
 from fedsim.models.tasks import task_for
@@ -68,9 +68,10 @@ def prepare(scenario: Scenario) -> Prepared:
             require_backend(spec.backend)
     quants = qcfg.assign(len(parts), scenario.seed)
     speeds = client_speeds(scenario.clock, len(parts), scenario.seed, [q.bits for q in quants])
+    links = client_links(scenario.clock, len(parts), scenario.seed)
     clients = [ClientSpec(client_id=c, num_examples=len(p), lora=LoraSpec(rank=r, alpha=a, rslora=lcfg.rslora),
-                          quant=q, speed=v)
-               for c, (p, (r, a), q, v) in enumerate(zip(parts, assigned, quants, speeds))]
+                          quant=q, speed=v, links=link)
+               for c, (p, (r, a), q, v, link) in enumerate(zip(parts, assigned, quants, speeds, links))]
     # the global adapter's spec: the single one, or the largest rank of the mix
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
     return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),

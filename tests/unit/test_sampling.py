@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
@@ -90,6 +91,27 @@ def test_simulated_clock_and_round_deadline(tiny_raw, tmp_path):
             assert row["time/sim_round_s"] == 2.0  # the round waits until the deadline, not for the stragglers
         assert row["clients/succeeded"] == row["clients/sampled"] - len(slow)
     assert any(row["clients/late"] for row in rows)
+
+
+def test_a_speed_tier_brings_its_own_links(tiny_raw, tmp_path):
+    """A tier's down_mbps / up_mbps replace the clock's for its clients: each client's simulated time is its steps at
+    its speed plus its own bytes over its own links (bandwidth tiers), the round the slowest of them."""
+    from fedsim.driver import prepare
+
+    tiny_raw.update(rounds=1)
+    tiny_raw["clients"].update(per_round=8)
+    tiny_raw["clock"] = {"tiers": [{"fraction": 0.5, "steps_per_s": 100.0},
+                                   {"fraction": 0.5, "steps_per_s": 100.0, "down_mbps": 0.01, "up_mbps": 0.002}],
+                         "down_mbps": 100.0, "up_mbps": 50.0, "latency_s": 0.0}
+    sc = scenario_from_dict(tiny_raw)
+    clients = prepare(sc).clients
+    assert sorted({c.links for c in clients}) == [(0.01, 0.002), (100.0, 50.0)]
+    run_scenario(sc, tmp_path / "run")
+    row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    times = [3 / 100 + 8 * down / (clients[int(c)].links[0] * 1e6) + 8 * up / (clients[int(c)].links[1] * 1e6)
+             for c, (_, up, _, down) in row["comm/per_client"].items()]
+    assert row["time/sim_round_s"] == pytest.approx(max(times), rel=1e-12)
+    assert max(times) > 10 * min(times)
 
 
 def test_ten_thousand_registered_clients_partition_sample_and_track(tiny_raw, tmp_path):
