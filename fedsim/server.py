@@ -65,7 +65,7 @@ def upload_cost(strategy: Strategy, update: ClientUpdate) -> tuple[int, int]:
     """(params, bytes) one client uploads: the strategy's count plus its objectives' uploads and its head."""
     params, nbytes = strategy.upload_cost(update)
     return (params + ops.num_params(update.extra) + ops.num_params(update.head),
-            nbytes + ops.num_bytes(update.extra) + ops.num_bytes(update.head))
+            nbytes + ops.num_bytes(update.extra) + ops.sent_bytes(update.head, update.wire))
 
 
 def _moved(update: ClientUpdate) -> int:
@@ -174,7 +174,7 @@ class Server:
         """(params, bytes) one client downloads: the strategy's count plus what its objectives carry and the head."""
         params, nbytes = self.strategy.download_cost(payload)
         if payload.head:
-            params, nbytes = params + ops.num_params(payload.head), nbytes + ops.num_bytes(payload.head)
+            params, nbytes = params + ops.num_params(payload.head), nbytes + ops.sent_bytes(payload.head, payload.wire)
         for o in payload.objectives:
             carried = o.carried()
             params, nbytes = params + ops.num_params(carried), nbytes + ops.num_bytes(carried)

@@ -201,6 +201,7 @@ class CompressUpload(UpdateTransform):
     error_feedback: bool = False
 
     state_key: ClassVar[str | None] = "compression"
+    sees_head: ClassVar[bool] = True  # a classifier's head travels compressed too
     metric_keys: ClassVar[tuple[str, ...]] = ("compress/rel_error",)
     round_metrics: ClassVar[tuple[str, ...]] = metric_keys
 
@@ -220,7 +221,7 @@ class CompressUpload(UpdateTransform):
 
 class CompressBroadcast(ServerStage):
     """The server's broadcast encoded by ``codec`` (``compression.download``): each distinct payload's adapter
-    tensors, as changes from zero, rounded stochastically from (seed, round, the payload's place in the round — in an
+    tensors (and the global head, where the model task trains one), as changes from zero, rounded stochastically from (seed, round, the payload's place in the round — in an
     asynchronous run, the client start it is for); the clients start from the decoded values, and download the
     encoded bytes (``comm/down_bytes``)."""
 
@@ -229,12 +230,13 @@ class CompressBroadcast(ServerStage):
         self._round, self._count = -1, 0
 
     def configure(self, ctx: RoundContext, state: GlobalState, payload: ClientPayload) -> ClientPayload:
-        if not payload.tensors:  # a fresh adapter: nothing to download
+        if not payload.tensors and not payload.head:  # a fresh adapter, no head: nothing to download
             return payload
         if ctx.server_round != self._round:
             self._round, self._count = ctx.server_round, 0
         self._count += 1
         place = ctx.asynchronous.task if ctx.asynchronous is not None else self._count
         gen = _generator(self.seed, ctx.server_round, place, 67)
-        out, _, nbytes, _ = encode_changes(self.codec, payload.tensors, {}, None, gen)
-        return replace(payload, tensors=out, wire=nbytes)
+        out, _, nbytes, _ = encode_changes(self.codec, {**payload.tensors, **(payload.head or {})}, {}, None, gen)
+        head = {k: out.pop(k) for k in payload.head} if payload.head else payload.head
+        return replace(payload, tensors=out, head=head, wire=nbytes)

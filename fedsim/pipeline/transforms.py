@@ -53,11 +53,15 @@ class UpdateTransform:
         round_metrics: those of them the round's row reports (example-weighted means).
         state_key: the name of the per-client state it keeps (:attr:`keeps_state`), stored under
             ``transform.<state_key>.<key>`` and given back in :attr:`TransformContext.state`.
+        sees_head: it also takes the uploaded head's tensors.
     """
 
     metric_keys: ClassVar[tuple[str, ...]] = ()
     round_metrics: ClassVar[tuple[str, ...]] = ()
     state_key: ClassVar[str | None] = None
+    # it also takes the uploaded head's tensors (keys head.<module>.<param>, beside the adapter's; a classifier trained
+    # in full): a compression of everything a client sends
+    sees_head: ClassVar[bool] = False
 
     @property
     def keeps_state(self) -> bool:

@@ -243,13 +243,16 @@ class Worker:
         head = None if own_head else head
         began = payload.tensors if start is None else start
         start = {k: began[k] for k in tensors if k in began}
+        if head and any(t.sees_head for t in self.components.transforms):  # the head it started from
+            source = self.host(payload.base_version, job.spec.quant).head_source(head_of(payload, job.personal))
+            start.update({k: source[k] for k in head})
         ctx = TransformContext(self.scenario.seed, job.server_round, job.spec.client_id, job.attempt, start)
-        tensors, wire, kept = self._transform(tensors, ctx, metrics, job.personal)
+        tensors, head, wire, kept = self._transform(tensors, head or {}, ctx, metrics, job.personal)
         self.num_clients += 1
         metrics["client/time_s"] = time_s
         metrics.setdefault("engine/clients_per_call", 1.0)  # a call of several clients says how many (in_call)
         metrics["client/up_bytes"] = float(ops.sent_bytes(tensors, wire) + ops.num_bytes(extra or {})
-                                           + ops.num_bytes(head or {}))
+                                           + ops.sent_bytes(head, wire))
         logged = self._declared(metrics, payload, procedure)
         update = ClientUpdate(client_id=job.spec.client_id, num_examples=job.spec.num_examples, lora=payload.lora,
                               tensors=tensors, metrics=metrics, extra=extra or {}, head=head or {}, wire=wire)
@@ -266,22 +269,27 @@ class Worker:
                               worker=self.name, personal=personal, note=note, logged=logged)
         return result, update
 
-    def _transform(self, tensors: Tensors, ctx: TransformContext, metrics: dict[str, float], personal: Tensors | None
-                   ) -> tuple[Tensors, dict[str, int] | None, Tensors]:
-        """The client-side transforms in order: the tensors sent, their wire sizes where the last transform encoded
-        them, and the transforms' new client state (keys ``transform.<state_key>.<key>``); their metrics join
+    def _transform(self, tensors: Tensors, head: Tensors, ctx: TransformContext, metrics: dict[str, float],
+                   personal: Tensors | None) -> tuple[Tensors, Tensors, dict[str, int] | None, Tensors]:
+        """The client-side transforms in order (one that ``sees_head`` gets the uploaded head's tensors beside the
+        adapter's): the adapter tensors and the head sent, their wire sizes where the last transform encoded them,
+        and the transforms' new client state (keys ``transform.<state_key>.<key>``); their metrics join
         ``metrics``."""
         wire, kept = None, {}
         for transform in self.components.transforms:
             key = transform.state_key if transform.keeps_state else None
             prefix = f"{ops.TRANSFORM_PREFIX}{key}."
             own = {k[len(prefix):]: v for k, v in (personal or {}).items() if k.startswith(prefix)} if key else None
-            sent = Sent.of(transform(tensors, replace(ctx, state=own)))
+            both = transform.sees_head and head
+            sent = Sent.of(transform({**tensors, **head} if both else tensors, replace(ctx, state=own)))
             tensors, wire = sent.tensors, sent.wire
+            if both:
+                head = {k: v for k, v in tensors.items() if k.startswith(ops.HEAD_PREFIX)}
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(ops.HEAD_PREFIX)}
             metrics.update(sent.metrics)
             if key is not None:  # a client with nothing new keeps what it had
                 kept.update({prefix + k: v for k, v in (sent.state if sent.state is not None else own or {}).items()})
-        return tensors, wire, kept
+        return tensors, head, wire, kept
 
     def _declared(self, metrics: dict[str, float], payload: ClientPayload, procedure: Any) -> tuple[str, ...]:
         """The keys of ``metrics`` the round's row reports; every key must be declared by the component that emits

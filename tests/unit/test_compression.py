@@ -222,3 +222,34 @@ def test_ray_with_packed_clients_equals_the_local_backend(tiny_raw, tmp_path):
         for k in ("eval/loss", "train/loss", "compress/rel_error", "comm/up_bytes", "comm/down_bytes"):
             assert (k in ra) == (k in rb) == (k == "eval/loss" or ra["round"] > 0), (ra["round"], k)
             assert ra.get(k) == pytest.approx(rb.get(k), rel=F32_NETWORK) if k in ra else True, (ra["round"], k)
+
+
+def test_a_classifiers_head_travels_compressed_both_ways(tiny_raw, tmp_path):
+    """With a head trained in full (seq_cls), everything a client uploads is encoded — the adapter and the head —
+    and so is the broadcast's global head: each direction's bytes are the codec's sizes of every tensor."""
+    from conftest import ROBERTA, classifier_raw
+
+    from fedsim.config import scenario_from_dict
+    from fedsim.driver import prepare, run_scenario
+    from fedsim.models.tasks import task_for
+
+    raw = classifier_raw(tiny_raw, tmp_path, ROBERTA)
+    raw.update(rounds=2, compression={"upload": "int8", "download": "int4", "block_size": 64})
+    sc = scenario_from_dict(raw)
+    spec = prepare(sc).spec
+    r = spec.lora.rank
+    adapter = [r * s.d_in for s in spec.shapes.values()] + [r * s.d_out for s in spec.shapes.values()]
+    from fedsim.models.base import build_base_model
+
+    task = task_for(sc.model)
+    model = build_base_model(sc.model, "cpu", task.classes, num_labels=2)  # the head's tensors
+    head = [p.numel() for n, p in model.named_parameters() if n.split(".")[0] in task.head_names]
+    assert head
+    out = tmp_path / "run"
+    run_scenario(sc, out)
+    rows = [r for r in _rows(out) if r["round"] >= 1]
+    up8, down4 = Codec("int8", block_size=64), Codec("int4", block_size=64)
+    for row in rows:
+        assert row["comm/up_bytes"] == 3 * sum(up8.wire_bytes(n) for n in adapter + head)
+    assert rows[0]["comm/down_bytes"] == 3 * sum(down4.wire_bytes(n) for n in adapter)  # the base's head at first
+    assert rows[1]["comm/down_bytes"] == 3 * sum(down4.wire_bytes(n) for n in adapter + head)
