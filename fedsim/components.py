@@ -246,9 +246,11 @@ def compression_line(scenario: Scenario, strategy: Strategy, shapes: dict[str, A
     from fedsim.pipeline.compression import Codec
 
     c = scenario.compression
-    sizes = {k: n for m, s in shapes.items() for k, n in ((ops.a_key(m), rank * s.d_in), (ops.b_key(m), rank * s.d_out))}
+    sizes = {k: n for m, s in shapes.items()
+             for k, n in ((ops.a_key(m), rank * s.d_in), (ops.b_key(m), rank * s.d_out))}
+    shared = [k for k in sizes if strategy.is_shared(k)]
     parts = []
-    for way, method, keys in (("upload", c.upload, [k for k in sizes if strategy.is_shared(k)]), ("download", c.download, list(sizes))):
+    for way, method, keys in (("upload", c.upload, shared), ("download", c.download, list(sizes))):
         if method == "none":
             parts.append(f"{way}s raw")
             continue

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from stopping import StopAt
 from tolerances import F32_NETWORK
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import resume_run, run_scenario
-from fedsim.federation.callbacks import RoundCallback
 
 SLOW = {"tiers": [{"fraction": 0.75, "steps_per_s": 20.0}, {"fraction": 0.25, "steps_per_s": 2.0}]}
 
@@ -98,15 +98,6 @@ def test_ray_with_packed_clients_and_compressed_uploads_equals_the_local_backend
             assert ra.get(k) == pytest.approx(rb.get(k), rel=F32_NETWORK) if k in ra else True, (ra["round"], k)
 
 
-class _StopAt(RoundCallback):
-    def __init__(self, server_round):
-        self.server_round = server_round
-
-    def on_round_end(self, server_round, row):
-        if server_round == self.server_round:
-            raise RuntimeError("stopped")
-
-
 def test_a_resume_with_clients_in_flight_is_exact(tiny_raw, tmp_path):
     """Cut after step 3's checkpoint (clients in flight from older versions, one of them slow): the resumed run
     configures them from the versions they started from (their int8 broadcasts drawn as before, their top-k
@@ -116,7 +107,7 @@ def test_a_resume_with_clients_in_flight_is_exact(tiny_raw, tmp_path):
     whole = tmp_path / "whole"
     run_scenario(scenario_from_dict(raw), whole)
     with pytest.raises(RuntimeError, match="stopped"):
-        run_scenario(scenario_from_dict(raw), tmp_path / "cut", callbacks=[_StopAt(4)])
+        run_scenario(scenario_from_dict(raw), tmp_path / "cut", callbacks=[StopAt(4)])
     meta = json.loads((tmp_path / "cut" / "checkpoint" / "meta.json").read_text())
     flights = meta["strategy_state"]["__async__"]["flights"]
     assert meta["round"] == 3 and len(flights) == 3 and min(f["version"] for f in flights) < 3

@@ -7,12 +7,12 @@ import statistics
 
 import pytest
 import yaml
+from stopping import StopAt
 
 from fedsim.cli import main
 from fedsim.config import scenario_from_dict
 from fedsim.driver import run_scenario
 from fedsim.errors import ScenarioError
-from fedsim.federation.callbacks import RoundCallback
 from fedsim.sweep import plan, run_sweep
 from fedsim.tracking import run_name
 
@@ -59,12 +59,6 @@ def test_a_run_draws_its_curves_and_fedsim_plot_overlays_runs_or_refuses(tiny_ra
                                               ".png file or a folder)"
 
 
-class _StopAt(RoundCallback):
-    def on_round_end(self, server_round, row):
-        if server_round == 2:
-            raise RuntimeError("stopped")
-
-
 def test_a_sweep_over_seeds_aggregates_resumes_and_keeps_its_group(tiny_yaml, tmp_path):
     out = tmp_path / "sweep"
     sets = ["rounds=2", "eval.at_start=false"]
@@ -95,7 +89,7 @@ def test_a_sweep_over_seeds_aggregates_resumes_and_keeps_its_group(tiny_yaml, tm
     shutil.rmtree(second)
     _, points = plan(tiny_yaml, ["clients.lora.rank=2,4"], sets, seeds=2, group=group)
     with pytest.raises(RuntimeError, match="stopped"):
-        run_scenario(points[1]["scenario"], second, callbacks=[_StopAt()])
+        run_scenario(points[1]["scenario"], second, callbacks=[StopAt(2)])
     untouched = {r["run_dir"]: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in rows[2:]}
     with pytest.raises(ScenarioError, match="holds a sweep already.*--resume"):
         run_sweep(tiny_yaml, ["clients.lora.rank=2,4"], sets, out, seeds=2)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from stopping import StopAt
 from tolerances import F32_NETWORK
 
 from fedsim import registry
@@ -132,17 +133,6 @@ class _Recorder(RoundCallback):
         self.events.append(("run_end", summary["rounds"]))
 
 
-class _StopAfter(RoundCallback):
-    """Ends the run at a round's end, before that round's checkpoint (the checkpoint callback runs last)."""
-
-    def __init__(self, server_round):
-        self.server_round = server_round
-
-    def on_round_end(self, server_round, row):
-        if server_round == self.server_round:
-            raise RuntimeError("stopped by the test")
-
-
 def test_a_server_stage_keeps_state_across_a_resume_and_callbacks_see_every_round(tiny_raw, tmp_path):
     tiny_raw.update(rounds=3)
     sc = scenario_from_dict(tiny_raw)
@@ -156,7 +146,7 @@ def test_a_server_stage_keeps_state_across_a_resume_and_callbacks_see_every_roun
     assert meta["strategy_state"]["__stages__"] == {"1": {"passed": 3}}
     # the same run stopped in round 3 (after round 2's checkpoint), then resumed with a fresh stage object
     with pytest.raises(RuntimeError, match="stopped by the test"):
-        run_scenario(sc, tmp_path / "cut", callbacks=[_StopAfter(3)],
+        run_scenario(sc, tmp_path / "cut", callbacks=[StopAt(3, "stopped by the test")],
                      components=dataclasses.replace(resolve(sc), stages=(_Counting(drop=-1),)))
     resume_run(tmp_path / "cut", components=dataclasses.replace(resolve(sc), stages=(_Counting(drop=-1),)))
     whole, cut = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")

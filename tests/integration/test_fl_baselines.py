@@ -4,23 +4,14 @@ resumed exactly) and FedProx."""
 import json
 
 import pytest
+from stopping import StopAt
 
 from fedsim.config import scenario_from_dict
 from fedsim.driver import resume_run, run_scenario
-from fedsim.federation.callbacks import RoundCallback
 
 
 def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-class _StopAt(RoundCallback):
-    def __init__(self, server_round):
-        self.server_round = server_round
-
-    def on_round_end(self, server_round, row):
-        if server_round == self.server_round:
-            raise RuntimeError("stopped")
 
 
 @pytest.mark.parametrize("opt", ["fedadam", "fedyogi"])
@@ -34,7 +25,7 @@ def test_a_server_optimizer_runs_checkpoints_and_resumes_exactly(tiny_raw, tmp_p
     stage = meta["strategy_state"]["__stages__"]["1"]
     assert stage["t"] == 3 and all("__tensor__" in v for v in stage["m"].values())
     with pytest.raises(RuntimeError, match="stopped"):
-        run_scenario(sc, tmp_path / "cut", callbacks=[_StopAt(3)])
+        run_scenario(sc, tmp_path / "cut", callbacks=[StopAt(3)])
     resume_run(tmp_path / "cut")  # m, v and t come back from the checkpoint of round 2
     a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
     for k in ("train/loss", "eval/loss", "eval/accuracy", "server_opt/step_norm"):
@@ -132,7 +123,7 @@ def test_scaffold_from_a_scenario_doubles_communication_resumes_exactly_and_runs
     assert rows[1]["scaffold/correction_norm"] == 0 < rows[2]["scaffold/correction_norm"]  # c = c_i = 0 at first
     assert rows[-1]["eval/loss"] != plain[-1]["eval/loss"]
     with pytest.raises(RuntimeError, match="stopped"):
-        run_scenario(sc, tmp_path / "cut", callbacks=[_StopAt(3)])
+        run_scenario(sc, tmp_path / "cut", callbacks=[StopAt(3)])
     resume_run(tmp_path / "cut")  # c from the server's checkpoint, each c_i from the client state store
     keys = ("train/loss", "eval/loss", "scaffold/c_norm", "scaffold/correction_norm", "scaffold/delta_c_norm")
     for k in keys:

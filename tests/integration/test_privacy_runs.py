@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import news_data
+from stopping import StopAt
 from tolerances import F32_ELEMENTWISE, F32_NETWORK, F64
 
 from fedsim.components import resolve
 from fedsim.config import scenario_from_dict
 from fedsim.driver import resume_run, run_scenario
-from fedsim.federation.callbacks import RoundCallback
 from fedsim.pipeline.privacy import epsilon
 from fedsim.pipeline.transforms import UpdateTransform
 
@@ -23,12 +23,6 @@ PRIVACY = {"clipping_norm": 0.5, "noise_multiplier": 0.8, "delta": 0.01}
 
 def _rows(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-class _StopAt(RoundCallback):
-    def on_round_end(self, server_round, row):
-        if server_round == 3:
-            raise RuntimeError("stopped")
 
 
 def test_central_dp_reports_epsilon_each_round_and_resumes_adaptive_clipping_exactly(tiny_raw, tmp_path):
@@ -43,7 +37,7 @@ def test_central_dp_reports_epsilon_each_round_and_resumes_adaptive_clipping_exa
                                   "noise_multiplier": 0.8, "accountant": "rdp", "sample_rate": 0.375,
                                   "clipping_norm": rows[-1]["privacy/clipping_norm"], "adaptive": True}
     with pytest.raises(RuntimeError, match="stopped"):
-        run_scenario(sc, tmp_path / "cut", callbacks=[_StopAt()])
+        run_scenario(sc, tmp_path / "cut", callbacks=[StopAt(3)])
     resume_run(tmp_path / "cut")  # C from the server's checkpoint, the noise from (seed, round)
     for k in ("eval/loss", "privacy/clipping_norm", "privacy/epsilon", "privacy/clipped"):
         assert _rows(tmp_path / "cut")[-1][k] == rows[-1][k], k
