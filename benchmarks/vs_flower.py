@@ -6,7 +6,7 @@ evaluation of the global model after the last round, the final adapter saved.
 
 - fedsim: ``fedsim run scenario.yaml`` (the command a user types; embedded defaults otherwise: local Ray, W&B off,
   one client per pass), and the same with ``--set resources.clients_per_pass=auto`` (fedsim's packed clients: K
-  clients per forward/backward pass over one base, exact; README "Packed clients").
+  clients per forward/backward pass over one base, exact; docs/packing.md).
 - Flower: benchmarks/flower_app.py — a ServerApp (FedAvg) and a ClientApp written with Flower's Message API, run by
   ``flwr.simulation.run_simulation`` in a virtual environment of its own (Flower pins its own Ray), created on first
   use under ``$FEDSIM_CACHE_DIR/flower-venv`` with the same torch / transformers / PEFT versions as this one. Its

@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="export from the checkpoint before the newest (when the newest is damaged)")
     exp.add_argument("--verbose", action="store_true", help="show libraries' progress bars and warnings")
     sub.add_parser("strategies", help="list the registered aggregation strategies")
+    sub.add_parser("schema", help="print the scenario's JSON Schema (for an editor's completion and checking)")
     return parser
 
 
@@ -98,7 +99,7 @@ def _add_tune(sub: Any) -> None:
                                        "tune.csv and best.yaml")
     _add_scenario_args(tune)
     tune.add_argument("--space", required=True, help="the search: a YAML file with space:, metric:, mode:, samples:, "
-                                                     "search:, asha:, concurrent: (README, 'Tuning')")
+                                                     "search:, asha:, concurrent: (docs/tuning.md)")
     tune.add_argument("--out", help="search directory (default: runs/<name>-tune)")
     tune.add_argument("--resume", action="store_true", help="continue the search in --out: finished trials are kept, "
                                                             "interrupted ones resume from their checkpoints")
@@ -344,6 +345,18 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsim.config.reference import json_schema
+
+    try:
+        print(json.dumps(json_schema(), indent=1, ensure_ascii=False), flush=True)
+    except BrokenPipeError:  # `fedsim schema | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`): the same orderly stop as Ctrl-C
 
@@ -367,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     handler = {"run": _cmd_run, "validate": _cmd_validate, "partition": _cmd_partition, "sweep": _cmd_sweep,
                "export": _cmd_export, "strategies": _cmd_strategies, "plot": _cmd_plot,
-               "submit": _cmd_submit, "tune": _cmd_tune}[args.command]
+               "submit": _cmd_submit, "tune": _cmd_tune, "schema": _cmd_schema}[args.command]
     try:
         return handler(args)
     except FedsimError as e:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 class Strict(BaseModel):
     """Immutable; undeclared keys, non-finite numbers and booleans given as numbers are errors."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -23,12 +23,19 @@ class AsyncConfig(Frozen):
     """
 
     concurrency: int = Field(10, ge=1, le=1_000_000)
+    """clients in flight at once"""
     buffer: int = Field(5, ge=1, le=1_000_000)
+    """K: arrivals per server step (≤ concurrency)"""
     server_lr: float = Field(1.0, gt=0.0, le=1e3)
+    """η_g, the server step's learning rate"""
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    """the weight of a stale update: constant, polynomial or hinge"""
     exponent: float = 0.5
+    """polynomial: w(s) = (1 + s)^-exponent"""
     hinge_after: int = Field(4, ge=0)
+    """hinge: full weight up to this staleness"""
     hinge_slope: float = Field(1.0, gt=0.0)
+    """hinge: w(s) = 1 / (slope · (s − hinge_after) + 1) beyond it"""
 
     @model_validator(mode="after")
     def _consistent(self) -> AsyncConfig:

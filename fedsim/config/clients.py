@@ -17,15 +17,20 @@ class RankTier(Frozen):
     """A share of the clients with one LoRA rank (alpha defaults to 2 × rank)."""
 
     fraction: float = Field(gt=0.0, le=1.0)
+    """its share of the clients"""
     rank: int = Field(ge=1, le=4096)
+    """LoRA rank"""
     alpha: float | None = Field(None, gt=0.0, le=1e6)
+    """LoRA alpha (default: the section's)"""
 
 
 class RankChoice(Frozen):
     """One client's LoRA rank (alpha defaults to 2 × rank)."""
 
     rank: int = Field(ge=1, le=4096)
+    """LoRA rank"""
     alpha: float | None = Field(None, gt=0.0, le=1e6)
+    """LoRA alpha (default: the section's)"""
 
 
 class LoraSpecConfig(Frozen):
@@ -36,10 +41,15 @@ class LoraSpecConfig(Frozen):
     """
 
     rank: int = Field(8, ge=1, le=4096)
+    """LoRA rank r"""
     alpha: float = Field(16.0, gt=0.0, le=1e6)
+    """LoRA alpha α (the scaling is α/r, or α/√r with rslora)"""
     rslora: bool = False
+    """rank-stabilised scaling α/√r"""
     tiers: tuple[RankTier, ...] | None = None
+    """mixed ranks: shares of the clients at each rank"""
     per_client: tuple[RankChoice, ...] | None = None
+    """mixed ranks: one rank per client id, in order"""
 
     @model_validator(mode="after")
     def _one_mix(self) -> LoraSpecConfig:
@@ -74,15 +84,20 @@ class QuantTier(Frozen):
     """A share of the clients with one bit width."""
 
     fraction: float = Field(gt=0.0, le=1.0)
+    """its share of the clients"""
     bits: int
+    """the base's bits: 2, 3, 4, 8, 16 or 32"""
     backend: QuantBackend = "auto"
+    """the quantization library (auto, bnb, hqq)"""
 
 
 class QuantChoice(Frozen):
     """One client's bit width."""
 
     bits: int
+    """the base's bits: 2, 3, 4, 8, 16 or 32"""
     backend: QuantBackend = "auto"
+    """the quantization library (auto, bnb, hqq)"""
 
 
 class QuantConfig(Frozen):
@@ -92,13 +107,21 @@ class QuantConfig(Frozen):
     block, ``quant_type`` its 4-bit type; ``compute_dtype: auto`` is float32 on CPU, bfloat16 (else float16) on GPU."""
 
     bits: int = 32
+    """the clients' base bits: 2, 3 (HQQ), 4, 8 (bitsandbytes or HQQ), 16, 32 (full precision)"""
     backend: QuantBackend = "auto"
+    """auto, bnb (bitsandbytes) or hqq"""
     tiers: tuple[QuantTier, ...] | None = None
+    """a mix: shares of the clients at each bit width"""
     per_client: tuple[QuantChoice, ...] | None = None
+    """a mix: one bit width per client id"""
     group_size: int = Field(64, ge=1, le=1 << 20)
+    """HQQ's quantization group"""
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bitsandbytes 4-bit: nf4 or fp4"""
     blocksize: int = Field(64, ge=1, le=1 << 20)
+    """bitsandbytes 4-bit's block"""
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the dtype quantized layers compute in (auto: float32 on CPU, bfloat16 on GPU)"""
 
     @model_validator(mode="after")
     def _valid(self) -> QuantConfig:
@@ -150,10 +173,15 @@ class MaliciousConfig(Frozen):
     replaced by (l + 1) mod K (classification data; :mod:`fedsim.data.poison`) and sends the update as it is."""
 
     fraction: float = Field(gt=0.0, lt=1.0)
+    """the share of the clients that attack (a fixed seeded set)"""
     attack: Literal["sign_flip", "scale", "gaussian", "fixed", "nan", "label_flip"] = "sign_flip"
+    """sign_flip, scale, gaussian, fixed, nan or label_flip"""
     factor: float | None = None
+    """sign_flip / scale: the multiplier"""
     std: float = Field(1.0, gt=0.0)
+    """gaussian: the noise's standard deviation"""
     value: float = 1.0
+    """fixed: the value sent"""
 
     def count(self, num_clients: int) -> int:
         return int(round(self.fraction * num_clients))
@@ -174,18 +202,23 @@ class MaliciousConfig(Frozen):
 
 class ClientsConfig(Frozen):
     num_clients: int = Field(20, ge=1, le=10_000_000)
+    """the registered (virtual) clients"""
     per_round: int | float = 5
+    """clients sampled a round: a count, or a fraction of num_clients"""
     lora: LoraSpecConfig = LoraSpecConfig()
+    """the clients' LoRA ranks and alphas (one, tiers or per client)"""
     # uniform: per_round of the available clients; size: probability ∝ the client's number of samples; poisson: each
     # available client independently with probability per_round / num_clients (a varying count)
     sampling: Literal["uniform", "size", "poisson"] = "uniform"
     availability: float = Field(1.0, gt=0.0, le=1.0)  # probability that a client is reachable in a round
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # probability that a sampled client drops out during the round
     state_budget_mb: float = Field(256.0, gt=0.0, le=1e7)  # client state kept in memory; the rest spills to disk
-    # where spilled client state goes (a subdirectory per run); default: <run dir>/client_state
     state_dir: str | None = None
+    """where client state spills (default: the run directory's client_state/)"""
     quant: QuantConfig = QuantConfig()
+    """the clients' quantized bases (one, tiers or per client)"""
     malicious: MaliciousConfig | None = None
+    """model-poisoning clients (robust aggregation's test)"""
 
     @field_validator("per_round", mode="before")
     @classmethod

@@ -21,10 +21,15 @@ class CompressionConfig(Frozen):
     """
 
     upload: Literal["none", "fp16", "bf16", "int8", "int4", "topk"] = "none"
+    """how clients encode their uploads: none, fp16, bf16, int8, int4, topk"""
     download: Literal["none", "fp16", "bf16", "int8", "int4"] = "none"
+    """how the server encodes its broadcast: none, fp16, bf16, int8, int4"""
     topk_fraction: float = Field(0.1, gt=0.0, le=1.0)
+    """topk: the share of each tensor's entries sent"""
     block_size: int = Field(1024, ge=1, le=2**24)
+    """int8 / int4: values per block (each block sends its float32 min and step)"""
     error_feedback: bool | None = None
+    """clients keep what they did not send and add it next time (default: on for topk)"""
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressionConfig:

@@ -15,9 +15,13 @@ class SyntheticConfig(Frozen):
     """Built-in procedurally generated multi-task instruction data (see :mod:`fedsim.data.synthetic`)."""
 
     tasks: tuple[str, ...] = ("add", "reverse", "sort", "upper", "count")
+    """the built-in toy tasks: add, reverse, sort, upper, count"""
     num_train: int = Field(2000, ge=1, le=10_000_000)
+    """training rows"""
     num_test: int = Field(400, ge=1, le=1_000_000)
+    """test rows"""
     seed: int = Field(0, ge=0)
+    """the seed of the rows"""
 
     @field_validator("tasks")
     @classmethod
@@ -35,9 +39,13 @@ class TestSplitConfig(Frozen):
     """Where the global test set comes from: a separate source (file or hub split) or a held-out fraction."""
 
     source: str | None = None
+    """a file (or hub data set) of test rows"""
     split: str | None = None
+    """a split of the hub data set"""
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    """a share of the training rows held out instead"""
     max_samples: int | None = Field(None, ge=1)
+    """at most this many test rows"""
 
 
 class SourceConfig(Frozen):
@@ -45,8 +53,11 @@ class SourceConfig(Frozen):
     (the name, written into each row's ``data.task_field``), with its own columns and its own test rows."""
 
     source: str
+    """a local file, directory or glob, or a hub id"""
     subset: str | None = None
+    """the hub data set's subset"""
     split: str = "train"
+    """the hub data set's split"""
     columns: tuple[str, ...] | None = None  # None: data.columns
     test_source: str | None = None  # its test rows: a local file (or a hub data set)
     test_split: str | None = None  # ... or a split of its hub data set
@@ -74,24 +85,42 @@ class DataConfig(Frozen):
 """
 
     source: str = "synthetic"
+    """synthetic, a hub id, or a local .json/.jsonl/.csv/.tsv/.parquet file, directory or glob"""
     sources: dict[str, SourceConfig] | None = None
+    """one source per task instead of source ({task: {source, columns, ...}}); each row tagged with its task's name in
+    task_field"""
     synthetic: SyntheticConfig = SyntheticConfig()
+    """the built-in toy tasks (source: synthetic)"""
     format: str = "instruction"  # a registered row format (fedsim.data.formats)
     split: str = "train"
+    """the hub data set's split"""
     subset: str | None = None
+    """the hub data set's subset (its configuration)"""
     columns: tuple[str, ...] | None = None
+    """the column names of a header-less CSV/TSV"""
     prompt_template: str | None = None
+    """the prompt, with {field} placeholders"""
     response_field: str = "output"
+    """the field the loss covers"""
     label_field: str = "label"
+    """classification: the label's field"""
     text_pair: str | None = None  # classification: the field of a sentence pair's second text (MNLI's hypothesis)
     label_names: dict[int | str, str] | None = None
+    """classification: label value → its name"""
     task_field: str | None = "task"
+    """the field that names a row's task (per-task metrics, natural splits); null: none"""
     test: TestSplitConfig = TestSplitConfig()
+    """the test split: a file, a hub split or a held-out fraction"""
     max_seq_len: Annotated[int, Field(ge=8, le=65536)] | Literal["auto"] = "auto"
+    """tokens per row, or auto (the longest row's, from the data)"""
     too_long: Literal["truncate", "drop"] = "truncate"
+    """a longer row is truncated or dropped"""
     column_map: dict[str, str] | None = None
+    """the format's field → your column"""
     chat_template: str | None = None
+    """chat: a Jinja chat template instead of the tokenizer's"""
     max_train_samples: int | None = Field(None, ge=1)
+    """the first rows only"""
 
     @model_validator(mode="after")
     def _one_kind_of_source(self) -> DataConfig:
@@ -147,7 +176,12 @@ class PartitionConfig(Frozen):
     """How training samples are split over clients (non-IID)."""
 
     method: Literal["iid", "dirichlet", "shards", "natural", "quantity"] = "iid"
+    """iid, dirichlet (label skew), shards, natural (one group per client) or quantity"""
     alpha: float = Field(0.5, gt=0.0, le=1e6)
+    """dirichlet: the concentration (smaller: more skewed)"""
     by: str | None = None
+    """the field a skewed split groups by"""
     shards_per_client: int = Field(2, ge=1, le=10_000)
+    """shards: label shards per client"""
     min_samples: int = Field(1, ge=1)
+    """the fewest rows a client may hold"""

@@ -19,11 +19,17 @@ class TinyModelConfig(Frozen):
     """Size of the built-in tiny Llama-architecture model (random init, byte-level vocabulary)."""
 
     hidden_size: int = Field(64, ge=8, le=4096)
+    """the hidden size"""
     intermediate_size: int = Field(128, ge=8, le=16384)
+    """the MLP's inner size"""
     num_layers: int = Field(2, ge=1, le=64)
+    """decoder layers"""
     num_heads: int = Field(4, ge=1, le=64)
+    """attention heads"""
     max_position_embeddings: int = Field(512, ge=16, le=32768)
+    """the longest sequence"""
     init_seed: int = Field(1234, ge=0)
+    """the seed of its weights"""
     # Larger than Llama's 0.02: the frozen, random lm_head must be able to express confident predictions, since with
     # RMSNorm before it the largest logit is bounded by about init_std · hidden_size.
     init_std: float = Field(0.1, gt=0.0, le=2.0)
@@ -49,23 +55,32 @@ class ModelConfig(Frozen):
     are seeded by ``seed``; its tokenizer is the byte-level one unless ``tokenizer`` names a directory."""
 
     name: str = "tiny"
+    """tiny (built from config, no download), a Hugging Face hub id or a local directory"""
     tiny: TinyModelConfig = TinyModelConfig()
+    """the built-in tiny model's size"""
     config: dict[str, Any] | str | None = None
+    """build a randomly initialised stand-in of any transformers architecture instead of loading weights: a mapping
+    with its model_type, or a local config.json"""
     tokenizer: str | None = None  # a tokenizer directory or hub id; default: the model's own (byte-level for
     # tiny and for a config stand-in)
     seed: int = Field(1234, ge=0)  # the weights of a config stand-in
     # what the model is fine-tuned as (a registered model task: causal_lm, seq_cls, ...); auto: a sequence classifier
     # (its architectures end in ForSequenceClassification) is seq_cls, anything else causal_lm
     task: str = "auto"
+    """what the model is fine-tuned as: a registered model task (causal_lm, seq_cls) or auto"""
     # the classification head's outputs (model.task seq_cls); default: the classifier's own when the model is one
     num_labels: int | None = Field(None, ge=1, le=100_000)
     # PEFT's forms: a list of names (a module matches one by its full name or by a name suffix after a dot), a regular
     # expression (matched against the full module name), or "all-linear" (every linear layer but the output layer)
     target_modules: tuple[str, ...] | str = DEFAULT_TARGET_MODULES
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the base's weights: auto is float32 on CPU, bfloat16 (or float16) on GPU"""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """PEFT's LoRA dropout"""
     revision: str | None = None
+    """the hub revision (a branch, tag or commit)"""
     trust_remote_code: bool = False
+    """let transformers run the model repository's own code"""
 
     @field_validator("target_modules")
     @classmethod

@@ -34,12 +34,19 @@ class PrivacyConfig(Frozen):
     """
 
     mode: Literal["central", "local"] = "central"
+    """central (the server clips and noises) or local (each client does)"""
     clipping_norm: float | None = Field(None, gt=0.0)
+    """C, the bound on each client's change"""
     noise_multiplier: float | None = Field(None, ge=0.0)
+    """σ (0: clipping only)"""
     target_epsilon: float | None = Field(None, gt=0.0)
+    """or ε after the last round: σ is solved for it"""
     delta: float | None = Field(None, gt=0.0, lt=1.0)
+    """δ (default min(10⁻⁵, 0.1/N))"""
     accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus's rdp or prv"""
     adaptive: AdaptiveClipConfig | None = None
+    """adaptive clipping (central mode)"""
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:

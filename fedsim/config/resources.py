@@ -15,16 +15,22 @@ class ServerResources(Frozen):
     its own, isolated from the driver and placed where those resources are (e.g. a GPU for a heavy aggregation)."""
 
     num_cpus: float = Field(0.0, ge=0.0, le=1024)
+    """CPUs of the server's own actor (0 with num_gpus 0: the driver process)"""
     num_gpus: float = Field(0.0, ge=0.0, le=64)
+    """GPUs of the server's own actor"""
 
 
 class WorkerPool(Frozen):
     """Extra workers, sized for the clients whose base has one of ``bits`` (e.g. a GPU share for 16-bit clients)."""
 
     bits: tuple[int, ...] = Field(min_length=1)
+    """the base bit widths this pool trains"""
     num_workers: int = Field(1, ge=1, le=4096)
+    """its workers"""
     num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    """CPUs per worker"""
     num_gpus: float = Field(0.0, ge=0.0, le=64)
+    """GPUs per worker (fractional)"""
 
 MAX_CLIENTS_PER_PASS = 256
 MAX_CLIENTS_PER_CALL = 1024
@@ -39,17 +45,27 @@ def count_or_auto(name: str, v: int | str, top: int) -> int | str:
 
 class ResourcesConfig(Frozen):
     backend: Literal["local", "ray"] = "ray"
+    """ray (a pool of worker actors) or local (one process)"""
     num_workers: int = Field(2, ge=1, le=4096)
+    """Ray workers training clients"""
     num_cpus: float = Field(1.0, gt=0.0, le=1024)
+    """CPUs per worker (fractional)"""
     num_gpus: float = Field(0.0, ge=0.0, le=64)
+    """GPUs per worker (fractional)"""
     num_threads: int | None = Field(None, ge=1, le=1024)
+    """torch threads per worker (default: its CPUs)"""
     address: str | None = None
+    """a Ray cluster to join (auto, ray://host:port); default: a local Ray"""
     server: ServerResources = ServerResources()
+    """the server's resources (default: it runs in the driver)"""
     dashboard: bool = False
+    """start Ray's dashboard"""
     max_retries: int = Field(1, ge=0, le=100)
+    """retries of a failed client within its round"""
     # consecutive rounds in which every sampled client fails before the run stops with their reason; 0 = never
     max_failed_rounds: int = Field(3, ge=0, le=1_000_000)
     client_timeout_s: float | None = Field(None, gt=0.0)
+    """a client running longer is failed (null: no timeout)"""
     # clients whose base has one of a pool's bits are trained by that pool's workers; the rest by the main pool
     pools: tuple[WorkerPool, ...] = ()
     # clients trained together in one pass over one base (fedsim.client.packed): 1 = one at a time; auto = as many
@@ -140,11 +156,17 @@ class WandbConfig(Frozen):
     runs of one file differ). ``tags``: added to the strategy's name, which every run is tagged with."""
 
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline, online or disabled"""
     project: str = "fedsim"
+    """the W&B project"""
     name: str | None = Field(None, min_length=1, max_length=256)
+    """the run's name there"""
     group: str | None = None
+    """the run's group"""
     entity: str | None = None
+    """the W&B entity"""
     tags: tuple[str, ...] = ()
+    """the run's tags"""
 
     @field_validator("name")
     @classmethod
@@ -167,6 +189,7 @@ class TensorBoardConfig(Frozen):
     and its numbers as hparams. ``dir``: where (default ``RUN_DIR/tensorboard``; ``tensorboard --logdir`` it)."""
 
     dir: str | None = None
+    """where the event files go (default: the run directory's tensorboard/)"""
 
 
 class MlflowConfig(Frozen):
@@ -176,7 +199,9 @@ class MlflowConfig(Frozen):
     ``mlruns/artifacts`` under the directory the run is started from. ``experiment``: the experiment's name."""
 
     tracking_uri: str | None = None
+    """the tracking server or store (default: the run directory's mlruns/)"""
     experiment: str = Field("fedsim", min_length=1, max_length=256)
+    """the experiment's name"""
 
 
 class LoggingConfig(Frozen):
@@ -185,12 +210,19 @@ class LoggingConfig(Frozen):
     combination at once)."""
 
     console: bool = True
+    """print progress and results"""
     plots: bool = True
+    """draw the curves and the partition heatmap"""
     progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    """auto (rich on a terminal, plain lines otherwise), rich, plain or off"""
     jsonl: bool = True
+    """write metrics.jsonl"""
     wandb: WandbConfig = WandbConfig()
+    """Weights & Biases (offline by default)"""
     tensorboard: TensorBoardConfig | None = None
+    """TensorBoard: true, or {dir}"""
     mlflow: MlflowConfig | None = None
+    """MLflow: true, or {tracking_uri, experiment}"""
 
     @field_validator("tensorboard", "mlflow", mode="before")
     @classmethod

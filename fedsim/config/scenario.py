@@ -32,9 +32,12 @@ class ServerOptimizerConfig(Frozen):
     """A server optimizer stepping on the aggregate (Reddi et al. 2021; :mod:`fedsim.pipeline.server_opt`)."""
 
     name: Literal["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+    """FedAvgM, FedAdagrad, FedAdam or FedYogi (Reddi et al. 2021)"""
     lr: float = Field(1.0, gt=0.0, le=1e3)  # η
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """β₁, the first moment's decay"""
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    """β₂, the second moment's decay"""
     tau: float = Field(1e-3, gt=0.0, le=1e3)  # τ, the adaptivity
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # μ (fedavgm)
 
@@ -56,7 +59,9 @@ class ObjectiveConfig(Frozen):
     """A client objective every client adds to its local loss (:mod:`fedsim.objectives`), e.g. FedProx."""
 
     name: str
+    """a registered client objective: fedprox, scaffold or your own"""
     params: dict[str, Any] = Field(default_factory=dict)
+    """its settings (fedprox: mu; scaffold: server_lr)"""
 
     _finite = field_validator("params")(classmethod(lambda cls, v: _finite_params(v)))
 
@@ -65,6 +70,7 @@ class RobustConfig(Frozen):
     """Robust aggregation (``strategy.robust``, :mod:`fedsim.pipeline.robust`) for the averaging strategies."""
 
     method: Literal["median", "trimmed_mean", "krum", "multi_krum", "norm_bound"]
+    """median, trimmed_mean, krum, multi_krum or norm_bound"""
     trim: float = Field(0.1, gt=0.0, lt=0.5)  # trimmed_mean: the share cut at each end
     byzantine: int = Field(1, ge=0)  # krum, multi_krum: f, the malicious clients tolerated
     select: int = Field(1, ge=1)  # multi_krum: how many of the best-scored updates are averaged
@@ -73,10 +79,15 @@ class RobustConfig(Frozen):
 
 class StrategyConfig(Frozen):
     name: str = "fedit"
+    """a registered strategy (`fedsim strategies` lists them)"""
     params: dict[str, Any] = Field(default_factory=dict)
+    """the strategy's own settings, validated by the strategy"""
     server_optimizer: ServerOptimizerConfig | None = None
+    """a server optimizer stepping on the aggregate (averaging strategies)"""
     client_objective: ObjectiveConfig | None = None
+    """a term every client adds to its local loss (FedProx, SCAFFOLD, or one of your own)"""
     robust: RobustConfig | None = None
+    """robust aggregation (averaging strategies)"""
 
     _finite = field_validator("params")(classmethod(lambda cls, v: _finite_params(v)))
 
@@ -85,23 +96,41 @@ class Scenario(Frozen):
     """A whole federated fine-tuning experiment. Build one with :func:`load_scenario` or :func:`scenario_from_dict`."""
 
     name: str = Field("run", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """the run's name: its directory under runs/ (a number is added if it exists) and its W&B name"""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """the seed of everything random: the split, the sampling, the initial adapters, the training batches"""
     rounds: int = Field(10, ge=1, le=1_000_000)
+    """federated rounds (asynchronous runs: server steps)"""
     model: ModelConfig = ModelConfig()
+    """the base model and what it is fine-tuned as"""
     data: DataConfig = DataConfig()
+    """the data set, its format and its test split"""
     partition: PartitionConfig = PartitionConfig()
+    """how the training rows are split over the clients (non-IID splits)"""
     clients: ClientsConfig = ClientsConfig()
+    """the clients: how many, how many a round, their LoRA ranks and quantized bases"""
     training: TrainingConfig = TrainingConfig()
+    """each client's local training"""
     eval: EvalConfig = EvalConfig()
+    """what is evaluated, how often"""
     strategy: StrategyConfig = StrategyConfig()
+    """the aggregation strategy and what runs around it"""
     resources: ResourcesConfig = ResourcesConfig()
+    """where the work runs"""
     logging: LoggingConfig = LoggingConfig()
+    """the console, the metrics files and the trackers"""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """how often the run is checkpointed"""
     clock: ClockConfig = ClockConfig()
+    """the simulated clock: each client's compute speed and links"""
     faults: FaultsConfig = FaultsConfig()
+    """injected faults (a testing aid)"""
     privacy: PrivacyConfig | None = None
+    """client-level differential privacy (none by default)"""
     compression: CompressionConfig | None = None
+    """compressed uploads and broadcasts (none by default)"""
     asynchronous: AsyncConfig | None = None
+    """buffered asynchronous aggregation, FedBuff (none by default: synchronous rounds)"""
 
     def pack_size(self, max_len: int) -> int:
         """Clients per packed training pass (``resources.clients_per_pass``, ``auto`` resolved for this scenario's

@@ -12,25 +12,37 @@ from fedsim.config.base import Frozen
 
 class TrainingConfig(Frozen):
     local_steps: int | None = Field(None, ge=1, le=1_000_000)
+    """optimizer steps per client per round (default 10)"""
     local_epochs: float | None = Field(None, gt=0.0, le=10_000)
+    """or passes over the client's rows per round"""
     batch_size: int = Field(8, ge=1, le=65536)
+    """rows per micro-batch"""
     lr: float = Field(3e-3, gt=0.0, le=10.0)
+    """the clients' learning rate"""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw or sgd"""
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    """the optimizer's weight decay"""
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    """sgd's momentum"""
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """clip the gradient's norm (null: no clipping)"""
     # the learning rate within local training (transformers' schedules), after a warmup in steps or as a ratio
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    """linear warm-up steps of lr_schedule"""
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """or the warm-up's share of the steps"""
     # the clients' learning rate across rounds (OpenFedLLM's cosine decay), from lr at round 1 towards min_lr
     round_lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr: float = Field(0.0, ge=0.0, le=10.0)
+    """the floor of round_lr_schedule"""
     grad_accum_steps: int = Field(1, ge=1, le=4096)  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute the base's activations in the backward pass: less memory
     # compute in bf16 or fp16 with fp32 adapters and optimizer state; true: bf16 (fp16 on a GPU without it);
     # fp16 scales the loss (torch.amp.GradScaler), as transformers' Trainer does
     autocast: bool | Literal["bf16", "fp16"] = False
+    """low-precision compute with fp32 adapters: true (bf16 or fp16 by device), bf16, fp16 (loss-scaled)"""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
@@ -60,12 +72,17 @@ class GenerateConfig(Frozen):
     seeded sample of the test set — every ``every`` rounds (and at the last round; None: at the last round only)."""
 
     every: int | None = Field(None, ge=1)
+    """rounds between generation evaluations (null: the last round only)"""
     max_samples: int | None = Field(200, ge=1)  # test samples generated for (a fixed seeded subset); None: all
     max_new_tokens: int = Field(64, ge=1, le=32768)
+    """tokens generated per answer"""
     batch_size: int = Field(16, ge=1, le=4096)
+    """prompts per batch"""
     do_sample: bool = False  # greedy by default; sampled generation is seeded (the run's seed and the round)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
+    """sampling temperature (do_sample)"""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """nucleus sampling's p (do_sample)"""
     log_samples: int = Field(8, ge=0, le=10_000)  # generations kept per evaluation (generations.jsonl, W&B table)
     personal: bool = True  # also generate with each client's own model on its local test split, when it has one
 
@@ -76,13 +93,20 @@ class HarnessConfig(Frozen):
     models — every ``every`` rounds and at the last (None: the last only)."""
 
     tasks: tuple[str, ...] = Field(min_length=1)
+    """lm-evaluation-harness tasks"""
     include_path: str | None = None
+    """a directory of task definitions of your own"""
     every: int | None = Field(None, ge=1)
+    """rounds between harness evaluations (null: the last round only)"""
     limit: float | None = Field(None, gt=0)  # documents per task: a count (≥ 1) or a fraction (< 1); None: all
     num_fewshot: int | None = Field(None, ge=0)
+    """few-shot examples"""
     batch_size: int = Field(8, ge=1, le=4096)
+    """requests per batch"""
     apply_chat_template: bool = False
+    """format requests with the tokenizer's chat template"""
     clients: tuple[int, ...] = ()
+    """also evaluate these clients' own models"""
 
     @field_validator("limit")
     @classmethod
@@ -103,8 +127,11 @@ class HarnessConfig(Frozen):
 
 class EvalConfig(Frozen):
     every: int = Field(1, ge=1)
+    """rounds between evaluations (and always the last)"""
     batch_size: int = Field(64, ge=1, le=65536)
+    """test rows per batch"""
     at_start: bool = True
+    """evaluate the initial model (round 0)"""
     # share of each client's shard held out as its local test split (personalized evaluation); 0 = none
     local_test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     # how many clients (a fixed, seeded subset) are scored on their local test splits; None = all
@@ -121,6 +148,7 @@ class CheckpointConfig(Frozen):
     """How often the server state is saved for ``fedsim run --resume`` (always after the last round too)."""
 
     every: int = Field(1, ge=1)
+    """rounds between checkpoints (and always the last)"""
 
 
 class FaultsConfig(Frozen):
@@ -132,9 +160,13 @@ class FaultsConfig(Frozen):
     """
 
     kill_worker_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """a client attempt kills its worker process (Ray)"""
     nan_update_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """a client attempt sends NaN tensors"""
     hang_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """a client attempt hangs before training"""
     hang_s: float = Field(3600.0, gt=0.0)
+    """how long a hang lasts"""
 
     def any(self) -> bool:
         return self.kill_worker_prob > 0 or self.nan_update_prob > 0 or self.hang_prob > 0
@@ -149,9 +181,13 @@ class SpeedTier(Frozen):
     ``up_mbps`` replace the clock's for its clients)."""
 
     fraction: float = Field(gt=0.0, le=1.0)
+    """its share of the clients"""
     steps_per_s: float = Field(gt=0.0, le=1e9)
+    """local steps per second"""
     down_mbps: float | None = Field(None, gt=0.0, le=1e9)
+    """its clients' downlink (default: the clock's)"""
     up_mbps: float | None = Field(None, gt=0.0, le=1e9)
+    """its clients' uplink (default: the clock's)"""
 
 
 class ClockConfig(Frozen):
@@ -165,12 +201,19 @@ class ClockConfig(Frozen):
     """
 
     steps_per_s: float = Field(10.0, gt=0.0, le=1e9)
+    """every client's local steps per second (without tiers)"""
     tiers: tuple[SpeedTier, ...] | None = None
+    """speed (and link) tiers: shares of the clients"""
     by_bits: dict[int, float] | None = None
+    """a speed multiplier by base bits"""
     down_mbps: float = Field(100.0, gt=0.0, le=1e9)
+    """downlink Mbit/s"""
     up_mbps: float = Field(20.0, gt=0.0, le=1e9)
+    """uplink Mbit/s"""
     latency_s: float = Field(0.05, ge=0.0, le=1e6)
+    """latency per transfer"""
     deadline_s: float | None = Field(None, gt=0.0)
+    """clients slower than this are stragglers: their updates are dropped (null: no deadline)"""
 
     @model_validator(mode="after")
     def _valid(self) -> ClockConfig:

@@ -1,6 +1,6 @@
 """What the exported model sees is what the simulator saw (issue #42 point 6), for every tokenizer family: the run's
 adapter directory holds the tokenizer; ``tokenizer(prompt)`` from it gives the simulator's prompt tokens exactly, and
-plain ``generate`` on the tiny base rebuilt outside fedsim (the README's recipe) with the adapter loaded by PEFT
+plain ``generate`` on the tiny base rebuilt outside fedsim (the documented recipe, docs/getting-started.md) with the adapter loaded by PEFT
 reproduces the simulator's greedy generations."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PROMPTS = [f"the {a} {b} says" for a in ("quick", "brown", "lazy", "man") for b 
 
 
 def readme_tiny_base(hidden=32, intermediate=64, layers=1, heads=2, positions=512, init_seed=1234, init_std=0.1):
-    """The README's recipe: the built-in tiny base, rebuilt with plain transformers (``model.tiny``'s settings)."""
+    """The documented recipe: the built-in tiny base, rebuilt with plain transformers (``model.tiny``'s settings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=384, hidden_size=hidden, intermediate_size=intermediate,

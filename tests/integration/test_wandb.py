@@ -124,7 +124,7 @@ def test_wandb_history_survives_sigkill(offline, tmp_path):
 
 
 def test_a_run_named_after_a_long_set_keeps_its_wandb_summary_tables_and_adapter(offline, tmp_path):
-    """#45 point 14: a run named after a long --set (the README's offline recipe for the paper scenarios) lost its W&B
+    """#45 point 14: a run named after a long --set (the documented offline recipe for the paper scenarios) lost its W&B
     summary, tables and adapter — the artifact's name passed W&B's 128 characters and one failure dropped all three —
     while the console said 'done'. The name is cut (with a digest of the whole) and each step stands alone."""
     from fedsim.federation.artifacts import artifact_name
