@@ -36,7 +36,10 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     row.update(client_means(ok, n_ok, exclude=set(row)))
     row.update(up.get("stage_metrics", {}))
     # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
-    row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down[c]) for c in sampled}
+    # (an asynchronous step: the clients that started in it and those that arrived, each with what it moved in it)
+    movers = [*sampled, *sorted(set(up.get("per_client_up", {})) - set(sampled))]
+    row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down.get(c, (0, 0)))
+                              for c in movers}
     if any("malicious/attacked" in res.metrics for res, _ in ok):  # clients.malicious: who attacked this round
         # (an attacker whose update was rejected is among the failures)
         row["malicious/clients"] = sorted(res.client_id for res, _ in ok if res.metrics["malicious/attacked"])

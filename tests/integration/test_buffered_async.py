@@ -78,6 +78,8 @@ def test_a_run_steps_every_k_arrivals_on_the_simulated_clock(tiny_raw, tmp_path)
     assert [r["clients/sampled"] for r in rows] == [5, 2, 2, 2, 2]
     for r in rows:
         assert r["clients/succeeded"] + r["clients/failed"] == 2
+        moved = list(r["comm/per_client"].values())  # those that started in the step and those that arrived
+        assert sum(m[1] for m in moved) == r["comm/up_bytes"] and sum(m[3] for m in moved) == r["comm/down_bytes"]
         assert 0 <= r["async/staleness_mean"] <= r["async/staleness_max"]
         assert 0 < r["async/weight_mean"] <= 1
     assert max(r["async/staleness_max"] for r in rows) >= 1
