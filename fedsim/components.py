@@ -38,6 +38,9 @@ class Components:
         transforms: client-side update transforms, applied in order on the workers after local training.
         stages: server-side stages around aggregation (after the built-in validation), in order.
         objectives: client objectives added to every payload (``strategy.client_objective``, e.g. FedProx).
+        procedures: every local training procedure registered in the driver when the run started, by name (a
+            payload names its procedure: the workers take it from here, never from their own registry, so a
+            procedure registered in a notebook trains on Ray).
     """
 
     strategy: Strategy
@@ -47,6 +50,7 @@ class Components:
     transforms: tuple[UpdateTransform, ...] = ()
     stages: tuple[ServerStage, ...] = ()
     objectives: tuple[Any, ...] = ()
+    procedures: dict[str, Any] = field(default_factory=lambda: registry.entries("procedure"))
 
     @property
     def keeps_client_state(self) -> bool:

@@ -304,8 +304,8 @@ class Scenario(Frozen):
     @model_validator(mode="after")
     def _flipped_labels_need_labels(self) -> Scenario:
         bad = self.clients.malicious
-        if bad is not None and bad.attack == "label_flip" and not registry.get("row_format",
-                                                                                self.data.format).scored_by_options:
+        fmt = registry.entries("row_format").get(self.data.format)  # None: registered in the driver only (a worker)
+        if bad is not None and bad.attack == "label_flip" and fmt is not None and not fmt.scored_by_options:
             raise ScenarioError("clients.malicious.attack", f"label_flip flips classification labels, and data.format "
                                 f"{self.data.format!r} has none", "use data.format: classification, or a model "
                                 "poisoning attack (sign_flip, scale, gaussian, fixed)")
@@ -349,7 +349,8 @@ class Scenario(Frozen):
         if name not in known:
             raise ScenarioError("eval.metrics", f"unknown metric {name!r}", f"choose from {', '.join(known)}")
         cls = registry.get("metric", name)
-        if getattr(cls, "needs_options", False) and not registry.get("row_format", self.data.format).scored_by_options:
+        fmt = registry.entries("row_format").get(self.data.format)  # None: registered in the driver only (a worker)
+        if getattr(cls, "needs_options", False) and fmt is not None and not fmt.scored_by_options:
             raise ScenarioError("eval.metrics", f"metric {name!r} needs a classification (label options), but "
                                 f"data.format is {self.data.format!r}", "use data.format: classification")
         missing = [m for m in getattr(cls, "requires", ()) if importlib.util.find_spec(m) is None]

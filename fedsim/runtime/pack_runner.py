@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from fedsim import registry
 from fedsim.client.packed import PackMember, check_member, train_packed
 from fedsim.client.schedule import round_lr
 from fedsim.runtime.starts import head_of
@@ -119,7 +118,7 @@ def train_group(worker: Worker, items: Sequence[tuple[ClientJob, ClientPayload]]
                                cfg, worker.data.pad_id, worker.device, worker.components.task,
                                round_lr(cfg, first_job.server_round, worker.scenario.rounds), host.head_layers())
         elapsed = (time.perf_counter() - t0) / len(live)  # the pass's time, shared by its clients
-        joint = registry.get("procedure", "joint")
+        joint = worker.components.procedures["joint"]
         for i, res in zip(live, trained):
             job, payload = items[i]
             if isinstance(res, Exception):

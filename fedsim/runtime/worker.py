@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim import registry
 from fedsim.client.procedures import LocalJob
 from fedsim.client.schedule import round_lr
 from fedsim.client.trainer import METRIC_KEYS, ROUND_METRICS, bind_objectives, objective_keys
@@ -213,7 +212,7 @@ class Worker:
             self.starts.load_personal(host, payload, job.spec.client_id, job.personal, job.spec.quant)
         else:
             self.starts.load(host, payload, job.spec.client_id, job.personal, job.spec.quant)
-        procedure = payload.procedure if callable(payload.procedure) else registry.get("procedure", payload.procedure)
+        procedure = self.procedure(payload)
         objectives = bind_objectives(payload.objectives, host.params(payload.lora), payload.lora, job.personal)
         seed = (self.scenario.seed, job.server_round, job.spec.client_id)
         cfg = self.scenario.training
@@ -229,6 +228,22 @@ class Worker:
                            procedure=procedure, objective_state=state_out(list(payload.objectives), objectives),
                            extra=state_out(list(payload.objectives), objectives, upload=True), start=fresh,
                            head=host.read_head())
+
+    def procedure(self, payload: ClientPayload) -> Any:
+        """The payload's local training procedure: itself when it is one, else the one the driver resolved under its
+        name (:attr:`Components.procedures`).
+
+        Raises:
+            BackendError: no procedure of that name was registered in the driver when the run started.
+        """
+        if callable(payload.procedure):
+            return payload.procedure
+        found = self.components.procedures.get(str(payload.procedure).lower())
+        if found is None:
+            raise BackendError(f"local training procedure {payload.procedure!r} was not registered when the run "
+                               f"started (known: {', '.join(sorted(self.components.procedures))}); register it "
+                               "before calling run, or put the callable in the payload")
+        return found
 
     def finish(self, job: ClientJob, payload: ClientPayload, trained: Tensors, personal_adapter: Tensors | None,
                metrics: dict[str, float], time_s: float, note: str | None = None, procedure: Any = None,

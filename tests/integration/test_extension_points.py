@@ -278,3 +278,55 @@ def test_an_objective_keeps_per_client_state_in_the_client_state_store(tiny_raw,
     tiny_raw.update(rounds=1, strategy={"name": "visits_undeclared"})
     with pytest.raises(Exception, match="keeps_client_state"):
         run_scenario(scenario_from_dict(tiny_raw), tmp_path / "undeclared")
+
+
+def _notebook_procedure_and_format():
+    """A procedure and a row format defined and registered here, at run time: the Ray workers' registries never
+    hold them."""
+    from fedsim import registry
+    from fedsim.client.procedures import joint
+    from fedsim.data.formats import Example
+    from fedsim.data.formats.instruction import Instruction
+
+    def twice_joint(job):  # the joint procedure, reporting that it ran
+        metrics = joint(job)
+        metrics["notebook/procedure"] = 1.0
+        return metrics
+
+    twice_joint.metric_keys = twice_joint.round_metrics = ("notebook/procedure",)
+    registry.register("procedure", "notebook_joint", twice_joint)
+    class Shouting(Instruction):  # the instruction format with the prompt in capitals
+        name = "notebook_shouting"
+
+        def example(self, row, cfg):
+            plain = super().example(row, cfg)
+            return Example(plain.prompt.upper(), plain.response)
+
+    registry.register("row_format", "notebook_shouting", Shouting)
+
+    @register("notebook_proc_fedit")
+    class ProcFedIT(FedIT):  # FedIT whose clients train with the procedure named above
+        def configure(self, ctx, state, clients):
+            payloads = super().configure(ctx, state, clients)
+            shared = dataclasses.replace(next(iter(payloads.values())), procedure="notebook_joint")
+            return {cid: shared for cid in payloads}
+
+
+@pytest.mark.usefixtures("shared_ray")
+def test_a_procedure_and_a_row_format_defined_in_the_driver_run_on_ray(tiny_raw, tmp_path):
+    """#46 point 3: the payload names a procedure registered only in this process; the workers take it from the
+    components the driver resolved (never from their own registry); the row format shapes the prompts the driver
+    tokenizes. Same numbers on both backends, and the procedure reports on every client."""
+    _notebook_procedure_and_format()
+    tiny_raw.update(strategy={"name": "notebook_proc_fedit"})
+    tiny_raw["data"] = {**tiny_raw["data"], "format": "notebook_shouting"}
+    runs = {}
+    for backend in ("local", "ray"):
+        run_scenario(scenario_from_dict(tiny_raw, [f"resources.backend={backend}"]), tmp_path / backend)
+        runs[backend] = _rows(tmp_path / backend)
+    for a, b in zip(runs["local"], runs["ray"]):
+        for k in ("train/loss", "eval/loss", "notebook/procedure"):
+            assert a.get(k) == b.get(k), (a["round"], k)
+    assert runs["ray"][-1]["notebook/procedure"] == 1.0
+    plain = run_scenario(scenario_from_dict(tiny_raw, ["data.format=instruction"]), tmp_path / "plain")
+    assert plain["final/eval/loss"] != runs["local"][-1]["eval/loss"]  # the format changed what was trained
