@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mean_std, merge  # noqa: E402
+from common import cached_pool, mean_std, merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sentence_tasks"
@@ -126,31 +125,11 @@ def run_one(job: tuple) -> dict:
 
 
 def pool(jobs: list[tuple], n: int, cache: Path) -> list[dict]:
-    """The jobs' reports: those in ``cache`` (JSON lines) read, the others run on ``n`` processes and appended."""
-    done = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[r["key"]] = r
-    out = [done[k] for j in jobs if (k := run_key(j)) in done]
-    todo = [j for j in jobs if run_key(j) not in done]
-    if not todo:
-        return out
-    with mp.get_context("spawn").Pool(n) as p:
-        for i, r in enumerate(p.imap_unordered(run_one, todo), start=1):
-            where = f"[{i}/{len(todo)}] {r['variant']:<14} seed {r['seed']}"
-            if "error" in r:
-                print(f"{where}: FAILED {r['error']}", flush=True)
-                continue
-            out.append(r)
-            with cache.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"{where}: accuracy {r['accuracy']:.3f}, {r['up_bytes'] / 1e6:.1f} MB up, simulated "
-                  f"{r['sim_s']:.0f} s ({r['time_s']:.0f} s)", flush=True)
-    return out
+    """The jobs' reports (:func:`common.cached_pool`: cached runs read, the others run on ``n`` processes)."""
+    return cached_pool(jobs, n, cache, run_one, run_key,
+                       lambda i, k, r: f"[{i}/{k}] {r['variant']:<14} seed {r['seed']}",
+                       lambda r: (f"accuracy {r['accuracy']:.3f}, {r['up_bytes'] / 1e6:.1f} MB up, simulated "
+                                  f"{r['sim_s']:.0f} s ({r['time_s']:.0f} s)"))
 
 
 def reach(run: dict, target: float) -> float | None:

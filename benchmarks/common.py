@@ -16,6 +16,56 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+class _InProcess:
+    """One process: the runs one after another here (no process start-up per pool)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap_unordered(fn, jobs):
+        return map(fn, jobs)
+
+
+def cached_pool(jobs: list, n: int, cache, run: Callable, key: Callable, where: Callable, said: Callable,
+                label: str = "") -> list[dict]:
+    """The jobs' reports (``run(job)``, a dict with ``key``), those in ``cache`` (a JSON-lines file of finished runs)
+    read from it, the others run on ``n`` spawned processes (1: here) and appended to it as each ends: an interrupted
+    sweep resumes where it stopped. A report with an ``error`` is printed and left out (not cached: a rerun tries it
+    again). ``where(i, todo, report)`` and ``said(report)`` make each progress line."""
+    import json
+    from pathlib import Path
+
+    done = {}
+    if cache is not None and Path(cache).is_file():
+        for line in Path(cache).read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            done[r["key"]] = r
+    out = [done[k] for j in jobs if (k := key(j)) in done]
+    todo = [j for j in jobs if key(j) not in done]
+    if out:
+        print(f"{label}{len(out)} of {len(jobs)} runs read from {cache}", flush=True)
+    if not todo:
+        return out
+    with mp.get_context("spawn").Pool(n) if n > 1 else _InProcess() as pool:
+        for i, r in enumerate(pool.imap_unordered(run, todo), start=1):
+            if "error" in r:
+                print(f"{where(i, len(todo), r)}: FAILED {r['error']}", flush=True)
+                continue
+            out.append(r)
+            if cache is not None:
+                with Path(cache).open("a") as f:
+                    f.write(json.dumps(r, default=str) + "\n")
+            print(f"{where(i, len(todo), r)}: {said(r)}", flush=True)
+    return out
+
+
 def mean_std(xs: list) -> str:
     """``mean ± std`` over the values that are not None (``—`` if none are)."""
     xs = [x for x in xs if x is not None]

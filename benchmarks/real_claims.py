@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mean_std, merge  # noqa: E402
+from common import cached_pool, mean_std, merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sentence_tasks"
@@ -270,51 +269,13 @@ def plan(claims: list[str]) -> dict[str, list[str]]:
     return out
 
 
-class _InProcess:
-    """``--jobs 1``: the runs one after another in this process (no process start-up per pool)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def imap_unordered(fn, jobs):
-        return map(fn, jobs)
-
-
 def _pool(jobs: list[tuple], n: int, label: str, cache: Path | None = None) -> list[dict]:
-    """The jobs' reports, those in ``cache`` (a JSON-lines file of finished runs) read from it, the others run on
-    ``n`` processes and appended to it as each ends: an interrupted sweep resumes where it stopped. Failed runs are
-    printed and left out (not cached: a rerun tries them again)."""
-    done = {}
-    if cache is not None and cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill mid-write
-                continue
-            done[r["key"]] = r
-    out = [done[k] for j in jobs if (k := run_key(j)) in done]
-    todo = [j for j in jobs if run_key(j) not in done]
-    if out:
-        print(f"[{label}] {len(out)} of {len(jobs)} runs read from {cache}", flush=True)
-    if not todo:
-        return out
-    with mp.get_context("spawn").Pool(n) if n > 1 else _InProcess() as pool:
-        for i, r in enumerate(pool.imap_unordered(run_one, todo), start=1):
-            where = f"[{label} {i}/{len(todo)}] {r['setting']:<9} {r['variant']:<13} {r['value']!s:<7} seed {r['seed']:>4}"
-            if "error" in r:
-                print(f"{where}: FAILED {r['error']}", flush=True)
-                continue
-            out.append(r)
-            if cache is not None:
-                with cache.open("a") as f:
-                    f.write(json.dumps(r, default=str) + "\n")
-            print(f"{where}: global {r['global_accuracy']:.3f} personal {r['personal_accuracy']:.3f} "
-                  f"({r['time_s']:.0f} s)", flush=True)
-    return out
+    """The jobs' reports (:func:`common.cached_pool`: cached runs read, the others run on ``n`` processes)."""
+    return cached_pool(
+        jobs, n, cache, run_one, run_key,
+        lambda i, k, r: f"[{label} {i}/{k}] {r['setting']:<9} {r['variant']:<13} {r['value']!s:<7} seed {r['seed']:>4}",
+        lambda r: f"global {r['global_accuracy']:.3f} personal {r['personal_accuracy']:.3f} ({r['time_s']:.0f} s)",
+        label=f"[{label}] ")
 
 
 def tune(todo: dict[str, list[str]], args) -> tuple[dict, list[dict]]:
