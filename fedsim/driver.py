@@ -158,10 +158,10 @@ class Driver:
             events_list = [TrackerCallback(tracker), ProgressCallback(progress), *self.callbacks]
             self.buffered = Buffered(fed, server, self.backend, CallbackList(events_list)) if sc.asynchronous else None
             evaluation = Evaluation(fed, eval_batches(len(prep.data.test), sc.eval.batch_size), components.metrics)
-            events = CallbackList(events_list)
-            checkpoints = CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance),
-                                             sc.checkpoint.every, sc.rounds)
-            failures = FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl")
+            events = CallbackList(events_list, closing=[  # after the others, every round: the failure policy, then
+                FailurePolicy(sc.resources.max_failed_rounds, self.run_dir / "metrics.jsonl"),  # the checkpoint
+                CheckpointCallback(lambda r: self._checkpoint(r, server, store, provenance), sc.checkpoint.every,
+                                   sc.rounds)])
             self._announce(prep, progress, components, path)
             if self.resume:
                 tracker.replay(self.rows)  # what W&B lost (or never got) before the interruption
@@ -186,9 +186,7 @@ class Driver:
                         self._generations(evaluation.samples, tracker)
                     row["time/eval_s"] = time.perf_counter() - t_eval
                 row["time_s"] = time.perf_counter() - t0
-                self._log(row, events)
-                failures.observe(r, result.attempted, len(result.ok), result.late, result.failed, result.gone)
-                checkpoints.on_round_end(r, row, final=bool(self.stopped))
+                self._log(row, events)  # the callbacks, closed by the failure policy and the checkpoint
             summary = self._finish(server, prep, evaluation, tracker, totals, t_start, components.task)
             events.on_run_end(summary)
             return summary

@@ -1,6 +1,7 @@
 """Round callbacks: what happens around each round besides the round itself.
 
-The built-ins — the metrics log and W&B (:class:`TrackerCallback`), the progress display (:class:`ProgressCallback`)
+The built-ins — the metrics log and W&B (:class:`TrackerCallback`), the progress display (:class:`ProgressCallback`),
+and, closing every round after the others, the failure policy (:class:`fedsim.federation.failures.FailurePolicy`)
 and checkpoints (:class:`CheckpointCallback`) — use the same interface as a user's callback:
 ``run_scenario(scenario, callbacks=[MyCallback()])``. Subclass :class:`RoundCallback` and override what you need.
 """
@@ -36,11 +37,21 @@ class RoundCallback:
         """The run ended; ``summary`` is what ``summary.json`` holds."""
 
 
-class CallbackList(RoundCallback):
-    """Several callbacks, called in order."""
+class ClosingCallback(RoundCallback):
+    """A callback that closes every round after the others (the failure policy, checkpoints): it is called even when
+    one of them ended the run (:class:`StopRun`), and told so."""
 
-    def __init__(self, callbacks: Sequence[RoundCallback] = ()):
+    def on_round_end(self, server_round: int, row: dict[str, Any], stopping: bool = False) -> None:
+        """The round ended; ``stopping``: a callback before this one ended the run after this round."""
+
+
+class CallbackList(RoundCallback):
+    """Several callbacks, called in order; then the ``closing`` ones (:class:`ClosingCallback`), whatever the others
+    did — a :class:`StopRun` from one of them reaches the caller after the closing callbacks ran."""
+
+    def __init__(self, callbacks: Sequence[RoundCallback] = (), closing: Sequence[ClosingCallback] = ()):
         self.callbacks = list(callbacks)
+        self.closing = list(closing)
 
     def on_round_start(self, server_round: int, num_clients: int) -> None:
         for cb in self.callbacks:
@@ -51,11 +62,20 @@ class CallbackList(RoundCallback):
             cb.on_client_done(failed)
 
     def on_round_end(self, server_round: int, row: dict[str, Any]) -> None:
+        stop = None
         for cb in self.callbacks:
-            cb.on_round_end(server_round, row)
+            try:
+                cb.on_round_end(server_round, row)
+            except StopRun as e:  # the callbacks after it are not called for this round; the closing ones are
+                stop = e
+                break
+        for closing in self.closing:
+            closing.on_round_end(server_round, row, stopping=stop is not None)
+        if stop is not None:
+            raise stop
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
-        for cb in self.callbacks:
+        for cb in (*self.callbacks, *self.closing):
             cb.on_run_end(summary)
 
 
@@ -85,7 +105,7 @@ class ProgressCallback(RoundCallback):
         self.progress.end_round(row)
 
 
-class CheckpointCallback(RoundCallback):
+class CheckpointCallback(ClosingCallback):
     """The server's state (and the client state store) to ``RUN_DIR/checkpoint`` after every ``checkpoint.every``
     rounds and after the last one (:mod:`fedsim.checkpoint`).
 
@@ -98,7 +118,7 @@ class CheckpointCallback(RoundCallback):
     def __init__(self, save: Callable[[int], Path], every: int, num_rounds: int):
         self.save, self.every, self.num_rounds = save, every, num_rounds
 
-    def on_round_end(self, server_round: int, row: dict[str, Any], final: bool = False) -> None:
-        """Save after every ``every`` rounds, the last round, and a ``final`` one (the run stopped early)."""
-        if server_round >= 1 and (server_round % self.every == 0 or server_round == self.num_rounds or final):
+    def on_round_end(self, server_round: int, row: dict[str, Any], stopping: bool = False) -> None:
+        """Save after every ``every`` rounds, the last round, and the round a callback ended the run after."""
+        if server_round >= 1 and (server_round % self.every == 0 or server_round == self.num_rounds or stopping):
             self.save(server_round)
