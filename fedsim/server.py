@@ -21,6 +21,7 @@ from fedsim.types import (
     GlobalState,
     ModuleShape,
     RoundContext,
+    RoundReport,
     Tensors,
 )
 
@@ -191,7 +192,7 @@ class Server:
         stage takes one update at a time (no median or Krum, which need the round's updates together)."""
         return self.strategy.streams and all(stage.streams for stage in self.stages)
 
-    def aggregate(self, ctx: RoundContext, updates: Iterable[ClientUpdate]) -> dict[str, Any]:
+    def aggregate(self, ctx: RoundContext, updates: Iterable[ClientUpdate]) -> RoundReport:
         """Run the stages and the strategy on the round's updates, in client-id order (a deterministic order; the
         caller passes them sorted when they come one at a time).
 
@@ -257,7 +258,7 @@ class Server:
                 rnd.kept += 1
             u = None  # noqa: F841 -- the update goes before the next one comes
 
-    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+    def close_round(self, ctx: RoundContext) -> RoundReport:
         """End the open round: the strategy's finish, the stages' ``after``; the accounting of :meth:`aggregate`."""
         rnd, old = self._open(ctx), self.state
         self.open = None
@@ -274,7 +275,7 @@ class Server:
 
     def _end_round(self, ctx: RoundContext, old: GlobalState, new: GlobalState, kept: int,
                    costs: dict[int, tuple[int, int]], rejected: dict[int, str], moved: tuple[int, int]
-                   ) -> dict[str, Any]:
+                   ) -> RoundReport:
         """The stages' ``after`` (or ``idle``) and ``end_round``; the new state kept; the round's accounting —
         the simulated clients' uploads (``comm/*``), and what the simulator itself moved into the server (bytes,
         objects: ``engine/server_in_*``)."""
@@ -285,18 +286,18 @@ class Server:
         self.state = new
         for stage in self.stages:
             metrics.update(stage.end_round(ctx, sorted(costs)))
-        return {"comm/up_params": float(sum(c[0] for c in costs.values())),
-                "comm/up_bytes": float(sum(c[1] for c in costs.values())),
-                "aggregated": float(kept), "rejected": rejected, "stage_metrics": metrics,
-                "per_client_up": {cid: list(costs[cid]) for cid in sorted(costs)},
-                "engine/server_in_bytes": float(moved[0]), "engine/server_in_objects": float(moved[1])}
+        return RoundReport(up_params=float(sum(c[0] for c in costs.values())),
+                           up_bytes=float(sum(c[1] for c in costs.values())), aggregated=float(kept),
+                           rejected=rejected, stage_metrics=metrics,
+                           per_client_up={cid: list(costs[cid]) for cid in sorted(costs)},
+                           server_in_bytes=float(moved[0]), server_in_objects=float(moved[1]))
 
     def fold_spec(self, ctx: RoundContext) -> FoldSpec:
         """What a worker needs to fold this round's updates (``resources.worker_partials``)."""
         return FoldSpec(ctx, replace(self.state, base_deltas=[]), self.shapes)
 
     def aggregate_partials(self, ctx: RoundContext, partials: Iterable[Partial],
-                           results: dict[int, tuple[tuple[int, int], str | None]]) -> dict[str, Any]:
+                           results: dict[int, tuple[tuple[int, int], str | None]]) -> RoundReport:
         """The round from the workers' partials (``resources.worker_partials``): merged one at a time into the
         round's sums, then the strategy's :meth:`~fedsim.strategies.Strategy.finish` and the stages' ``after``.
 

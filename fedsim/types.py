@@ -7,7 +7,7 @@ path is the base model's (e.g. ``model.layers.0.self_attn.q_proj``); A has shape
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -81,6 +81,49 @@ class ModuleShape:
 
     d_in: int
     d_out: int
+
+
+@dataclass
+class RoundReport:
+    """What the server reports of a round's aggregation.
+
+    Attributes:
+        up_params, up_bytes: what the round's clients uploaded (``comm/up_params``, ``comm/up_bytes``).
+        aggregated: the updates aggregated.
+        rejected: client id → why its update was rejected.
+        stage_metrics: the server stages' metrics for the round's row.
+        per_client_up: client id → [params, bytes] it uploaded (rejected ones too).
+        server_in_bytes, server_in_objects: what the simulator itself moved into the server
+            (``engine/server_in_*``: every update, or the workers' partials).
+
+    It reads as the mapping the server returned before it was typed (``report["aggregated"]``,
+    ``report["comm/up_bytes"]``), for callers written against that.
+    """
+
+    up_params: float
+    up_bytes: float
+    aggregated: float
+    rejected: dict[int, str]
+    stage_metrics: dict[str, float]
+    per_client_up: dict[int, list[int]]
+    server_in_bytes: float
+    server_in_objects: float
+
+    _KEYS: ClassVar[dict[str, str]] = {"comm/up_params": "up_params", "comm/up_bytes": "up_bytes",
+                                       "engine/server_in_bytes": "server_in_bytes",
+                                       "engine/server_in_objects": "server_in_objects"}
+
+    def __getitem__(self, key: str) -> Any:
+        name = self._KEYS.get(key, key)
+        if name.startswith("_") or name not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, name)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._KEYS.get(key, key) in self.__dataclass_fields__
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
 
 @dataclass(frozen=True)

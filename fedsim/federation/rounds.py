@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from fedsim.federation.clock import admit
 from fedsim.federation.prepare import Prepared
 from fedsim.runtime.interfaces import Backend, Handle, JobOutcome, ServerHandle, Sink
 from fedsim.sampling import dropped_out, sample_clients
-from fedsim.types import ClientFailure, ClientJob, ClientResult, RoundContext
+from fedsim.types import ClientFailure, ClientJob, ClientResult, RoundContext, RoundReport
 
 DROPPED = "dropped out during the round (clients.dropout)"
 
@@ -91,7 +90,7 @@ class RoundResult:
     gone: set[int]
     late: int
     attempted: int
-    up: dict[str, Any]
+    up: RoundReport
     down: dict[int, tuple[int, int]]
     sim_round_s: float
     replaced: int
@@ -129,7 +128,7 @@ def train(backend: Backend, jobs: list[tuple[ClientJob, Handle]], events: Callba
 
 def aggregate(server: ServerHandle, ctx: RoundContext, ok: list[tuple[ClientResult, Handle]],
               failed: list[ClientFailure], partials: list[Handle] | None = None, fed: bool = False
-              ) -> tuple[dict[str, Any], list, list[ClientFailure]]:
+              ) -> tuple[RoundReport, list, list[ClientFailure]]:
     """The server validates and aggregates the updates — or merges the workers' ``partials``, the updates having
     been validated and folded where they were made; or closes the round it was ``fed`` while the clients trained
     —; a rejected update counts as a failed client, with its reason. Returns (upload accounting, the clients
@@ -141,9 +140,9 @@ def aggregate(server: ServerHandle, ctx: RoundContext, ok: list[tuple[ClientResu
         up = server.aggregate(ctx, [h for _, h in sorted(ok, key=lambda x: x[0].client_id)])
     else:
         up = server.aggregate_partials(ctx, partials, {res.client_id: (res.upload, res.rejected) for res, _ in ok})
-    if up["rejected"]:
-        failed = failed + [ClientFailure(cid, why) for cid, why in sorted(up["rejected"].items())]
-        ok = [(res, h) for res, h in ok if res.client_id not in up["rejected"]]
+    if up.rejected:
+        failed = failed + [ClientFailure(cid, why) for cid, why in sorted(up.rejected.items())]
+        ok = [(res, h) for res, h in ok if res.client_id not in up.rejected]
     return up, ok, failed
 
 

@@ -21,7 +21,7 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     row: dict[str, Any] = {
         "round": result.server_round, "train/loss": loss,
         "clients/sampled": len(sampled), "clients/succeeded": len(ok), "clients/failed": len(failed),
-        "comm/up_params": up["comm/up_params"], "comm/up_bytes": up["comm/up_bytes"],
+        "comm/up_params": up.up_params, "comm/up_bytes": up.up_bytes,
         # a client that failed still downloaded its payload
         "comm/down_params": float(sum(down[c][0] for c in sampled)),
         "comm/down_bytes": float(sum(down[c][1] for c in sampled)),
@@ -32,14 +32,13 @@ def round_row(result: RoundResult) -> dict[str, Any]:
         "engine/clients_per_call": client_mean(ok, "engine/clients_per_call"),
     }
     # what the simulator itself moved into the server: every update, or the workers' partials (worker_partials)
-    row.update({k: up[k] for k in ("engine/server_in_bytes", "engine/server_in_objects") if k in up})
+    row.update({"engine/server_in_bytes": up.server_in_bytes, "engine/server_in_objects": up.server_in_objects})
     row.update(client_means(ok, n_ok, exclude=set(row)))
-    row.update(up.get("stage_metrics", {}))
+    row.update(up.stage_metrics)
     # per client: [up params, up bytes, down params, down bytes] (JSONL only; W&B gets the numeric totals)
     # (an asynchronous step: the clients that started in it and those that arrived, each with what it moved in it)
-    movers = [*sampled, *sorted(set(up.get("per_client_up", {})) - set(sampled))]
-    row["comm/per_client"] = {str(c): up.get("per_client_up", {}).get(c, [0, 0]) + list(down.get(c, (0, 0)))
-                              for c in movers}
+    movers = [*sampled, *sorted(set(up.per_client_up) - set(sampled))]
+    row["comm/per_client"] = {str(c): up.per_client_up.get(c, [0, 0]) + list(down.get(c, (0, 0))) for c in movers}
     if any("malicious/attacked" in res.metrics for res, _ in ok):  # clients.malicious: who attacked this round
         # (an attacker whose update was rejected is among the failures)
         row["malicious/clients"] = sorted(res.client_id for res, _ in ok if res.metrics["malicious/attacked"])

@@ -17,7 +17,7 @@ from fedsim.config import Scenario
 from fedsim.data.tokenized import TokenizedData
 from fedsim.errors import BackendError
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext, RoundReport
 
 Handle = Any
 JobOutcome = tuple[ClientResult | ClientFailure, Handle | None]
@@ -53,7 +53,7 @@ class ServerHandle(ABC):
         """Payload handles per client, and (params, bytes) each client downloads."""
 
     @abstractmethod
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> RoundReport:
         """Aggregate the update handles; return upload accounting, rejections and the stages' metrics."""
 
     def open_round(self, ctx: RoundContext) -> None:
@@ -65,7 +65,7 @@ class ServerHandle(ABC):
         once this returns (a server in an actor of its own holds them until it has read them)."""
         raise BackendError(f"{type(self).__name__} does not fold updates while the clients train")
 
-    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+    def close_round(self, ctx: RoundContext) -> RoundReport:
         """End the open round; the accounting of :meth:`aggregate`."""
         raise BackendError(f"{type(self).__name__} does not fold updates while the clients train")
 
@@ -73,7 +73,7 @@ class ServerHandle(ABC):
         """A handle to what workers fold the round's updates against (``resources.worker_partials``)."""
         raise BackendError(f"{type(self).__name__} does not take partials")
 
-    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> RoundReport:
         """Aggregate the workers' partials (handles) given every folded client's (upload cost, rejection); the
         accounting of :meth:`aggregate`."""
         raise BackendError(f"{type(self).__name__} does not take partials")

@@ -15,7 +15,7 @@ from fedsim.runtime.packs import make_packs
 from fedsim.runtime.worker import Worker
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext
+from fedsim.types import ClientFailure, ClientJob, ClientResult, ClientSpec, RoundContext, RoundReport
 
 
 class LocalServerHandle(ServerHandle):
@@ -27,7 +27,7 @@ class LocalServerHandle(ServerHandle):
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
         return self.server.configure(ctx, clients)
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> RoundReport:
         return self.server.aggregate(ctx, list(updates))
 
     def open_round(self, ctx: RoundContext) -> None:
@@ -36,13 +36,13 @@ class LocalServerHandle(ServerHandle):
     def feed(self, ctx: RoundContext, updates: Sequence[Handle]) -> None:
         self.server.feed(ctx, updates)
 
-    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+    def close_round(self, ctx: RoundContext) -> RoundReport:
         return self.server.close_round(ctx)
 
     def fold_spec(self, ctx: RoundContext) -> Handle:
         return self.server.fold_spec(ctx)
 
-    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> RoundReport:
         return self.server.aggregate_partials(ctx, partials, results)
 
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:

@@ -16,7 +16,7 @@ from fedsim.runtime.local import LocalServerHandle
 from fedsim.runtime.wire import pack, pack_tensors_of, unpack_tensors_of
 from fedsim.server import Server
 from fedsim.strategies import StrategySpec
-from fedsim.types import ClientSpec, RoundContext
+from fedsim.types import ClientSpec, RoundContext, RoundReport
 
 
 def _one_at_a_time(update_refs: list) -> Iterator[Any]:
@@ -47,7 +47,7 @@ class ObjectStoreServer:
             refs[cid] = by_object[id(p)]
         return refs, down
 
-    def aggregate(self, ctx: RoundContext, update_refs: list) -> dict[str, Any]:
+    def aggregate(self, ctx: RoundContext, update_refs: list) -> RoundReport:
         """Aggregate the round's updates by reference. A streaming server reads them one at a time (each fetched
         from the object store, folded and dropped before the next: the server's memory holds one update, however
         many clients the round had); otherwise all at once."""
@@ -64,7 +64,7 @@ class ObjectStoreServer:
         """Fold these updates into the open round, each fetched from the object store and dropped before the next."""
         self.server.feed(ctx, _one_at_a_time(update_refs))
 
-    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+    def close_round(self, ctx: RoundContext) -> RoundReport:
         return self.server.close_round(ctx)
 
     def fold_spec(self, ctx: RoundContext):
@@ -75,7 +75,7 @@ class ObjectStoreServer:
         spec = self.server.fold_spec(ctx)
         return [ray.put(replace(spec, state=pack_tensors_of(spec.state)))]
 
-    def aggregate_partials(self, ctx: RoundContext, partial_refs: list, results: dict) -> dict[str, Any]:
+    def aggregate_partials(self, ctx: RoundContext, partial_refs: list, results: dict) -> RoundReport:
         """The workers' partials, read by reference one at a time (each merged and dropped before the next)."""
         import ray
 
@@ -122,7 +122,7 @@ class RayServerHandle(ServerHandle):
     def configure(self, ctx: RoundContext, clients: Sequence[ClientSpec]):
         return self._call("configure", ctx, list(clients))
 
-    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> dict[str, Any]:
+    def aggregate(self, ctx: RoundContext, updates: Sequence[Handle]) -> RoundReport:
         # Wrapped in a list so that Ray passes the references through instead of resolving them here.
         return self._call("aggregate", ctx, list(updates))
 
@@ -135,7 +135,7 @@ class RayServerHandle(ServerHandle):
         until it has read them; :meth:`close_round` raises what a feed raised."""
         self.feeding.append(self.actor.feed.remote(ctx, list(updates)))
 
-    def close_round(self, ctx: RoundContext) -> dict[str, Any]:
+    def close_round(self, ctx: RoundContext) -> RoundReport:
         import ray
 
         feeding, self.feeding = self.feeding, []
@@ -148,7 +148,7 @@ class RayServerHandle(ServerHandle):
     def fold_spec(self, ctx: RoundContext) -> Handle:
         return self._call("fold_spec", ctx)[0]
 
-    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> dict[str, Any]:
+    def aggregate_partials(self, ctx: RoundContext, partials: Sequence[Handle], results: dict) -> RoundReport:
         return self._call("aggregate_partials", ctx, list(partials), results)
 
     def base_deltas(self, since: int) -> list[tuple[int, Handle]]:
