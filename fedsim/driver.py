@@ -39,7 +39,7 @@ from fedsim.federation.evaluation import GENERATIONS, Evaluation, keep_rounds_un
 from fedsim.federation.failures import FailurePolicy
 from fedsim.federation.prepare import Prepared, partition_table, prepare, split_local_test  # noqa: F401
 from fedsim.federation.rounds import Federation, RoundResult, eval_batches, run_round
-from fedsim.federation.rows import add_totals, round_row, totals_from
+from fedsim.federation.rows import round_row, totals_from
 from fedsim.federation.rundir import (  # noqa: F401  # re-exported: RunLock, write_csv
     RunLock,
     append_text,
@@ -282,22 +282,14 @@ class Driver:
 
     # -- each round ------------------------------------------------------------------------------------------------
     def _row(self, result: RoundResult, totals: dict[str, float], progress: Progress, t0: float) -> dict[str, Any]:
-        """The round's row before evaluation: training, notes said once per run, the clock, totals, timings."""
-        row = round_row(result)
-        for note in sorted({res.note for res, _ in result.ok if res.note} - self.notes):  # each once per run
+        """The round's row before evaluation (:func:`~fedsim.federation.rows.round_row`), with the notes the run has
+        not said yet (each once per run)."""
+        sim_before = next((r["time/sim_total_s"] for r in reversed(self.rows) if "time/sim_total_s" in r), 0.0)
+        row = round_row(result, totals, sim_before, t0)
+        for note in sorted({res.note for res, _ in result.ok if res.note} - self.notes):
             self.notes.add(note)
             row.setdefault("notes", []).append(note)
             progress.message(f"note: {note}")
-        row["clients/dropped"] = len(result.gone)
-        row["clients/worker"] = {str(res.client_id): res.worker for res, _ in result.ok}  # JSONL only
-        sim_total = next((r["time/sim_total_s"] for r in reversed(self.rows) if "time/sim_total_s" in r), 0.0)
-        row.update({"clients/late": result.late, "time/sim_round_s": result.sim_round_s,
-                    "time/sim_total_s": sim_total + result.sim_round_s})
-        row["workers/replaced"] = result.replaced
-        row["time/train_s"] = result.times["train_s"]
-        row["time/aggregate_s"] = time.perf_counter() - result.times["t_agg"]
-        add_totals(row, totals)
-        row["time/fit_s"] = time.perf_counter() - t0  # sample + configure + train + aggregate
         return row
 
     def _generations(self, samples: list[dict[str, Any]], tracker: Tracker) -> None:

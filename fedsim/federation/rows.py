@@ -4,6 +4,7 @@ clients' declared metrics as example-weighted means, the simulated clock, and th
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,25 @@ from fedsim.federation.rounds import RoundResult
 COMM = ("comm/up_params", "comm/down_params", "comm/up_bytes", "comm/down_bytes")
 
 
-def round_row(result: RoundResult) -> dict[str, Any]:
-    """The row's training part (the driver adds notes, totals, evaluation and timings)."""
+def round_row(result: RoundResult, totals: dict[str, float], sim_before: float, t0: float) -> dict[str, Any]:
+    """The round's row before evaluation: what trained and failed, communication (``totals``: the cumulative
+    counts, carried forward), the clients' declared metrics, the simulated clock (``sim_before``: its total before
+    the round) and the time spent since ``t0`` (the driver adds the run's notes and the evaluation)."""
+    row = _training(result)
+    row["clients/dropped"] = len(result.gone)
+    row["clients/worker"] = {str(res.client_id): res.worker for res, _ in result.ok}  # JSONL only
+    row.update({"clients/late": result.late, "time/sim_round_s": result.sim_round_s,
+                "time/sim_total_s": sim_before + result.sim_round_s})
+    row["workers/replaced"] = result.replaced
+    row["time/train_s"] = result.times["train_s"]
+    row["time/aggregate_s"] = time.perf_counter() - result.times["t_agg"]
+    add_totals(row, totals)
+    row["time/fit_s"] = time.perf_counter() - t0  # sample + configure + train + aggregate
+    return row
+
+
+def _training(result: RoundResult) -> dict[str, Any]:
+    """The row's training part: the clients, their uploads and downloads, their metrics, the stages'."""
     ok, failed, up, down, sampled = result.ok, result.failed, result.up, result.down, result.sampled
     n_ok = sum(res.num_examples for res, _ in ok)
     loss = (sum(res.metrics["train/loss"] * res.num_examples for res, _ in ok) / n_ok) if n_ok else math.nan
