@@ -178,7 +178,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario, args.overrides)
     components = resolve(scenario)  # what the components refuse (a model task's limits, worker partials with a stage)
-    prep = prepare(scenario)
+    prep = prepare(scenario, components)
     sizes = [len(p) for p in prep.parts]
     print(f"ok: {args.scenario} — {scenario.strategy.name}, {len(prep.parts)} clients "
           f"({min(sizes)}–{max(sizes)} samples), {len(prep.data.train)} train / {len(prep.data.test)} test samples, "
@@ -190,10 +190,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {reads}")
     print(f"  {version_line()}")
     if scenario.privacy is not None:
-        from fedsim import registry
         from fedsim.components import privacy_line
 
-        print(f"  {privacy_line(scenario, registry.get('strategy', scenario.strategy.name)(scenario.strategy.params))}")
+        print(f"  {privacy_line(scenario, components.strategy)}")
         if (w := scenario.privacy.delta_warning(scenario.clients.num_clients)) is not None:
             print(f"  warning: {w}")
     if (a := scenario.asynchronous) is not None:

@@ -141,7 +141,7 @@ class Driver:
         components = self.components or resolve(sc)
         stage(sc.logging, f"preparing the data: reading, tokenizing (cached for the next run) and splitting it over "
               f"{sc.clients.num_clients} clients")
-        prep = prepare(sc)
+        prep = prepare(sc, components)
         provenance = checkpoint.provenance(sc)
         start_round, restored, used, heatmap_done = self._begin(prep)
         store = self._open_store(components, used)

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedsim.config import DataConfig, Scenario
 from fedsim.data import cache
-from fedsim.data.formats import check_fields, check_values, format_rows, get_format, map_columns
+from fedsim.data.formats import RowFormat, check_fields, check_values, format_rows, get_format, map_columns
 from fedsim.data.formats.classification import check_pair
 from fedsim.data.origins import Origins
 from fedsim.data.sources import (  # noqa: F401  # data_digests, data_files, file_digest, load_rows: re-exported
@@ -45,32 +45,36 @@ from fedsim.models.tokenizer import end_token, pad_token, special_ends
 Rows = list[dict[str, Any]]
 
 
-def partition_field(scenario: Scenario) -> str | None:
+def partition_field(scenario: Scenario, fmt: RowFormat | None = None) -> str | None:
     """The field the partitioner groups by: ``partition.by``, else the label (formats scored by label options) or the
-    task field."""
+    task field. ``fmt``: the run's resolved row format (default: the one ``data.format`` names)."""
     if scenario.partition.by:
         return scenario.partition.by
-    return scenario.data.label_field if get_format(scenario.data).scored_by_options else scenario.data.task_field
+    fmt = fmt or get_format(scenario.data)
+    return scenario.data.label_field if fmt.scored_by_options else scenario.data.task_field
 
 
-def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool = True) -> TokenizedData:
+def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool = True, fmt: RowFormat | None = None,
+              task: Any = None) -> TokenizedData:
     """Load, format and tokenize the scenario's data, cached in ``cache_dir()/tokenized`` under a key of everything
     that shapes the tokens (:func:`~fedsim.data.cache.cache_key`: the data settings, the contents of the local files
-    read and of the tokenizer, the model task); a damaged or foreign entry is rebuilt.
+    read and of the tokenizer, the model task); a damaged or foreign entry is rebuilt. ``fmt``, ``task``: the run's
+    resolved row format and model task (:class:`fedsim.components.Components`; default: those the scenario names).
 
     Raises:
         ScenarioError, DataError: missing files or fields, an empty split, a tokenizer without a token the format
             needs, a length the model cannot take.
     """
-    task, tokenizer, path, key = cache_entry(scenario, tokenizer)
+    fmt = fmt or get_format(scenario.data)
+    task, tokenizer, path, key = cache_entry(scenario, tokenizer, task, fmt)
     if use_cache and path.is_file():
         data = cache.load(path, key, len(tokenizer))
         if data is not None:
             return data
-    gfield = partition_field(scenario)
-    train_rows, test_rows, train_from, test_from = _read_splits(scenario, gfield)
+    gfield = partition_field(scenario, fmt)
+    train_rows, test_rows, train_from, test_from = _read_splits(scenario, gfield, fmt)
     data = _tokenize(scenario, (train_rows, train_from), (test_rows, test_from),
-                     _groups(scenario, train_rows, gfield), tokenizer, task.encodes_inputs)
+                     _groups(scenario, train_rows, gfield), tokenizer, task.encodes_inputs, fmt)
     if use_cache:
         try:
             cache.save(path, data, key)
@@ -79,18 +83,20 @@ def load_data(scenario: Scenario, tokenizer: Any | None = None, use_cache: bool 
     return data
 
 
-def cache_entry(scenario: Scenario, tokenizer: Any | None = None) -> tuple[Any, Any, Any, str]:
-    """(model task, tokenizer — the model's unless given —, the cache entry's path, its key) of the scenario's data."""
+def cache_entry(scenario: Scenario, tokenizer: Any | None = None, task: Any = None, fmt: RowFormat | None = None
+                ) -> tuple[Any, Any, Any, str]:
+    """(model task — ``task``, or the one the scenario names —, tokenizer — the model's unless given —, the cache
+    entry's path, its key) of the scenario's data."""
     from fedsim.models.tasks import task_for
 
-    task = task_for(scenario.model)
+    task = task or task_for(scenario.model)
     if tokenizer is None:
         tokenizer = task.tokenizer(scenario.model)
-    key = cache.cache_key(scenario, partition_field(scenario), tokenizer, task.name)
+    key = cache.cache_key(scenario, partition_field(scenario, fmt), tokenizer, task.name)
     return task, tokenizer, cache.cache_path(key), key
 
 
-def _read_splits(scenario: Scenario, gfield: str | None) -> tuple[Rows, Rows, Origins, Origins]:
+def _read_splits(scenario: Scenario, gfield: str | None, fmt: RowFormat) -> tuple[Rows, Rows, Origins, Origins]:
     """Train and test rows, checked for the fields the format reads, and where each came from (for errors); the test
     rows held out of the training rows (``data.test.fraction``, seeded) when no test source or split is given, and
     capped at ``data.test.max_samples``."""
@@ -101,7 +107,7 @@ def _read_splits(scenario: Scenario, gfield: str | None) -> tuple[Rows, Rows, Or
         test_rows = map_columns(test_rows, cfg, "test data")
     if cfg.max_train_samples is not None:
         train_rows, train_from = train_rows[: cfg.max_train_samples], train_from.take(slice(0, cfg.max_train_samples))
-    needed = get_format(cfg).fields(cfg)
+    needed = fmt.fields(cfg)
     check_fields(train_rows, needed, "training data")
     present = [f for f in (cfg.task_field, gfield) if f is not None and f in train_rows[0]]
     check_values(train_rows, needed + present, train_from)
@@ -145,7 +151,7 @@ def _groups(scenario: Scenario, train_rows: Rows, gfield: str | None) -> list[st
 
 
 def _tokenize(scenario: Scenario, train: tuple[Rows, Origins], test: tuple[Rows, Origins],
-              train_groups: list[str | None], tokenizer: Any, classifier: bool) -> TokenizedData:
+              train_groups: list[str | None], tokenizer: Any, classifier: bool, fmt: RowFormat) -> TokenizedData:
     """Format both splits and tokenize them (``max_seq_len: auto`` resolved from the training rows), with the names
     their integer codes refer to and what fitting them to the length did (``stats``). ``classifier``: the rows are a
     sequence classifier's inputs (:func:`~fedsim.data.tokenize.fit_inputs`), else a causal LM's prompt and response.
@@ -156,8 +162,7 @@ def _tokenize(scenario: Scenario, train: tuple[Rows, Origins], test: tuple[Rows,
         ScenarioError: a token the format needs that the tokenizer lacks, a pair the model cannot read, a length the
             model's positions cannot hold. DataError: every row of a split dropped.
     """
-    cfg = data_config(scenario, classifier)
-    fmt = get_format(cfg)
+    cfg = data_config(scenario, classifier, fmt)
     check_pair(cfg, classifier)
     pad, eos = _specials(scenario, tokenizer, classifier)
     cap = model_max_length(scenario, tokenizer)
@@ -165,7 +170,7 @@ def _tokenize(scenario: Scenario, train: tuple[Rows, Origins], test: tuple[Rows,
     if not auto and cap is not None and int(cfg.max_seq_len) > cap:
         raise ScenarioError("data.max_seq_len", f"{cfg.max_seq_len} tokens per row, but the model takes at most {cap}",
                             f"set data.max_seq_len to {cap} or less, or to auto")
-    encoder = _Encoder(tokenizer, cfg, classifier, eos)
+    encoder = _Encoder(tokenizer, cfg, classifier, eos, fmt)
     (train_rows, _), (test_rows, _) = train, test
     progress = _Progress(len(train_rows) + len(test_rows), "tokenizing")
     try:
@@ -218,11 +223,11 @@ def _specials(scenario: Scenario, tokenizer: Any, classifier: bool) -> tuple[int
         return pad, pad
 
 
-def data_config(scenario: Scenario, classifier: bool) -> DataConfig:
+def data_config(scenario: Scenario, classifier: bool, fmt: RowFormat) -> DataConfig:
     """The data section as tokenization reads it: a classifier's prompt is the format's ``input_template`` (the text
     alone) unless ``data.prompt_template`` is set."""
     cfg = scenario.data
-    template = getattr(get_format(cfg), "input_template", None)
+    template = getattr(fmt, "input_template", None)
     if classifier and cfg.prompt_template is None and template is not None:
         return cfg.model_copy(update={"prompt_template": template})
     return cfg
@@ -257,7 +262,7 @@ class _EncodedSplit:
     def texts(self, indices: np.ndarray) -> tuple[list[str], list[str] | None]:
         """A classifier's (first texts, second texts or None) of the rows at ``indices``, formatted again."""
         formatted = [format_rows([self.rows[int(i)]], self.encoder.cfg, self.where, self.encoder.tokenizer,
-                                 self.origins.take([int(i)]))[0][0] for i in indices]
+                                 self.origins.take([int(i)]), self.encoder.fmt)[0][0] for i in indices]
         pairs = [ex.pair for ex in formatted] if formatted and formatted[0].pair is not None else None
         return [ex.prompt for ex in formatted], pairs
 
@@ -272,15 +277,15 @@ class _EncodedSplit:
 class _Encoder:
     """Formats and encodes a split's rows :data:`~fedsim.data.tokenize.CHUNK` at a time."""
 
-    def __init__(self, tokenizer: Any, cfg: DataConfig, classifier: bool, eos: int) -> None:
-        self.tokenizer, self.cfg, self.classifier, self.eos = tokenizer, cfg, classifier, eos
+    def __init__(self, tokenizer: Any, cfg: DataConfig, classifier: bool, eos: int, fmt: RowFormat) -> None:
+        self.tokenizer, self.cfg, self.classifier, self.eos, self.fmt = tokenizer, cfg, classifier, eos, fmt
         self.prefix = [] if classifier else special_ends(tokenizer)[0]  # BOS, CLS: what tokenizer(text) puts in front
 
     def split(self, rows: Rows, origins: Origins, where: str, progress: Any) -> _EncodedSplit:
         out = _EncodedSplit(self, rows, origins, where)
         for s in range(0, len(rows), CHUNK):
             formatted = format_rows(rows[s : s + CHUNK], self.cfg, where, self.tokenizer,
-                                    origins.take(slice(s, s + CHUNK)))
+                                    origins.take(slice(s, s + CHUNK)), self.fmt)
             out.labels += [ex.label for ex, _ in formatted]
             out.tasks += [t for _, t in formatted]
             examples = [ex for ex, _ in formatted]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim import registry
+from fedsim.components import Components, resolve
 from fedsim.config import Scenario
 from fedsim.data.datasets import TokenizedData, load_data, partition_field
 from fedsim.data.partition import Partition, label_histogram, partition
@@ -17,7 +17,6 @@ from fedsim.errors import ScenarioError
 from fedsim.federation.clock import client_links, client_speeds
 from fedsim.models.base import decoder_linear_shapes, target_shapes
 from fedsim.models.quant import check_shapes, require_backend
-from fedsim.models.tasks import task_for
 from fedsim.strategies import StrategySpec
 from fedsim.types import ClientSpec, LoraSpec
 
@@ -34,27 +33,31 @@ class Prepared:
     local_test: list[np.ndarray]  # per client, held-out indices of the training split (empty without any)
 
 
-def prepare(scenario: Scenario) -> Prepared:
-    """Load and tokenize data, partition it, build client specs and the strategy spec (no training).
+def prepare(scenario: Scenario, components: Components | None = None) -> Prepared:
+    """Load and tokenize data, partition it, build client specs and the strategy spec (no training), with the run's
+    resolved ``components`` — its row format, model task and strategy (the driver's; default: resolved here from the
+    scenario's names, for a caller without a run).
 
     Raises:
         ScenarioError, DataError: anything that would make the run fail later.
     """
-    data = load_data(scenario)
+    if components is None:
+        components = resolve(scenario)
+    fmt, task = components.row_format, components.task
+    data = load_data(scenario, fmt=fmt, task=task)
     n = len(data.train)
-    groups = data.train.group if partition_field(scenario) and (data.train.group >= 0).all() else None
+    groups = data.train.group if partition_field(scenario, fmt) and (data.train.group >= 0).all() else None
     parts = partition(scenario.partition, groups, n, scenario.clients.num_clients, scenario.seed)
     parts, local_test = split_local_test(parts, scenario.eval.local_test_fraction, scenario.seed)
     bad = scenario.clients.malicious
     if bad is not None and bad.attack == "label_flip":  # data poisoning: the attackers train on flipped copies
         data, parts, _ = flip_labels(data, parts, bad.clients(scenario.clients.num_clients, scenario.seed))
     lcfg = scenario.clients.lora
-    task = task_for(scenario.model)
     task.check(scenario.model, data)
     auto_class = task.classes[0]
     shapes = target_shapes(scenario.model, auto_class, task.head_names)
     smallest = min(min(s.d_in, s.d_out) for s in shapes.values())
-    ranks = {"clients.lora": lcfg.max_rank(), **strategy_ranks(scenario)}
+    ranks = {"clients.lora": lcfg.max_rank(), **components.strategy.param_ranks()}
     for key, rank in ranks.items():
         if rank > smallest:
             raise ScenarioError(key, f"rank {rank} exceeds the smallest adapted dimension {smallest}",
@@ -76,13 +79,6 @@ def prepare(scenario: Scenario) -> Prepared:
     top = max(clients, key=lambda c: (c.lora.rank, c.lora.alpha)).lora
     return Prepared(scenario, data, parts, clients, StrategySpec(shapes=shapes, lora=top, seed=scenario.seed),
                     local_test)
-
-
-def strategy_ranks(scenario: Scenario) -> dict[str, int]:
-    """The ranks the scenario's strategy params set (HETLoRA's ``max_rank``, a personal or quantization-aware
-    adapter's rank), by scenario key."""
-    strategy = registry.get("strategy", scenario.strategy.name)(scenario.strategy.params)
-    return strategy.param_ranks()
 
 
 def split_local_test(parts: Partition, fraction: float, seed: int) -> tuple[Partition, list[np.ndarray]]:

@@ -156,8 +156,9 @@ def map_columns(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list
 
 
 def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokenizer: Any = None,
-                origins: Origins | None = None) -> list[tuple[Example, str | None]]:
-    """Rows → (example, task or None) in the scenario's row format; each row checked first (:meth:`RowFormat.check_row`).
+                origins: Origins | None = None, fmt: RowFormat | None = None) -> list[tuple[Example, str | None]]:
+    """Rows → (example, task or None) in the row format ``fmt`` (the run's resolved one; default: the one
+    ``data.format`` names); each row checked first (:meth:`RowFormat.check_row`).
 
     Errors name a row by its file and its row there (``origins``; without them, ``where`` and the row's number in
     ``rows``, from 1).
@@ -165,7 +166,7 @@ def format_rows(rows: list[dict[str, Any]], cfg: DataConfig, where: str, tokeniz
     Raises:
         DataError: a row that does not fit the format, naming the row and the field.
     """
-    fmt = get_format(cfg)
+    fmt = fmt or get_format(cfg)
     check_fields(rows, fmt.fields(cfg), where)
     origins = origins if origins is not None else numbered(where, len(rows))
     has_task = cfg.task_field is not None and cfg.task_field in rows[0]
