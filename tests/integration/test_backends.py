@@ -41,7 +41,8 @@ def test_local_and_ray_give_identical_metrics(tiny_raw, tmp_path, monkeypatch):
 
     local = run_scenario(scenario_from_dict(tiny_raw), tmp_path / "local")
     real_prepare = fedsim.driver.prepare
-    monkeypatch.setattr(fedsim.driver, "prepare", lambda sc: _Recording.events.append("prepare") or real_prepare(sc))
+    monkeypatch.setattr(fedsim.driver, "prepare",
+                        lambda sc, *more: _Recording.events.append("prepare") or real_prepare(sc, *more))
     _Recording.events = []
     ray_sum = run_scenario(scenario_from_dict(tiny_raw, ["resources.backend=ray"]), tmp_path / "ray", _Recording())
     # the workers start before the data is prepared; the server (asking no resources) lives in the driver
