@@ -32,6 +32,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fedsim.lora import ops
 from fedsim.pipeline.stages import ServerStage
 from fedsim.pipeline.transforms import Sent, TransformContext, UpdateTransform
 from fedsim.types import ClientPayload, GlobalState, RoundContext, Tensors
@@ -93,7 +94,7 @@ class Codec:
         return [where, (torch.float32, k)]
 
     def wire_bytes(self, numel: int) -> int:
-        return sum(torch.empty((), dtype=d).element_size() * n for d, n in self.layout(numel))
+        return sum(_itemsize(d) * n for d, n in self.layout(numel))
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Encoded:
         """``x`` (any float dtype) encoded; ``generator`` draws the stochastic rounding."""
@@ -155,7 +156,7 @@ class Codec:
         """The :class:`Encoded` that :meth:`Encoded.to_bytes` sent for a tensor of ``shape``."""
         arrays, at = [], 0
         for dtype, count in self.layout(math.prod(shape)):
-            size = torch.empty((), dtype=dtype).element_size() * count
+            size = _itemsize(dtype) * count
             if at + size > len(data):
                 raise ValueError(f"{len(data)} bytes are too few for a {self.method} tensor of shape {shape}")
             arrays.append(torch.frombuffer(bytearray(data[at:at + size]), dtype=torch.uint8).view(dtype))
@@ -163,6 +164,10 @@ class Codec:
         if at != len(data):
             raise ValueError(f"{len(data) - at} bytes left over after a {self.method} tensor of shape {shape}")
         return Encoded(self.method, tuple(shape), tuple(arrays))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return (torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)).bits // 8
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -210,8 +215,8 @@ class CompressUpload(UpdateTransform):
         return self.error_feedback
 
     def __call__(self, tensors: Tensors, ctx: TransformContext) -> Sent:
-        wire = {k: self.codec.wire_bytes(v.numel()) for k, v in tensors.items()}
-        if not all(bool(torch.isfinite(v).all()) for v in tensors.values()):  # corrupt: rejected by the server
+        if ops.first_nonfinite(tensors) is not None:  # corrupt: rejected by the server; the residual stays
+            wire = {k: self.codec.wire_bytes(v.numel()) for k, v in tensors.items()}
             return Sent(tensors, {"compress/rel_error": float("nan")}, wire=wire)
         gen = _generator(ctx.seed, ctx.server_round, ctx.client_id, ctx.attempt, 61)
         residual = ctx.state if self.error_feedback else None
